@@ -1,0 +1,233 @@
+"""The public functions. Every CLI subcommand is a thin shell over one of these."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dfkt import dfkd  # noqa: F401  (importing registers the methods)
+from dfkt.config import (DataConfig, DistillConfig, TeacherConfig, apply_overrides, dump_yaml, load_yaml,
+                         merge, validate)
+from dfkt.data import ImageData, load_dataset
+from dfkt.dfkd.base import DistillSetup
+from dfkt.engine import Engine
+from dfkt.errors import ConfigError, DfktError
+from dfkt.models import build_model
+from dfkt.models.files import ModelInfo, file_sha256, load_model, read_info, save_model
+from dfkt.registry import DATASETS, METHODS, MODELS
+from dfkt.report.grid import save_class_grid
+from dfkt.runs import make_run_dir, read_summary, write_json
+from dfkt.supervised import RealDataTraining, evaluate_model
+
+# The half-width student paired with each teacher in the papers.
+DEFAULT_STUDENT = {"lenet5": "lenet5_half", "digits_cnn": "digits_cnn_half", "resnet34": "resnet18",
+                   "wrn40_2": "wrn16_1", "wrn16_2": "wrn16_1"}
+GRID_SAMPLES = 500
+
+
+def list_names(kind: str) -> list[str]:
+    registries = {"methods": METHODS, "models": MODELS, "datasets": DATASETS}
+    if kind not in registries:
+        raise ConfigError(f"unknown list {kind!r}; choose one of: {', '.join(registries)}")
+    return registries[kind].names()
+
+
+def _layer(config: str | Path | dict | None, flags: dict[str, Any], overrides: Sequence[str]) -> dict:
+    """defaults <- YAML file <- command-line flags <- --set overrides."""
+    raw = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
+    for key, value in flags.items():
+        if value is not None:
+            node, *rest = key.split(".")
+            raw = merge(raw, {node: {rest[0]: value}} if rest else {node: value})
+    return apply_overrides(raw, overrides)
+
+
+def _load_data(data: DataConfig, image_size: int | None = None) -> ImageData:
+    return load_dataset(data.name, data.root, data.download, data.image_size or image_size)
+
+
+def _normalized(images: torch.Tensor, info: ModelInfo) -> torch.Tensor:
+    from dfkt.data import normalize
+
+    return normalize(images, info.mean, info.std)
+
+
+# -- train-teacher ------------------------------------------------------------------------------
+def train_teacher(model: str | None = None, data: str | None = None, epochs: int | None = None,
+                  data_root: str | None = None, download: bool | None = None,
+                  config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+                  out: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train a classifier on real labelled data; writes ``model.safetensors`` and ``summary.json``."""
+    raw = _layer(config, {"model": model, "data.name": data, "data.root": data_root,
+                          "data.download": download, "epochs": epochs}, overrides)
+    cfg = validate(TeacherConfig, raw)
+    MODELS.get(cfg.model)
+    dataset = _load_data(cfg.data)
+    run_dir = make_run_dir(out, f"teacher-{cfg.model}-{cfg.data.name}", resume)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    engine = Engine(cfg.engine, run_dir)
+    net = build_model(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
+    info = ModelInfo(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size,
+                     dataset.mean, dataset.std, dataset.name)
+    test_x, test_y = _normalized(dataset.test_images, info), dataset.test_labels
+    task = RealDataTraining(engine, net, _normalized(dataset.train_images, info), dataset.train_labels,
+                            cfg, name="teacher")
+    def on_eval() -> dict[str, float]:
+        return {"test_acc": evaluate_model(task.model, test_x, test_y, engine, dataset.num_classes)["accuracy"]}
+    started = time.perf_counter()
+    result = engine.run(task.stages(), task, cfg.model_dump(mode="json"), on_eval,
+                        eval_every=task.steps_per_epoch * max(1, cfg.epochs // 5), resume=resume)
+    final = evaluate_model(task.model, test_x, test_y, engine, dataset.num_classes)
+    path = save_model(net, info, run_dir / "model.safetensors")
+    summary = {"model": cfg.model, "dataset": dataset.name, "teacher_acc": final["accuracy"],
+               "per_class_acc": final["per_class"], "seconds": {"train": result.seconds.get("teacher", 0.0),
+                                                                 "wall": time.perf_counter() - started},
+               "model_file": str(path)}
+    write_json(run_dir / "summary.json", summary)
+    engine.close()
+    return summary
+
+
+# -- distill -------------------------------------------------------------------------------------
+def resolve_distill_config(method: str | None = None, teacher: str | Path | None = None,
+                           student: str | None = None, preset: str | None = None, data: str | None = None,
+                           data_root: str | None = None, config: str | Path | dict | None = None,
+                           overrides: Sequence[str] = (), max_seconds: float | None = None,
+                           references: bool | None = None) -> tuple[DistillConfig, Any]:
+    """The validated run config and the method's own validated config (preset <- params)."""
+    raw = _layer(config, {"method": method, "teacher": str(teacher) if teacher else None, "student": student,
+                          "preset": preset, "max_seconds": max_seconds, "references": references,
+                          "data.name": data, "data.root": data_root}, overrides)
+    cfg = validate(DistillConfig, raw)
+    if not cfg.teacher:
+        raise ConfigError("no teacher given; pass --teacher FILE (a model.safetensors from 'dfkt train-teacher')")
+    method_cls = METHODS.get(cfg.method)
+    presets = method_cls.presets
+    if cfg.preset is not None and cfg.preset not in presets:
+        raise ConfigError(f"unknown preset {cfg.preset!r} for {cfg.method}; valid presets: {', '.join(presets)}")
+    params = merge(presets.get(cfg.preset, {}) if cfg.preset else {}, cfg.params)
+    return cfg, validate(method_cls.Config, params, where=f"{cfg.method} params")
+
+
+def distill(method: str | None = None, teacher: str | Path | None = None, student: str | None = None,
+            preset: str | None = None, data: str | None = None, data_root: str | None = None,
+            config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+            out: str | Path | None = None, resume: bool = False, max_seconds: float | None = None,
+            references: bool | None = None) -> dict[str, Any]:
+    """Distil ``teacher`` into a student without its training data. Returns the summary."""
+    cfg, method_cfg = resolve_distill_config(method, teacher, student, preset, data, data_root, config,
+                                             overrides, max_seconds, references)
+    info, _ = read_info(cfg.teacher)
+    student_arch = cfg.student or DEFAULT_STUDENT.get(info.arch)
+    MODELS.get(student_arch)
+    data_cfg = cfg.data or DataConfig(name=info.dataset)
+    dataset = _load_data(data_cfg, info.image_size)
+    info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}")
+    run_dir = make_run_dir(out, f"distill-{cfg.method}", resume)
+    (run_dir / "config.yaml").write_text(_yaml({"run": cfg.model_dump(mode="json"),
+                                                  "method_params": method_cfg.model_dump(mode="json")}))
+    engine = Engine(cfg.engine, run_dir)
+    teacher_net, _ = load_model(cfg.teacher)
+    teacher_net = engine.prepare(teacher_net, trainable=False)
+    student_net = build_model(student_arch, info.num_classes, info.in_channels, info.image_size)
+    setup = DistillSetup(teacher_net, engine.prepare(student_net, trainable=True), info.num_classes,
+                         info.in_channels, info.image_size, engine)
+    runner = METHODS.get(cfg.method)(method_cfg, setup)
+    test_x, test_y = _normalized(dataset.test_images, info), dataset.test_labels
+
+    def test_acc(model) -> float:
+        return evaluate_model(model, test_x, test_y, engine, info.num_classes)["accuracy"]
+
+    run_config = {"run": cfg.model_dump(mode="json"), "method_params": method_cfg.model_dump(mode="json"),
+                  "teacher_sha256": file_sha256(cfg.teacher)}
+    started = time.perf_counter()
+    result = engine.run(runner.stages(), runner, run_config, lambda: {"test_acc": test_acc(setup.student)},
+                        cfg.eval_every, cfg.max_seconds, resume)
+    final = evaluate_model(setup.student, test_x, test_y, engine, info.num_classes)
+    teacher_acc = test_acc(teacher_net)
+    student_info = ModelInfo(student_arch, info.num_classes, info.in_channels, info.image_size,
+                             info.mean, info.std, info.dataset)
+    save_model(student_net, student_info, run_dir / "student.safetensors")
+    histogram, confidence = _sample_grid(runner, teacher_net, info, run_dir / "samples.png")
+    synthesis = sum(s for name, s in result.seconds.items() if name != "student")
+    curve = [e["test_acc"] for e in result.evaluations if "test_acc" in e]
+    summary: dict[str, Any] = {
+        "method": cfg.method, "preset": cfg.preset, "dataset": dataset.name, "teacher": str(cfg.teacher),
+        "student": student_arch, "teacher_acc": teacher_acc, "student_acc": final["accuracy"],
+        "student_best_on_test_acc": max(curve + [final["accuracy"]]),
+        "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
+        "student_per_class_acc": final["per_class"],
+        "seconds": {"synthesis": synthesis, "student": result.seconds.get("student", 0.0),
+                    "total": sum(result.seconds.values()), "wall": time.perf_counter() - started},
+        "stopped_by_budget": result.stopped_by_budget,
+        "samples": {"class_histogram": histogram, "teacher_confidence": confidence, "grid": "samples.png"},
+    }
+    engine.close()
+    if cfg.references:
+        summary["references"] = train_references(cfg, info, dataset, student_arch, cfg.teacher, run_dir, resume)
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _sample_grid(runner, teacher, info: ModelInfo, path: Path) -> tuple[list[int], float]:
+    images = runner.samples(GRID_SAMPLES)
+    with torch.no_grad(), runner.engine.autocast():
+        probs = torch.softmax(teacher(images).float(), dim=1)
+    confidence, predicted = probs.max(dim=1)
+    histogram = save_class_grid(images, predicted, info.mean, info.std, info.num_classes, path)
+    return histogram, confidence.mean().item()
+
+
+def train_references(cfg: DistillConfig, info: ModelInfo, dataset: ImageData, student_arch: str,
+                     teacher_path: str, run_dir: Path, resume: bool) -> dict[str, Any]:
+    """The two students reported beside every DFKD result: KD on real data, and trained on labels."""
+    out: dict[str, Any] = {}
+    train_x = _normalized(dataset.train_images, info)
+    test_x = _normalized(dataset.test_images, info)
+    for name in ("kd_real", "labels"):
+        folder = run_dir / f"reference-{name}"
+        folder.mkdir(exist_ok=True)
+        engine = Engine(cfg.engine, folder)
+        teacher = engine.prepare(load_model(teacher_path)[0], trainable=False) if name == "kd_real" else None
+        net = build_model(student_arch, info.num_classes, info.in_channels, info.image_size)
+        task = RealDataTraining(engine, net, train_x, dataset.train_labels, cfg.reference, teacher, name)
+        result = engine.run(task.stages(), task, {"reference": name, **cfg.model_dump(mode="json")},
+                            resume=resume)
+        acc = evaluate_model(task.model, test_x, dataset.test_labels, engine, info.num_classes)["accuracy"]
+        out[name] = {"student_acc": acc, "seconds": result.seconds.get(name, 0.0)}
+        engine.close()
+    return out
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+# -- evaluate ------------------------------------------------------------------------------------
+def evaluate(target: str | Path, data: str | None = None, data_root: str | None = None) -> dict[str, Any]:
+    """Accuracy, per-class accuracy and confusion matrix of a model file, or of a run folder's model,
+    on the real test set. A run folder gets ``evaluation.json``."""
+    target = Path(target)
+    model_path = target
+    if target.is_dir():
+        candidates = [target / "student.safetensors", target / "model.safetensors"]
+        model_path = next((p for p in candidates if p.is_file()), None)
+        if model_path is None:
+            read_summary(target)  # raises the clearer error for a folder that is not a run
+            raise DfktError(f"{target} holds no student.safetensors or model.safetensors")
+    model, info = load_model(model_path)
+    dataset = load_dataset(data or info.dataset, data_root, False, info.image_size)
+    info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}")
+    engine = Engine(DistillConfig().engine.model_copy(update={"progress": False}))
+    model = engine.prepare(model, trainable=False)
+    result = {"model": str(model_path), "arch": info.arch, "dataset": dataset.name,
+              **evaluate_model(model, _normalized(dataset.test_images, info), dataset.test_labels, engine,
+                               info.num_classes)}
+    if target.is_dir():
+        write_json(target / "evaluation.json", result)
+    return result

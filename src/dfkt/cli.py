@@ -1,0 +1,120 @@
+"""``dfkt`` command line: argparse subcommands, each a thin shell over a function in dfkt.api."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from dfkt.errors import DfktError
+
+EPILOG = "Errors print one line and exit 2. A run interrupted or killed continues with --resume --out DIR."
+
+
+def _common_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with settings (flags and --set override it)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set engine.precision=32-true (repeatable)")
+    p.add_argument("--out", help="run folder (default: runs/<kind>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--data-root", help="folder holding the dataset files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dfkt", epilog=EPILOG,
+        description="Data-free knowledge transfer: distil a teacher into a student without its training data.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="offline end-to-end run on scikit-learn digits (about a minute)",
+                       description="Train a digits teacher, distil it with RDSKD without data, train the "
+                                   "reference students, print a table and write a sample grid.")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default=None,
+                   help="default bf16-mixed on CPU")
+
+    p = sub.add_parser("train-teacher", help="train a classifier on real labelled data", epilog=EPILOG)
+    p.add_argument("--model", help="architecture (see 'dfkt list models'); default digits_cnn")
+    p.add_argument("--data", help="dataset (see 'dfkt list datasets'); default digits")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--download", action="store_true", default=None, help="allow torchvision to download data")
+    _common_run_flags(p)
+
+    p = sub.add_parser("distill", help="distil a teacher into a student without data", epilog=EPILOG)
+    p.add_argument("--method", help="DFKD method (see 'dfkt list methods'); default rdskd")
+    p.add_argument("--teacher", help="teacher model.safetensors written by 'dfkt train-teacher'")
+    p.add_argument("--student", help="student architecture; default: the teacher's half-width partner")
+    p.add_argument("--preset", help="method preset: 'cpu' (default, 2-core laptop scale) or 'paper'")
+    p.add_argument("--data", help="evaluation dataset; default: the one the teacher was trained on")
+    p.add_argument("--max-seconds", type=float, help="wall-time budget for training")
+    p.add_argument("--references", action="store_true", default=None,
+                   help="also train the KD-on-real-data and labels-trained students for comparison")
+    _common_run_flags(p)
+
+    p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix",
+                       description="Evaluate a run folder's model (or a .safetensors model file) on the real "
+                                   "test set of the data it was trained for.")
+    p.add_argument("target", help="run folder or model file")
+    p.add_argument("--data", help="dataset to evaluate on; default: the model's own")
+    p.add_argument("--data-root", help="folder holding the dataset files")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+    p = sub.add_parser("list", help="list registered methods, models or datasets")
+    p.add_argument("kind", choices=["methods", "models", "datasets"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except DfktError as exc:
+        print(f"dfkt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dfkt: interrupted; the last checkpoint is kept: rerun with --resume --out DIR", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from dfkt import api
+    from dfkt.demo import run_demo, format_table
+
+    if args.command == "list":
+        from dfkt.registry import METHODS
+
+        for name in api.list_names(args.kind):
+            summary = getattr(METHODS.get(name), "summary", "") if args.kind == "methods" else ""
+            print(f"{name:<18}{summary}".rstrip())
+    elif args.command == "demo":
+        result = run_demo(args.out, seed=args.seed, precision=args.precision)
+        print(format_table(result))
+    elif args.command == "train-teacher":
+        summary = api.train_teacher(args.model, args.data, args.epochs, args.data_root, args.download, args.config,
+                                    args.overrides, args.out, args.resume)
+        print(f"teacher {summary['model']} on {summary['dataset']}: test accuracy {summary['teacher_acc']:.4f}"
+              f" -> {summary['model_file']}")
+    elif args.command == "distill":
+        s = api.distill(args.method, args.teacher, args.student, args.preset, args.data, args.data_root,
+                        args.config, args.overrides, args.out, args.resume, args.max_seconds, args.references)
+        print(f"{s['method']}: student {s['student_acc']:.4f} (teacher {s['teacher_acc']:.4f}); "
+              f"synthesis {s['seconds']['synthesis']:.0f}s, student {s['seconds']['student']:.0f}s")
+        for name, ref in s.get("references", {}).items():
+            print(f"reference {name}: student {ref['student_acc']:.4f}")
+    elif args.command == "evaluate":
+        r = api.evaluate(args.target, args.data, args.data_root)
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            print(f"{r['arch']} on {r['dataset']} test set: accuracy {r['accuracy']:.4f}")
+            print("per class: " + " ".join(f"{c}:{a:.3f}" for c, a in enumerate(r["per_class"])))
+            print("confusion (rows: true class):")
+            for row in r["confusion"]:
+                print("  " + " ".join(f"{v:5d}" for v in row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

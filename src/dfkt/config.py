@@ -1,0 +1,171 @@
+"""Typed run configs (pydantic v2, unknown keys are errors), YAML loading and ``--set`` overrides.
+
+A config resolves in layers, later ones winning: class defaults, a method preset, a YAML
+file, command-line flags, then ``--set a.b=c`` overrides.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dfkt.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineConfig(StrictModel):
+    accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    devices: int = Field(1, ge=1)
+    precision: Literal["bf16-mixed", "32-true", "16-mixed"] = "bf16-mixed"
+    channels_last: bool = True
+    seed: int = 1
+    deterministic: bool = False
+    threads: int | None = Field(None, ge=1, description="CPU threads; None keeps torch's default")
+    checkpoint_every: int = Field(500, ge=1, description="optimizer steps between checkpoints")
+    log_every: int = Field(20, ge=1, description="steps between metric lines in metrics.jsonl")
+    progress: bool | None = Field(None, description="progress bars; None shows them on a terminal")
+
+
+class DataConfig(StrictModel):
+    name: str = "digits"
+    root: str | None = None
+    download: bool = False
+    image_size: int | None = Field(None, ge=4)
+
+
+class RealTrainingConfig(StrictModel):
+    """Training on real images: the teacher, and the reference students beside DFKD."""
+
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = 0.9
+    weight_decay: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = False
+    temperature: float = Field(4.0, gt=0, description="KD temperature of the KD-on-real-data reference")
+
+
+class TeacherConfig(RealTrainingConfig):
+    """``dfkt train-teacher``: supervised training on real labelled data."""
+
+    model: str = "digits_cnn"
+    data: DataConfig = DataConfig()
+    engine: EngineConfig = EngineConfig()
+
+
+class DistillConfig(StrictModel):
+    """``dfkt distill``: a method's own settings live under ``params``."""
+
+    method: str = "rdskd"
+    preset: str | None = "cpu"
+    teacher: str = ""
+    student: str = "lenet5_half"
+    data: DataConfig | None = Field(None, description="evaluation data; default: the teacher's")
+    params: dict[str, Any] = {}
+    eval_every: int = Field(500, ge=1, description="student steps between test-set evaluations")
+    max_seconds: float | None = Field(None, gt=0, description="wall-time budget for training")
+    references: bool = Field(False, description="also train the KD-on-real-data and labels students")
+    reference: RealTrainingConfig = RealTrainingConfig()
+    engine: EngineConfig = EngineConfig()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> (["a", "b"], 3); the value is parsed as YAML so types come out right."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return path, value
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge; returns a new dict."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def validate(model: type[M], raw: dict, where: str = "config") -> M:
+    """Validate ``raw`` into ``model``, turning pydantic's report into one readable line."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(root)"
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown key {key!r} (valid here: {', '.join(_valid_keys(model, err['loc']))})")
+            else:
+                problems.append(f"{key}: {err['msg']}")
+        raise ConfigError(f"invalid {where}: " + "; ".join(problems)) from None
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the (sub)model that holds the unknown key at ``loc``."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            break
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def dump_yaml(cfg: BaseModel, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

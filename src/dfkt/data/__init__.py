@@ -1,0 +1,16 @@
+"""Datasets as in-memory uint8 tensors, chosen by name through the ``DATASETS`` registry."""
+
+from __future__ import annotations
+
+from dfkt.data import digits, idx, torchvision_sets  # noqa: F401  (importing registers the loaders)
+from dfkt.data.base import ImageData, denormalize, fit_size, normalize
+from dfkt.registry import DATASETS
+
+__all__ = ["ImageData", "normalize", "denormalize", "fit_size", "load_dataset"]
+
+
+def load_dataset(
+    name: str, root: str | None = None, download: bool = False, image_size: int | None = None
+) -> ImageData:
+    """Load dataset ``name``; unknown names raise UnknownNameError listing the valid ones."""
+    return DATASETS.get(name)(root, download, image_size)

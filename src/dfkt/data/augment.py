@@ -1,0 +1,21 @@
+"""Cheap tensor augmentations that run on the device, batched, with a private RNG."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def shift_and_flip(images: Tensor, max_shift: int, rng: torch.Generator) -> Tensor:
+    """Random translation by up to ``max_shift`` pixels (zero fill) and horizontal flip, per sample."""
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, [max_shift] * 4)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), device=images.device, generator=rng)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), device=images.device, generator=rng)
+    rows = (dy[:, None] + torch.arange(h, device=images.device)[None, :])  # n × h
+    cols = (dx[:, None] + torch.arange(w, device=images.device)[None, :])  # n × w
+    flip = torch.rand(n, device=images.device, generator=rng) < 0.5
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # n × h × w × c
+    return out.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: already channels_last

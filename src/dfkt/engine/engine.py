@@ -1,0 +1,247 @@
+"""The engine: the one place that knows about devices, precision, seeding, checkpoints,
+metrics and progress bars. Methods describe *what* to optimise as stages; the engine runs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dfkt.config import EngineConfig
+from dfkt.engine import checkpoint
+from dfkt.engine.metrics import MetricsLog, environment
+from dfkt.errors import DfktError, TrainingDivergedError
+
+CHECKPOINT = "checkpoint.pt"
+logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
+logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Stage:
+    """A run of ``steps`` identical optimisation steps.
+
+    ``step(i)`` does one step (asking the engine to optimise) and returns named values to log.
+    ``train``/``frozen`` list the modules the engine puts in train/eval mode for this stage.
+    ``begin`` runs when the stage starts or resumes; it must draw randomness only from its own
+    seeded generators so a resumed run matches an uninterrupted one.
+    """
+
+    name: str
+    steps: int
+    step: Callable[[int], dict[str, Tensor | float]]
+    train: list[nn.Module] = field(default_factory=list)
+    frozen: list[nn.Module] = field(default_factory=list)
+    begin: Callable[[], None] | None = None
+    evaluate: bool = False
+
+
+@dataclass
+class RunResult:
+    seconds: dict[str, float]
+    stopped_by_budget: bool
+    evaluations: list[dict[str, Any]]
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, run_dir: Path | None = None):
+        from lightning_fabric import Fabric
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=False)
+        accelerator = cfg.accelerator
+        if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+            accelerator = "cpu"
+        self.fabric = Fabric(accelerator=accelerator, devices=cfg.devices, precision=cfg.precision)
+        self.seed_everything(cfg.seed)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl" if run_dir and self.is_main else None)
+        if run_dir is not None and self.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            env = environment(self.device, cfg.precision, self.fabric.world_size)
+            env["channels_last"] = cfg.channels_last
+            (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+
+    # -- devices and precision ------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.fabric.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.fabric.is_global_zero
+
+    def _memory_format(self, module_or_tensor) -> dict[str, Any]:
+        return {"memory_format": torch.channels_last} if self.cfg.channels_last else {}
+
+    def prepare(self, module: nn.Module, trainable: bool) -> nn.Module:
+        """Move a module to the device. Frozen modules are never wrapped (no DDP on a teacher)."""
+        module = module.to(self.device, **self._memory_format(module))
+        if not trainable:
+            module.eval().requires_grad_(False)
+            return module
+        return self.fabric.setup_module(module)
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return self.fabric.setup_optimizers(optimizer)
+
+    def to_device(self, tensor: Tensor) -> Tensor:
+        tensor = tensor.to(self.device, non_blocking=True)
+        if tensor.dim() == 4 and tensor.is_floating_point():
+            tensor = tensor.contiguous(**self._memory_format(tensor))
+        return tensor
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.fabric.autocast()
+
+    def seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def noise_generator(self, offset: int = 0) -> torch.Generator:
+        """A private RNG for synthesis noise: seeded, different on every rank, checkpointable."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.cfg.seed * 1_000_003 + offset * 7919 + self.fabric.global_rank)
+        return gen
+
+    # -- optimisation -----------------------------------------------------------------------
+    def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, what: str = "loss") -> None:
+        """Backward, step, zero grads; refuse to train on inf/NaN."""
+        if not torch.isfinite(loss.detach()):
+            raise TrainingDivergedError(
+                f"{what} became {loss.item()} ; lower the learning rate or use --set engine.precision=32-true")
+        optimizer.zero_grad(set_to_none=True)
+        self.fabric.backward(loss)
+        optimizer.step()
+
+    def run(self, stages: list[Stage], state: Stateful, run_config: dict[str, Any],
+            on_eval: Callable[[], dict[str, float]] | None = None, eval_every: int = 0,
+            max_seconds: float | None = None, resume: bool = False) -> RunResult:
+        """Run ``stages`` in order with checkpoints, metrics, progress and an optional time budget.
+
+        ``on_eval`` (a test-set evaluation) runs every ``eval_every`` steps of stages marked
+        ``evaluate`` and at their end; its time is not counted as training time.
+        """
+        progress = _Progress(self.cfg.progress if self.cfg.progress is not None else None, self.is_main)
+        position = {"stage": 0, "step": 0, "seconds": {}, "evaluations": [], "budget_hit": False}
+        ckpt_path = self.run_dir / CHECKPOINT if self.run_dir else None
+        if resume and ckpt_path is not None and ckpt_path.is_file():
+            position = self._restore(ckpt_path, state, run_config)
+        resumed_rng = position.pop("rng", None)
+
+        for index, stage in enumerate(stages):
+            if index < position["stage"] or position["budget_hit"]:
+                continue
+            first = position["step"] if index == position["stage"] else 0
+            for module in stage.train:
+                module.train()
+            for module in stage.frozen:
+                module.eval()
+            if stage.begin is not None:
+                stage.begin()
+            if resumed_rng is not None:  # after begin(), so its work does not shift the stream
+                checkpoint.set_rng_state(resumed_rng)
+                resumed_rng = None
+            spent = position["seconds"].get(stage.name, 0.0)
+            bar = progress.bar(stage.name, stage.steps, first)
+            started = time.perf_counter() - spent
+            for i in range(first, stage.steps):
+                with self.autocast():
+                    values = stage.step(i)
+                done = i + 1
+                if done % self.cfg.log_every == 0 or done == stage.steps:
+                    record = {k: float(v) for k, v in values.items()}
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()}, refresh=False)
+                    self.metrics.write({"stage": stage.name, "step": done,
+                                        "seconds": round(time.perf_counter() - started, 3), **record})
+                bar.update(1)
+                elapsed = time.perf_counter() - started
+                total = elapsed + sum(s for n, s in position["seconds"].items() if n != stage.name)
+                over_budget = max_seconds is not None and total >= max_seconds
+                last = done == stage.steps or over_budget
+                if stage.evaluate and on_eval is not None and (done % eval_every == 0 or last):
+                    paused = time.perf_counter()
+                    result = {"stage": stage.name, "step": done, "train_seconds": round(total, 3), **on_eval()}
+                    position["evaluations"].append(result)
+                    self.metrics.write({"event": "eval", **result})
+                    for module in stage.train:  # evaluation may have switched modes
+                        module.train()
+                    started += time.perf_counter() - paused
+                    elapsed = time.perf_counter() - started
+                position["seconds"][stage.name] = elapsed
+                if over_budget:
+                    position["budget_hit"] = True
+                if done % self.cfg.checkpoint_every == 0 or last:
+                    next_pos = (index + 1, 0) if done == stage.steps else (index, done)
+                    position["stage"], position["step"] = next_pos
+                    if over_budget:
+                        position["stage"] = len(stages)
+                    self._save(ckpt_path, state, run_config, position)
+                if over_budget:
+                    break
+            bar.close()
+        return RunResult(dict(position["seconds"]), position["budget_hit"], position["evaluations"])
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _save(self, path: Path | None, state: Stateful, run_config: dict, position: dict) -> None:
+        if path is None:
+            return
+        if self.is_main:
+            payload = {"format": 1, "config": json.dumps(run_config, sort_keys=True),
+                       "position": json.dumps({k: v for k, v in position.items() if k != "rng"}),
+                       "state": state.state_dict(), "rng": checkpoint.rng_state()}
+            checkpoint.save_atomic(payload, path)
+        self.fabric.barrier()
+
+    def _restore(self, path: Path, state: Stateful, run_config: dict) -> dict:
+        payload = checkpoint.load(path)
+        saved = json.loads(payload["config"])
+        if saved != json.loads(json.dumps(run_config, sort_keys=True)):
+            changed = sorted(_diff_keys(saved, run_config))
+            raise DfktError(f"cannot resume {path.parent}: the config differs from the saved run in "
+                            f"{', '.join(changed)}; rerun with the same settings or a new --out folder")
+        state.load_state_dict(payload["state"])
+        position = json.loads(payload["position"])
+        position["rng"] = payload["rng"]
+        self.metrics.write({"event": "resume", "stage": position["stage"], "step": position["step"]})
+        return position
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in set(a) | set(b):
+            yield from _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif a != b:
+        yield prefix.rstrip(".") or "(root)"
+
+
+class _Progress:
+    """tqdm bars on the main process; None means "only on a terminal"."""
+
+    def __init__(self, enabled: bool | None, is_main: bool):
+        self.disable = (not enabled if enabled is not None else None) if is_main else True
+
+    def bar(self, name: str, total: int, initial: int) -> tqdm:
+        return tqdm(total=total, initial=initial, desc=name, disable=self.disable, dynamic_ncols=True, leave=False)

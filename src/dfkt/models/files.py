@@ -1,0 +1,100 @@
+"""Model files: safetensors weights plus metadata saying how to rebuild and feed the model.
+
+Loading never unpickles anything: the architecture is rebuilt from the registry by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dfkt.errors import ModelFileError
+
+FORMAT = "dfkt-model/1"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model file says about the model: enough to rebuild it and to check data against it."""
+
+    arch: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dataset: str = ""
+
+    def check_fits(self, num_classes: int, channels: int, image_size: int, what: str) -> None:
+        """Raise a one-line error when data of this shape cannot be fed to the model."""
+        problems = []
+        if num_classes != self.num_classes:
+            problems.append(f"{num_classes} classes vs the model's {self.num_classes}")
+        if channels != self.in_channels:
+            problems.append(f"{channels} channels vs the model's {self.in_channels}")
+        if image_size != self.image_size:
+            problems.append(f"{image_size}px images vs the model's {self.image_size}px")
+        if problems:
+            raise ModelFileError(f"{what} does not fit the model ({'; '.join(problems)}); "
+                                 f"use the data the model was trained on ({self.dataset or 'unknown'}) "
+                                 "or set data.image_size to match")
+
+
+def save_model(model: nn.Module, info: ModelInfo, path: str | Path, extra: dict[str, str] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "info": json.dumps(asdict(info)), **(extra or {})}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def read_info(path: str | Path) -> tuple[ModelInfo, dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist; train one with 'dfkt train-teacher'")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type for truncated files
+        raise ModelFileError(f"model file {path} is corrupt or truncated ({exc.__class__.__name__}); "
+                             "re-create it with 'dfkt train-teacher'") from None
+    if meta.get("format") != FORMAT:
+        raise ModelFileError(f"model file {path} is a safetensors file without dfkt metadata; "
+                             "save it with dfkt.models.save_model(model, ModelInfo(...), path)")
+    raw = json.loads(meta["info"])
+    raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+    return ModelInfo(**raw), meta
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
+    """Rebuild the architecture named in the file and load its weights."""
+    from dfkt.models import build_model
+
+    info, _ = read_info(path)
+    model = build_model(info.arch, info.num_classes, info.in_channels, info.image_size)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise ModelFileError(f"model file {path} does not hold valid weights for {info.arch} "
+                             f"({exc.__class__.__name__}); re-create it with 'dfkt train-teacher'") from None
+    return model, info
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

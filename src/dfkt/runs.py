@@ -1,0 +1,39 @@
+"""Run folders: where a run's config, checkpoint, metrics, weights and summary live."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from dfkt.engine import CHECKPOINT
+from dfkt.errors import DfktError
+
+DEFAULT_ROOT = Path("runs")
+
+
+def make_run_dir(out: str | Path | None, prefix: str, resume: bool) -> Path:
+    """The folder for a run. An existing checkpoint is never overwritten without ``resume``."""
+    if out is None:
+        if resume:
+            raise DfktError("--resume needs --out naming the run folder to continue")
+        out = DEFAULT_ROOT / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(out)
+    if not resume and (run_dir / CHECKPOINT).exists():
+        raise DfktError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise DfktError(f"{run_dir} has no summary.json: it is not a finished dfkt run folder")
+    return json.loads(path.read_text())
