@@ -19,7 +19,7 @@ from dfkt.models import build_model
 from dfkt.models.files import ModelInfo, file_sha256, load_model, read_info, save_model
 from dfkt.registry import DATASETS, METHODS, MODELS
 from dfkt.report.grid import save_class_grid
-from dfkt.runs import make_run_dir, read_summary, write_json
+from dfkt.runs import make_run_dir, read_summary, write_json  # noqa: F401  (write_json is public)
 from dfkt.supervised import RealDataTraining, evaluate_model
 
 # The half-width student paired with each teacher in the papers.
@@ -45,8 +45,8 @@ def _layer(config: str | Path | dict | None, flags: dict[str, Any], overrides: S
     return apply_overrides(raw, overrides)
 
 
-def _load_data(data: DataConfig, image_size: int | None = None) -> ImageData:
-    return load_dataset(data.name, data.root, data.download, data.image_size or image_size)
+def _load_data(data: DataConfig) -> ImageData:
+    return load_dataset(data.name, data.root, data.download, data.image_size)
 
 
 def _normalized(images: torch.Tensor, info: ModelInfo) -> torch.Tensor:
@@ -122,9 +122,11 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
                                              overrides, max_seconds, references)
     info, _ = read_info(cfg.teacher)
     student_arch = cfg.student or DEFAULT_STUDENT.get(info.arch)
+    if student_arch is None:
+        raise ConfigError(f"no default student for a {info.arch} teacher; pass --student (see 'dfkt list models')")
     MODELS.get(student_arch)
     data_cfg = cfg.data or DataConfig(name=info.dataset)
-    dataset = _load_data(data_cfg, info.image_size)
+    dataset = _load_data(data_cfg)
     info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}")
     run_dir = make_run_dir(out, f"distill-{cfg.method}", resume)
     (run_dir / "config.yaml").write_text(_yaml({"run": cfg.model_dump(mode="json"),
@@ -221,7 +223,7 @@ def evaluate(target: str | Path, data: str | None = None, data_root: str | None 
             read_summary(target)  # raises the clearer error for a folder that is not a run
             raise DfktError(f"{target} holds no student.safetensors or model.safetensors")
     model, info = load_model(model_path)
-    dataset = load_dataset(data or info.dataset, data_root, False, info.image_size)
+    dataset = load_dataset(data or info.dataset, data_root)
     info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}")
     engine = Engine(DistillConfig().engine.model_copy(update={"progress": False}))
     model = engine.prepare(model, trainable=False)

@@ -27,7 +27,9 @@ class StrictModel(BaseModel):
 class EngineConfig(StrictModel):
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     devices: int = Field(1, ge=1)
-    precision: Literal["bf16-mixed", "32-true", "16-mixed"] = "bf16-mixed"
+    precision: Literal["auto", "bf16-mixed", "32-true", "16-mixed"] = Field(
+        "auto", description="auto: bf16-mixed where the hardware runs bf16 natively (CUDA, or a CPU with "
+                            "AMX/AVX512-BF16), else 32-true")
     channels_last: bool = True
     seed: int = 1
     deterministic: bool = False
@@ -72,7 +74,7 @@ class DistillConfig(StrictModel):
     method: str = "rdskd"
     preset: str | None = "cpu"
     teacher: str = ""
-    student: str = "lenet5_half"
+    student: str | None = Field(None, description="default: the teacher's half-width partner")
     data: DataConfig | None = Field(None, description="evaluation data; default: the teacher's")
     params: dict[str, Any] = {}
     eval_every: int = Field(500, ge=1, description="student steps between test-set evaluations")

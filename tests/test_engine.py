@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from dfkt.config import EngineConfig
+from dfkt.engine import Engine, Stage
+from dfkt.engine.checkpoint import load, save_atomic
+from dfkt.engine.state import TrainState
+from dfkt.errors import DfktError, TrainingDivergedError
+
+
+class Quadratic(TrainState):
+    """Minimise (w - 3)²: a run small enough to check the engine's bookkeeping."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        holder = torch.nn.Module()
+        holder.w = self.w
+        self.modules["holder"] = holder
+        self.optimizers["sgd"] = torch.optim.SGD([self.w], lr=0.1)
+        self.engine = engine
+
+    def step(self, i):
+        loss = ((self.w - 3) ** 2).sum()
+        self.engine.optimize(loss, self.optimizers["sgd"])
+        return {"loss": loss}
+
+
+def test_run_writes_checkpoint_and_refuses_changed_config_on_resume(tmp_path):
+    engine = Engine(EngineConfig(precision="32-true", progress=False, checkpoint_every=5), tmp_path)
+    task = Quadratic(engine)
+    engine.run([Stage("fit", 20, task.step)], task, {"lr": 0.1})
+    assert task.w.item() == pytest.approx(3.0, abs=0.1)
+    assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "env.json").is_file()
+    assert "loss" in (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(DfktError, match="config differs.*lr"):
+        engine.run([Stage("fit", 20, task.step)], Quadratic(engine), {"lr": 0.2}, resume=True)
+
+
+def test_resume_of_a_finished_run_restores_the_weights(tmp_path):
+    engine = Engine(EngineConfig(precision="32-true", progress=False), tmp_path)
+    task = Quadratic(engine)
+    engine.run([Stage("fit", 10, task.step)], task, {})
+    fresh = Quadratic(engine)
+    engine.run([Stage("fit", 10, fresh.step)], fresh, {}, resume=True)
+    assert fresh.w.item() == task.w.item()
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    param = torch.nn.Parameter(torch.ones(1))
+    with pytest.raises(TrainingDivergedError, match="lower the learning rate"):
+        engine.optimize(param * float("nan"), torch.optim.SGD([param], lr=0.1))
+
+
+def test_checkpoint_write_is_atomic_and_damage_is_reported(tmp_path):
+    path = tmp_path / "c.pt"
+    save_atomic({"x": torch.arange(3)}, path)
+    assert torch.equal(load(path)["x"], torch.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(DfktError, match="cannot be read"):
+        load(path)
+
+
+def test_budget_stops_the_run(tmp_path):
+    engine = Engine(EngineConfig(precision="32-true", progress=False), tmp_path)
+    task = Quadratic(engine)
+    result = engine.run([Stage("fit", 10**7, task.step)], task, {}, max_seconds=0.5)
+    assert result.stopped_by_budget and result.seconds["fit"] >= 0.5

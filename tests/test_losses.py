@@ -1,0 +1,49 @@
+import math
+
+import pytest
+import torch
+
+from dfkt import losses
+
+
+def test_kd_loss_zero_for_identical_and_positive_otherwise():
+    t = torch.tensor([[2.0, 0.0, -1.0]])
+    assert losses.kd_loss(t, t, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    s = torch.tensor([[0.0, 2.0, -1.0]])
+    # By hand: τ² Σ p_t (log p_t - log p_s) with τ = 1.
+    p_t, p_s = torch.softmax(t, 1), torch.softmax(s, 1)
+    expected = (p_t * (p_t.log() - p_s.log())).sum().item()
+    assert losses.kd_loss(s, t, 1.0).item() == pytest.approx(expected, rel=1e-5)
+    assert losses.kd_loss(s, t, 2.0).item() > 0
+
+
+def test_one_hot_loss_is_cross_entropy_to_own_argmax():
+    logits = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    # Row 1: p = (3/4, 1/4) -> -log 3/4; row 2: tie, argmax 0 -> -log 1/2.
+    expected = (-math.log(0.75) - math.log(0.5)) / 2
+    assert losses.one_hot_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_class_balance_loss_is_minus_entropy_of_mean_prediction():
+    uniform = torch.eye(4) * 50  # four confident samples, one per class -> p̄ uniform
+    assert losses.class_balance_loss(uniform).item() == pytest.approx(-math.log(4), rel=1e-4)
+    one_class = torch.tensor([[50.0, 0, 0, 0]] * 4)
+    assert losses.class_balance_loss(one_class).item() == pytest.approx(0.0, abs=1e-4)
+    assert losses.class_balance_loss(uniform, log_base=10).item() == pytest.approx(-math.log10(4), rel=1e-4)
+
+
+def test_pairwise_diversity_loss_by_hand():
+    images = torch.tensor([[0.0, 0.0], [3.0, 4.0]]).reshape(2, 1, 1, 2)  # ‖x₂ − x₁‖ = 5
+    logits = torch.tensor([[100.0, 0.0], [0.0, 100.0]])  # p: (1,0) vs (0,1) -> ‖Δp‖ = √2
+    expected = 1.0 / (5.0 / math.sqrt(2.0))
+    assert losses.pairwise_diversity_loss(images, logits).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_exp_penalty_value_gradient_and_clamp():
+    loss = torch.tensor(1.5, requires_grad=True)
+    value, clamped = losses.exp_penalty(loss, torch.tensor(1.0), max_exponent=30.0)
+    value.backward()
+    assert value.item() == pytest.approx(math.exp(0.5)) and not clamped
+    assert loss.grad.item() == pytest.approx(math.exp(0.5))  # d/dL exp(L - r) = exp(L - r)
+    big, clamped = losses.exp_penalty(torch.tensor(1000.0), 0.0, max_exponent=30.0)
+    assert clamped and math.isfinite(big.item()) and big.item() == pytest.approx(math.exp(30.0))

@@ -1,0 +1,79 @@
+import copy
+
+import pytest
+import torch
+
+from dfkt.config import EngineConfig
+from dfkt.dfkd.base import DistillSetup
+from dfkt.dfkd.rdskd import RDSKD, RDSKDConfig
+from dfkt.engine import Engine
+from dfkt.errors import ConfigError
+from dfkt.config import validate
+from dfkt.models import build_model
+from dfkt.models.files import load_model
+
+
+def make_method(teacher_path, **params):
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    teacher, info = load_model(teacher_path)
+    teacher = engine.prepare(teacher, trainable=False)
+    student = engine.prepare(build_model("digits_cnn_half", 10, 1, 8), trainable=True)
+    cfg = RDSKDConfig(**{"gen_batch": 32, "gen_steps_per_epoch": 4, "gen_epochs": 2, "student_batch": 32,
+                         "student_epochs": 1, "student_steps_per_epoch": 5, "student_data": "pool", "pool_size": 64,
+                         **params})
+    return RDSKD(cfg, DistillSetup(teacher, student, 10, 1, 8, engine))
+
+
+def test_references_follow_the_authors_schedule(digits_teacher):
+    """r starts at 0, is set at step 1 of each epoch to that step's losses, and held otherwise."""
+    method = make_method(digits_teacher)
+    stage = method.stages()[0]
+    seen = []
+    for i in range(stage.steps):
+        terms = stage.step(i)
+        seen.append((method.buffers["references"].clone(), terms["oh"].item(), terms["ie"].item()))
+    assert torch.equal(seen[0][0], torch.zeros(2))
+    assert seen[1][0].tolist() == pytest.approx([seen[1][1], seen[1][2]], rel=1e-5)
+    assert torch.equal(seen[2][0], seen[1][0]) and torch.equal(seen[3][0], seen[1][0])
+    assert seen[5][0].tolist() == pytest.approx([seen[5][1], seen[5][2]], rel=1e-5)  # epoch 2, step 1
+
+
+def test_step_reference_uses_previous_iteration(digits_teacher):
+    method = make_method(digits_teacher, reference="step")
+    stage = method.stages()[0]
+    first = stage.step(0)
+    assert method.buffers["references"].tolist() == pytest.approx([first["oh"].item(), first["ie"].item()])
+
+
+def test_generator_loss_is_weight_free_sum(digits_teacher):
+    method = make_method(digits_teacher)
+    images = torch.randn(8, 1, 8, 8)
+    logits = torch.randn(8, 10)
+    terms = method.generator_losses(images, logits, torch.tensor([0.5, -1.0]))
+    expected = torch.exp(terms["oh"] - 0.5) + torch.exp(terms["ie"] + 1.0) + terms["ds"]
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_stages_train_the_right_modules_without_nan(digits_teacher):
+    method = make_method(digits_teacher)
+    teacher_before = copy.deepcopy(method.teacher.state_dict())
+    gen_before = copy.deepcopy(method.modules["generator"].state_dict())
+    student_before = copy.deepcopy(method.modules["student"].state_dict())
+    gen_stage, student_stage = method.stages()
+    for i in range(gen_stage.steps):
+        terms = gen_stage.step(i)
+        assert all(torch.isfinite(torch.as_tensor(v)).all() for v in terms.values())
+    gen_after = copy.deepcopy(method.modules["generator"].state_dict())
+    changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert changed(gen_before, gen_after)
+    assert not changed(student_before, method.modules["student"].state_dict())  # stage 2 ignores the student
+    student_stage.begin()
+    for i in range(student_stage.steps):
+        assert torch.isfinite(torch.as_tensor(student_stage.step(i)["kd"]))
+    assert changed(student_before, method.modules["student"].state_dict())
+    assert not changed(teacher_before, method.teacher.state_dict())
+
+
+def test_odd_generator_batch_is_rejected():
+    with pytest.raises(ConfigError, match="even"):
+        validate(RDSKDConfig, {"gen_batch": 33})
