@@ -1,0 +1,74 @@
+"""End to end through the public API and CLI on digits, in seconds."""
+
+import json
+
+import pytest
+import yaml
+
+import dfkt
+from dfkt.cli import main
+from tests.conftest import FAST_ENGINE, tiny_rdskd
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, digits_teacher):
+    out = tmp_path_factory.mktemp("distill") / "run"
+    overrides = tiny_rdskd(student_data="pool") + ["reference.epochs=6"]
+    summary = dfkt.distill("rdskd", digits_teacher, overrides=overrides, out=out, references=True)
+    return out, summary
+
+
+def test_distill_writes_a_complete_run_folder(tiny_run):
+    out, summary = tiny_run
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "checkpoint.pt", "student.safetensors",
+                 "samples.png", "summary.json"):
+        assert (out / name).is_file(), name
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["student_acc"] <= 1 and summary["teacher_acc"] > 0.9
+    assert summary["student"] == "digits_cnn_half"  # the teacher's default partner
+    assert set(summary["seconds"]) >= {"synthesis", "student", "total"}
+    assert summary["student_best_on_test_acc"] >= summary["student_acc"]
+    assert "oracle" in summary["best_on_test_note"]
+    assert sum(summary["samples"]["class_histogram"]) == 500
+    assert set(summary["references"]) == {"kd_real", "labels"}
+    assert summary["references"]["labels"]["student_acc"] > 0.5
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method_params"]["gen_batch"] == 64 and saved["run"]["preset"] == "cpu"
+
+
+def test_student_beats_an_untrained_one(tiny_run, digits_teacher):
+    """Even a few seconds of RDSKD should put the student well above chance (10%)."""
+    _, summary = tiny_run
+    assert summary["student_acc"] > 0.3
+
+
+def test_evaluate_agrees_with_the_summary(tiny_run, capsys):
+    out, summary = tiny_run
+    result = dfkt.evaluate(out)
+    assert result["accuracy"] == pytest.approx(summary["student_acc"])
+    assert len(result["per_class"]) == 10 and sum(map(sum, result["confusion"])) == 450
+    assert (out / "evaluation.json").is_file()
+    assert main(["evaluate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "confusion" in printed
+
+
+def test_train_teacher_through_the_cli(tmp_path, capsys):
+    args = ["train-teacher", "--epochs", "1", "--out", str(tmp_path / "t")]
+    assert main(args + sum((["--set", s] for s in FAST_ENGINE), [])) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert (tmp_path / "t" / "model.safetensors").is_file()
+
+
+def test_list_shows_registered_names(capsys):
+    assert main(["list", "methods"]) == 0
+    assert "rdskd" in capsys.readouterr().out
+    assert main(["list", "datasets"]) == 0
+    assert {"digits", "fmnist", "mnist", "cifar10"} <= set(capsys.readouterr().out.split())
+
+
+def test_help_explains_each_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = capsys.readouterr().out
+    assert "--resume" in text and "--set" in text and "--teacher" in text
