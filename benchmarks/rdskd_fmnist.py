@@ -34,7 +34,7 @@ def main() -> None:
     for seed in args.seeds:
         started = time.perf_counter()
         runs[seed] = api.distill("rdskd", teacher["model_file"], "lenet5_half", "cpu", max_seconds=args.budget,
-                                 overrides=[f"engine.seed={seed}", "eval_every=250", *args.overrides],
+                                 overrides=[f"engine.seed={seed}", "eval_every=1000", *args.overrides],
                                  out=work / f"seed{seed}", resume=True, references=seed == args.seeds[0])
         print(f"seed {seed}: {runs[seed]['student_acc']:.4f} in {time.perf_counter() - started:.0f}s", flush=True)
 

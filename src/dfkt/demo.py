@@ -9,7 +9,8 @@ from dfkt import api
 
 # Settings sized for 8×8 digits on a 2-core CPU; everything else is the RDSKD cpu preset.
 TEACHER_EPOCHS = 30
-RDSKD_PARAMS = ["params.gen_epochs=3", "params.student_epochs=10", "params.pool_size=10000"]
+RDSKD_PARAMS = ["params.gen_batch=256", "params.gen_epochs=3", "params.student_epochs=10",
+                "params.pool_size=10000"]
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 1, precision: str | None = None) -> dict[str, Any]:
