@@ -57,8 +57,8 @@ def main() -> None:
               f"{mean_std([r['student_best_on_test_acc'] for r in runs.values()])} |", "",
               "Time to reach 80% / 85% (s, per seed; - = not reached): "
               + " / ".join(", ".join("-" if t is None else f"{t:.0f}" for t in reach[a]) for a in reach), "",
-              f"Seconds of generator training (synthesis) per run: "
-              f"{', '.join(f'{r['seconds']['synthesis']:.0f}' for r in runs.values())}; sample class histogram "
+              "Seconds of generator training (synthesis) per run: "
+              + ", ".join(f"{r['seconds']['synthesis']:.0f}" for r in runs.values()) + "; sample class histogram "
               f"(seed {args.seeds[0]}): {first['samples']['class_histogram']}, teacher confidence "
               f"{first['samples']['teacher_confidence']:.2f}.", ""]
     data = {"machine": machine(), "seeds": args.seeds, "budget": args.budget, "teacher": teacher,

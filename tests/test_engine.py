@@ -68,3 +68,14 @@ def test_budget_stops_the_run(tmp_path):
     task = Quadratic(engine)
     result = engine.run([Stage("fit", 10**7, task.step)], task, {}, max_seconds=0.5)
     assert result.stopped_by_budget and result.seconds["fit"] >= 0.5
+
+
+def test_stage_setup_time_is_recorded_and_counts_toward_the_budget(tmp_path):
+    import time
+
+    engine = Engine(EngineConfig(precision="32-true", progress=False), tmp_path)
+    task = Quadratic(engine)
+    stage = Stage("fit", 10**7, task.step, begin=lambda: time.sleep(0.3))
+    result = engine.run([stage], task, {}, max_seconds=0.5)
+    assert result.seconds["fit.begin"] >= 0.3
+    assert result.seconds["fit"] < 0.45  # the budget was already partly spent by begin()

@@ -45,6 +45,18 @@ def _layer(config: str | Path | dict | None, flags: dict[str, Any], overrides: S
     return apply_overrides(raw, overrides)
 
 
+# Settings that change neither numbers nor weights: a resume may alter them freely.
+RUN_ONLY = {"engine", "eval_every", "max_seconds", "references", "reference", "preset", "params", "teacher", "data"}
+
+
+def _result_settings(cfg: TeacherConfig | DistillConfig, engine: Engine) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint: the config less run-only settings."""
+    kept = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_ONLY}
+    if isinstance(cfg, TeacherConfig):
+        kept["data"] = {"name": cfg.data.name, "image_size": cfg.data.image_size}
+    return {**kept, **engine.fingerprint()}
+
+
 def _load_data(data: DataConfig) -> ImageData:
     return load_dataset(data.name, data.root, data.download, data.image_size)
 
@@ -78,7 +90,7 @@ def train_teacher(model: str | None = None, data: str | None = None, epochs: int
     def on_eval() -> dict[str, float]:
         return {"test_acc": evaluate_model(task.model, test_x, test_y, engine, dataset.num_classes)["accuracy"]}
     started = time.perf_counter()
-    result = engine.run(task.stages(), task, cfg.model_dump(mode="json"), on_eval,
+    result = engine.run(task.stages(), task, _result_settings(cfg, engine), on_eval,
                         eval_every=task.steps_per_epoch * max(1, cfg.epochs // 5), resume=resume)
     final = evaluate_model(task.model, test_x, test_y, engine, dataset.num_classes)
     path = save_model(net, info, run_dir / "model.safetensors")
@@ -143,8 +155,8 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
     def test_acc(model) -> float:
         return evaluate_model(model, test_x, test_y, engine, info.num_classes)["accuracy"]
 
-    run_config = {"run": cfg.model_dump(mode="json"), "method_params": method_cfg.model_dump(mode="json"),
-                  "teacher_sha256": file_sha256(cfg.teacher)}
+    run_config = {**_result_settings(cfg, engine), "student": student_arch, "data": dataset.name,
+                  "method_params": method_cfg.model_dump(mode="json"), "teacher_sha256": file_sha256(cfg.teacher)}
     started = time.perf_counter()
     result = engine.run(runner.stages(), runner, run_config, lambda: {"test_acc": test_acc(setup.student)},
                         cfg.eval_every, cfg.max_seconds, resume)
@@ -154,7 +166,7 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
                              info.mean, info.std, info.dataset)
     save_model(student_net, student_info, run_dir / "student.safetensors")
     histogram, confidence = _sample_grid(runner, teacher_net, info, run_dir / "samples.png")
-    synthesis = sum(s for name, s in result.seconds.items() if name != "student")
+    synthesis = sum(s for name, s in result.seconds.items() if name != "student")  # includes pool filling
     curve = [e["test_acc"] for e in result.evaluations if "test_acc" in e]
     summary: dict[str, Any] = {
         "method": cfg.method, "preset": cfg.preset, "dataset": dataset.name, "teacher": str(cfg.teacher),
@@ -163,7 +175,8 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
         "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
         "student_per_class_acc": final["per_class"],
         "seconds": {"synthesis": synthesis, "student": result.seconds.get("student", 0.0),
-                    "total": sum(result.seconds.values()), "wall": time.perf_counter() - started},
+                    "total": sum(result.seconds.values()), "wall": time.perf_counter() - started,
+                    "by_stage": result.seconds},
         "stopped_by_budget": result.stopped_by_budget,
         "samples": {"class_histogram": histogram, "teacher_confidence": confidence, "grid": "samples.png"},
     }
@@ -196,8 +209,9 @@ def train_references(cfg: DistillConfig, info: ModelInfo, dataset: ImageData, st
         teacher = engine.prepare(load_model(teacher_path)[0], trainable=False) if name == "kd_real" else None
         net = build_model(student_arch, info.num_classes, info.in_channels, info.image_size)
         task = RealDataTraining(engine, net, train_x, dataset.train_labels, cfg.reference, teacher, name)
-        result = engine.run(task.stages(), task, {"reference": name, **cfg.model_dump(mode="json")},
-                            resume=resume)
+        settings = {"reference": name, "student": student_arch, "data": dataset.name,
+                    "training": cfg.reference.model_dump(mode="json"), **engine.fingerprint()}
+        result = engine.run(task.stages(), task, settings, resume=resume)
         acc = evaluate_model(task.model, test_x, dataset.test_labels, engine, info.num_classes)["accuracy"]
         out[name] = {"student_acc": acc, "seconds": result.seconds.get(name, 0.0)}
         engine.close()

@@ -34,7 +34,8 @@ class EngineConfig(StrictModel):
     seed: int = 1
     deterministic: bool = False
     threads: int | None = Field(None, ge=1, description="CPU threads; None keeps torch's default")
-    checkpoint_every: int = Field(500, ge=1, description="optimizer steps between checkpoints")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    checkpoint_seconds: float = Field(120.0, gt=0, description="also checkpoint when this much time has passed")
     log_every: int = Field(20, ge=1, description="steps between metric lines in metrics.jsonl")
     progress: bool | None = Field(None, description="progress bars; None shows them on a terminal")
 

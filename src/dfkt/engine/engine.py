@@ -134,10 +134,18 @@ class Engine:
         self.fabric.backward(loss)
         optimizer.step()
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The engine settings that change a run's numbers; a resume must keep them."""
+        return {"seed": self.cfg.seed, "deterministic": self.cfg.deterministic, "precision": self.precision,
+                "channels_last": self.cfg.channels_last}
+
     def run(self, stages: list[Stage], state: Stateful, run_config: dict[str, Any],
             on_eval: Callable[[], dict[str, float]] | None = None, eval_every: int = 0,
             max_seconds: float | None = None, resume: bool = False) -> RunResult:
         """Run ``stages`` in order with checkpoints, metrics, progress and an optional time budget.
+
+        ``run_config`` holds the settings that determine the result (with ``fingerprint()``);
+        a resume refuses a checkpoint whose settings differ.
 
         ``on_eval`` (a test-set evaluation) runs every ``eval_every`` steps of stages marked
         ``evaluate`` and at their end; its time is not counted as training time.
@@ -148,6 +156,9 @@ class Engine:
         if resume and ckpt_path is not None and ckpt_path.is_file():
             position = self._restore(ckpt_path, state, run_config)
         resumed_rng = position.pop("rng", None)
+        if position["budget_hit"] and (max_seconds is None or sum(position["seconds"].values()) < max_seconds):
+            position["budget_hit"] = False  # resumed with a larger budget: carry on
+        last_saved = time.perf_counter()
 
         for index, stage in enumerate(stages):
             if index < position["stage"] or position["budget_hit"]:
@@ -157,8 +168,11 @@ class Engine:
                 module.train()
             for module in stage.frozen:
                 module.eval()
-            if stage.begin is not None:
+            if stage.begin is not None:  # e.g. filling a pool: timed apart, but inside the budget
+                begun = time.perf_counter()
                 stage.begin()
+                key = f"{stage.name}.begin"
+                position["seconds"][key] = position["seconds"].get(key, 0.0) + time.perf_counter() - begun
             if resumed_rng is not None:  # after begin(), so its work does not shift the stream
                 checkpoint.set_rng_state(resumed_rng)
                 resumed_rng = None
@@ -191,12 +205,12 @@ class Engine:
                 position["seconds"][stage.name] = elapsed
                 if over_budget:
                     position["budget_hit"] = True
-                if done % self.cfg.checkpoint_every == 0 or last:
+                due = time.perf_counter() - last_saved >= self.cfg.checkpoint_seconds
+                if done % self.cfg.checkpoint_every == 0 or last or due:
                     next_pos = (index + 1, 0) if done == stage.steps else (index, done)
                     position["stage"], position["step"] = next_pos
-                    if over_budget:
-                        position["stage"] = len(stages)
                     self._save(ckpt_path, state, run_config, position)
+                    last_saved = time.perf_counter()
                 if over_budget:
                     break
             bar.close()
