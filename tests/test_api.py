@@ -33,8 +33,16 @@ def test_distill_writes_a_complete_run_folder(tiny_run):
     assert set(summary["references"]) == {"kd_real", "labels"}
     assert summary["references"]["labels"]["student_acc"] > 0.5
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["method_params"]["gen_batch"] == 64 and saved["run"]["preset"] == "cpu"
-    assert saved["method_params"]["student_data"] == "pool"  # from the cpu preset
+    assert saved["params"]["gen_batch"] == 64 and saved["preset"] is None
+    assert saved["params"]["student_data"] == "pool"  # folded in from the cpu preset
+
+
+def test_saved_config_reproduces_the_run_settings(tiny_run):
+    from dfkt.api import resolve_distill_config
+
+    out, _ = tiny_run
+    cfg, params = resolve_distill_config(config=out / "config.yaml")
+    assert cfg.student == "digits_cnn_half" and params.gen_batch == 64 and params.pool_size == 512
 
 
 def test_student_beats_an_untrained_one(tiny_run):

@@ -9,14 +9,14 @@ from typing import Any, Sequence
 import torch
 
 from dfkt import dfkd  # noqa: F401  (importing registers the methods)
-from dfkt.config import (DataConfig, DistillConfig, TeacherConfig, apply_overrides, dump_yaml, load_yaml,
-                         merge, validate)
+from dfkt.config import (DataConfig, DistillConfig, EngineConfig, RealTrainingConfig, TeacherConfig,
+                         apply_overrides, dump_yaml, load_yaml, merge, validate)
 from dfkt.data import ImageData, load_dataset
 from dfkt.dfkd.base import DistillSetup
 from dfkt.engine import Engine
 from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
-from dfkt.models.files import ModelInfo, file_sha256, load_model, read_info, save_model
+from dfkt.models.files import ModelInfo, file_sha256, load_model, model_path, read_info, save_model
 from dfkt.registry import DATASETS, METHODS, MODELS
 from dfkt.report.grid import save_class_grid
 from dfkt.runs import make_run_dir, read_summary, write_json  # noqa: F401  (write_json is public)
@@ -61,6 +61,16 @@ def _load_data(data: DataConfig) -> ImageData:
     return load_dataset(data.name, data.root, data.download, data.image_size)
 
 
+def _evaluation_data(data: DataConfig, info: ModelInfo) -> ImageData:
+    """The test data for a model: by default its own dataset at its own image size; another
+    dataset must fit the model as it comes (or with data.image_size), never silently resized."""
+    own = data.name is None or data.name == info.dataset
+    size = data.image_size or (info.image_size if own else None)
+    dataset = load_dataset(data.name or info.dataset, data.root, data.download, size)
+    info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}")
+    return dataset
+
+
 def _normalized(images: torch.Tensor, info: ModelInfo) -> torch.Tensor:
     from dfkt.data import normalize
 
@@ -79,7 +89,6 @@ def train_teacher(model: str | None = None, data: str | None = None, epochs: int
     MODELS.get(cfg.model)
     dataset = _load_data(cfg.data)
     run_dir = make_run_dir(out, f"teacher-{cfg.model}-{cfg.data.name}", resume)
-    dump_yaml(cfg, run_dir / "config.yaml")
     engine = Engine(cfg.engine, run_dir)
     net = build_model(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
     info = ModelInfo(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size,
@@ -91,7 +100,8 @@ def train_teacher(model: str | None = None, data: str | None = None, epochs: int
         return {"test_acc": evaluate_model(task.model, test_x, test_y, engine, dataset.num_classes)["accuracy"]}
     started = time.perf_counter()
     result = engine.run(task.stages(), task, _result_settings(cfg, engine), on_eval,
-                        eval_every=task.steps_per_epoch * max(1, cfg.epochs // 5), resume=resume)
+                        eval_every=task.steps_per_epoch * max(1, cfg.epochs // 5), resume=resume,
+                        on_start=lambda: dump_yaml(cfg, run_dir / "config.yaml"))
     final = evaluate_model(task.model, test_x, test_y, engine, dataset.num_classes)
     path = save_model(net, info, run_dir / "model.safetensors")
     summary = {"model": cfg.model, "dataset": dataset.name, "teacher_acc": final["accuracy"],
@@ -132,20 +142,19 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
     """Distil ``teacher`` into a student without its training data. Returns the summary."""
     cfg, method_cfg = resolve_distill_config(method, teacher, student, preset, data, data_root, config,
                                              overrides, max_seconds, references)
-    info, _ = read_info(cfg.teacher)
+    teacher_path = model_path(cfg.teacher)
+    info = read_info(teacher_path)
     student_arch = cfg.student or DEFAULT_STUDENT.get(info.arch)
     if student_arch is None:
         raise ConfigError(f"no default student for a {info.arch} teacher; pass --student (see 'dfkt list models')")
     MODELS.get(student_arch)
-    data_cfg = cfg.data or DataConfig(name=info.dataset)
-    dataset = _load_data(data_cfg)
-    info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}")
+    dataset = _evaluation_data(cfg.data, info)
     run_dir = make_run_dir(out, f"distill-{cfg.method}", resume)
-    (run_dir / "config.yaml").write_text(_yaml({"run": cfg.model_dump(mode="json"),
-                                                  "method_params": method_cfg.model_dump(mode="json")}))
     engine = Engine(cfg.engine, run_dir)
-    teacher_net, _ = load_model(cfg.teacher)
-    teacher_net = engine.prepare(teacher_net, trainable=False)
+    # Saved in the shape --config reads, with the preset already folded into params.
+    resolved = cfg.model_copy(update={"preset": None, "params": method_cfg.model_dump(mode="json"),
+                                      "teacher": str(teacher_path), "student": student_arch})
+    teacher_net = engine.prepare(load_model(teacher_path)[0], trainable=False)
     student_net = build_model(student_arch, info.num_classes, info.in_channels, info.image_size)
     setup = DistillSetup(teacher_net, engine.prepare(student_net, trainable=True), info.num_classes,
                          info.in_channels, info.image_size, engine)
@@ -156,33 +165,39 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
         return evaluate_model(model, test_x, test_y, engine, info.num_classes)["accuracy"]
 
     run_config = {**_result_settings(cfg, engine), "student": student_arch, "data": dataset.name,
-                  "method_params": method_cfg.model_dump(mode="json"), "teacher_sha256": file_sha256(cfg.teacher)}
+                  "method_params": method_cfg.model_dump(mode="json"), "teacher_sha256": file_sha256(teacher_path)}
     started = time.perf_counter()
-    result = engine.run(runner.stages(), runner, run_config, lambda: {"test_acc": test_acc(setup.student)},
-                        cfg.eval_every, cfg.max_seconds, resume)
+    stages = runner.stages()
+    result = engine.run(stages, runner, run_config, lambda: {"test_acc": test_acc(setup.student)},
+                        cfg.eval_every, cfg.max_seconds, resume, on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"))
+    if result.stopped_by_budget and stages[-1].name not in result.seconds:
+        raise DfktError(f"the time budget ({cfg.max_seconds:g} s) ran out before the {stages[-1].name} stage "
+                        f"began; continue with --resume --out {run_dir} and a larger --max-seconds")
     final = evaluate_model(setup.student, test_x, test_y, engine, info.num_classes)
-    teacher_acc = test_acc(teacher_net)
     student_info = ModelInfo(student_arch, info.num_classes, info.in_channels, info.image_size,
                              info.mean, info.std, info.dataset)
     save_model(student_net, student_info, run_dir / "student.safetensors")
     histogram, confidence = _sample_grid(runner, teacher_net, info, run_dir / "samples.png")
-    synthesis = sum(s for name, s in result.seconds.items() if name != "student")  # includes pool filling
-    curve = [e["test_acc"] for e in result.evaluations if "test_acc" in e]
+    curve = [{k: e[k] for k in ("step", "train_seconds", "test_acc")} for e in result.evaluations]
     summary: dict[str, Any] = {
-        "method": cfg.method, "preset": cfg.preset, "dataset": dataset.name, "teacher": str(cfg.teacher),
-        "student": student_arch, "teacher_acc": teacher_acc, "student_acc": final["accuracy"],
-        "student_best_on_test_acc": max(curve + [final["accuracy"]]),
+        "method": cfg.method, "preset": cfg.preset, "dataset": dataset.name, "teacher": str(teacher_path),
+        "student": student_arch, "teacher_acc": test_acc(teacher_net), "student_acc": final["accuracy"],
+        "student_best_on_test_acc": max([e["test_acc"] for e in curve] + [final["accuracy"]]),
         "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
         "student_per_class_acc": final["per_class"],
-        "seconds": {"synthesis": synthesis, "student": result.seconds.get("student", 0.0),
-                    "total": sum(result.seconds.values()), "wall": time.perf_counter() - started,
-                    "by_stage": result.seconds},
+        "seconds": {"synthesis": sum(s for name, s in result.seconds.items() if name != "student"),
+                    "student": result.seconds.get("student", 0.0), "total": sum(result.seconds.values()),
+                    "wall": time.perf_counter() - started, "by_stage": result.seconds},
         "stopped_by_budget": result.stopped_by_budget,
         "samples": {"class_histogram": histogram, "teacher_confidence": confidence, "grid": "samples.png"},
+        "curve": curve,
     }
     engine.close()
     if cfg.references:
-        summary["references"] = train_references(cfg, info, dataset, student_arch, cfg.teacher, run_dir, resume)
+        temperature = cfg.reference.temperature or getattr(method_cfg, "temperature", None)
+        training = cfg.reference.model_copy(update={"temperature": temperature})
+        summary["references"] = train_references(cfg.engine, training, info, dataset, student_arch, teacher_path,
+                                                 run_dir, resume)
     write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -196,21 +211,19 @@ def _sample_grid(runner, teacher, info: ModelInfo, path: Path) -> tuple[list[int
     return histogram, confidence.mean().item()
 
 
-def train_references(cfg: DistillConfig, info: ModelInfo, dataset: ImageData, student_arch: str,
-                     teacher_path: str, run_dir: Path, resume: bool) -> dict[str, Any]:
+def train_references(engine_cfg: EngineConfig, training: RealTrainingConfig, info: ModelInfo, dataset: ImageData,
+                     student_arch: str, teacher_path: Path, run_dir: Path, resume: bool) -> dict[str, Any]:
     """The two students reported beside every DFKD result: KD on real data, and trained on labels."""
     out: dict[str, Any] = {}
     train_x = _normalized(dataset.train_images, info)
     test_x = _normalized(dataset.test_images, info)
     for name in ("kd_real", "labels"):
-        folder = run_dir / f"reference-{name}"
-        folder.mkdir(exist_ok=True)
-        engine = Engine(cfg.engine, folder)
+        engine = Engine(engine_cfg, run_dir / f"reference-{name}")
         teacher = engine.prepare(load_model(teacher_path)[0], trainable=False) if name == "kd_real" else None
         net = build_model(student_arch, info.num_classes, info.in_channels, info.image_size)
-        task = RealDataTraining(engine, net, train_x, dataset.train_labels, cfg.reference, teacher, name)
+        task = RealDataTraining(engine, net, train_x, dataset.train_labels, training, teacher, name)
         settings = {"reference": name, "student": student_arch, "data": dataset.name,
-                    "training": cfg.reference.model_dump(mode="json"), **engine.fingerprint()}
+                    "training": training.model_dump(mode="json"), **engine.fingerprint()}
         result = engine.run(task.stages(), task, settings, resume=resume)
         acc = evaluate_model(task.model, test_x, dataset.test_labels, engine, info.num_classes)["accuracy"]
         out[name] = {"student_acc": acc, "seconds": result.seconds.get(name, 0.0)}
@@ -218,32 +231,18 @@ def train_references(cfg: DistillConfig, info: ModelInfo, dataset: ImageData, st
     return out
 
 
-def _yaml(data: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False)
-
-
 # -- evaluate ------------------------------------------------------------------------------------
 def evaluate(target: str | Path, data: str | None = None, data_root: str | None = None) -> dict[str, Any]:
     """Accuracy, per-class accuracy and confusion matrix of a model file, or of a run folder's model,
     on the real test set. A run folder gets ``evaluation.json``."""
-    target = Path(target)
-    model_path = target
-    if target.is_dir():
-        candidates = [target / "student.safetensors", target / "model.safetensors"]
-        model_path = next((p for p in candidates if p.is_file()), None)
-        if model_path is None:
-            read_summary(target)  # raises the clearer error for a folder that is not a run
-            raise DfktError(f"{target} holds no student.safetensors or model.safetensors")
-    model, info = load_model(model_path)
-    dataset = load_dataset(data or info.dataset, data_root)
-    info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}")
-    engine = Engine(DistillConfig().engine.model_copy(update={"progress": False}))
+    path = model_path(target)
+    model, info = load_model(path)
+    dataset = _evaluation_data(DataConfig(name=data, root=data_root), info)
+    engine = Engine(EngineConfig(progress=False))
     model = engine.prepare(model, trainable=False)
-    result = {"model": str(model_path), "arch": info.arch, "dataset": dataset.name,
+    result = {"model": str(path), "arch": info.arch, "dataset": dataset.name,
               **evaluate_model(model, _normalized(dataset.test_images, info), dataset.test_labels, engine,
                                info.num_classes)}
-    if target.is_dir():
-        write_json(target / "evaluation.json", result)
+    if Path(target).is_dir():
+        write_json(Path(target) / "evaluation.json", result)
     return result

@@ -26,8 +26,8 @@ class StrictModel(BaseModel):
 
 class EngineConfig(StrictModel):
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    devices: int = Field(1, ge=1)
-    precision: Literal["auto", "bf16-mixed", "32-true", "16-mixed"] = Field(
+    devices: int = Field(1, ge=1, le=1, description="one process for now; multi-process training is planned")
+    precision: Literal["auto", "bf16-mixed", "32-true"] = Field(
         "auto", description="auto: bf16-mixed where the hardware runs bf16 natively (CUDA, or a CPU with "
                             "AMX/AVX512-BF16), else 32-true")
     channels_last: bool = True
@@ -41,7 +41,7 @@ class EngineConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    name: str = "digits"
+    name: str | None = Field(None, description="dataset; for distill/evaluate, default: the teacher's")
     root: str | None = None
     download: bool = False
     image_size: int | None = Field(None, ge=4)
@@ -58,14 +58,15 @@ class RealTrainingConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: bool = False
-    temperature: float = Field(4.0, gt=0, description="KD temperature of the KD-on-real-data reference")
+    temperature: float | None = Field(None, gt=0, description="KD temperature of the KD-on-real-data "
+                                                                 "reference; default: the method's")
 
 
 class TeacherConfig(RealTrainingConfig):
     """``dfkt train-teacher``: supervised training on real labelled data."""
 
     model: str = "digits_cnn"
-    data: DataConfig = DataConfig()
+    data: DataConfig = DataConfig(name="digits")
     engine: EngineConfig = EngineConfig()
 
 
@@ -76,7 +77,7 @@ class DistillConfig(StrictModel):
     preset: str | None = "cpu"
     teacher: str = ""
     student: str | None = Field(None, description="default: the teacher's half-width partner")
-    data: DataConfig | None = Field(None, description="evaluation data; default: the teacher's")
+    data: DataConfig = DataConfig()
     params: dict[str, Any] = {}
     eval_every: int = Field(500, ge=1, description="student steps between test-set evaluations")
     max_seconds: float | None = Field(None, gt=0, description="wall-time budget for training")
@@ -130,11 +131,11 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist or is not a file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read as YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
@@ -170,5 +171,6 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(getattr(current, "model_fields", {}))
 
 
-def dump_yaml(cfg: BaseModel, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+def dump_yaml(cfg: BaseModel | dict, path: str | Path) -> None:
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

@@ -27,7 +27,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 1, precision: str | None
                                           "student_acc": student["student_acc"],
                                           "references": student["references"],
                                           "seconds": {"teacher": teacher["seconds"]["train"],
-                                                      **{k: v for k, v in student["seconds"].items()}},
+                                                      **student["seconds"]},
                                           "samples": str(out / "rdskd" / "samples.png")})
     return summary
 

@@ -55,20 +55,18 @@ def pairwise_diversity_loss(images: Tensor, logits: Tensor, eps: float = 1e-20) 
     p = F.softmax(logits.float(), dim=1)
     image_gap = torch.linalg.vector_norm(x[half : 2 * half] - x[:half])
     prob_gap = torch.linalg.vector_norm(p[half : 2 * half] - p[:half])
-    return 1.0 / (image_gap / prob_gap + eps)
+    # Equal to 1 / (image_gap / prob_gap + eps), written so the gradient stays finite as prob_gap -> 0.
+    return prob_gap / (image_gap + eps * prob_gap)
 
 
 def exp_penalty(loss: Tensor, reference: Tensor | float, max_exponent: float) -> tuple[Tensor, bool]:
     """Exponential penalty on a loss increment (RDSKD): exp(L − r), r detached.
 
     Its gradient exp(L − r)·∇L weights a term up exponentially when it rises above its
-    reference. The exponent is clamped at ``max_exponent`` so exp() cannot overflow; the
-    second value says whether the clamp was hit, so callers can report it.
+    reference. For RDSKD's terms the exponent stays below ln K (L_oh ∈ [0, ln K] with r ≥ 0;
+    L_ie ∈ [−ln K, 0] with r ≥ −ln K); the clamp at ``max_exponent`` is a guard for other
+    uses, and the second value says whether it was hit, so callers can report it.
     """
     exponent = loss - (reference.detach() if isinstance(reference, Tensor) else reference)
     clamped = bool(exponent.detach() > max_exponent)
     return torch.exp(exponent.clamp(max=max_exponent)), clamped
-
-
-def accuracy(logits: Tensor, labels: Tensor) -> float:
-    return (logits.argmax(dim=1) == labels).float().mean().item()

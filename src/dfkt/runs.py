@@ -20,6 +20,8 @@ def make_run_dir(out: str | Path | None, prefix: str, resume: bool) -> Path:
             raise DfktError("--resume needs --out naming the run folder to continue")
         out = DEFAULT_ROOT / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DfktError(f"--out {run_dir} is a file; name a folder")
     if not resume and (run_dir / CHECKPOINT).exists():
         raise DfktError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)

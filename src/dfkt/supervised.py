@@ -49,14 +49,14 @@ class RealDataTraining(TrainState):
         index = self.buffers["order"][position * self.cfg.batch_size:(position + 1) * self.cfg.batch_size]
         images = self.images[index]
         if self.cfg.augment:
-            images = shift_and_flip(images, max(1, images.shape[-1] // 16), self.rngs["order"])
+            images = shift_and_flip(images, self.rngs["order"])
         logits = self.model(images)
         if self.teacher is None:
             loss = F.cross_entropy(logits.float(), self.labels[index], label_smoothing=self.cfg.label_smoothing)
         else:
             with torch.no_grad():
                 target = self.teacher(images)
-            loss = losses.kd_loss(logits, target, self.cfg.temperature)
+            loss = losses.kd_loss(logits, target, self.cfg.temperature or 4.0)
         self.engine.optimize(loss, self.optimizer, f"{self.name} loss")
         self.schedulers["model"].step()
         return {"loss": loss}

@@ -6,9 +6,11 @@ import torch
 from torch import Tensor
 
 
-def shift_and_flip(images: Tensor, max_shift: int, rng: torch.Generator) -> Tensor:
-    """Random translation by up to ``max_shift`` pixels (zero fill) and horizontal flip, per sample."""
+def shift_and_flip(images: Tensor, rng: torch.Generator, max_shift: int | None = None) -> Tensor:
+    """Random translation by up to ``max_shift`` pixels (default: 1/16 of the width) and a
+    horizontal flip, per sample. Fills with zeros: the mean, for normalised images."""
     n, _, h, w = images.shape
+    max_shift = max_shift if max_shift is not None else max(1, w // 16)
     padded = torch.nn.functional.pad(images, [max_shift] * 4)
     dx = torch.randint(0, 2 * max_shift + 1, (n,), device=images.device, generator=rng)
     dy = torch.randint(0, 2 * max_shift + 1, (n,), device=images.device, generator=rng)

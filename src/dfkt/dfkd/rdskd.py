@@ -18,7 +18,6 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from dfkt import losses
-from dfkt.config import StrictModel
 from dfkt.dfkd.base import DistillMethod, DistillSetup
 from dfkt.dfkd.student import StudentTrainer, StudentTrainingConfig
 from dfkt.engine import Stage
@@ -72,28 +71,28 @@ class RDSKD(DistillMethod):
     def _noise(self, n: int, rng: torch.Generator) -> Tensor:
         return torch.randn(n, self.cfg.nz, device=self.engine.device, generator=rng)
 
-    def generator_losses(self, images: Tensor, logits: Tensor, references: Tensor) -> dict[str, Tensor]:
-        """The RDSKD generator objective on one batch; pure given its inputs."""
+    def generator_losses(self, images: Tensor, logits: Tensor, references: Tensor | None) -> dict[str, Tensor]:
+        """The RDSKD generator objective on one batch. ``references=None`` takes this batch's own
+        loss values as the references (the authors' reset step)."""
         l_oh = losses.one_hot_loss(logits)
         l_ie = losses.class_balance_loss(logits)
         l_ds = losses.pairwise_diversity_loss(images, logits)
-        w_oh, clamp_oh = losses.exp_penalty(l_oh, references[0], self.cfg.max_exponent)
-        w_ie, clamp_ie = losses.exp_penalty(l_ie, references[1], self.cfg.max_exponent)
-        return {"loss": w_oh + w_ie + l_ds, "oh": l_oh, "ie": l_ie, "ds": l_ds,
-                "exp_oh": w_oh, "exp_ie": w_ie, "clamped": float(clamp_oh or clamp_ie)}
+        refs = torch.stack([l_oh, l_ie]).detach() if references is None else references
+        w_oh, clamp_oh = losses.exp_penalty(l_oh, refs[0], self.cfg.max_exponent)
+        w_ie, clamp_ie = losses.exp_penalty(l_ie, refs[1], self.cfg.max_exponent)
+        return {"loss": w_oh + w_ie + l_ds, "oh": l_oh, "ie": l_ie, "ds": l_ds, "exp_oh": w_oh, "exp_ie": w_ie,
+                "references": refs, "clamped": float(clamp_oh or clamp_ie)}
 
     def generator_step(self, i: int) -> dict[str, Tensor | float]:
         images = self.generator(self._noise(self.cfg.gen_batch, self.rngs["generator"]))
         logits = self.teacher(images)
-        refs = self.buffers["references"]
         per_epoch = self.cfg.reference == "epoch"
-        if per_epoch and i % self.cfg.gen_steps_per_epoch == 1:
-            refs = self.buffers["references"] = torch.stack(
-                [losses.one_hot_loss(logits), losses.class_balance_loss(logits)]).detach()
-        terms = self.generator_losses(images, logits, refs)
+        reset = per_epoch and i % self.cfg.gen_steps_per_epoch == 1
+        terms = self.generator_losses(images, logits, None if reset else self.buffers["references"])
         self.engine.optimize(terms["loss"], self.optimizers["generator"], "RDSKD generator loss")
-        if not per_epoch:
-            self.buffers["references"] = torch.stack([terms["oh"], terms["ie"]]).detach()
+        refs = terms.pop("references")
+        # "epoch": keep the references set at the reset step; "step": next step compares to this one.
+        self.buffers["references"] = refs if per_epoch else torch.stack([terms["oh"], terms["ie"]]).detach()
         return terms
 
     @torch.no_grad()

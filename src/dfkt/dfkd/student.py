@@ -94,7 +94,7 @@ class StudentTrainer:
         images = self.pool_images[index]
         if not cfg.augment:
             return images, self.pool_logits[index]
-        images = shift_and_flip(images, max(1, images.shape[-1] // 16), rng)
+        images = shift_and_flip(images, rng)
         with torch.no_grad():
             return images, teacher(images)
 

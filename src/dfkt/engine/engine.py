@@ -74,9 +74,10 @@ class Engine:
         self.precision = resolve_precision(cfg.precision, accelerator)
         self.fabric = Fabric(accelerator=accelerator, devices=cfg.devices, precision=self.precision)
         self.seed_everything(cfg.seed)
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl" if run_dir and self.is_main else None)
         if run_dir is not None and self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl" if run_dir and self.is_main else None)
+        if run_dir is not None and self.is_main:
             env = environment(self.device, self.precision, self.fabric.world_size)
             env["channels_last"] = cfg.channels_last
             (run_dir / "env.json").write_text(json.dumps(env, indent=2))
@@ -90,12 +91,12 @@ class Engine:
     def is_main(self) -> bool:
         return self.fabric.is_global_zero
 
-    def _memory_format(self, module_or_tensor) -> dict[str, Any]:
+    def _memory_format(self) -> dict[str, Any]:
         return {"memory_format": torch.channels_last} if self.cfg.channels_last else {}
 
     def prepare(self, module: nn.Module, trainable: bool) -> nn.Module:
         """Move a module to the device. Frozen modules are never wrapped (no DDP on a teacher)."""
-        module = module.to(self.device, **self._memory_format(module))
+        module = module.to(self.device, **self._memory_format())
         if not trainable:
             module.eval().requires_grad_(False)
             return module
@@ -107,7 +108,7 @@ class Engine:
     def to_device(self, tensor: Tensor) -> Tensor:
         tensor = tensor.to(self.device, non_blocking=True)
         if tensor.dim() == 4 and tensor.is_floating_point():
-            tensor = tensor.contiguous(**self._memory_format(tensor))
+            tensor = tensor.contiguous(**self._memory_format())
         return tensor
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -132,6 +133,10 @@ class Engine:
                 f"{what} became {loss.item()} ; lower the learning rate or use --set engine.precision=32-true")
         optimizer.zero_grad(set_to_none=True)
         self.fabric.backward(loss)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            raise TrainingDivergedError(f"{what} gave inf/NaN gradients (weights left untouched); lower the "
+                                        "learning rate or use --set engine.precision=32-true")
         optimizer.step()
 
     def fingerprint(self) -> dict[str, Any]:
@@ -141,16 +146,18 @@ class Engine:
 
     def run(self, stages: list[Stage], state: Stateful, run_config: dict[str, Any],
             on_eval: Callable[[], dict[str, float]] | None = None, eval_every: int = 0,
-            max_seconds: float | None = None, resume: bool = False) -> RunResult:
+            max_seconds: float | None = None, resume: bool = False,
+            on_start: Callable[[], None] | None = None) -> RunResult:
         """Run ``stages`` in order with checkpoints, metrics, progress and an optional time budget.
 
         ``run_config`` holds the settings that determine the result (with ``fingerprint()``);
         a resume refuses a checkpoint whose settings differ.
 
         ``on_eval`` (a test-set evaluation) runs every ``eval_every`` steps of stages marked
-        ``evaluate`` and at their end; its time is not counted as training time.
+        ``evaluate`` and at their end; its time, like checkpoint writing, is not training time.
+        ``on_start`` runs once the checkpoint (if any) has been accepted, e.g. to record the config.
         """
-        progress = _Progress(self.cfg.progress if self.cfg.progress is not None else None, self.is_main)
+        progress = _Progress(self.cfg.progress, self.is_main)
         position = {"stage": 0, "step": 0, "seconds": {}, "evaluations": [], "budget_hit": False}
         ckpt_path = self.run_dir / CHECKPOINT if self.run_dir else None
         if resume and ckpt_path is not None and ckpt_path.is_file():
@@ -158,6 +165,10 @@ class Engine:
         resumed_rng = position.pop("rng", None)
         if position["budget_hit"] and (max_seconds is None or sum(position["seconds"].values()) < max_seconds):
             position["budget_hit"] = False  # resumed with a larger budget: carry on
+        if resume and ckpt_path is not None and not ckpt_path.is_file():
+            self.metrics.write({"event": "resume requested, no checkpoint found: starting afresh"})
+        if on_start is not None and self.is_main:
+            on_start()
         last_saved = time.perf_counter()
 
         for index, stage in enumerate(stages):
@@ -193,7 +204,7 @@ class Engine:
                 total = elapsed + sum(s for n, s in position["seconds"].items() if n != stage.name)
                 over_budget = max_seconds is not None and total >= max_seconds
                 last = done == stage.steps or over_budget
-                if stage.evaluate and on_eval is not None and (done % eval_every == 0 or last):
+                if stage.evaluate and on_eval is not None and ((eval_every and done % eval_every == 0) or last):
                     paused = time.perf_counter()
                     result = {"stage": stage.name, "step": done, "train_seconds": round(total, 3), **on_eval()}
                     position["evaluations"].append(result)
@@ -209,8 +220,10 @@ class Engine:
                 if done % self.cfg.checkpoint_every == 0 or last or due:
                     next_pos = (index + 1, 0) if done == stage.steps else (index, done)
                     position["stage"], position["step"] = next_pos
+                    saving = time.perf_counter()
                     self._save(ckpt_path, state, run_config, position)
                     last_saved = time.perf_counter()
+                    started += last_saved - saving
                 if over_budget:
                     break
             bar.close()

@@ -47,10 +47,10 @@ class ModelInfo:
                                  "or set data.image_size to match")
 
 
-def save_model(model: nn.Module, info: ModelInfo, path: str | Path, extra: dict[str, str] | None = None) -> Path:
+def save_model(model: nn.Module, info: ModelInfo, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "info": json.dumps(asdict(info)), **(extra or {})}
+    meta = {"format": FORMAT, "info": json.dumps(asdict(info))}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -58,8 +58,21 @@ def save_model(model: nn.Module, info: ModelInfo, path: str | Path, extra: dict[
     return path
 
 
-def read_info(path: str | Path) -> tuple[ModelInfo, dict[str, str]]:
+def model_path(path: str | Path) -> Path:
+    """A model file, or a run folder holding one (student.safetensors or model.safetensors)."""
     path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("student.safetensors", "model.safetensors") if (path / n).is_file()]
+        if not found:
+            raise ModelFileError(f"{path} is a folder with no student.safetensors or model.safetensors in it")
+        return found[0]
+    return path
+
+
+def read_info(path: str | Path) -> ModelInfo:
+    from dfkt.registry import MODELS
+
+    path = model_path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist; train one with 'dfkt train-teacher'")
     try:
@@ -71,16 +84,25 @@ def read_info(path: str | Path) -> tuple[ModelInfo, dict[str, str]]:
     if meta.get("format") != FORMAT:
         raise ModelFileError(f"model file {path} is a safetensors file without dfkt metadata; "
                              "save it with dfkt.models.save_model(model, ModelInfo(...), path)")
-    raw = json.loads(meta["info"])
-    raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
-    return ModelInfo(**raw), meta
+    try:
+        raw = json.loads(meta["info"])
+        raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+        info = ModelInfo(**raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"model file {path} has damaged dfkt metadata ({exc.__class__.__name__}); "
+                             "re-create it with 'dfkt train-teacher'") from None
+    if info.arch not in MODELS:
+        raise ModelFileError(f"model file {path} names architecture {info.arch!r}, which this dfkt does not "
+                             f"know (known: {', '.join(MODELS.names())})")
+    return info
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
     """Rebuild the architecture named in the file and load its weights."""
     from dfkt.models import build_model
 
-    info, _ = read_info(path)
+    path = model_path(path)
+    info = read_info(path)
     model = build_model(info.arch, info.num_classes, info.in_channels, info.image_size)
     try:
         with safe_open(str(path), framework="pt") as handle:
