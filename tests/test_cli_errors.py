@@ -97,3 +97,60 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dfkt.cli", "distill", "--method", "nope", "--teacher", "x"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_teacher_folder_without_a_model(capsys, tmp_path):
+    code, err = run_cli(capsys, "distill", "--teacher", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "no student.safetensors or model.safetensors")
+
+
+def test_safetensors_file_without_dfkt_metadata(capsys, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    code, err = run_cli(capsys, "distill", "--teacher", str(plain), "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "without dfkt metadata", "save_model")
+
+
+def test_teacher_file_naming_an_unknown_architecture(capsys, tmp_path, digits_teacher):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(digits_teacher, framework="pt") as handle:
+        meta = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    info = json.loads(meta["info"])
+    info["arch"] = "mystery_net"
+    odd = tmp_path / "odd.safetensors"
+    save_file(tensors, str(odd), metadata={**meta, "info": json.dumps(info)})
+    code, err = run_cli(capsys, "distill", "--teacher", str(odd), "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "'mystery_net'", "known: ")
+    assert not (tmp_path / "run").exists()  # refused before anything was created
+
+
+def test_bad_yaml_config(capsys, tmp_path, digits_teacher):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params: [unclosed\n")
+    code, err = run_cli(capsys, "distill", "--teacher", digits_teacher, "--config", str(bad))
+    assert_one_line_error(code, err, "cannot be read as YAML")
+
+
+def test_data_root_alone_keeps_the_teachers_dataset(capsys, tmp_path, digits_teacher):
+    """--data-root without --data must not switch datasets; digits ignores the root and loads."""
+    from dfkt.api import resolve_distill_config
+
+    cfg, _ = resolve_distill_config(teacher=digits_teacher, data_root=str(tmp_path))
+    assert cfg.data.name is None and cfg.data.root == str(tmp_path)
+
+
+def test_budget_that_ends_before_the_student_stage(capsys, tmp_path, digits_teacher):
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", digits_teacher, "--out", str(out), "--max-seconds", "0.2",
+            *sum((["--set", s] for s in tiny_rdskd(gen_epochs=50)), [])]
+    code, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "ran out before the student stage", "--resume")
+    assert (out / "checkpoint.pt").is_file()  # nothing lost: a larger budget continues it

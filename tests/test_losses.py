@@ -6,6 +6,14 @@ import torch
 from dfkt import losses
 
 
+def test_kd_loss_is_tau_squared_batchmean_kl():
+    torch.manual_seed(0)
+    s, t, tau = torch.randn(3, 5), torch.randn(3, 5), 3.0
+    p_t, log_p_s = torch.softmax(t / tau, 1), torch.log_softmax(s / tau, 1)
+    per_sample = (p_t * (p_t.log() - log_p_s)).sum(1)
+    assert losses.kd_loss(s, t, tau).item() == pytest.approx(tau**2 * per_sample.mean().item(), rel=1e-5)
+
+
 def test_kd_loss_zero_for_identical_and_positive_otherwise():
     t = torch.tensor([[2.0, 0.0, -1.0]])
     assert losses.kd_loss(t, t, 4.0).item() == pytest.approx(0.0, abs=1e-6)
@@ -37,6 +45,14 @@ def test_pairwise_diversity_loss_by_hand():
     logits = torch.tensor([[100.0, 0.0], [0.0, 100.0]])  # p: (1,0) vs (0,1) -> ‖Δp‖ = √2
     expected = 1.0 / (5.0 / math.sqrt(2.0))
     assert losses.pairwise_diversity_loss(images, logits).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_pairwise_diversity_pairs_halves_over_the_whole_batch():
+    # Four samples: pairs are (0, 2) and (1, 3); norms are taken over both pairs together.
+    images = torch.tensor([[0.0], [0.0], [3.0], [0.0]]).reshape(4, 1, 1, 1)
+    logits = torch.tensor([[100.0, 0], [100.0, 0], [100.0, 0], [0, 100.0]])
+    image_gap, prob_gap = 3.0, math.sqrt(2.0)  # only pair 0 differs in x, only pair 1 in p
+    assert losses.pairwise_diversity_loss(images, logits).item() == pytest.approx(prob_gap / image_gap, rel=1e-5)
 
 
 def test_exp_penalty_value_gradient_and_clamp():

@@ -21,26 +21,30 @@ def distill_command(teacher, out, *extra):
     return [sys.executable, "-m", "dfkt.cli", "distill", "--teacher", teacher, "--out", str(out), *overrides, *extra]
 
 
+def kill_after(command, metrics, marker):
+    """Start ``command`` and SIGKILL it as soon as ``marker`` appears in its metrics."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and marker not in (metrics.read_text() if metrics.exists() else ""):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, digits_teacher):
     reference = tmp_path / "uninterrupted"
     subprocess.run(distill_command(digits_teacher, reference), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(distill_command(digits_teacher, killed), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
     metrics = killed / "metrics.jsonl"
-    # Kill once the student stage has checkpointed at least once: mid-run, after a stage switch.
-    while time.time() < deadline and '"stage": "student", "step": 20' not in (
-            metrics.read_text() if metrics.exists() else ""):
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # Killed once in the generator stage and once in the student stage, each after a checkpoint.
+    kill_after(distill_command(digits_teacher, killed), metrics, '"stage": "generator", "step": 40')
+    kill_after(distill_command(digits_teacher, killed, "--resume"), metrics, '"stage": "student", "step": 20')
     assert not (killed / "summary.json").exists()
 
     subprocess.run(distill_command(digits_teacher, killed, "--resume"), check=True, capture_output=True)
-    assert '"event": "resume"' in metrics.read_text()
+    assert metrics.read_text().count('"event": "resume"') == 2
     a = json.loads((reference / "summary.json").read_text())
     b = json.loads((killed / "summary.json").read_text())
     assert a["student_acc"] == b["student_acc"] and a["student_best_on_test_acc"] == b["student_best_on_test_acc"]

@@ -16,6 +16,14 @@ def check_image_size(model: str, image_size: int, minimum: int) -> None:
         )
 
 
+def kaiming_init(backbone: nn.Module) -> nn.Module:
+    """He initialisation (fan-out) of every conv, as in the ResNet and WRN papers' code."""
+    for m in backbone.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return backbone
+
+
 class Classifier(nn.Module):
     """An image classifier split into ``backbone`` (images -> features) and ``head`` (features -> logits).
 

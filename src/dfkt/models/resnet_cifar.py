@@ -12,7 +12,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from dfkt.models.base import Classifier, check_image_size
+from dfkt.models.base import Classifier, check_image_size, kaiming_init
 from dfkt.registry import MODELS
 
 
@@ -51,10 +51,7 @@ def _resnet(name: str, blocks: tuple[int, ...], num_classes: int, in_channels: i
         layers[f"layer{i + 1}"] = nn.Sequential(*stage)
     layers["pool"] = nn.AdaptiveAvgPool2d(1)
     layers["flatten"] = nn.Flatten()
-    backbone = nn.Sequential(layers)
-    for m in backbone.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    backbone = kaiming_init(nn.Sequential(layers))
     return Classifier(
         backbone,
         nn.Linear(512, num_classes),

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dfkt.errors import ConfigError
-from dfkt.models.base import Classifier, check_image_size
+from dfkt.models.base import Classifier, check_image_size, kaiming_init
 from dfkt.registry import MODELS
 
 
@@ -61,10 +61,7 @@ def wide_resnet(
     layers["relu"] = nn.ReLU(inplace=True)
     layers["pool"] = nn.AdaptiveAvgPool2d(1)
     layers["flatten"] = nn.Flatten()
-    backbone = nn.Sequential(layers)
-    for m in backbone.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    backbone = kaiming_init(nn.Sequential(layers))
     head = nn.Linear(in_planes, num_classes)
     nn.init.zeros_(head.bias)
     return Classifier(
