@@ -16,7 +16,7 @@ from dfkt.dfkd.base import DistillSetup
 from dfkt.engine import Engine
 from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
-from dfkt.models.files import ModelInfo, file_sha256, load_model, model_path, read_info, save_model
+from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info, save_model
 from dfkt.registry import DATASETS, METHODS, MODELS
 from dfkt.report.grid import save_class_grid
 from dfkt.runs import make_run_dir, read_summary, write_json  # noqa: F401  (write_json is public)
@@ -165,7 +165,7 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
         return evaluate_model(model, test_x, test_y, engine, info.num_classes)["accuracy"]
 
     run_config = {**_result_settings(cfg, engine), "student": student_arch, "data": dataset.name,
-                  "method_params": method_cfg.model_dump(mode="json"), "teacher_sha256": file_sha256(teacher_path)}
+                  "method_params": method_cfg.model_dump(mode="json"), "teacher_sha256": model_sha256(teacher_path)}
     started = time.perf_counter()
     stages = runner.stages()
     result = engine.run(stages, runner, run_config, lambda: {"test_acc": test_acc(setup.student)},

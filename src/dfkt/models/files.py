@@ -114,9 +114,13 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
     return model, info
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+def model_sha256(path: str | Path) -> str:
+    """A hash of the model's metadata and weights. Not of the file's bytes: safetensors may
+    order its header differently each time the same model is saved."""
+    path = model_path(path)
+    digest = hashlib.sha256(json.dumps(asdict(read_info(path)), sort_keys=True).encode())
+    with safe_open(str(path), framework="pt") as handle:
+        for key in sorted(handle.keys()):
+            digest.update(key.encode())
+            digest.update(handle.get_tensor(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
