@@ -53,7 +53,7 @@ def main() -> None:
     reach = {a: [time_to_reach(work / f"seed{s}", a) for s in args.seeds] for a in (0.80, 0.85)}
     refs = runs[args.seeds[0]]["references"]
     first = runs[args.seeds[0]]
-    lines = [f"# RDSKD on Fashion-MNIST (LeNet-5 -> LeNet-5-half), cpu preset",
+    lines = ["# RDSKD on Fashion-MNIST (LeNet-5 -> LeNet-5-half), cpu preset",
              "", f"`python benchmarks/rdskd_fmnist.py --seeds {' '.join(map(str, args.seeds))} --budget {args.budget:g}`"
              f" on {machine()['cpu']}, {machine()['threads']} threads, torch {machine()['torch']}, "
              f"{time.strftime('%Y-%m-%d')}.", "",

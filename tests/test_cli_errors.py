@@ -1,7 +1,6 @@
 """Bad input gets one clear line on stderr and exit code 2, never a traceback, and loses nothing."""
 
 import gzip
-import shutil
 import struct
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 from dfkt.cli import main
-from tests.conftest import FAST_ENGINE, tiny_rdskd
+from tests.conftest import tiny_rdskd
 
 
 def run_cli(capsys, *args):

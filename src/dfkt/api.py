@@ -11,7 +11,7 @@ import torch
 from dfkt import dfkd  # noqa: F401  (importing registers the methods)
 from dfkt.config import (DataConfig, DistillConfig, EngineConfig, RealTrainingConfig, TeacherConfig,
                          apply_overrides, dump_yaml, load_yaml, merge, validate)
-from dfkt.data import ImageData, load_dataset
+from dfkt.data import ImageData, load_dataset, normalize
 from dfkt.dfkd.base import DistillSetup
 from dfkt.engine import Engine
 from dfkt.errors import ConfigError, DfktError
@@ -19,7 +19,7 @@ from dfkt.models import build_model
 from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info, save_model
 from dfkt.registry import DATASETS, METHODS, MODELS
 from dfkt.report.grid import save_class_grid
-from dfkt.runs import make_run_dir, read_summary, write_json  # noqa: F401  (write_json is public)
+from dfkt.runs import make_run_dir, write_json
 from dfkt.supervised import RealDataTraining, evaluate_model
 
 # The half-width student paired with each teacher in the papers.
@@ -57,10 +57,6 @@ def _result_settings(cfg: TeacherConfig | DistillConfig, engine: Engine) -> dict
     return {**kept, **engine.fingerprint()}
 
 
-def _load_data(data: DataConfig) -> ImageData:
-    return load_dataset(data.name, data.root, data.download, data.image_size)
-
-
 def _evaluation_data(data: DataConfig, info: ModelInfo) -> ImageData:
     """The test data for a model: by default its own dataset at its own image size; another
     dataset must fit the model as it comes (or with data.image_size), never silently resized."""
@@ -72,8 +68,6 @@ def _evaluation_data(data: DataConfig, info: ModelInfo) -> ImageData:
 
 
 def _normalized(images: torch.Tensor, info: ModelInfo) -> torch.Tensor:
-    from dfkt.data import normalize
-
     return normalize(images, info.mean, info.std)
 
 
@@ -87,7 +81,7 @@ def train_teacher(model: str | None = None, data: str | None = None, epochs: int
                           "data.download": download, "epochs": epochs}, overrides)
     cfg = validate(TeacherConfig, raw)
     MODELS.get(cfg.model)
-    dataset = _load_data(cfg.data)
+    dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.image_size)
     run_dir = make_run_dir(out, f"teacher-{cfg.model}-{cfg.data.name}", resume)
     engine = Engine(cfg.engine, run_dir)
     net = build_model(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from dfkt import api
+from dfkt.runs import write_json
 
 # Settings sized for 8×8 digits on a 2-core CPU; everything else is the RDSKD cpu preset.
 TEACHER_EPOCHS = 30
@@ -23,7 +24,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 1, precision: str | None
                           overrides=engine_flags + RDSKD_PARAMS + ["eval_every=1000"], out=out / "rdskd",
                           resume=True, references=True)
     summary = {"teacher": teacher, "rdskd": student}
-    api.write_json(out / "summary.json", {"teacher_acc": teacher["teacher_acc"],
+    write_json(out / "summary.json", {"teacher_acc": teacher["teacher_acc"],
                                           "student_acc": student["student_acc"],
                                           "references": student["references"],
                                           "seconds": {"teacher": teacher["seconds"]["train"],
