@@ -92,3 +92,16 @@ def test_stage_setup_time_is_recorded_and_counts_toward_the_budget(tmp_path):
     assert result.seconds["fit.begin"] >= 0.3
     assert result.seconds["fit.begin"] + result.seconds["fit"] >= 0.5
     assert result.seconds["fit"] < result.seconds["fit.begin"] + result.seconds["fit"]  # begin() counted
+
+
+def test_evaluation_uses_eval_mode_and_restores_training_mode():
+    from dfkt.supervised import evaluate_model
+
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(2))
+    model.train()
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    evaluate_model(model, torch.randn(4, 2, 1, 1), torch.tensor([0, 1, 0, 1]), engine, num_classes=2)
+    assert seen == [False] and model.training
+    assert model[1].num_batches_tracked.item() == 0  # running statistics untouched

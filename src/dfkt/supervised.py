@@ -71,17 +71,14 @@ class RealDataTraining(TrainState):
 def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, engine: Engine,
                    num_classes: int, batch_size: int = 1000) -> dict:
     """Accuracy, per-class accuracy and confusion matrix (rows: true class) on normalised images."""
-    was_training = model.training
-    model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    with engine.autocast():
+    with engine.eval_mode(model), engine.autocast():
         for start in range(0, len(images), batch_size):
             x = engine.to_device(images[start:start + batch_size])
             predicted = model(x).argmax(dim=1).cpu()
             truth = labels[start:start + batch_size].cpu()
             confusion += torch.bincount(truth * num_classes + predicted,
                                         minlength=num_classes**2).reshape(num_classes, num_classes)
-    model.train(was_training)
     per_class = (confusion.diag().float() / confusion.sum(dim=1).clamp_min(1)).tolist()
     return {"accuracy": confusion.diag().sum().item() / max(1, confusion.sum().item()),
             "per_class": per_class, "confusion": confusion.tolist()}

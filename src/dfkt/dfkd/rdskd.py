@@ -101,11 +101,8 @@ class RDSKD(DistillMethod):
 
     @torch.no_grad()
     def samples(self, n: int) -> Tensor:
-        was_training = self.generator.training
-        self.generator.eval()
-        out = self._generate(n, self.engine.noise_generator(offset=99))
-        self.generator.train(was_training)
-        return out.float()
+        with self.engine.eval_mode(self.generator):
+            return self._generate(n, self.engine.noise_generator(offset=99)).float()
 
     def stages(self) -> list[Stage]:
         gen_stage = Stage("generator", self.cfg.gen_epochs * self.cfg.gen_steps_per_epoch,

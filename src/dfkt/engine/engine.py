@@ -114,6 +114,19 @@ class Engine:
     def autocast(self) -> contextlib.AbstractContextManager:
         return self.fabric.autocast()
 
+    @contextlib.contextmanager
+    def eval_mode(self, *modules: nn.Module) -> Iterator[None]:
+        """Eval mode (BatchNorm running statistics, no dropout) for the block, then the modes
+        the modules had before: the one place outside stages where modes change."""
+        before = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m, training in zip(modules, before):
+                m.train(training)
+
     def seed_everything(self, seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
