@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from dfkt import dfkd  # noqa: F401  (importing registers the methods)
 from dfkt.config import (DataConfig, DistillConfig, EngineConfig, RealTrainingConfig, TeacherConfig,
@@ -163,8 +164,10 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
     started = time.perf_counter()
     stages = runner.stages()
     result = engine.run(stages, runner, run_config, lambda: {"test_acc": test_acc(setup.student)},
-                        cfg.eval_every, cfg.max_seconds, resume, on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"))
+                        cfg.eval_every, cfg.max_seconds, resume,
+                        on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"))
     if result.stopped_by_budget and stages[-1].name not in result.seconds:
+        engine.close()
         raise DfktError(f"the time budget ({cfg.max_seconds:g} s) ran out before the {stages[-1].name} stage "
                         f"began; continue with --resume --out {run_dir} and a larger --max-seconds")
     final = evaluate_model(setup.student, test_x, test_y, engine, info.num_classes)
@@ -190,7 +193,7 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
     if cfg.references:
         temperature = cfg.reference.temperature or getattr(method_cfg, "temperature", None)
         training = cfg.reference.model_copy(update={"temperature": temperature})
-        summary["references"] = train_references(cfg.engine, training, info, dataset, student_arch, teacher_path,
+        summary["references"] = train_references(cfg.engine, training, info, dataset, student_arch, teacher_net,
                                                  run_dir, resume)
     write_json(run_dir / "summary.json", summary)
     return summary
@@ -206,16 +209,16 @@ def _sample_grid(runner, teacher, info: ModelInfo, path: Path) -> tuple[list[int
 
 
 def train_references(engine_cfg: EngineConfig, training: RealTrainingConfig, info: ModelInfo, dataset: ImageData,
-                     student_arch: str, teacher_path: Path, run_dir: Path, resume: bool) -> dict[str, Any]:
+                     student_arch: str, teacher: nn.Module, run_dir: Path, resume: bool) -> dict[str, Any]:
     """The two students reported beside every DFKD result: KD on real data, and trained on labels."""
     out: dict[str, Any] = {}
     train_x = _normalized(dataset.train_images, info)
     test_x = _normalized(dataset.test_images, info)
     for name in ("kd_real", "labels"):
         engine = Engine(engine_cfg, run_dir / f"reference-{name}")
-        teacher = engine.prepare(load_model(teacher_path)[0], trainable=False) if name == "kd_real" else None
         net = build_model(student_arch, info.num_classes, info.in_channels, info.image_size)
-        task = RealDataTraining(engine, net, train_x, dataset.train_labels, training, teacher, name)
+        task = RealDataTraining(engine, net, train_x, dataset.train_labels, training,
+                                teacher if name == "kd_real" else None, name)
         settings = {"reference": name, "student": student_arch, "data": dataset.name,
                     "training": training.model_dump(mode="json"), **engine.fingerprint()}
         result = engine.run(task.stages(), task, settings, resume=resume)

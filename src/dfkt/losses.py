@@ -59,14 +59,14 @@ def pairwise_diversity_loss(images: Tensor, logits: Tensor, eps: float = 1e-20) 
     return prob_gap / (image_gap + eps * prob_gap)
 
 
-def exp_penalty(loss: Tensor, reference: Tensor | float, max_exponent: float) -> tuple[Tensor, bool]:
+def exp_penalty(loss: Tensor, reference: Tensor | float, max_exponent: float) -> tuple[Tensor, Tensor]:
     """Exponential penalty on a loss increment (RDSKD): exp(L − r), r detached.
 
     Its gradient exp(L − r)·∇L weights a term up exponentially when it rises above its
     reference. For RDSKD's terms the exponent stays below ln K (L_oh ∈ [0, ln K] with r ≥ 0;
     L_ie ∈ [−ln K, 0] with r ≥ −ln K); the clamp at ``max_exponent`` is a guard for other
-    uses, and the second value says whether it was hit, so callers can report it.
+    uses, and the second value (a bool tensor, so no device sync per step) says whether it was hit.
     """
     exponent = loss - (reference.detach() if isinstance(reference, Tensor) else reference)
-    clamped = bool(exponent.detach() > max_exponent)
+    clamped = exponent.detach() > max_exponent
     return torch.exp(exponent.clamp(max=max_exponent)), clamped

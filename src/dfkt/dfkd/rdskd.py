@@ -81,7 +81,7 @@ class RDSKD(DistillMethod):
         w_oh, clamp_oh = losses.exp_penalty(l_oh, refs[0], self.cfg.max_exponent)
         w_ie, clamp_ie = losses.exp_penalty(l_ie, refs[1], self.cfg.max_exponent)
         return {"loss": w_oh + w_ie + l_ds, "oh": l_oh, "ie": l_ie, "ds": l_ds, "exp_oh": w_oh, "exp_ie": w_ie,
-                "references": refs, "clamped": float(clamp_oh or clamp_ie)}
+                "references": refs, "clamped": (clamp_oh | clamp_ie).float()}
 
     def generator_step(self, i: int) -> dict[str, Tensor | float]:
         images = self.generator(self._noise(self.cfg.gen_batch, self.rngs["generator"]))

@@ -74,13 +74,14 @@ class Engine:
         self.precision = resolve_precision(cfg.precision, accelerator)
         self.fabric = Fabric(accelerator=accelerator, devices=cfg.devices, precision=self.precision)
         self.seed_everything(cfg.seed)
+        log_path = None
         if run_dir is not None and self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl" if run_dir and self.is_main else None)
-        if run_dir is not None and self.is_main:
             env = environment(self.device, self.precision, self.fabric.world_size)
             env["channels_last"] = cfg.channels_last
             (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+            log_path = run_dir / "metrics.jsonl"
+        self.metrics = MetricsLog(log_path)
 
     # -- devices and precision ------------------------------------------------------------
     @property
