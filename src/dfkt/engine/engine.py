@@ -57,6 +57,7 @@ class RunResult:
     seconds: dict[str, float]
     stopped_by_budget: bool
     evaluations: list[dict[str, Any]]
+    sections: dict[str, float] = field(default_factory=dict)  # timed() parts inside stages
 
 
 class Engine:
@@ -82,6 +83,7 @@ class Engine:
             (run_dir / "env.json").write_text(json.dumps(env, indent=2))
             log_path = run_dir / "metrics.jsonl"
         self.metrics = MetricsLog(log_path)
+        self.sections: dict[str, float] = {}
 
     # -- devices and precision ------------------------------------------------------------
     @property
@@ -139,6 +141,15 @@ class Engine:
         gen.manual_seed(self.cfg.seed * 1_000_003 + offset * 7919 + self.fabric.global_rank)
         return gen
 
+    @contextlib.contextmanager
+    def timed(self, section: str) -> Iterator[None]:
+        """Time a part of a step (e.g. synthesis inside a joint student stage); kept across resumes."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sections[section] = self.sections.get(section, 0.0) + time.perf_counter() - started
+
     # -- optimisation -----------------------------------------------------------------------
     def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, what: str = "loss") -> None:
         """Backward, step, zero grads; refuse to train on inf/NaN."""
@@ -172,11 +183,12 @@ class Engine:
         ``on_start`` runs once the checkpoint (if any) has been accepted, e.g. to record the config.
         """
         progress = _Progress(self.cfg.progress, self.is_main)
-        position = {"stage": 0, "step": 0, "seconds": {}, "evaluations": [], "budget_hit": False}
+        position = {"stage": 0, "step": 0, "seconds": {}, "sections": {}, "evaluations": [], "budget_hit": False}
         ckpt_path = self.run_dir / CHECKPOINT if self.run_dir else None
         if resume and ckpt_path is not None and ckpt_path.is_file():
             position = self._restore(ckpt_path, state, run_config)
         resumed_rng = position.pop("rng", None)
+        self.sections = position.setdefault("sections", {})  # the same dict: checkpoints carry it
         if position["budget_hit"] and (max_seconds is None or sum(position["seconds"].values()) < max_seconds):
             position["budget_hit"] = False  # resumed with a larger budget: carry on
         if resume and ckpt_path is not None and not ckpt_path.is_file():
@@ -241,7 +253,8 @@ class Engine:
                 if over_budget:
                     break
             bar.close()
-        return RunResult(dict(position["seconds"]), position["budget_hit"], position["evaluations"])
+        return RunResult(dict(position["seconds"]), position["budget_hit"], position["evaluations"],
+                         dict(self.sections))
 
     # -- checkpoints ------------------------------------------------------------------------
     def _save(self, path: Path | None, state: Stateful, run_config: dict, position: dict) -> None:
