@@ -63,3 +63,66 @@ def test_exp_penalty_value_gradient_and_clamp():
     assert loss.grad.item() == pytest.approx(math.exp(0.5))  # d/dL exp(L - r) = exp(L - r)
     big, clamped = losses.exp_penalty(torch.tensor(1000.0), 0.0, max_exponent=30.0)
     assert clamped and math.isfinite(big.item()) and big.item() == pytest.approx(math.exp(30.0))
+
+
+def test_activation_loss_is_minus_mean_absolute_feature():
+    assert losses.activation_loss(torch.tensor([[1.0, -3.0], [2.0, 0.0]])).item() == pytest.approx(-1.5)
+
+
+def test_mode_seeking_loss_by_hand():
+    images = torch.tensor([[0.0, 0.0], [1.0, 3.0]])  # halves differ by mean |dx| = 2
+    z = torch.tensor([[0.0], [4.0]])  # mean |dz| = 4
+    assert losses.mode_seeking_loss(images, z, eps=0.0).item() == pytest.approx(2.0)
+
+
+def test_logit_l1_is_the_mean_absolute_gap():
+    s, t = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 5.0]])
+    assert losses.logit_l1(s, t).item() == pytest.approx(2.0)
+
+
+def test_attention_transfer_zero_for_equal_maps_positive_otherwise():
+    f = torch.randn(2, 3, 4, 4)
+    assert losses.attention_transfer_loss([f], [f * 2]).item() == pytest.approx(0.0, abs=1e-7)  # scale-free
+    g = torch.zeros(1, 1, 2, 2)
+    g[0, 0, 0, 0] = 1.0
+    h = torch.zeros(1, 1, 2, 2)
+    h[0, 0, 1, 1] = 1.0
+    # maps (1,0,0,0) and (0,0,0,1): mean squared difference 2/4
+    assert losses.attention_transfer_loss([g], [h]).item() == pytest.approx(0.5)
+
+
+def test_total_variation_by_hand():
+    x = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
+    # horizontal diffs (-1, -1): norm √2; vertical 0; diagonals (1 at [1,0]-[0,1] -> 0-1 = -1) and (0-1 = -1)
+    assert losses.total_variation(x).item() == pytest.approx(math.sqrt(2) + 0 + 1 + 1)
+
+
+def test_js_divergence_bounds_and_competition():
+    a = torch.tensor([[50.0, -50.0]])
+    b = torch.tensor([[-50.0, 50.0]])
+    assert losses.js_divergence(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.js_divergence(a, b).item() == pytest.approx(math.log(2), rel=1e-4)
+    assert losses.competition_loss(a, b, temperature=1.0).item() == pytest.approx(1 - math.log(2), rel=1e-4)
+
+
+def test_adversarial_kl_counts_only_samples_where_student_agrees():
+    teacher = torch.tensor([[2.0, 0.0], [2.0, 0.0]])
+    student = torch.tensor([[1.0, 0.0], [0.0, 3.0]])  # agrees on sample 0 only
+    t, s = torch.log_softmax(teacher, 1), torch.log_softmax(student[:1], 1)
+    kl0 = (t[0].exp() * (t[0] - s[0])).sum()
+    assert losses.adversarial_kl_loss(student, teacher).item() == pytest.approx(-kl0.item() / 2)
+
+
+def test_soft_cross_entropy_by_hand():
+    logits = torch.tensor([[0.0, 0.0]])
+    assert losses.soft_cross_entropy(logits, torch.tensor([[0.3, 0.7]])).item() == pytest.approx(math.log(2))
+
+
+def test_info_nce_prefers_the_matching_positive():
+    anchors = torch.eye(2)
+    assert losses.info_nce(anchors, torch.eye(2), torch.zeros(0, 2), 1.0).item() == pytest.approx(
+        -math.log(math.e / (math.e + 1)))
+    swapped = losses.info_nce(anchors, torch.eye(2).flip(0), torch.zeros(0, 2), 1.0)
+    assert swapped.item() > math.log(2)
+    with_bank = losses.info_nce(anchors, torch.eye(2), torch.eye(2), 1.0)  # identical negatives make it harder
+    assert with_bank.item() > losses.info_nce(anchors, torch.eye(2), torch.zeros(0, 2), 1.0).item()

@@ -70,3 +70,103 @@ def exp_penalty(loss: Tensor, reference: Tensor | float, max_exponent: float) ->
     exponent = loss - (reference.detach() if isinstance(reference, Tensor) else reference)
     clamped = exponent.detach() > max_exponent
     return torch.exp(exponent.clamp(max=max_exponent)), clamped
+
+
+def activation_loss(features: Tensor) -> Tensor:
+    """Activation loss of DAFL (Chen et al., ICCV 2019): L_a = −mean |f_T(x)|.
+
+    Rewards images that excite the teacher's penultimate features strongly, as real data does.
+    """
+    return -features.float().abs().mean()
+
+
+def mode_seeking_loss(images: Tensor, z: Tensor, eps: float = 1e-5) -> Tensor:
+    """Mode-seeking regulariser of MSGAN (Mao et al., CVPR 2019), used for MSKD.
+
+    With the batch split in halves: L_ms = 1 / (mean|G(z₂) − G(z₁)| / mean|z₂ − z₁| + eps).
+    Small when different noise gives different images.
+    """
+    half = images.shape[0] // 2
+    if half == 0:
+        raise ValueError("mode_seeking_loss needs a batch of at least 2")
+    x, z = images.float(), z.float()
+    ratio = (x[half:2 * half] - x[:half]).abs().mean() / (z[half:2 * half] - z[:half]).abs().mean()
+    return 1.0 / (ratio + eps)
+
+
+def logit_l1(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Teacher–student discrepancy of DFAD (Fang et al., 2019): mean |t − s| over logits.
+
+    The student minimises it; the generator maximises it.
+    """
+    return (teacher_logits.float() - student_logits.float()).abs().mean()
+
+
+def attention_map(features: Tensor) -> Tensor:
+    """Spatial attention (Zagoruyko & Komodakis, ICLR 2017): a(f) = normalise(mean_c f²), flattened."""
+    return F.normalize(features.float().pow(2).mean(dim=1).flatten(1), dim=1)
+
+
+def attention_transfer_loss(student_features: list[Tensor], teacher_features: list[Tensor]) -> Tensor:
+    """Attention transfer as in ZSKT (Micaelli & Storkey, NeurIPS 2019): Σ_blocks mean (a(f_S) − a(f_T))²."""
+    return sum((attention_map(s) - attention_map(t)).pow(2).mean()
+               for s, t in zip(student_features, teacher_features, strict=True))  # type: ignore[return-value]
+
+
+def total_variation(images: Tensor) -> Tensor:
+    """Smoothness prior of DeepInversion (Yin et al., CVPR 2020), as in the authors' CIFAR code: the sum
+    of the L2 norms of the horizontal, vertical and both diagonal neighbour differences,
+    TV(x) = ‖Δ_h x‖₂ + ‖Δ_v x‖₂ + ‖Δ_↘ x‖₂ + ‖Δ_↗ x‖₂."""
+    x = images.float()
+    diffs = (x[..., :, :-1] - x[..., :, 1:], x[..., :-1, :] - x[..., 1:, :],
+             x[..., 1:, :-1] - x[..., :-1, 1:], x[..., :-1, :-1] - x[..., 1:, 1:])
+    return sum(torch.linalg.vector_norm(d) for d in diffs)  # type: ignore[return-value]
+
+
+def js_divergence(logits_p: Tensor, logits_q: Tensor, temperature: float = 1.0) -> Tensor:
+    """Jensen–Shannon divergence between softmax(p/τ) and softmax(q/τ), batch mean (natural log).
+
+    JS(P, Q) = ½ KL(P ‖ M) + ½ KL(Q ‖ M) with M = ½ (P + Q); it lies in [0, ln 2].
+    """
+    p = F.softmax(logits_p.float() / temperature, dim=1)
+    q = F.softmax(logits_q.float() / temperature, dim=1)
+    m = (0.5 * (p + q)).clamp_min(1e-12)
+    kl = lambda a: (a * (a.clamp_min(1e-12).log() - m.log())).sum(dim=1)  # noqa: E731
+    return (0.5 * kl(p) + 0.5 * kl(q)).mean()
+
+
+def competition_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 3.0) -> Tensor:
+    """Adaptive DeepInversion's competition term (Yin et al., CVPR 2020): 1 − JS(S(x)/τ, T(x)/τ), τ = 3.
+
+    Low when teacher and student disagree, so inverted images move to where the student is wrong.
+    """
+    return 1.0 - js_divergence(student_logits, teacher_logits, temperature)
+
+
+def adversarial_kl_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Adversarial term of CMI (Fang et al., IJCAI 2021) and Fast (AAAI 2022):
+    L_adv = −mean_i 1[argmax S_i = argmax T_i] · KL(T_i ‖ S_i).
+
+    Pushes samples the student already agrees on towards where it diverges; samples it gets
+    wrong are left alone so the images do not drift off the teacher's classes.
+    """
+    t = F.log_softmax(teacher_logits.float(), dim=1)
+    s = F.log_softmax(student_logits.float(), dim=1)
+    kl = (t.exp() * (t - s)).sum(dim=1)
+    agree = (student_logits.argmax(dim=1) == teacher_logits.argmax(dim=1)).float()
+    return -(agree * kl).mean()
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """Cross-entropy with soft targets, −mean_i Σ_c y_ic log softmax(o_i/τ)_c (ZSKD uses τ = 20)."""
+    return -(targets.float() * F.log_softmax(logits.float() / temperature, dim=1)).sum(dim=1).mean()
+
+
+def info_nce(anchors: Tensor, positives: Tensor, negatives: Tensor, temperature: float = 0.1) -> Tensor:
+    """InfoNCE (van den Oord et al., 2018) as CMI's contrastive term: each anchor must pick its own
+    positive among the positives of the batch and the extra ``negatives`` (a memory bank), by cosine
+    similarity / τ. −mean_i log exp(a_i·p_i/τ) / Σ_j exp(a_i·k_j/τ)."""
+    a = F.normalize(anchors.float(), dim=1)
+    keys = F.normalize(torch.cat([positives.float(), negatives.float()]), dim=1)
+    logits = a @ keys.t() / temperature
+    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))

@@ -1,0 +1,11 @@
+"""Where synthetic training images come from, apart from how the student learns on them."""
+
+from dfkt.synthesis.base import Synthesizer
+from dfkt.synthesis.bn_prior import BNStatsPrior
+from dfkt.synthesis.generator import GeneratorSynthesizer
+from dfkt.synthesis.generator_inversion import GeneratorInversion
+from dfkt.synthesis.inversion import PixelInversion
+from dfkt.synthesis.pool import ImagePool
+
+__all__ = ["BNStatsPrior", "GeneratorInversion", "GeneratorSynthesizer", "ImagePool", "PixelInversion",
+           "Synthesizer"]

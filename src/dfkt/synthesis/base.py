@@ -1,0 +1,21 @@
+"""The synthesizer interface.
+
+``synthesize()`` advances the data source by one unit of work (one generator update, one
+inverted batch added to a pool) and returns named values to log; ``sample(n, rng)`` returns
+``n`` images without gradients, with the teacher's logits on them when those are cached.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+Batch = tuple[Tensor, Tensor | None]  # images, cached teacher logits (None: ask the teacher)
+
+
+class Synthesizer(Protocol):
+    def synthesize(self) -> dict[str, Tensor | float]: ...
+
+    def sample(self, n: int, rng: torch.Generator) -> Batch: ...

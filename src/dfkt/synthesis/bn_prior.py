@@ -1,0 +1,96 @@
+"""BatchNorm-statistics prior (DeepInversion, Yin et al. CVPR 2020; used by CMI and Fast).
+
+A teacher's BatchNorm layers remember the mean and variance of their inputs on the real
+training data. Synthetic images should reproduce them:
+    L_bn = Σ_l m_l · (‖μ_l(x) − μ̂_l‖₂ + ‖σ²_l(x) − σ̂²_l‖₂)
+with μ_l, σ²_l the per-channel statistics of the batch at the input of layer l and m_l = 1
+except for the first layer (``first_multiplier``). Fast (Fang et al., AAAI 2022) compares an
+EMA of past synthetic batches' statistics mixed with the current ones instead (``momentum``).
+Forward hooks make it work on any teacher with BatchNorm layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from dfkt.errors import ConfigError
+
+
+class BNStatsPrior:
+    def __init__(self, teacher: nn.Module, method: str, first_multiplier: float = 1.0,
+                 momentum: float | None = None):
+        self.layers = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not self.layers:
+            raise ConfigError(
+                f"{method} needs a teacher with BatchNorm layers (it matches their stored statistics) and this "
+                "teacher has none; use rdskd, dafl, mskd, dfad, zskt or zskd, or turn the prior off with "
+                "--set params.w_bn=0")
+        self.first_multiplier = first_multiplier
+        self.momentum = momentum
+        self.active = False
+        self.terms: list[Tensor] = []
+        self.batch_stats: list[tuple[Tensor, Tensor]] = []
+        self.ema: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        for index, layer in enumerate(self.layers):
+            layer.register_forward_hook(self._hook(index))
+
+    def _hook(self, index: int):
+        def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if not self.active:
+                return
+            x = inputs[0].float()
+            dims = [0] + list(range(2, x.dim()))
+            mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
+            self.batch_stats.append((mean.detach(), var.detach()))
+            ema = self.ema[index]
+            if self.momentum is not None and ema is not None:
+                mean = self.momentum * ema[0] + (1 - self.momentum) * mean
+                var = self.momentum * ema[1] + (1 - self.momentum) * var
+            loss = torch.linalg.vector_norm(mean - layer.running_mean) + \
+                torch.linalg.vector_norm(var - layer.running_var)
+            self.terms.append(loss * (self.first_multiplier if index == 0 else 1.0))
+        return hook
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        """Collect the statistics of teacher forwards inside the block only (student steps pay nothing)."""
+        self.terms, self.batch_stats, self.active = [], [], True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def loss(self) -> Tensor:
+        """L_bn of the last recorded teacher forward."""
+        if not self.terms:
+            raise RuntimeError("no teacher forward was recorded; call the teacher inside record()")
+        return torch.stack(self.terms[-len(self.layers):]).sum()
+
+    def update_ema(self) -> None:
+        """Fold the last recorded batch into the EMA of synthetic statistics (Fast)."""
+        if self.momentum is None:
+            return
+        for index, (mean, var) in enumerate(self.batch_stats[-len(self.layers):]):
+            ema = self.ema[index]
+            self.ema[index] = (mean, var) if ema is None else (
+                self.momentum * ema[0] + (1 - self.momentum) * mean, self.momentum * ema[1] + (1 - self.momentum) * var)
+
+    def ema_state(self) -> Tensor:
+        """The EMA as one flat tensor, for checkpoints (empty before the first update)."""
+        if any(e is None for e in self.ema):
+            return torch.zeros(0)
+        return torch.cat([torch.cat(e) for e in self.ema])  # type: ignore[arg-type]
+
+    def load_ema_state(self, flat: Tensor) -> None:
+        if flat.numel() == 0:
+            return
+        offset = 0
+        for index, layer in enumerate(self.layers):
+            c = layer.running_mean.numel()
+            self.ema[index] = (flat[offset:offset + c].to(layer.running_mean.device),
+                               flat[offset + c:offset + 2 * c].to(layer.running_mean.device))
+            offset += 2 * c

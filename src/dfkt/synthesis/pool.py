@@ -1,0 +1,55 @@
+"""A fixed-capacity pool of synthetic images with the teacher's logits on them."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dfkt.engine.state import TrainState
+from dfkt.synthesis.base import Batch
+
+
+class ImagePool:
+    """A ring buffer: once full, each new batch overwrites the oldest images.
+
+    The tensors live in the owner's ``TrainState.buffers``, so the checkpoint carries the pool and
+    a resumed run continues with exactly the images it had (pixel-inverted images cannot be redrawn).
+    """
+
+    def __init__(self, state: TrainState, capacity: int, name: str = "pool"):
+        self.state = state
+        self.capacity = capacity
+        self.keys = (f"{name}.images", f"{name}.logits", f"{name}.added")
+
+    @property
+    def added(self) -> int:
+        """How many images were ever added (the pool holds the last ``capacity`` of them)."""
+        count = self.state.buffers.get(self.keys[2])
+        return 0 if count is None else int(count.item())
+
+    def __len__(self) -> int:
+        return min(self.added, self.capacity)
+
+    @property
+    def full(self) -> bool:
+        return len(self) == self.capacity
+
+    def add(self, images: Tensor, logits: Tensor) -> None:
+        images, logits = images.detach().float()[: self.capacity], logits.detach().float()[: self.capacity]
+        images_key, logits_key, count_key = self.keys
+        if count_key not in self.state.buffers:
+            self.state.buffers[images_key] = images.new_zeros((self.capacity, *images.shape[1:]))
+            self.state.buffers[logits_key] = logits.new_zeros((self.capacity, *logits.shape[1:]))
+            self.state.buffers[count_key] = torch.zeros((), dtype=torch.long)
+        start = self.added % self.capacity
+        rows = (torch.arange(images.shape[0], device=images.device) + start) % self.capacity
+        self.state.buffers[images_key][rows] = images
+        self.state.buffers[logits_key][rows] = logits
+        self.state.buffers[count_key] += images.shape[0]
+
+    def sample(self, n: int, rng: torch.Generator) -> Batch:
+        if len(self) == 0:
+            raise RuntimeError("sample() from an empty pool: synthesize() must run first")
+        images = self.state.buffers[self.keys[0]]
+        index = torch.randint(0, len(self), (n,), device=images.device, generator=rng)
+        return images[index], self.state.buffers[self.keys[1]][index]

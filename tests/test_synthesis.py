@@ -1,0 +1,121 @@
+"""The synthesis building blocks: pool, BatchNorm prior, pixel and generator inversion."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dfkt.config import EngineConfig
+from dfkt.engine import Engine
+from dfkt.engine.state import TrainState
+from dfkt.synthesis import BNStatsPrior, GeneratorInversion, ImagePool, PixelInversion
+
+
+def engine():
+    return Engine(EngineConfig(precision="32-true", progress=False))
+
+
+def test_pool_is_a_ring_buffer_and_travels_in_the_state_dict():
+    state = TrainState()
+    pool = ImagePool(state, capacity=5)
+    for start in (0, 3):  # 3 images, then 3 more: the oldest is overwritten
+        images = torch.arange(start, start + 3).float().view(3, 1, 1, 1)
+        pool.add(images, images.view(3, 1).repeat(1, 2))
+    assert len(pool) == 5 and pool.full and pool.added == 6
+    assert sorted(state.buffers["pool.images"].flatten().tolist()) == [1, 2, 3, 4, 5]
+    images, logits = pool.sample(50, torch.Generator().manual_seed(0))
+    assert set(images.flatten().tolist()) <= {1, 2, 3, 4, 5}
+    assert torch.equal(logits[:, 0], images.flatten())  # rows stay paired with their logits
+    restored = TrainState()
+    restored.load_state_dict(state.state_dict())
+    again = ImagePool(restored, capacity=5)
+    assert len(again) == 5 and torch.equal(restored.buffers["pool.images"], state.buffers["pool.images"])
+
+
+def test_empty_pool_refuses_to_sample():
+    with pytest.raises(RuntimeError, match="synthesize"):
+        ImagePool(TrainState(), 4).sample(2, torch.Generator())
+
+
+def bn_net():
+    net = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[1].running_mean.copy_(torch.tensor([0.0, 1.0]))
+        net[1].running_var.copy_(torch.tensor([1.0, 4.0]))
+    return net.eval()
+
+
+def test_bn_prior_matches_hand_computed_statistics():
+    net = bn_net()
+    prior = BNStatsPrior(net, "test", first_multiplier=2.0)
+    x = torch.tensor([0.0, 2.0, 4.0, 6.0]).view(1, 1, 2, 2)  # both BN channels see mean 3, variance 5
+    net(x)
+    with pytest.raises(RuntimeError):
+        prior.loss()  # nothing recorded outside record()
+    with prior.record():
+        net(x)
+    expected = math.hypot(3 - 0, 3 - 1) + math.hypot(5 - 1, 5 - 4)
+    assert prior.loss().item() == pytest.approx(2.0 * expected)
+
+
+def test_bn_prior_with_momentum_mixes_past_synthetic_statistics():
+    net = bn_net()
+    prior = BNStatsPrior(net, "test", momentum=0.5)
+    with prior.record():
+        net(torch.full((1, 1, 2, 2), 1.0))  # mean 1, variance 0
+    prior.update_ema()
+    with prior.record():
+        net(torch.tensor([0.0, 2.0, 4.0, 6.0]).view(1, 1, 2, 2))  # mean 3, variance 5
+    mixed_mean, mixed_var = 0.5 * 1 + 0.5 * 3, 0.5 * 0 + 0.5 * 5
+    expected = math.hypot(mixed_mean - 0, mixed_mean - 1) + math.hypot(mixed_var - 1, mixed_var - 4)
+    assert prior.loss().item() == pytest.approx(expected)
+    restored = BNStatsPrior(bn_net(), "test", momentum=0.5)
+    restored.load_ema_state(prior.ema_state())
+    assert torch.equal(restored.ema_state(), prior.ema_state())
+
+
+def test_pixel_inversion_lowers_its_objective_and_fills_the_pool():
+    torch.manual_seed(0)
+    eng, state = engine(), TrainState()
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval().requires_grad_(False)
+    pool = ImagePool(state, 16)
+
+    def objective(x, y):
+        return {"loss": nn.functional.cross_entropy(teacher(x), y)}
+
+    inversion = PixelInversion(state, eng, teacher, pool, objective,
+                               lambda n, rng: torch.ones(n, dtype=torch.long), (1, 2, 2), batch=8, iterations=1,
+                               lr=0.5, betas=(0.9, 0.999), max_shift=0, flip=False)
+    first = inversion.synthesize()["inv_loss"].item()
+    inversion.iterations = 100
+    last = inversion.synthesize()["inv_loss"].item()
+    assert last < 0.5 * first and len(pool) == 16
+    images, logits = inversion.sample(4, torch.Generator().manual_seed(1))
+    assert torch.allclose(logits, teacher(images), atol=1e-5)  # the pool caches the teacher's view
+
+
+def test_generator_inversion_reinitialises_or_meta_learns():
+    eng = engine()
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval().requires_grad_(False)
+
+    def objective(images, targets):
+        return {"loss": nn.functional.cross_entropy(teacher(images), targets)}
+
+    for meta in (False, True):
+        state = TrainState()
+        inversion = GeneratorInversion(state, eng, teacher, ImagePool(state, 32), objective, 3, "dafl", 8, (1, 8, 8),
+                                       batch=4, iterations=2, lr=1e-2, z_lr=1e-2, betas=(0.5, 0.999), meta=meta)
+        starts = []
+        for _ in range(2):
+            inversion._start()
+            starts.append({k: v.clone() for k, v in inversion.generator.state_dict().items()})
+            inversion.synthesize()
+        weight = "fc.weight"
+        assert not torch.equal(starts[0][weight], starts[1][weight])  # a new start every round
+        if meta:  # Fast: the second start is the first moved by a Reptile step, not a fresh draw
+            assert "meta_generator" in state.modules and "meta_generator" in state.optimizers
+            step = (starts[1][weight] - starts[0][weight]).abs().max().item()
+            assert 0 < step < 0.1
+        assert len(inversion.pool) == 8
