@@ -68,7 +68,7 @@ def test_teacher_with_other_class_count(capsys, tmp_path, digits_teacher):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["distill", "--method", "nope"], "unknown method 'nope'; valid methods: rdskd"),
+    (["distill", "--method", "nope"], "unknown method 'nope'; valid methods: cmi, dafl, deepinversion"),
     (["distill", "--student", "nope"], "unknown model 'nope'; valid models:"),
     (["train-teacher", "--model", "nope"], "unknown model 'nope'; valid models:"),
     (["distill", "--set", "params.bogus=1"], "unknown key 'bogus'"),
@@ -153,3 +153,16 @@ def test_budget_that_ends_before_the_student_stage(capsys, tmp_path, digits_teac
     code, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, "ran out before the student stage", "--resume")
     assert (out / "checkpoint.pt").is_file()  # nothing lost: a larger budget continues it
+
+
+@pytest.mark.parametrize("method", ["deepinversion", "cmi", "fast"])
+def test_batchnorm_prior_on_a_teacher_without_batchnorm(capsys, tmp_path, method):
+    from dfkt.models import build_model
+    from dfkt.models.files import ModelInfo, save_model
+
+    write_fake_fmnist(tmp_path)
+    lenet = save_model(build_model("lenet5", 10, 1, 32), ModelInfo("lenet5", 10, 1, 32, (0.3,), (0.4,), "fmnist"),
+                       tmp_path / "lenet.safetensors")
+    code, err = run_cli(capsys, "distill", "--method", method, "--teacher", str(lenet), "--data-root", str(tmp_path),
+                        "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, f"{method} needs a teacher with BatchNorm layers", "--set params.w_bn=0")

@@ -13,6 +13,7 @@ from dfkt import dfkd  # noqa: F401  (importing registers the methods)
 from dfkt.config import (DataConfig, DistillConfig, EngineConfig, RealTrainingConfig, TeacherConfig,
                          apply_overrides, dump_yaml, load_yaml, merge, validate)
 from dfkt.data import ImageData, load_dataset, normalize
+from dfkt.diagnostics import collapse_warnings
 from dfkt.dfkd.base import DistillSetup
 from dfkt.engine import Engine
 from dfkt.errors import ConfigError, DfktError
@@ -174,7 +175,11 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
     student_info = ModelInfo(student_arch, info.num_classes, info.in_channels, info.image_size,
                              info.mean, info.std, info.dataset)
     save_model(student_net, student_info, run_dir / "student.safetensors")
-    histogram, confidence = _sample_grid(runner, teacher_net, info, run_dir / "samples.png")
+    images, histogram, confidence = _sample_grid(runner, teacher_net, info, run_dir / "samples.png")
+    warnings = collapse_warnings(images, histogram)
+    for warning in warnings:
+        engine.metrics.write({"event": "warning", "message": warning})
+    in_student = result.sections.get("synthesis", 0.0)  # synthesis interleaved with student steps
     curve = [{k: e[k] for k in ("step", "train_seconds", "test_acc")} for e in result.evaluations]
     summary: dict[str, Any] = {
         "method": cfg.method, "preset": cfg.preset, "dataset": dataset.name, "teacher": str(teacher_path),
@@ -182,10 +187,12 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
         "student_best_on_test_acc": max([e["test_acc"] for e in curve] + [final["accuracy"]]),
         "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
         "student_per_class_acc": final["per_class"],
-        "seconds": {"synthesis": sum(s for name, s in result.seconds.items() if name != "student"),
-                    "student": result.seconds.get("student", 0.0), "total": sum(result.seconds.values()),
+        "seconds": {"synthesis": sum(s for name, s in result.seconds.items() if name != "student") + in_student,
+                    "student": result.seconds.get("student", 0.0) - in_student,
+                    "total": sum(result.seconds.values()),
                     "wall": time.perf_counter() - started, "by_stage": result.seconds},
         "stopped_by_budget": result.stopped_by_budget,
+        "warnings": warnings,
         "samples": {"class_histogram": histogram, "teacher_confidence": confidence, "grid": "samples.png"},
         "curve": curve,
     }
@@ -199,13 +206,13 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
     return summary
 
 
-def _sample_grid(runner, teacher, info: ModelInfo, path: Path) -> tuple[list[int], float]:
+def _sample_grid(runner, teacher, info: ModelInfo, path: Path) -> tuple[torch.Tensor, list[int], float]:
     images = runner.samples(GRID_SAMPLES)
     with torch.no_grad(), runner.engine.autocast():
         probs = torch.softmax(teacher(images).float(), dim=1)
     confidence, predicted = probs.max(dim=1)
     histogram = save_class_grid(images, predicted, info.mean, info.std, info.num_classes, path)
-    return histogram, confidence.mean().item()
+    return images, histogram, confidence.mean().item()
 
 
 def train_references(engine_cfg: EngineConfig, training: RealTrainingConfig, info: ModelInfo, dataset: ImageData,

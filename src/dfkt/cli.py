@@ -103,6 +103,8 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"synthesis {s['seconds']['synthesis']:.0f}s, student {s['seconds']['student']:.0f}s")
         for name, ref in s.get("references", {}).items():
             print(f"reference {name}: student {ref['student_acc']:.4f}")
+        for warning in s["warnings"]:
+            print(f"dfkt: warning: {warning}", file=sys.stderr)
     elif args.command == "evaluate":
         r = api.evaluate(args.target, args.data, args.data_root)
         if args.json:

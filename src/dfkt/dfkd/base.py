@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 
 from dfkt.config import StrictModel
 from dfkt.engine import Engine, Stage
 from dfkt.engine.state import TrainState
+from dfkt.synthesis import Synthesizer
 
 
 @dataclass
@@ -26,7 +30,8 @@ class DistillSetup:
 
 
 class DistillMethod(TrainState):
-    """Base class. Subclasses set ``Config`` and ``presets`` and implement ``stages`` and ``samples``.
+    """Base class. Subclasses set ``Config``, ``presets`` (at least ``paper`` and ``cpu``), a
+    ``source`` synthesizer, and implement ``stages``.
 
     Everything a resume needs goes in the TrainState dicts (modules, optimizers, rngs, buffers).
     """
@@ -34,6 +39,7 @@ class DistillMethod(TrainState):
     Config: ClassVar[type[StrictModel]]
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     summary: ClassVar[str] = ""
+    source: Synthesizer
 
     def __init__(self, cfg: StrictModel, setup: DistillSetup):
         super().__init__()
@@ -49,5 +55,22 @@ class DistillMethod(TrainState):
 
     @torch.no_grad()
     def samples(self, n: int) -> Tensor:
-        """``n`` synthetic images in the teacher's input space, for grids and diagnostics."""
-        raise NotImplementedError
+        """``n`` synthetic images in the teacher's input space, for grids and diagnostics: new
+        images from a generator source (in eval mode), else draws from the pool."""
+        rng = self.engine.noise_generator(offset=99)
+        fresh = getattr(self.source, "fresh", None)
+        with self.engine.eval_mode(*[m for k, m in self.modules.items() if k == "generator"]), \
+                self.engine.autocast():
+            images = fresh(n, rng) if fresh is not None else self.source.sample(n, rng)[0]
+        return images.float()
+
+    @contextlib.contextmanager
+    def student_as_judge(self, eval_mode: bool = True) -> Iterator[None]:
+        """The student scores synthetic images (adversarial terms): no gradients for its weights,
+        and by default eval mode so those images do not move its BatchNorm statistics."""
+        self.student.requires_grad_(False)
+        try:
+            with self.engine.eval_mode(*([self.student] if eval_mode else [])):
+                yield
+        finally:
+            self.student.requires_grad_(True)

@@ -21,8 +21,10 @@ from dfkt import losses
 from dfkt.dfkd.base import DistillMethod, DistillSetup
 from dfkt.dfkd.student import StudentTrainer, StudentTrainingConfig
 from dfkt.engine import Stage
-from dfkt.models import build_generator
 from dfkt.registry import METHODS
+from dfkt.synthesis import GeneratorSynthesizer, ImagePool
+
+POOL_CHUNK = 1024
 
 
 class RDSKDConfig(StudentTrainingConfig):
@@ -34,6 +36,9 @@ class RDSKDConfig(StudentTrainingConfig):
     gen_steps_per_epoch: int = Field(120, ge=2)
     reference: Literal["epoch", "step"] = "epoch"
     max_exponent: float = Field(30.0, gt=0, description="exp() argument clamp, so it cannot overflow")
+    student_data: Literal["fresh", "pool"] = Field(
+        "fresh", description="fresh generator samples every step (paper), or a fixed pool drawn once (cpu)")
+    pool_size: int = Field(50000, ge=1)
 
     @model_validator(mode="after")
     def _even_batch(self) -> "RDSKDConfig":
@@ -58,18 +63,13 @@ class RDSKD(DistillMethod):
 
     def __init__(self, cfg: RDSKDConfig, setup: DistillSetup):
         super().__init__(cfg, setup)
-        engine = self.engine
-        generator = build_generator(cfg.generator, cfg.nz, setup.channels, setup.image_size)
-        self.generator = engine.prepare(generator, trainable=True)
-        self.modules["generator"] = generator
-        self.optimizers["generator"] = engine.prepare_optimizer(
-            torch.optim.Adam(self.generator.parameters(), lr=cfg.gen_lr))
-        self.rngs["generator"] = engine.noise_generator(offset=1)
-        self.buffers["references"] = torch.zeros(2, device=engine.device)  # r_oh, r_ie
-        self.student_trainer = StudentTrainer(self, cfg, self._generate)
-
-    def _noise(self, n: int, rng: torch.Generator) -> Tensor:
-        return torch.randn(n, self.cfg.nz, device=self.engine.device, generator=rng)
+        self.source = GeneratorSynthesizer(self, self.engine, cfg.generator, cfg.nz, setup.channels,
+                                           setup.image_size, cfg.gen_lr, cfg.gen_batch, self.objective)
+        self.generator = self.source.generator
+        self.buffers["references"] = torch.zeros(2, device=self.engine.device)  # r_oh, r_ie
+        self.reset_references = False
+        self.pool = ImagePool(self, cfg.pool_size) if cfg.student_data == "pool" else None
+        self.student_trainer = StudentTrainer(self, cfg, self.pool or self.source)
 
     def generator_losses(self, images: Tensor, logits: Tensor, references: Tensor | None) -> dict[str, Tensor]:
         """The RDSKD generator objective on one batch. ``references=None`` takes this batch's own
@@ -83,29 +83,32 @@ class RDSKD(DistillMethod):
         return {"loss": w_oh + w_ie + l_ds, "oh": l_oh, "ie": l_ie, "ds": l_ds, "exp_oh": w_oh, "exp_ie": w_ie,
                 "references": refs, "clamped": (clamp_oh | clamp_ie).float()}
 
+    def objective(self, images: Tensor, z: Tensor) -> dict[str, Tensor]:
+        references = None if self.reset_references else self.buffers["references"]
+        return self.generator_losses(images, self.teacher(images), references)
+
     def generator_step(self, i: int) -> dict[str, Tensor | float]:
-        images = self.generator(self._noise(self.cfg.gen_batch, self.rngs["generator"]))
-        logits = self.teacher(images)
         per_epoch = self.cfg.reference == "epoch"
-        reset = per_epoch and i % self.cfg.gen_steps_per_epoch == 1
-        terms = self.generator_losses(images, logits, None if reset else self.buffers["references"])
-        self.engine.optimize(terms["loss"], self.optimizers["generator"], "RDSKD generator loss")
+        self.reset_references = per_epoch and i % self.cfg.gen_steps_per_epoch == 1
+        terms = self.source.synthesize()
         refs = terms.pop("references")
         # "epoch": keep the references set at the reset step; "step": next step compares to this one.
         self.buffers["references"] = refs if per_epoch else torch.stack([terms["oh"], terms["ie"]]).detach()
         return terms
 
     @torch.no_grad()
-    def _generate(self, n: int, rng: torch.Generator) -> Tensor:
-        return self.generator(self._noise(n, rng))
-
-    @torch.no_grad()
-    def samples(self, n: int) -> Tensor:
-        with self.engine.eval_mode(self.generator):
-            return self._generate(n, self.engine.noise_generator(offset=99)).float()
+    def fill_pool(self) -> None:
+        """Draw the pool once from the frozen generator (kept in the checkpoint, so a resume reuses it)."""
+        assert self.pool is not None
+        rng = self.engine.noise_generator(offset=3)
+        with self.engine.autocast():
+            while not self.pool.full:
+                images, _ = self.source.sample(min(POOL_CHUNK, self.cfg.pool_size - len(self.pool)), rng)
+                self.pool.add(images, self.teacher(images))
 
     def stages(self) -> list[Stage]:
         gen_stage = Stage("generator", self.cfg.gen_epochs * self.cfg.gen_steps_per_epoch,
                           self.generator_step, train=[self.generator], frozen=[self.teacher])
         # Stage 3 samples the *frozen* generator: eval mode, no gradients.
-        return [gen_stage, self.student_trainer.stage(frozen=[self.teacher, self.generator])]
+        return [gen_stage, self.student_trainer.stage(train=[], frozen=[self.teacher, self.generator],
+                                                      begin=self.fill_pool if self.pool else None)]

@@ -1,9 +1,10 @@
-"""Student training by KD on synthetic images: the shared last stage of generator-based methods.
+"""The student's stage, shared by every method: KD on images from a synthesizer.
 
-Images come either fresh from the synthesizer every step ("fresh", the papers' protocol), or
-from a fixed pool drawn once with the teacher's logits cached ("pool"), which trades
-diversity for many more student steps per second on a CPU. With ``augment`` the pool images
-are shifted and flipped per step and the teacher is asked again on what the student sees.
+Joint methods (DAFL, DFAD, ZSKT, ...) call ``synthesize()`` every ``synthesize_every`` student
+steps, so data making and learning interleave in this one stage; the time spent synthesizing is
+timed apart. Methods whose data is made in an earlier stage (RDSKD) pass ``synthesize_every=0``.
+With ``augment``, images are shifted and flipped per step and the teacher is asked again on
+what the student sees; otherwise cached teacher logits are used when the source has them.
 """
 
 from __future__ import annotations
@@ -18,89 +19,75 @@ from dfkt import losses
 from dfkt.config import StrictModel
 from dfkt.data.augment import shift_and_flip
 from dfkt.engine import Stage
+from dfkt.synthesis import Synthesizer
 
 if TYPE_CHECKING:
     from dfkt.dfkd.base import DistillMethod
 
-POOL_CHUNK = 1024
+# student_loss(student_logits, teacher_logits, images) -> named terms including "loss".
+StudentLoss = Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]]
 
 
 class StudentTrainingConfig(StrictModel):
     student_lr: float = Field(2e-3, gt=0)
+    student_optimizer: Literal["adam", "sgd"] = "adam"
+    student_momentum: float = Field(0.9, ge=0, description="sgd only")
+    student_weight_decay: float = Field(0.0, ge=0)
     student_batch: int = Field(512, ge=1)
     student_epochs: int = Field(1000, ge=1)
     student_steps_per_epoch: int = Field(120, ge=1)
     lr_milestones: list[int] = Field([], description="epochs at which the student lr is multiplied by lr_gamma")
     lr_gamma: float = Field(0.1, gt=0)
     temperature: float = Field(10.0, gt=0)
-    student_data: Literal["fresh", "pool"] = "fresh"
-    pool_size: int = Field(50000, ge=1)
     augment: bool = False
 
 
 class StudentTrainer:
-    """Builds the KD stage for a method; ``synthesize(n, rng)`` returns images without grad."""
-
-    def __init__(self, method: "DistillMethod", cfg: StudentTrainingConfig,
-                 synthesize: Callable[[int, torch.Generator], Tensor]):
-        self.method = method
-        self.cfg = cfg
-        self.synthesize = synthesize
+    def __init__(self, method: "DistillMethod", cfg: StudentTrainingConfig, source: Synthesizer,
+                 synthesize_every: int = 0, loss: StudentLoss | None = None):
+        self.method, self.cfg, self.source = method, cfg, source
+        self.synthesize_every = synthesize_every
+        self.loss = loss or (lambda s, t, x: {"loss": losses.kd_loss(s, t, cfg.temperature)})
         engine = method.engine
-        self.optimizer = engine.prepare_optimizer(torch.optim.Adam(method.student.parameters(), lr=cfg.student_lr))
+        params = method.student.parameters()
+        optimizer = (torch.optim.Adam(params, lr=cfg.student_lr, weight_decay=cfg.student_weight_decay)
+                     if cfg.student_optimizer == "adam" else
+                     torch.optim.SGD(params, lr=cfg.student_lr, momentum=cfg.student_momentum,
+                                     weight_decay=cfg.student_weight_decay))
+        self.optimizer = engine.prepare_optimizer(optimizer)
         milestones = [m * cfg.student_steps_per_epoch for m in cfg.lr_milestones]
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, cfg.lr_gamma)
         method.optimizers["student"] = self.optimizer
         method.schedulers["student"] = self.scheduler
         method.rngs["student"] = engine.noise_generator(offset=2)
-        self.pool_images: Tensor | None = None
-        self.pool_logits: Tensor | None = None
 
     @property
     def steps(self) -> int:
         return self.cfg.student_epochs * self.cfg.student_steps_per_epoch
 
-    def stage(self, frozen: list) -> Stage:
-        begin = self.fill_pool if self.cfg.student_data == "pool" else None
-        return Stage("student", self.steps, self.step, train=[self.method.student], frozen=frozen,
+    def stage(self, train: list, frozen: list, begin: Callable[[], None] | None = None) -> Stage:
+        return Stage("student", self.steps, self.step, train=[self.method.student, *train], frozen=frozen,
                      begin=begin, evaluate=True)
-
-    @torch.no_grad()
-    def fill_pool(self) -> None:
-        """Draw the pool from a generator seeded afresh, so a resumed run rebuilds the same pool."""
-        engine = self.method.engine
-        rng = engine.noise_generator(offset=3)
-        images, logits = [], []
-        with engine.autocast():
-            for start in range(0, self.cfg.pool_size, POOL_CHUNK):
-                n = min(POOL_CHUNK, self.cfg.pool_size - start)
-                x = self.synthesize(n, rng).float()
-                images.append(x)
-                logits.append(self.method.teacher(x).float())
-        self.pool_images = torch.cat(images)
-        self.pool_logits = torch.cat(logits)
 
     def batch(self) -> tuple[Tensor, Tensor]:
         """A training batch and the teacher's logits on it."""
-        cfg, rng = self.cfg, self.method.rngs["student"]
-        teacher = self.method.teacher
-        if cfg.student_data == "fresh":
+        rng = self.method.rngs["student"]
+        images, logits = self.source.sample(self.cfg.student_batch, rng)
+        if self.cfg.augment:
+            images, logits = shift_and_flip(images, rng), None
+        if logits is None:
             with torch.no_grad():
-                images = self.synthesize(cfg.student_batch, rng)
-                return images, teacher(images)
-        assert self.pool_images is not None, "fill_pool() runs when the stage begins"
-        index = torch.randint(0, self.pool_images.shape[0], (cfg.student_batch,),
-                              device=self.pool_images.device, generator=rng)
-        images = self.pool_images[index]
-        if not cfg.augment:
-            return images, self.pool_logits[index]
-        images = shift_and_flip(images, rng)
-        with torch.no_grad():
-            return images, teacher(images)
+                logits = self.method.teacher(images)
+        return images, logits
 
     def step(self, i: int) -> dict[str, Tensor | float]:
+        values: dict[str, Tensor | float] = {}
+        if self.synthesize_every and i % self.synthesize_every == 0:
+            with self.method.engine.timed("synthesis"):
+                values.update(self.source.synthesize())
         images, teacher_logits = self.batch()
-        loss = losses.kd_loss(self.method.student(images), teacher_logits, self.cfg.temperature)
-        self.method.engine.optimize(loss, self.optimizer, "student KD loss")
+        terms = self.loss(self.method.student(images), teacher_logits, images)
+        self.method.engine.optimize(terms["loss"], self.optimizer, "student loss")
         self.scheduler.step()
-        return {"kd": loss}
+        values.update({f"s_{k}" if k == "loss" else k: v for k, v in terms.items()})
+        return values

@@ -1,0 +1,55 @@
+"""The objective CMI and Fast share, and their common config.
+
+A generator (trained afresh per batch, dfkt.synthesis.generator_inversion) minimises
+    w_bn·L_bn + w_oh·CE(T(x), y) + w_adv·L_adv,  L_adv = −mean 1[argmax S = argmax T]·KL(T ‖ S)
+so images match the teacher's BatchNorm statistics, are classified as their target class, and
+sit where the student still disagrees with the teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from dfkt import losses
+from dfkt.dfkd.pooled import PooledConfig, PooledMethod
+from dfkt.synthesis import BNStatsPrior
+
+
+class GeneratorPoolConfig(PooledConfig):
+    generator: str = "dafl"
+    nz: int = Field(256, ge=1)
+    gen_lr: float = Field(1e-3, gt=0)
+    z_lr: float = Field(1e-3, gt=0, description="lr of the input noise, optimised with the generator")
+    w_bn: float = Field(1.0, ge=0)
+    w_oh: float = Field(0.5, ge=0)
+    w_adv: float = Field(0.5, ge=0)
+    student_optimizer: Literal["adam", "sgd"] = "sgd"
+    student_lr: float = Field(0.1, gt=0)
+    student_batch: int = Field(128, ge=1)
+
+
+class GeneratorPoolMethod(PooledMethod):
+    prior: BNStatsPrior | None
+
+    def make_prior(self, name: str, momentum: float | None = None) -> BNStatsPrior | None:
+        return BNStatsPrior(self.teacher, name, momentum=momentum) if self.cfg.w_bn > 0 else None
+
+    def shared_objective(self, images: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """The shared terms, and the teacher's penultimate features (CMI's contrastive term uses them)."""
+        cfg = self.cfg
+        if self.prior is not None:
+            with self.prior.record():
+                features = self.teacher.forward_features(images)
+            l_bn = self.prior.loss()
+        else:
+            features, l_bn = self.teacher.forward_features(images), images.new_zeros(())
+        logits = self.teacher.classify(features)
+        ce = F.cross_entropy(logits.float(), targets)
+        with self.student_as_judge():
+            adv = losses.adversarial_kl_loss(self.student(images), logits)
+        loss = cfg.w_bn * l_bn + cfg.w_oh * ce + cfg.w_adv * adv
+        return {"loss": loss, "bn": l_bn, "ce": ce, "adv": adv}, features

@@ -1,0 +1,47 @@
+"""Methods that train a generator and the student together, in one stage (DAFL, MSKD, DFAD, ZSKT).
+
+Every ``student_steps_per_generator_step`` student steps the generator takes one step on the
+method's objective; the student learns from the generator's samples in between.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor
+
+from dfkt.dfkd.base import DistillMethod, DistillSetup
+from dfkt.dfkd.student import StudentLoss, StudentTrainer, StudentTrainingConfig
+from dfkt.engine import Stage
+from dfkt.synthesis import GeneratorSynthesizer
+
+
+class JointConfig(StudentTrainingConfig):
+    generator: str = "dafl"
+    nz: int = Field(100, ge=1, description="latent size")
+    gen_lr: float = Field(1e-3, gt=0)
+    gen_batch: int = Field(512, ge=2)
+    student_steps_per_generator_step: int = Field(1, ge=1)
+
+
+class JointMethod(DistillMethod):
+    reuse_latest = False  # DAFL: the student trains on the generator step's own images
+
+    def __init__(self, cfg: JointConfig, setup: DistillSetup):
+        super().__init__(cfg, setup)
+        self.source = GeneratorSynthesizer(self, self.engine, cfg.generator, cfg.nz, setup.channels,
+                                           setup.image_size, cfg.gen_lr, cfg.gen_batch, self.objective,
+                                           reuse_latest=self.reuse_latest)
+        self.generator = self.source.generator
+        self.student_trainer = StudentTrainer(self, cfg, self.source, cfg.student_steps_per_generator_step,
+                                              self.student_loss())
+
+    def objective(self, images: Tensor, z: Tensor) -> dict[str, Tensor]:
+        """The generator's loss terms on one batch (``loss`` is minimised)."""
+        raise NotImplementedError
+
+    def student_loss(self) -> StudentLoss | None:
+        """The student's loss; None is τ²-scaled KD at the config's temperature."""
+        return None
+
+    def stages(self) -> list[Stage]:
+        return [self.student_trainer.stage(train=[self.generator], frozen=[self.teacher])]

@@ -1,0 +1,38 @@
+"""Methods that synthesize batches into a pool and train the student on the pool (DeepInversion/ADI,
+ZSKD, CMI, Fast).
+
+Every ``student_steps_per_synthesis`` student steps one new batch is synthesized into the pool (the
+first before the first student step), so the student learns while the pool grows, in one stage.
+The pool is part of the checkpoint: a resumed run continues with the very images it had.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from dfkt.dfkd.base import DistillMethod, DistillSetup
+from dfkt.dfkd.student import StudentTrainer, StudentTrainingConfig
+from dfkt.engine import Stage
+from dfkt.synthesis import ImagePool, Synthesizer
+
+
+class PooledConfig(StudentTrainingConfig):
+    temperature: float = Field(20.0, gt=0)
+    pool_size: int = Field(50000, ge=1, description="images kept; the oldest are overwritten")
+    synthesis_batch: int = Field(256, ge=1)
+    synthesis_iterations: int = Field(2000, ge=1, description="optimisation steps per synthesized batch")
+    student_steps_per_synthesis: int = Field(2000, ge=1)
+
+
+class PooledMethod(DistillMethod):
+    def __init__(self, cfg: PooledConfig, setup: DistillSetup):
+        super().__init__(cfg, setup)
+        self.pool = ImagePool(self, cfg.pool_size)
+        self.source = self.make_source(cfg, setup)
+        self.student_trainer = StudentTrainer(self, cfg, self.source, cfg.student_steps_per_synthesis)
+
+    def make_source(self, cfg: PooledConfig, setup: DistillSetup) -> Synthesizer:
+        raise NotImplementedError
+
+    def stages(self) -> list[Stage]:
+        return [self.student_trainer.stage(train=[], frozen=[self.teacher])]

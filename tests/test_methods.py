@@ -1,0 +1,150 @@
+"""Every DFKD method trains, on digits, in seconds: through the API and step by step."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import dfkt
+from dfkt.config import EngineConfig, merge, validate
+from dfkt.data import load_dataset, normalize
+from dfkt.dfkd.base import DistillSetup
+from dfkt.engine import Engine
+from dfkt.models import build_model
+from dfkt.models.files import load_model
+from dfkt.registry import METHODS
+from dfkt.supervised import evaluate_model
+from tests.conftest import FAST_ENGINE
+
+NINE = ["cmi", "dafl", "deepinversion", "dfad", "fast", "mskd", "rdskd", "zskd", "zskt"]
+JOINT = {"gen_batch": 64, "student_batch": 64, "student_epochs": 1, "student_steps_per_epoch": 100}
+POOLED = {"synthesis_batch": 64, "student_steps_per_synthesis": 30, "student_batch": 64, "student_epochs": 1,
+          "student_steps_per_epoch": 90, "pool_size": 1000}
+TINY = {
+    "rdskd": {"gen_batch": 64, "gen_epochs": 1, "gen_steps_per_epoch": 30, "student_batch": 64, "student_epochs": 1,
+              "student_steps_per_epoch": 60, "pool_size": 512},
+    "dafl": JOINT, "mskd": JOINT, "dfad": JOINT, "zskt": JOINT,
+    "deepinversion": {**POOLED, "synthesis_iterations": 30}, "zskd": {**POOLED, "synthesis_iterations": 30},
+    "cmi": {**POOLED, "synthesis_iterations": 10}, "fast": {**POOLED, "synthesis_iterations": 3},
+}
+
+
+def overrides(method: str, **extra) -> list[str]:
+    return FAST_ENGINE + [f"params.{k}={v}" for k, v in {**TINY[method], **extra}.items()] + ["eval_every=30"]
+
+
+def test_all_nine_methods_are_listed():
+    assert dfkt.list_names("methods") == NINE
+
+
+@pytest.mark.parametrize("method", NINE)
+def test_every_method_has_valid_paper_and_cpu_presets(method):
+    cls = METHODS.get(method)
+    for preset in ("paper", "cpu"):
+        validate(cls.Config, cls.presets[preset])
+
+
+@pytest.fixture(scope="module")
+def untrained_accuracy(digits_teacher):
+    torch.manual_seed(0)
+    data = load_dataset("digits", None, False, None)
+    student = build_model("digits_cnn_half", 10, 1, 8)
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    return evaluate_model(student, normalize(data.test_images, data.mean, data.std), data.test_labels, engine,
+                          10)["accuracy"]
+
+
+@pytest.mark.parametrize("method", NINE)
+def test_method_trains_the_student_above_the_untrained_one(method, digits_teacher, untrained_accuracy, tmp_path):
+    summary = dfkt.distill(method, digits_teacher, preset="cpu", overrides=overrides(method), out=tmp_path)
+    assert summary["student_acc"] > untrained_accuracy + 0.2, summary["curve"]
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert all(math.isfinite(v) for v in record.values() if isinstance(v, float)), record
+    assert summary["seconds"]["synthesis"] > 0 and summary["seconds"]["student"] > 0
+
+
+def make_method(name: str, teacher_path: str, **params):
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    teacher = engine.prepare(load_model(teacher_path)[0], trainable=False)
+    student = engine.prepare(build_model("digits_cnn_half", 10, 1, 8), trainable=True)
+    cls = METHODS.get(name)
+    cfg = validate(cls.Config, merge(merge(cls.presets["cpu"], TINY[name]), params))
+    return cls(cfg, DistillSetup(teacher, student, 10, 1, 8, engine))
+
+
+def changed(before: dict, after: dict) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("method", NINE)
+def test_steps_change_the_trained_modules_and_never_the_teacher(method, digits_teacher):
+    runner = make_method(method, digits_teacher)
+    teacher_before = copy.deepcopy(runner.teacher.state_dict())
+    before = {k: copy.deepcopy(m.state_dict()) for k, m in runner.modules.items()}
+    stages = runner.stages()
+    for stage in stages:  # a few steps of each stage, in the modes the engine would set
+        for m in stage.train:
+            m.train()
+        for m in stage.frozen:
+            m.eval()
+        if stage.begin is not None:
+            stage.begin()
+        for i in range(min(stage.steps, 35)):
+            values = stage.step(i)
+            assert all(torch.isfinite(torch.as_tensor(v)).all() for v in values.values()), values
+    for key, module in runner.modules.items():
+        assert changed(before[key], module.state_dict()), f"{key} did not change"
+    assert not changed(teacher_before, runner.teacher.state_dict())
+    assert all(not p.requires_grad for p in runner.teacher.parameters())
+
+
+@pytest.mark.parametrize("method", ["dfad", "zskt"])
+def test_adversarial_discrepancy_is_nonzero_and_the_student_is_not_the_teacher(method, digits_teacher):
+    runner = make_method(method, digits_teacher)
+    assert runner.student is not runner.teacher
+    assert not any(p is q for p in runner.student.parameters() for q in runner.teacher.parameters())
+    z = runner.source.noise(16, torch.Generator().manual_seed(0))
+    images = runner.generator(z)
+    terms = runner.objective(images, z)
+    assert terms["discrepancy"].item() > 1e-4
+    assert terms["loss"].item() == pytest.approx(-terms["discrepancy"].item())  # the generator maximises it
+    terms["loss"].backward()
+    assert all(p.grad is None for p in runner.student.parameters())  # the G step leaves the student alone
+
+
+def test_collapse_is_reported_with_the_fix(digits_teacher, tmp_path, capsys):
+    """DAFL without its class-balance term, at the published lr 0.2, collapses onto one class."""
+    from dfkt.cli import main
+
+    args = ["distill", "--method", "dafl", "--teacher", digits_teacher, "--preset", "cpu", "--out", str(tmp_path),
+            "--set", "engine.seed=2", "--set", "params.w_ie=0", "--set", "params.w_a=0",
+            "--set", "params.student_epochs=1", "--set", "params.student_steps_per_epoch=60"]
+    for arg in FAST_ENGINE:
+        args += ["--set", arg]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert max(summary["samples"]["class_histogram"]) >= 400
+    err = capsys.readouterr().err
+    assert "dfkt: warning: mode collapse" in err and "gen_lr" in err
+    assert summary["warnings"] and "mode collapse" in summary["warnings"][0]
+
+
+@pytest.mark.parametrize("method", ["deepinversion", "fast"])
+def test_pool_and_bn_ema_resume_exactly(method, digits_teacher, tmp_path):
+    """Stopped by its time budget and resumed, a pool method ends bit-identical to an uninterrupted run:
+    the pool (images that cannot be redrawn) and Fast's BatchNorm EMA come back from the checkpoint."""
+    from safetensors.torch import load_file
+
+    settings = overrides(method, student_steps_per_epoch=240) + ["engine.deterministic=true"]
+    whole = dfkt.distill(method, digits_teacher, preset="cpu", overrides=settings, out=tmp_path / "whole")
+    part = dfkt.distill(method, digits_teacher, preset="cpu", overrides=settings, out=tmp_path / "part",
+                        max_seconds=whole["seconds"]["total"] / 3)
+    assert part["stopped_by_budget"]
+    resumed = dfkt.distill(method, digits_teacher, preset="cpu", overrides=settings, out=tmp_path / "part",
+                           resume=True)
+    assert not resumed["stopped_by_budget"] and resumed["student_acc"] == whole["student_acc"]
+    a, b = load_file(tmp_path / "whole/student.safetensors"), load_file(tmp_path / "part/student.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
