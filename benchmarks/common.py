@@ -1,9 +1,12 @@
-"""Helpers shared by the benchmark scripts: machine facts and reading a run's accuracy curve."""
+"""Helpers shared by the benchmark scripts: machine facts, finished runs and their accuracy curves."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -12,23 +15,30 @@ from dfkt.engine.metrics import cpu_model
 
 
 def machine() -> dict:
-    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
 
 
-def curve(run_dir: Path) -> list[dict]:
-    """The run's test-accuracy curve from summary.json: checkpointed, so a resumed run has no
-    duplicates from the process that was killed (metrics.jsonl keeps those)."""
-    return json.loads((Path(run_dir) / "summary.json").read_text())["curve"]
+def command_line() -> str:
+    """The command that produced a report, so it can be rerun as written."""
+    return "python " + shlex.join(sys.argv)
 
 
-def accuracy_at(run_dir: Path, seconds: float) -> float | None:
+def finished(run_dir: Path) -> dict | None:
+    """A run's summary.json, or None while the run has not finished. Its curve is checkpointed, so
+    a resumed run has no duplicates from the process that was killed (metrics.jsonl keeps those)."""
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def accuracy_at(curve: list[dict], seconds: float) -> float | None:
     """Test accuracy of the last evaluation made within ``seconds`` of training time."""
-    within = [r["test_acc"] for r in curve(run_dir) if r["train_seconds"] <= seconds + 1.0]
+    within = [r["test_acc"] for r in curve if r["train_seconds"] <= seconds + 1.0]
     return within[-1] if within else None
 
 
-def time_to_reach(run_dir: Path, accuracy: float) -> float | None:
-    return next((r["train_seconds"] for r in curve(run_dir) if r["test_acc"] >= accuracy), None)
+def time_to_reach(curve: list[dict], accuracy: float) -> float | None:
+    return next((r["train_seconds"] for r in curve if r["test_acc"] >= accuracy), None)
 
 
 def mean_std(values: list[float | None]) -> str:

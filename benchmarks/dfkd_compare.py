@@ -1,0 +1,349 @@
+"""Compare DFKD methods on one benchmark: accuracy at wall-clock budgets, time to reach, curves, samples.
+
+    python benchmarks/dfkd_compare.py --bench b2 --seeds 1 2 3
+
+Benches (protocols in BENCHMARKS.md): b1 digits, digits_cnn -> digits_cnn_half; b2 Fashion-MNIST,
+lenet5 -> lenet5_half; b2-wrn Fashion-MNIST, wrn16_2 -> wrn16_1. Every method runs its cpu preset.
+Each (method, seed) run is a `dfkt distill` subprocess in WORK/METHOD/seedS, its stderr in
+WORK/METHOD/seedS.log. A run that has a summary.json is reused, so an interrupted benchmark continues
+where it stopped; after changing --set or --budget, use a new --work. Writes
+OUT/dfkd_compare_BENCH.{json,md,png} and the sample grids in OUT/dfkd_compare_BENCH/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
+from common import accuracy_at, command_line, finished, machine, mean_std, time_to_reach, write  # noqa: E402
+
+from dfkt import api  # noqa: E402
+from dfkt.registry import METHODS  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Bench:
+    title: str
+    data: str
+    teacher: str
+    teacher_epochs: int
+    student: str
+    budget: float  # default training seconds per run
+    checkpoints: tuple[float, ...]  # budgets the table reports accuracy at
+    reach: tuple[float, ...]  # accuracies whose time to reach is reported
+    eval_every: int  # student steps between test evaluations: enough points for the curve
+    teacher_has_batchnorm: bool = True  # else the BatchNorm-prior methods run with params.w_bn=0
+
+
+BENCHES = {
+    "b1": Bench("B1: digits, digits_cnn -> digits_cnn_half", "digits", "digits_cnn", 30, "digits_cnn_half",
+                60, (15, 30, 60), (), 50),
+    "b2": Bench("B2: Fashion-MNIST, LeNet-5 -> LeNet-5-half", "fmnist", "lenet5", 15, "lenet5_half",
+                600, (120, 300, 600), (0.80, 0.85), 200, teacher_has_batchnorm=False),
+    "b2-wrn": Bench("B2: Fashion-MNIST, WRN-16-2 -> WRN-16-1", "fmnist", "wrn16_2", 15, "wrn16_1",
+                    600, (120, 300, 600), (0.80, 0.85), 200),
+}
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def parse_args() -> argparse.Namespace:
+    methods = api.list_names("methods")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", required=True, choices=BENCHES,
+                        help="b1: digits (default budget 60 s); b2: Fashion-MNIST LeNet-5 pair (600 s); "
+                             "b2-wrn: Fashion-MNIST WRN pair (600 s)")
+    parser.add_argument("--methods", nargs="+", choices=methods, default=methods, metavar="METHOD",
+                        help=f"methods to compare (default: every registered one: {', '.join(methods)}); "
+                             "the first method's first seed also trains the reference students")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], metavar="SEED",
+                        help="seeds per method (default: 1 2 3)")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="wall-clock training seconds per run (default: the bench's); accuracy is also "
+                             "reported at the bench's shorter budgets")
+    parser.add_argument("--parallel", type=positive_int, default=1, metavar="N",
+                        help="runs side by side (default 1); they share the cores, which the report states")
+    parser.add_argument("--threads-per-run", type=positive_int, metavar="T",
+                        help="CPU threads of each run (engine.threads; default: torch's default)")
+    parser.add_argument("--work", type=Path, metavar="DIR",
+                        help="folder for the teacher and the runs (default: runs/bench-dfkd-compare-BENCH)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR",
+                        help="folder for the report (default: benchmarks/results)")
+    parser.add_argument("--analysis", type=Path, metavar="FILE",
+                        help="text file appended to the report under '## Analysis'")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="extra 'dfkt distill --set' settings for every run, e.g. params.pool_size=10000")
+    args = parser.parse_args()
+    bench = BENCHES[args.bench]
+    args.budget = args.budget or bench.budget
+    args.work = args.work or Path(f"runs/bench-dfkd-compare-{args.bench}")
+    return args
+
+
+def run_dir(work: Path, method: str, seed: int) -> Path:
+    return work / method / f"seed{seed}"
+
+
+def distill_command(args: argparse.Namespace, bench: Bench, method: str, seed: int, references: bool) -> list[str]:
+    """The `dfkt distill` call of one run; --resume makes a run killed midway continue."""
+    threads = [f"engine.threads={args.threads_per_run}"] if args.threads_per_run else []
+    settings = [f"engine.seed={seed}", *threads, "engine.progress=false", f"eval_every={bench.eval_every}",
+                *prior_off(bench, method), *args.overrides]
+    return [sys.executable, "-m", "dfkt.cli", "distill", "--method", method, "--teacher", str(args.work / "teacher"),
+            "--student", bench.student, "--preset", "cpu", "--max-seconds", f"{args.budget:g}",
+            "--out", str(run_dir(args.work, method, seed)), "--resume",
+            *(x for s in settings for x in ("--set", s)), *(["--references"] if references else [])]
+
+
+def prior_off(bench: Bench, method: str) -> list[str]:
+    """A teacher without BatchNorm has no statistics to match: those methods run without that prior."""
+    uses_prior = "w_bn" in METHODS.get(method).Config.model_fields
+    return [] if bench.teacher_has_batchnorm or not uses_prior else ["params.w_bn=0"]
+
+
+def run(command: list[str], folder: Path, references: bool) -> dict:
+    """One run's summary, reused if finished (with references if it must carry them), else run now.
+    A failure gives {"failed": last line of its log} and leaves the other runs to go on."""
+    summary = finished(folder)
+    if summary is not None and (not references or "references" in summary):
+        print(f"{folder}: reused, student {summary['student_acc']:.4f}", flush=True)
+        return summary
+    log = folder.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with log.open("w") as stderr:
+        code = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr).returncode
+    summary = finished(folder)
+    if code == 0 and summary is not None:
+        print(f"{folder}: student {summary['student_acc']:.4f} in {time.perf_counter() - started:.0f} s", flush=True)
+        return summary
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    failure = lines[-1] if lines else f"exit code {code} with an empty log"
+    print(f"{folder}: FAILED: {failure}", flush=True)
+    return {"failed": failure, "log": str(log)}
+
+
+def run_all(args: argparse.Namespace, bench: Bench) -> dict[str, dict[int, dict]]:
+    """Every (method, seed) run, --parallel at a time. The run carrying the references goes last, so
+    their training (after its budget) overlaps the other runs' budgets as little as possible."""
+    first = (args.methods[0], args.seeds[0])
+    jobs = [(m, s) for m in args.methods for s in args.seeds if (m, s) != first] + [first]
+
+    def one(job: tuple[str, int]) -> dict:
+        method, seed = job
+        return run(distill_command(args, bench, method, seed, job == first), run_dir(args.work, method, seed),
+                   job == first)
+
+    pool = ThreadPoolExecutor(args.parallel)
+    try:
+        done = dict(zip(jobs, pool.map(one, jobs)))
+    finally:  # on Ctrl-C, start no further run (the running ones got the interrupt too)
+        pool.shutdown(cancel_futures=True)
+    return {m: {s: done[m, s] for s in args.seeds} for m in args.methods}
+
+
+def budgets(bench: Bench, budget: float) -> list[float]:
+    """The budgets reported: the bench's ones below the run budget, then the run budget itself."""
+    return [b for b in bench.checkpoints if b < budget] + [budget]
+
+
+def precisions(work: Path, runs: dict[str, dict[int, dict]]) -> list[str]:
+    """The precisions the runs resolved (engine.precision=auto depends on the CPU)."""
+    files = [run_dir(work, m, s) / "env.json" for m, seeds in runs.items() for s in seeds]
+    return sorted({json.loads(f.read_text())["precision"] for f in files if f.is_file()})
+
+
+def results(args: argparse.Namespace, bench: Bench, teacher: dict, runs: dict[str, dict[int, dict]]) -> dict:
+    """Everything the report shows, as written to the JSON file. A failed run counts as None."""
+    first = runs[args.methods[0]][args.seeds[0]]
+    return {
+        "command": command_line(), "date": time.strftime("%Y-%m-%d"),
+        "machine": {**machine(), "threads_per_run": args.threads_per_run, "parallel": args.parallel,
+                    "precision": precisions(args.work, runs)},
+        "bench": {"name": args.bench, **asdict(bench), "budget": args.budget, "seeds": args.seeds,
+                  "methods": args.methods, "overrides": args.overrides, "work": str(args.work)},
+        "teacher": teacher,
+        "references": {"run": str(run_dir(args.work, args.methods[0], args.seeds[0])), **first.get("references", {})},
+        "runs": runs,
+        "accuracy_at": {m: {f"{b:g}": [accuracy_at(r.get("curve", []), b) for r in seeds.values()]
+                            for b in budgets(bench, args.budget)} for m, seeds in runs.items()},
+        "time_to_reach": {m: {f"{a:g}": [time_to_reach(r.get("curve", []), a) for r in seeds.values()]
+                              for a in bench.reach} for m, seeds in runs.items()},
+        "failures": {m: {s: r["failed"] for s, r in seeds.items() if "failed" in r} for m, seeds in runs.items()},
+    }
+
+
+def mean_seconds(seeds: dict[int, dict], part: str) -> str:
+    values = [r["seconds"][part] for r in seeds.values() if "failed" not in r]
+    return f"{statistics.mean(values):.0f}" if values else "n/a"
+
+
+def reach_cell(seeds: dict[int, dict], times: list[float | None]) -> str:
+    """Per-seed seconds to reach an accuracy: '-' not reached, 'failed' for a failed run."""
+    return ", ".join("failed" if "failed" in r else "-" if t is None else f"{t:.0f}"
+                     for r, t in zip(seeds.values(), times))
+
+
+def method_table(data: dict) -> list[str]:
+    """One row per method: accuracy at each budget, final, oracle best, stage seconds, time to reach."""
+    at, reach = data["accuracy_at"], data["time_to_reach"]
+    head = [f"at {b} s" for b in next(iter(at.values()))] + ["final", "best-on-test (oracle)", "synthesis s",
+                                                             "student s"]
+    head += [f"to {100 * float(a):.0f}% (s, per seed)" for a in next(iter(reach.values()))] + ["failed runs"]
+    lines = ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for method, seeds in data["runs"].items():
+        failed = "; ".join(f"seed {s}: {r['failed']}".replace("|", "\\|") for s, r in seeds.items() if "failed" in r)
+        cells = [mean_std(values) for values in at[method].values()]
+        cells += [mean_std([r.get(k) for r in seeds.values()]) for k in ("student_acc", "student_best_on_test_acc")]
+        cells += [mean_seconds(seeds, "synthesis"), mean_seconds(seeds, "student")]
+        cells += [reach_cell(seeds, times) for times in reach[method].values()] + [failed or "none"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def best_at(data: dict) -> list[str]:
+    """For each budget, the method(s) with the highest mean accuracy over the runs that had one."""
+    lines = []
+    for budget in next(iter(data["accuracy_at"].values())):
+        means = {m: statistics.mean(present) for m, at in data["accuracy_at"].items()
+                 if (present := [v for v in at[budget] if v is not None])}
+        if not means:
+            lines.append(f"- {budget} s: no student evaluated yet")
+            continue
+        top = [m for m, v in means.items() if v == max(means.values())]
+        lines.append(f"- {budget} s: " + ", ".join(f"{m} ({mean_std(data['accuracy_at'][m][budget])})" for m in top))
+    return lines
+
+
+def copy_grids(data: dict, work: Path, folder: Path) -> dict[str, tuple[int, dict]]:
+    """Each method's first finished seed and its summary; its sample grid is copied to ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shown = {}
+    for method, seeds in data["runs"].items():
+        ok = [(s, r) for s, r in seeds.items() if "failed" not in r]
+        if ok:
+            seed, summary = shown[method] = ok[0]
+            shutil.copy(run_dir(work, method, seed) / summary["samples"]["grid"], folder / f"{method}.png")
+    return shown
+
+
+def method_sections(data: dict, shown: dict[str, tuple[int, dict]], grids: str) -> list[str]:
+    """Per method: the teacher-predicted class histogram of its samples, confidence, warnings, grid."""
+    lines = []
+    for method, seeds in data["runs"].items():
+        lines += [f"### {method}", ""]
+        if method not in shown:
+            lines += ["Every run failed: no samples.", ""]
+            continue
+        seed, summary = shown[method]
+        warnings = [f"seed {s}: {w}" for s, r in seeds.items() for w in r.get("warnings", [])]
+        lines += [f"- Class histogram of 500 samples, teacher-predicted (seed {seed}): "
+                  f"{summary['samples']['class_histogram']}",
+                  f"- Teacher confidence on them (seed {seed}): {summary['samples']['teacher_confidence']:.2f}",
+                  "- Warnings: " + ("none" if not warnings else "; ".join(warnings)), "",
+                  f"![{method} samples, seed {seed}]({grids}/{method}.png)", ""]
+    return lines
+
+
+def markdown(data: dict, bench: Bench, shown: dict, grids: str, analysis: str | None) -> str:
+    m, refs, teacher = data["machine"], data["references"], data["teacher"]
+    threads = m["threads_per_run"] or f"torch's default, {m['threads']}"
+
+    def ref(name: str) -> str:
+        return f"{100 * refs[name]['student_acc']:.1f}" if name in refs else f"n/a: {refs['run']} failed"
+
+    lines = [f"# {bench.title}: DFKD methods compared, cpu preset", "", f"`{data['command']}`", "",
+             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, precision {', '.join(m['precision']) or 'n/a'}, "
+             f"{data['date']}.", "",
+             f"Each run is a `dfkt distill` subprocess. Runs side by side: {m['parallel']}; threads per run: "
+             f"{threads}. "
+             "Budgets are wall-clock training seconds per run (evaluation and checkpoint writing excluded), so "
+             "runs sharing the cores get less compute per second: compare methods within this report only. "
+             f"Test accuracy every {bench.eval_every} student steps; seeds "
+             f"{' '.join(map(str, data['bench']['seeds']))}; the reference students were trained in {refs['run']} "
+             "after its budget."
+             + ("" if bench.teacher_has_batchnorm else " The teacher has no BatchNorm layers, so the methods built "
+                "on its statistics (" + ", ".join(m for m in data["runs"] if prior_off(bench, m)) + ") run with "
+                "`params.w_bn=0`: without their main prior."), "",
+             "| reference | test accuracy (%) |", "|---|---|",
+             f"| teacher {bench.teacher} ({bench.teacher_epochs} epochs) | {100 * teacher['teacher_acc']:.1f} |",
+             f"| student {bench.student}, trained on labels | {ref('labels')} |",
+             f"| student {bench.student}, KD on real data | {ref('kd_real')} |", "",
+             "Student test accuracy (%), mean ± std over seeds. n/a: no evaluation within that budget (the "
+             "student stage had not started); 'k of n runs': the mean is over the runs that had a value. "
+             "best-on-test is an oracle (picked on the test set), not a deployable result.", "",
+             *method_table(data), "", "## Best at each budget", "", *best_at(data), "",
+             "## Methods", "", *method_sections(data, shown, grids)]
+    if analysis is not None:
+        lines += ["## Analysis", "", analysis.strip(), ""]
+    return "\n".join(lines)
+
+
+def mean_curve(curves: list[list[dict]], grid: np.ndarray) -> np.ndarray:
+    """Mean over seeds of each curve held step-wise onto ``grid``; NaN until every seed has a value."""
+    held = []
+    for curve in curves:
+        seconds = np.array([e["train_seconds"] for e in curve])
+        accuracy = np.array([e["test_acc"] for e in curve])
+        index = np.searchsorted(seconds, grid, side="right") - 1
+        held.append(np.where(index >= 0, accuracy[np.maximum(index, 0)], np.nan))
+    return np.mean(held, axis=0)
+
+
+def plot(data: dict, bench: Bench, path: Path) -> None:
+    """Accuracy against training seconds, one line per method, references dashed."""
+    curves = {m: [r["curve"] for r in seeds.values() if r.get("curve")] for m, seeds in data["runs"].items()}
+    end = max([data["bench"]["budget"]] + [c[-1]["train_seconds"] for cs in curves.values() for c in cs])
+    grid = np.linspace(0, end, 500)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, method_curves in curves.items():
+        if method_curves:
+            ax.plot(grid, 100 * mean_curve(method_curves, grid), label=f"{method} (mean of {len(method_curves)})")
+    refs = {"teacher": data["teacher"]["teacher_acc"],
+            **{label: data["references"][k]["student_acc"] for k, label in
+               (("labels", "student on labels"), ("kd_real", "student, KD on real data")) if k in data["references"]}}
+    for (label, acc), color in zip(refs.items(), ("black", "tab:gray", "silver")):
+        ax.axhline(100 * acc, linestyle="--", color=color, linewidth=1, label=f"{label} ({100 * acc:.1f})")
+    ax.set(xlabel="training seconds (wall clock)", ylabel="student test accuracy (%)", xlim=(0, end), ylim=(None, 100),
+           title=f"{bench.title}, cpu preset")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    bench = BENCHES[args.bench]
+    analysis = args.analysis.read_text() if args.analysis else None  # read first: a typo fails before the runs
+    teacher = finished(args.work / "teacher") or api.train_teacher(
+        bench.teacher, bench.data, bench.teacher_epochs, out=args.work / "teacher", resume=True)
+    data = results(args, bench, teacher, run_all(args, bench))
+    name = f"dfkd_compare_{args.bench}"
+    shown = copy_grids(data, args.work, args.out / name)
+    report = markdown(data, bench, shown, name, analysis)
+    write(args.out, name, data, report)
+    plot(data, bench, args.out / f"{name}.png")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
