@@ -22,7 +22,7 @@ def test_pool_is_a_ring_buffer_and_travels_in_the_state_dict():
     for start in (0, 3):  # 3 images, then 3 more: the oldest is overwritten
         images = torch.arange(start, start + 3).float().view(3, 1, 1, 1)
         pool.add(images, images.view(3, 1).repeat(1, 2))
-    assert len(pool) == 5 and pool.full and pool.added == 6
+    assert pool.size == 5 and pool.full and pool.added == 6
     assert sorted(state.buffers["pool.images"].flatten().tolist()) == [1, 2, 3, 4, 5]
     images, logits = pool.sample(50, torch.Generator().manual_seed(0))
     assert set(images.flatten().tolist()) <= {1, 2, 3, 4, 5}
@@ -30,7 +30,7 @@ def test_pool_is_a_ring_buffer_and_travels_in_the_state_dict():
     restored = TrainState()
     restored.load_state_dict(state.state_dict())
     again = ImagePool(restored, capacity=5)
-    assert len(again) == 5 and torch.equal(restored.buffers["pool.images"], state.buffers["pool.images"])
+    assert again.size == 5 and torch.equal(restored.buffers["pool.images"], state.buffers["pool.images"])
 
 
 def test_empty_pool_refuses_to_sample():
@@ -91,7 +91,7 @@ def test_pixel_inversion_lowers_its_objective_and_fills_the_pool():
     first = inversion.synthesize()["inv_loss"].item()
     inversion.iterations = 100
     last = inversion.synthesize()["inv_loss"].item()
-    assert last < 0.5 * first and len(pool) == 16
+    assert last < 0.5 * first and pool.size == 16
     images, logits = inversion.sample(4, torch.Generator().manual_seed(1))
     assert torch.allclose(logits, teacher(images), atol=1e-5)  # the pool caches the teacher's view
 
@@ -103,19 +103,26 @@ def test_generator_inversion_reinitialises_or_meta_learns():
     def objective(images, targets):
         return {"loss": nn.functional.cross_entropy(teacher(images), targets)}
 
+    weight = "fc.weight"
     for meta in (False, True):
-        state = TrainState()
-        inversion = GeneratorInversion(state, eng, teacher, ImagePool(state, 32), objective, 3, "dafl", 8, (1, 8, 8),
-                                       batch=4, iterations=2, lr=1e-2, z_lr=1e-2, betas=(0.5, 0.999), meta=meta)
-        starts = []
+        state, starts = TrainState(), []
+
+        def recording_objective(images, targets):  # the generator's weights at each round's first step
+            if len(starts) < calls[0] // 2 + 1:
+                starts.append({weight: inversion.generator.state_dict()[weight].clone()})
+            calls[0] += 1
+            return objective(images, targets)
+
+        calls = [0]
+        inversion = GeneratorInversion(state, eng, teacher, ImagePool(state, 32), recording_objective, 3, "dafl", 8,
+                                       (1, 8, 8), batch=4, iterations=2, lr=1e-2, z_lr=1e-2, betas=(0.5, 0.999),
+                                       meta=meta)
         for _ in range(2):
-            inversion._start()
-            starts.append({k: v.clone() for k, v in inversion.generator.state_dict().items()})
             inversion.synthesize()
-        weight = "fc.weight"
+        assert len(starts) == 2
         assert not torch.equal(starts[0][weight], starts[1][weight])  # a new start every round
         if meta:  # Fast: the second start is the first moved by a Reptile step, not a fresh draw
             assert "meta_generator" in state.modules and "meta_generator" in state.optimizers
             step = (starts[1][weight] - starts[0][weight]).abs().max().item()
             assert 0 < step < 0.1
-        assert len(inversion.pool) == 8
+        assert inversion.pool.size == 8

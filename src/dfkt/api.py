@@ -176,7 +176,7 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
                              info.mean, info.std, info.dataset)
     save_model(student_net, student_info, run_dir / "student.safetensors")
     images, histogram, confidence = _sample_grid(runner, teacher_net, info, run_dir / "samples.png")
-    warnings = collapse_warnings(images, histogram)
+    warnings = collapse_warnings(images, histogram, method_cfg)
     for warning in warnings:
         engine.metrics.write({"event": "warning", "message": warning})
     in_student = result.sections.get("synthesis", 0.0)  # synthesis interleaved with student steps

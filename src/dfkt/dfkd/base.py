@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
-
 import contextlib
-from typing import Iterator
+import copy
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +38,9 @@ class DistillMethod(TrainState):
     Config: ClassVar[type[StrictModel]]
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     summary: ClassVar[str] = ""
+    # Joint methods: the student only ever sees the generator in train mode (batch statistics),
+    # so diagnostics sample it that way too; a frozen generator (RDSKD) is sampled in eval mode.
+    samples_in_train_mode: ClassVar[bool] = False
     source: Synthesizer
 
     def __init__(self, cfg: StrictModel, setup: DistillSetup):
@@ -53,24 +55,34 @@ class DistillMethod(TrainState):
     def stages(self) -> list[Stage]:
         raise NotImplementedError
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        # Buffers created lazily (a pool) come back from the checkpoint on the CPU.
+        self.buffers = {k: v.to(self.engine.device) for k, v in self.buffers.items()}
+
     @torch.no_grad()
     def samples(self, n: int) -> Tensor:
         """``n`` synthetic images in the teacher's input space, for grids and diagnostics: new
-        images from a generator source (in eval mode), else draws from the pool."""
+        images from a generator source, else draws from the pool."""
         rng = self.engine.noise_generator(offset=99)
-        fresh = getattr(self.source, "fresh", None)
-        with self.engine.eval_mode(*[m for k, m in self.modules.items() if k == "generator"]), \
-                self.engine.autocast():
-            images = fresh(n, rng) if fresh is not None else self.source.sample(n, rng)[0]
-        return images.float()
+        generator = self.modules.get("generator")
+        if generator is None:
+            return self.source.sample(n, rng)[0].float()
+        if self.samples_in_train_mode:  # a copy, so its running statistics stay untouched
+            generator = copy.deepcopy(generator).train()
+        with self.engine.eval_mode(*([] if self.samples_in_train_mode else [generator])), self.engine.autocast():
+            return generator(self.source.noise(n, rng)).float()
 
     @contextlib.contextmanager
     def student_as_judge(self, eval_mode: bool = True) -> Iterator[None]:
         """The student scores synthetic images (adversarial terms): no gradients for its weights,
         and by default eval mode so those images do not move its BatchNorm statistics."""
+        params = list(self.student.parameters())
+        trainable = [p.requires_grad for p in params]
         self.student.requires_grad_(False)
         try:
             with self.engine.eval_mode(*([self.student] if eval_mode else [])):
                 yield
         finally:
-            self.student.requires_grad_(True)
+            for p, flag in zip(params, trainable):
+                p.requires_grad_(flag)

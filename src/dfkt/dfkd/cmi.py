@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from dfkt import losses
 from dfkt.dfkd.generator_pool import GeneratorPoolConfig, GeneratorPoolMethod
 from dfkt.registry import METHODS
-from dfkt.synthesis import GeneratorInversion
+from dfkt.synthesis import GeneratorInversion, bn_prior_or_none
 
 
 class CMIConfig(GeneratorPoolConfig):
@@ -56,7 +56,7 @@ class CMI(GeneratorPoolMethod):
     }
 
     def make_source(self, cfg: CMIConfig, setup) -> GeneratorInversion:
-        self.prior = self.make_prior("cmi")
+        self.prior = bn_prior_or_none(self.teacher, "cmi", cfg.w_bn)
         features = self.teacher.feature_dim
         head = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, cfg.head_dim))
         self.head = self.engine.prepare(head, trainable=True)
@@ -74,7 +74,7 @@ class CMI(GeneratorPoolMethod):
             return terms
         local = self.teacher.forward_features(random_crops(images, self.crop_rng))
         bank = images.new_zeros((0, features.shape[1]))
-        if self.cfg.bank_size and len(self.pool):
+        if self.cfg.bank_size and self.pool.size:
             with torch.no_grad():
                 past, _ = self.pool.sample(self.cfg.bank_size, self.crop_rng)
                 bank = self.teacher.forward_features(past)

@@ -54,4 +54,5 @@ class DAFL(JointMethod):
         l_oh = losses.one_hot_loss(logits)
         l_a = losses.activation_loss(features)
         l_ie = losses.class_balance_loss(logits, log_base=10)
-        return {"loss": cfg.w_oh * l_oh + cfg.w_a * l_a + cfg.w_ie * l_ie, "oh": l_oh, "a": l_a, "ie": l_ie}
+        return {"loss": cfg.w_oh * l_oh + cfg.w_a * l_a + cfg.w_ie * l_ie, "oh": l_oh, "a": l_a, "ie": l_ie,
+                "teacher_logits": logits}

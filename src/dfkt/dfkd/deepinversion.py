@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dfkt import losses
 from dfkt.dfkd.pooled import PooledConfig, PooledMethod
 from dfkt.registry import METHODS
-from dfkt.synthesis import BNStatsPrior, PixelInversion
+from dfkt.synthesis import PixelInversion, bn_prior_or_none, forward_with_prior
 
 
 class DeepInversionConfig(PooledConfig):
@@ -32,6 +32,11 @@ class DeepInversionConfig(PooledConfig):
     flip: bool = True
 
 
+# 2 cores: 200 iterations per batch of 128, 100 student steps per batch.
+CPU = {"synthesis_batch": 128, "synthesis_iterations": 200, "student_batch": 256, "student_steps_per_synthesis": 100,
+       "student_epochs": 100, "student_steps_per_epoch": 100, "pool_size": 20000}
+
+
 @METHODS.register("deepinversion")
 class DeepInversion(PooledMethod):
     Config = DeepInversionConfig
@@ -40,17 +45,12 @@ class DeepInversion(PooledMethod):
         # CIFAR-10 in the authors' code: batch 256, 2,000 iterations, BN weight 10.
         "paper": {},
         "paper-adi": {"w_adi": 1.0},
-        # 2 cores: 200 iterations per batch of 128, 100 student steps per batch.
-        "cpu": {"synthesis_batch": 128, "synthesis_iterations": 200, "student_batch": 256,
-                "student_steps_per_synthesis": 100, "student_epochs": 100, "student_steps_per_epoch": 100,
-                "pool_size": 20000},
-        "cpu-adi": {"synthesis_batch": 128, "synthesis_iterations": 200, "student_batch": 256,
-                    "student_steps_per_synthesis": 100, "student_epochs": 100, "student_steps_per_epoch": 100,
-                    "pool_size": 20000, "w_adi": 1.0},
+        "cpu": CPU,
+        "cpu-adi": {**CPU, "w_adi": 1.0},
     }
 
     def make_source(self, cfg: DeepInversionConfig, setup) -> PixelInversion:
-        self.prior = BNStatsPrior(self.teacher, "deepinversion", cfg.first_bn_multiplier) if cfg.w_bn > 0 else None
+        self.prior = bn_prior_or_none(self.teacher, "deepinversion", cfg.w_bn, cfg.first_bn_multiplier)
         return PixelInversion(self, self.engine, self.teacher, self.pool, self.objective, self.random_labels,
                               (setup.channels, setup.image_size, setup.image_size), cfg.synthesis_batch,
                               cfg.synthesis_iterations, cfg.lr, cfg.betas, cfg.max_shift, cfg.flip)
@@ -60,12 +60,7 @@ class DeepInversion(PooledMethod):
 
     def objective(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         cfg = self.cfg
-        if self.prior is not None:
-            with self.prior.record():
-                logits = self.teacher(images)
-            l_bn = self.prior.loss()
-        else:
-            logits, l_bn = self.teacher(images), images.new_zeros(())
+        logits, l_bn = forward_with_prior(self.prior, self.teacher, images)
         ce = F.cross_entropy(logits.float(), targets)
         tv = losses.total_variation(images)
         l2 = images.float().pow(2).sum(dim=(1, 2, 3)).mean()

@@ -14,7 +14,7 @@ from torch import Tensor
 from dfkt.dfkd.generator_pool import GeneratorPoolConfig, GeneratorPoolMethod
 from dfkt.engine import Stage
 from dfkt.registry import METHODS
-from dfkt.synthesis import GeneratorInversion
+from dfkt.synthesis import GeneratorInversion, bn_prior_or_none
 
 
 class FastConfig(GeneratorPoolConfig):
@@ -30,6 +30,9 @@ class FastConfig(GeneratorPoolConfig):
     student_batch: int = Field(256, ge=1)
 
 
+PAPER = {"student_epochs": 220, "student_steps_per_epoch": 400}
+
+
 @METHODS.register("fast")
 class Fast(GeneratorPoolMethod):
     Config = FastConfig
@@ -37,16 +40,15 @@ class Fast(GeneratorPoolMethod):
     presets = {
         # Fast-2 in the authors' CIFAR scripts: 2 generator steps per batch of 256, 400 student steps per
         # batch (batch 256, SGD 0.2), 220 epochs of 400 steps.
-        "paper": {"student_epochs": 220, "student_steps_per_epoch": 400},
-        "paper-fast10": {"student_epochs": 220, "student_steps_per_epoch": 400, "synthesis_iterations": 10,
-                         "gen_lr": 2e-3, "z_lr": 0.01},
+        "paper": PAPER,
+        "paper-fast10": {**PAPER, "synthesis_iterations": 10, "gen_lr": 2e-3, "z_lr": 0.01},
         # 2 cores: 5 generator steps per batch of 128, 50 student steps per batch.
         "cpu": {"synthesis_batch": 128, "synthesis_iterations": 5, "student_steps_per_synthesis": 50,
                 "student_epochs": 100, "student_steps_per_epoch": 100, "pool_size": 20000},
     }
 
     def make_source(self, cfg: FastConfig, setup) -> GeneratorInversion:
-        self.prior = self.make_prior("fast", momentum=cfg.bn_momentum)
+        self.prior = bn_prior_or_none(self.teacher, "fast", cfg.w_bn, momentum=cfg.bn_momentum)
         return GeneratorInversion(self, self.engine, self.teacher, self.pool, self.objective, setup.num_classes,
                                   cfg.generator, cfg.nz, (setup.channels, setup.image_size, setup.image_size),
                                   cfg.synthesis_batch, cfg.synthesis_iterations, cfg.gen_lr, cfg.z_lr,

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from dfkt import losses
 from dfkt.dfkd.pooled import PooledConfig, PooledMethod
-from dfkt.synthesis import BNStatsPrior
+from dfkt.synthesis import BNStatsPrior, forward_with_prior
 
 
 class GeneratorPoolConfig(PooledConfig):
@@ -35,18 +35,10 @@ class GeneratorPoolConfig(PooledConfig):
 class GeneratorPoolMethod(PooledMethod):
     prior: BNStatsPrior | None
 
-    def make_prior(self, name: str, momentum: float | None = None) -> BNStatsPrior | None:
-        return BNStatsPrior(self.teacher, name, momentum=momentum) if self.cfg.w_bn > 0 else None
-
     def shared_objective(self, images: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """The shared terms, and the teacher's penultimate features (CMI's contrastive term uses them)."""
         cfg = self.cfg
-        if self.prior is not None:
-            with self.prior.record():
-                features = self.teacher.forward_features(images)
-            l_bn = self.prior.loss()
-        else:
-            features, l_bn = self.teacher.forward_features(images), images.new_zeros(())
+        features, l_bn = forward_with_prior(self.prior, self.teacher.forward_features, images)
         logits = self.teacher.classify(features)
         ce = F.cross_entropy(logits.float(), targets)
         with self.student_as_judge():

@@ -24,7 +24,8 @@ class JointConfig(StudentTrainingConfig):
 
 
 class JointMethod(DistillMethod):
-    reuse_latest = False  # DAFL: the student trains on the generator step's own images
+    samples_in_train_mode = True
+    reuse_latest = False  # True (DAFL): the student trains on the generator step's own images
 
     def __init__(self, cfg: JointConfig, setup: DistillSetup):
         super().__init__(cfg, setup)

@@ -69,7 +69,7 @@ class RDSKD(DistillMethod):
         self.buffers["references"] = torch.zeros(2, device=self.engine.device)  # r_oh, r_ie
         self.reset_references = False
         self.pool = ImagePool(self, cfg.pool_size) if cfg.student_data == "pool" else None
-        self.student_trainer = StudentTrainer(self, cfg, self.pool or self.source)
+        self.student_trainer = StudentTrainer(self, cfg, self.source if self.pool is None else self.pool)
 
     def generator_losses(self, images: Tensor, logits: Tensor, references: Tensor | None) -> dict[str, Tensor]:
         """The RDSKD generator objective on one batch. ``references=None`` takes this batch's own
@@ -103,7 +103,7 @@ class RDSKD(DistillMethod):
         rng = self.engine.noise_generator(offset=3)
         with self.engine.autocast():
             while not self.pool.full:
-                images, _ = self.source.sample(min(POOL_CHUNK, self.cfg.pool_size - len(self.pool)), rng)
+                images, _ = self.source.sample(min(POOL_CHUNK, self.cfg.pool_size - self.pool.size), rng)
                 self.pool.add(images, self.teacher(images))
 
     def stages(self) -> list[Stage]:
@@ -111,4 +111,4 @@ class RDSKD(DistillMethod):
                           self.generator_step, train=[self.generator], frozen=[self.teacher])
         # Stage 3 samples the *frozen* generator: eval mode, no gradients.
         return [gen_stage, self.student_trainer.stage(train=[], frozen=[self.teacher, self.generator],
-                                                      begin=self.fill_pool if self.pool else None)]
+                                                      begin=None if self.pool is None else self.fill_pool)]

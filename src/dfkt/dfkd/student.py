@@ -43,6 +43,9 @@ class StudentTrainingConfig(StrictModel):
 
 
 class StudentTrainer:
+    """Builds the student's stage: KD steps on ``source`` samples, with ``source.synthesize()``
+    every ``synthesize_every`` steps (timed as synthesis; its last values are logged every step)."""
+
     def __init__(self, method: "DistillMethod", cfg: StudentTrainingConfig, source: Synthesizer,
                  synthesize_every: int = 0, loss: StudentLoss | None = None):
         self.method, self.cfg, self.source = method, cfg, source
@@ -60,6 +63,7 @@ class StudentTrainer:
         method.optimizers["student"] = self.optimizer
         method.schedulers["student"] = self.scheduler
         method.rngs["student"] = engine.noise_generator(offset=2)
+        self.last_synthesis: dict[str, Tensor | float] = {}
 
     @property
     def steps(self) -> int:
@@ -81,10 +85,11 @@ class StudentTrainer:
         return images, logits
 
     def step(self, i: int) -> dict[str, Tensor | float]:
-        values: dict[str, Tensor | float] = {}
         if self.synthesize_every and i % self.synthesize_every == 0:
             with self.method.engine.timed("synthesis"):
-                values.update(self.source.synthesize())
+                terms = self.source.synthesize()
+            self.last_synthesis = {k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()}
+        values = dict(self.last_synthesis)  # logged on every step, whichever steps the log falls on
         images, teacher_logits = self.batch()
         terms = self.loss(self.method.student(images), teacher_logits, images)
         self.method.engine.optimize(terms["loss"], self.optimizer, "student loss")

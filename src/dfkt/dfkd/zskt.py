@@ -2,11 +2,15 @@
 
 The generator maximises KL(T ‖ S); the student minimises KL(T ‖ S) + β·AT, where AT matches the
 spatial attention maps of teacher and student blocks (β = 250), taking 10 steps per generator step.
-Blocks are matched by spatial size: the last activation at each resolution above 1×1, so any pair
-of convolutional networks with common resolutions works.
+Blocks are the direct children of each model's backbone (stem, block groups, layers), matched by
+spatial size: the output of the last child at each resolution above 1×1, so any pair of
+convolutional networks with common resolutions works (for WRN and ResNet: the group outputs).
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 from pydantic import Field
 from torch import Tensor, nn
@@ -14,6 +18,7 @@ from torch import Tensor, nn
 from dfkt import losses
 from dfkt.dfkd.joint import JointConfig, JointMethod
 from dfkt.dfkd.student import StudentLoss
+from dfkt.engine import Stage
 from dfkt.errors import ConfigError
 from dfkt.registry import METHODS
 
@@ -29,17 +34,26 @@ class ZSKTConfig(JointConfig):
 
 
 class BlockActivations:
-    """Records, on every forward, the last 4-d activation at each spatial size (> 1) of a model."""
+    """Inside ``recording()``, keeps the output of the last backbone child at each spatial size (> 1)."""
 
     def __init__(self, model: nn.Module):
         self.by_size: dict[int, Tensor] = {}
-        for module in model.modules():
-            if not list(module.children()):
-                module.register_forward_hook(self._record)
+        self.active = False
+        backbone = getattr(model, "backbone", model)
+        for child in backbone.children():
+            child.register_forward_hook(self._record)
 
     def _record(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-1] > 1:
+        if self.active and isinstance(output, Tensor) and output.dim() == 4 and output.shape[-1] > 1:
             self.by_size[output.shape[-1]] = output
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        self.by_size, self.active = {}, True
+        try:
+            yield
+        finally:
+            self.active = False
 
 
 @METHODS.register("zskt")
@@ -68,6 +82,16 @@ class ZSKT(JointMethod):
             raise ConfigError("zskt's attention transfer found no activation size shared by teacher and student; "
                               "pick a student of the teacher's family or --set params.beta=0")
         return ([self.student_blocks.by_size[s] for s in sizes], [self.teacher_blocks.by_size[s] for s in sizes])
+
+    def stages(self) -> list[Stage]:
+        stage = super().stages()[0]
+        student_step = stage.step
+
+        def step(i: int) -> dict[str, Tensor | float]:
+            with self.teacher_blocks.recording(), self.student_blocks.recording():
+                return student_step(i)
+        stage.step = step
+        return [stage]
 
     def student_loss(self) -> StudentLoss:
         def loss(student_logits: Tensor, teacher_logits: Tensor, images: Tensor) -> dict[str, Tensor]:

@@ -7,12 +7,14 @@ inverted batch added to a pool) and returns named values to log; ``sample(n, rng
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
 
 Batch = tuple[Tensor, Tensor | None]  # images, cached teacher logits (None: ask the teacher)
+# objective(images, z or targets) -> named terms including "loss", which synthesis minimises.
+Objective = Callable[[Tensor, Tensor], dict[str, Tensor]]
 
 
 class Synthesizer(Protocol):

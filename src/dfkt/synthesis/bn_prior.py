@@ -12,7 +12,7 @@ Forward hooks make it work on any teacher with BatchNorm layers.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -32,8 +32,8 @@ class BNStatsPrior:
         self.first_multiplier = first_multiplier
         self.momentum = momentum
         self.active = False
-        self.terms: list[Tensor] = []
-        self.batch_stats: list[tuple[Tensor, Tensor]] = []
+        self.terms: dict[int, Tensor] = {}  # by layer, from the last recorded forward
+        self.batch_stats: dict[int, tuple[Tensor, Tensor]] = {}
         self.ema: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
         for index, layer in enumerate(self.layers):
             layer.register_forward_hook(self._hook(index))
@@ -45,20 +45,20 @@ class BNStatsPrior:
             x = inputs[0].float()
             dims = [0] + list(range(2, x.dim()))
             mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
-            self.batch_stats.append((mean.detach(), var.detach()))
+            self.batch_stats[index] = (mean.detach(), var.detach())
             ema = self.ema[index]
             if self.momentum is not None and ema is not None:
                 mean = self.momentum * ema[0] + (1 - self.momentum) * mean
                 var = self.momentum * ema[1] + (1 - self.momentum) * var
             loss = torch.linalg.vector_norm(mean - layer.running_mean) + \
                 torch.linalg.vector_norm(var - layer.running_var)
-            self.terms.append(loss * (self.first_multiplier if index == 0 else 1.0))
+            self.terms[index] = loss * (self.first_multiplier if index == 0 else 1.0)
         return hook
 
     @contextlib.contextmanager
     def record(self) -> Iterator[None]:
         """Collect the statistics of teacher forwards inside the block only (student steps pay nothing)."""
-        self.terms, self.batch_stats, self.active = [], [], True
+        self.terms, self.batch_stats, self.active = {}, {}, True
         try:
             yield
         finally:
@@ -68,13 +68,13 @@ class BNStatsPrior:
         """L_bn of the last recorded teacher forward."""
         if not self.terms:
             raise RuntimeError("no teacher forward was recorded; call the teacher inside record()")
-        return torch.stack(self.terms[-len(self.layers):]).sum()
+        return torch.stack(list(self.terms.values())).sum()
 
     def update_ema(self) -> None:
         """Fold the last recorded batch into the EMA of synthetic statistics (Fast)."""
         if self.momentum is None:
             return
-        for index, (mean, var) in enumerate(self.batch_stats[-len(self.layers):]):
+        for index, (mean, var) in self.batch_stats.items():
             ema = self.ema[index]
             self.ema[index] = (mean, var) if ema is None else (
                 self.momentum * ema[0] + (1 - self.momentum) * mean, self.momentum * ema[1] + (1 - self.momentum) * var)
@@ -94,3 +94,20 @@ class BNStatsPrior:
             self.ema[index] = (flat[offset:offset + c].to(layer.running_mean.device),
                                flat[offset + c:offset + 2 * c].to(layer.running_mean.device))
             offset += 2 * c
+
+
+def bn_prior_or_none(teacher: nn.Module, method: str, weight: float, first_multiplier: float = 1.0,
+                     momentum: float | None = None) -> BNStatsPrior | None:
+    """The prior, or None when its weight is 0 (so a BatchNorm-free teacher can run without it)."""
+    return BNStatsPrior(teacher, method, first_multiplier, momentum) if weight > 0 else None
+
+
+def forward_with_prior(prior: BNStatsPrior | None, forward: Callable[[Tensor], Tensor],
+                       images: Tensor) -> tuple[Tensor, Tensor]:
+    """``forward(images)`` and the prior's loss on that forward (0 without a prior)."""
+    if prior is None:
+        out = forward(images)
+        return out, out.new_zeros(())
+    with prior.record():
+        out = forward(images)
+    return out, prior.loss()

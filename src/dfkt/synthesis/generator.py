@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
 from dfkt.engine import Engine
 from dfkt.engine.state import TrainState
 from dfkt.models import build_generator
-from dfkt.synthesis.base import Batch
+from dfkt.synthesis.base import Batch, Objective
 
-# objective(images, z) -> named terms including "loss", which the generator minimises.
-Objective = Callable[[Tensor, Tensor], dict[str, Tensor]]
 
 
 class GeneratorSynthesizer:
@@ -23,7 +19,8 @@ class GeneratorSynthesizer:
     no gradients) and only calls ``sample()`` (RDSKD's stage 3).
 
     ``reuse_latest`` makes ``sample()`` return the batch the last update made, as DAFL's code
-    trains the student on the very images of the generator step.
+    trains the student on the very images of the generator step; an objective that returns
+    ``teacher_logits`` saves the student's step a second teacher forward on them.
     """
 
     def __init__(self, state: TrainState, engine: Engine, arch: str, nz: int, channels: int, image_size: int,
@@ -40,7 +37,7 @@ class GeneratorSynthesizer:
         state.modules["generator"] = self.generator
         state.optimizers["generator"] = self.optimizer
         state.rngs["generator"] = self.rng
-        self.latest: Tensor | None = None
+        self.latest: Batch | None = None
 
     def noise(self, n: int, rng: torch.Generator) -> Tensor:
         return torch.randn(n, self.nz, device=self.engine.device, generator=rng)
@@ -49,16 +46,14 @@ class GeneratorSynthesizer:
         z = self.noise(self.batch, self.rng)
         images = self.generator(z)
         terms = self.objective(images, z)
+        logits = terms.pop("teacher_logits", None)
         self.engine.optimize(terms["loss"], self.optimizer, "generator loss")
-        self.latest = images.detach()
+        self.latest = images.detach(), None if logits is None else logits.detach()
         return {f"g_{k}" if k == "loss" else k: v for k, v in terms.items()}
 
     @torch.no_grad()
-    def fresh(self, n: int, rng: torch.Generator) -> Tensor:
-        """``n`` new images from the generator in its current mode."""
-        return self.generator(self.noise(n, rng))
-
     def sample(self, n: int, rng: torch.Generator) -> Batch:
         if self.reuse_latest and self.latest is not None:
-            return self.latest[:n], None
-        return self.fresh(n, rng), None
+            images, logits = self.latest
+            return images[:n], None if logits is None else logits[:n]
+        return self.generator(self.noise(n, rng)), None

@@ -19,10 +19,9 @@ from torch import Tensor, nn
 from dfkt.engine import Engine
 from dfkt.engine.state import TrainState
 from dfkt.models import build_generator
-from dfkt.synthesis.base import Batch
+from dfkt.synthesis.base import Batch, Objective
 from dfkt.synthesis.pool import ImagePool
 
-Objective = Callable[[Tensor, Tensor], dict[str, Tensor]]
 
 
 def reinitialise(module: nn.Module) -> None:

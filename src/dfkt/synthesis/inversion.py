@@ -9,11 +9,10 @@ from torch import Tensor, nn
 
 from dfkt.engine import Engine
 from dfkt.engine.state import TrainState
-from dfkt.synthesis.base import Batch
+from dfkt.synthesis.base import Batch, Objective
 from dfkt.synthesis.pool import ImagePool
 
-# objective(images, targets) -> named terms including "loss"; targets(n, rng) -> labels or soft labels.
-Objective = Callable[[Tensor, Tensor], dict[str, Tensor]]
+# targets(n, rng) -> labels or soft labels for a batch.
 Targets = Callable[[int, torch.Generator], Tensor]
 
 

@@ -27,12 +27,14 @@ class ImagePool:
         count = self.state.buffers.get(self.keys[2])
         return 0 if count is None else int(count.item())
 
-    def __len__(self) -> int:
+    @property
+    def size(self) -> int:
+        """Images held now. (A property, not __len__: an empty pool must not read as false.)"""
         return min(self.added, self.capacity)
 
     @property
     def full(self) -> bool:
-        return len(self) == self.capacity
+        return self.size == self.capacity
 
     def add(self, images: Tensor, logits: Tensor) -> None:
         images, logits = images.detach().float()[: self.capacity], logits.detach().float()[: self.capacity]
@@ -48,8 +50,8 @@ class ImagePool:
         self.state.buffers[count_key] += images.shape[0]
 
     def sample(self, n: int, rng: torch.Generator) -> Batch:
-        if len(self) == 0:
+        if self.size == 0:
             raise RuntimeError("sample() from an empty pool: synthesize() must run first")
         images = self.state.buffers[self.keys[0]]
-        index = torch.randint(0, len(self), (n,), device=images.device, generator=rng)
+        index = torch.randint(0, self.size, (n,), device=images.device, generator=rng)
         return images[index], self.state.buffers[self.keys[1]][index]
