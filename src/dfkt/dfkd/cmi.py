@@ -4,9 +4,9 @@ Per round a re-initialised generator (and its noise) is optimised for ``synthesi
 steps on the shared objective (dfkt.dfkd.generator_pool) plus a contrastive term that asks each
 image to be told apart from the others and from past images:
     w_cr·InfoNCE(h(f(local crop of x_i)), h(f(x_i)); negatives h(f(x_j)), h(f(pool images)))
-with f the teacher's penultimate features and h a projection head, optimised with the generator
-in each round (as in the authors' code). The head and the pool persist across rounds; the
-student learns by KD on the pool.
+with f the teacher's penultimate features and h a projection head. The head is optimised with
+each round's generator (its Adam state restarts every round) and persists across rounds, as
+does the pool; the student learns by KD on the pool.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ class DAFLConfig(JointConfig):
     def _student_uses_generator_batch(self) -> "DAFLConfig":
         if self.student_batch > self.gen_batch:
             raise ValueError("student_batch cannot exceed gen_batch: the student trains on the generator's batch")
+        if self.student_steps_per_generator_step != 1:
+            raise ValueError("student_steps_per_generator_step must be 1: each student step uses the batch of "
+                             "the generator step just before it")
         return self
 
 

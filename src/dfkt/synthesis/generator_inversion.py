@@ -4,8 +4,8 @@ Each ``synthesize()`` round fixes a batch of targets, starts a generator from a 
 initialisation (CMI, Fang et al. IJCAI 2021) or from a meta-learned one (Fast, Fang et al.
 AAAI 2022), optimises it and its input noise z for ``iterations`` steps on the objective, and
 adds the final images to the pool. Fast then moves the meta-initialisation towards the adapted
-weights (Reptile, first order): an Adam step on θ with gradient θ − θ', at lr·iterations as in
-the authors' code.
+weights with Reptile: an Adam step on θ with gradient θ − θ', at lr·iterations. (The authors'
+scripts default to first-order MAML; Reptile is their other option and the one shipped here.)
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ class GeneratorInversion:
 
     def _start(self) -> None:
         if not self.meta:
-            with torch.random.fork_rng(devices=[]):  # a re-initialisation drawn from our own stream
+            device = self.engine.device
+            # A re-initialisation drawn from our own stream, leaving the global RNGs as they were.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.rng, device=self.rng.device)))
                 reinitialise(self.generator)
         else:
