@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 from pathlib import Path
 
@@ -219,3 +220,32 @@ def test_unknown_dataset_lists_valid_names():
     with pytest.raises(UnknownNameError) as info:
         load_dataset("imagenet")
     assert "digits" in str(info.value) and "fmnist" in str(info.value)
+
+
+def test_corruptions_are_deterministic_in_range_and_change_the_images():
+    from dfkt.data.corruptions import CORRUPTIONS, corrupt
+
+    images = load_dataset("digits").test_images[:6]
+    for name in CORRUPTIONS:
+        mild, hard = corrupt(images, name, 1), corrupt(images, name, 5)
+        assert mild.dtype == torch.uint8 and mild.shape == images.shape
+        assert torch.equal(mild, corrupt(images, name, 1)), name  # same seed, same images
+        change = lambda x: (x.float() - images.float()).abs().mean().item()  # noqa: E731
+        assert 0 < change(mild) <= change(hard) + 1.0, name
+
+
+def test_shifted_dataset_by_name_keeps_labels_and_normalisation():
+    base = load_dataset("digits")
+    shifted = load_dataset("digits-c:rotate:3")
+    assert shifted.name == "digits-c:rotate:3"
+    assert torch.equal(shifted.test_labels, base.test_labels) and shifted.mean == base.mean
+    assert not torch.equal(shifted.test_images, base.test_images)
+    assert torch.equal(load_dataset("digits-c:noise:2").test_images, load_dataset("digits-c:gaussian_noise:2").test_images)
+
+
+@pytest.mark.parametrize("name, needle", [("digits-c:rotate", "fmnist-c:rotate:3"), ("digits:rotate:3", "-c:"),
+                                          ("digits-c:melt:3", "unknown corruption 'melt'"),
+                                          ("digits-c:rotate:9", "severity must be 1-5")])
+def test_bad_shift_names_say_how_to_write_them(name, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_dataset(name)

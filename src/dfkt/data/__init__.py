@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dfkt.data import digits, idx, torchvision_sets  # noqa: F401  (importing registers the loaders)
 from dfkt.data.base import ImageData, denormalize, fit_size, normalize
+from dfkt.data.shifted import load_shifted
 from dfkt.registry import DATASETS
 
 __all__ = ["ImageData", "normalize", "denormalize", "fit_size", "load_dataset"]
@@ -12,5 +13,8 @@ __all__ = ["ImageData", "normalize", "denormalize", "fit_size", "load_dataset"]
 def load_dataset(
     name: str, root: str | None = None, download: bool = False, image_size: int | None = None
 ) -> ImageData:
-    """Load dataset ``name``; unknown names raise UnknownNameError listing the valid ones."""
+    """Load dataset ``name``, or a shifted one (``fmnist-c:rotate:3``); unknown names raise
+    UnknownNameError listing the valid ones."""
+    if ":" in name:
+        return load_shifted(name, lambda base: DATASETS.get(base)(root, download, image_size))
     return DATASETS.get(name)(root, download, image_size)
