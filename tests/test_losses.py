@@ -126,3 +126,24 @@ def test_info_nce_prefers_the_matching_positive():
     assert swapped.item() > math.log(2)
     with_bank = losses.info_nce(anchors, torch.eye(2), torch.eye(2), 1.0)  # identical negatives make it harder
     assert with_bank.item() > losses.info_nce(anchors, torch.eye(2), torch.zeros(0, 2), 1.0).item()
+
+
+def test_entropy_and_information_maximization_by_hand():
+    uniform = torch.zeros(2, 4)
+    assert losses.entropy(uniform).item() == pytest.approx(math.log(4))
+    confident_and_balanced = torch.tensor([[50.0, 0.0], [0.0, 50.0]])
+    assert losses.information_maximization_loss(confident_and_balanced).item() == pytest.approx(-math.log(2), abs=1e-6)
+    collapsed = torch.tensor([[50.0, 0.0], [50.0, 0.0]])
+    assert losses.information_maximization_loss(collapsed).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_neighbour_affinity_and_dispersion_by_hand():
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    neighbours = torch.tensor([[[1.0, 0.0], [0.5, 0.5]], [[0.0, 1.0], [0.0, 1.0]]])  # N=2, K=2, C=2
+    # sample 0: 1 + 0.5; sample 1: 1 + 1 -> mean 1.75
+    assert losses.neighbour_affinity_loss(probs, neighbours).item() == pytest.approx(-1.75)
+    weights = torch.tensor([[1.0, 0.1], [1.0, 0.1]])
+    assert losses.neighbour_affinity_loss(probs, neighbours, weights).item() == pytest.approx(-(1.05 + 1.1) / 2)
+    assert losses.dispersion_loss(probs).item() == pytest.approx(0.0)
+    same = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert losses.dispersion_loss(same).item() == pytest.approx(1.0)  # (1 + 1) / 2

@@ -170,3 +170,34 @@ def info_nce(anchors: Tensor, positives: Tensor, negatives: Tensor, temperature:
     keys = F.normalize(torch.cat([positives.float(), negatives.float()]), dim=1)
     logits = a @ keys.t() / temperature
     return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+
+
+# -- source-free domain adaptation -----------------------------------------------------------------
+def entropy(logits: Tensor) -> Tensor:
+    """Mean prediction entropy, mean_i H(p_i) with H(q) = −Σ_c q_c ln q_c (Tent, Wang et al., ICLR 2021)."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+
+def information_maximization_loss(logits: Tensor) -> Tensor:
+    """SHOT-IM (Liang et al., ICML 2020): mean_i H(p_i) − H(p̄).
+
+    Confident predictions per sample, spread over the classes across the batch.
+    """
+    mean_prob = F.softmax(logits.float(), dim=1).mean(dim=0)
+    return entropy(logits) + (mean_prob * torch.log(mean_prob.clamp_min(1e-12))).sum()
+
+
+def neighbour_affinity_loss(probs: Tensor, neighbour_scores: Tensor, weights: Tensor | float = 1.0) -> Tensor:
+    """Attraction to neighbours (NRC, Yang et al. NeurIPS 2021; AaD, NeurIPS 2022):
+    −mean_i Σ_k A_ik · S_kᵀ p_i, with S_k the stored softmax scores of sample i's K neighbours
+    (shape N×K×C) and A_ik their affinities (1, or NRC's reciprocal weighting)."""
+    dots = torch.einsum("nkc,nc->nk", neighbour_scores.float(), probs.float())
+    return -(dots * weights).sum(dim=1).mean()
+
+
+def dispersion_loss(probs: Tensor) -> Tensor:
+    """AaD's dispersion term: mean_i Σ_{j≠i} p_iᵀ p_j over the batch (small when predictions differ)."""
+    p = probs.float()
+    gram = p @ p.t()
+    return (gram.sum() - gram.diagonal().sum()) / p.shape[0]
