@@ -20,6 +20,10 @@ SHAPES = {
     "wrn40_2": (3, 8),
     "digits_cnn": (1, 8),
     "digits_cnn_half": (1, 8),
+    "shot_lenet": (1, 28),
+    "shot_dtn": (3, 32),
+    "shot_resnet18": (3, 8),
+    "shot_resnet34": (3, 8),
 }
 
 
@@ -125,3 +129,19 @@ def test_channels_last_matches_contiguous():
         model = model.to(memory_format=torch.channels_last)
         actual = model(x.to(memory_format=torch.channels_last))
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_shot_models_have_bottleneck_features_and_a_weight_normalised_head(tmp_path):
+    from dfkt.models.files import ModelInfo, load_model, save_model
+
+    # SHOT's digit LeNet at 28 px: conv 1*20*25+20 = 520; 20*50*25+50 = 25,050; bottleneck 800*256+256 = 205,056;
+    # BatchNorm1d 2*256 = 512; head v 256*10 + g 10 + bias 10 = 2,580; total 233,718.
+    model = build_model("shot_lenet", 10, 1, 28).eval()
+    assert n_params(model) == 233_718
+    x = torch.randn(3, 1, 28, 28)
+    assert model.forward_features(x).shape == (3, 256) and model.feature_dim == 256
+    assert hasattr(model.head, "parametrizations")  # weight-normalised
+    path = save_model(model, ModelInfo("shot_lenet", 10, 1, 28, (0.3,), (0.4,), "mnist"), tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert torch.allclose(load_model(path)[0].eval()(x), model(x))
+    assert build_model("shot_dtn", 10, 3, 32).eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 # Imported for their registration side effects.
-from dfkt.models import generator, lenet, resnet_cifar, small_cnn, wrn  # noqa: F401
+from dfkt.models import generator, lenet, resnet_cifar, shot, small_cnn, wrn  # noqa: F401
 from dfkt.models.base import Classifier
 from dfkt.models.generator import DAFLGenerator
 from dfkt.registry import GENERATORS, MODELS
