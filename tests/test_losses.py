@@ -135,6 +135,12 @@ def test_entropy_and_information_maximization_by_hand():
     assert losses.information_maximization_loss(confident_and_balanced).item() == pytest.approx(-math.log(2), abs=1e-6)
     collapsed = torch.tensor([[50.0, 0.0], [50.0, 0.0]])
     assert losses.information_maximization_loss(collapsed).item() == pytest.approx(0.0, abs=1e-6)
+    # uncertain but balanced: mean entropy ln 4 minus the entropy of the mean, ln 4
+    assert losses.information_maximization_loss(torch.zeros(2, 4)).item() == pytest.approx(0.0, abs=1e-6)
+    one_uncertain = torch.tensor([[0.0, 0.0], [50.0, 0.0]])  # H̄ = ln2/2; p̄ = (3/4, 1/4)
+    h_mean = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert losses.information_maximization_loss(one_uncertain).item() == pytest.approx(math.log(2) / 2 - h_mean,
+                                                                                        abs=1e-5)
 
 
 def test_neighbour_affinity_and_dispersion_by_hand():

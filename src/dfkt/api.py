@@ -9,17 +9,21 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from dfkt import dfkd  # noqa: F401  (importing registers the methods)
-from dfkt.config import (DataConfig, DistillConfig, EngineConfig, RealTrainingConfig, TeacherConfig,
-                         apply_overrides, dump_yaml, load_yaml, merge, validate)
+from dfkt import dfkd, sfda  # noqa: F401  (importing registers the methods)
+from dfkt.config import (AdaptRunConfig, DataConfig, DistillConfig, EngineConfig, RealTrainingConfig, SourceConfig,
+                         TeacherConfig, apply_overrides, dump_yaml, load_yaml, merge, validate)
 from dfkt.data import ImageData, load_dataset, normalize
+from dfkt.data.corruptions import corrupt
+from dfkt.data.folder import load_image_folder
+from dfkt.data.shifted import parse_shift
 from dfkt.diagnostics import collapse_warnings
 from dfkt.dfkd.base import DistillSetup
+from dfkt.sfda.base import AdaptSetup
 from dfkt.engine import Engine
 from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
 from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info, save_model
-from dfkt.registry import DATASETS, METHODS, MODELS
+from dfkt.registry import ADAPT_METHODS, DATASETS, METHODS, MODELS
 from dfkt.report.grid import save_class_grid
 from dfkt.runs import make_run_dir, write_json
 from dfkt.supervised import RealDataTraining, evaluate_model
@@ -31,7 +35,7 @@ GRID_SAMPLES = 500
 
 
 def list_names(kind: str) -> list[str]:
-    registries = {"methods": METHODS, "models": MODELS, "datasets": DATASETS}
+    registries = {"methods": METHODS, "adapt-methods": ADAPT_METHODS, "models": MODELS, "datasets": DATASETS}
     if kind not in registries:
         raise ConfigError(f"unknown list {kind!r}; choose one of: {', '.join(registries)}")
     return registries[kind].names()
@@ -59,13 +63,14 @@ def _result_settings(cfg: TeacherConfig | DistillConfig, engine: Engine) -> dict
     return {**kept, **engine.fingerprint()}
 
 
-def _evaluation_data(data: DataConfig, info: ModelInfo) -> ImageData:
-    """The test data for a model: by default its own dataset at its own image size; another
-    dataset must fit the model as it comes (or with data.image_size), never silently resized."""
-    own = data.name is None or data.name == info.dataset
+def _evaluation_data(data: DataConfig, info: ModelInfo, size_key: str = "data.image_size") -> ImageData:
+    """The test data for a model: by default its own dataset (or a shifted version of it) at its own
+    image size; another dataset must fit the model as it comes (or with ``size_key``, e.g.
+    data.image_size), never silently resized."""
+    own = data.name is None or data.name.split("-c:")[0] == info.dataset
     size = data.image_size or (info.image_size if own else None)
     dataset = load_dataset(data.name or info.dataset, data.root, data.download, size)
-    info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}")
+    info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}", size_key)
     return dataset
 
 
@@ -73,37 +78,74 @@ def _normalized(images: torch.Tensor, info: ModelInfo) -> torch.Tensor:
     return normalize(images, info.mean, info.std)
 
 
-# -- train-teacher ------------------------------------------------------------------------------
+# -- train-teacher, train-source -----------------------------------------------------------------
 def train_teacher(model: str | None = None, data: str | None = None, epochs: int | None = None,
                   data_root: str | None = None, download: bool | None = None,
                   config: str | Path | dict | None = None, overrides: Sequence[str] = (),
                   out: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Train a classifier on real labelled data; writes ``model.safetensors`` and ``summary.json``."""
+    return _train_on_labels(TeacherConfig, "teacher", model, data, epochs, data_root, download, config, overrides,
+                            out, resume)
+
+
+def train_source(model: str | None = None, data: str | None = None, epochs: int | None = None,
+                 data_root: str | None = None, download: bool | None = None,
+                 config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+                 out: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train a source model for adaptation (SHOT's recipe: label smoothing, SGD with SHOT's decay,
+    the epoch chosen on held-out source images); writes ``model.safetensors`` and ``summary.json``."""
+    return _train_on_labels(SourceConfig, "source", model, data, epochs, data_root, download, config, overrides,
+                            out, resume)
+
+
+def _holdout_split(n: int, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, holdout): a fixed seeded permutation, the last ``share`` held out."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    keep = n - int(round(share * n))
+    return order[:keep], order[keep:]
+
+
+def _train_on_labels(config_cls: type[TeacherConfig], kind: str, model: str | None, data: str | None,
+                     epochs: int | None, data_root: str | None, download: bool | None,
+                     config: str | Path | dict | None, overrides: Sequence[str], out: str | Path | None,
+                     resume: bool) -> dict[str, Any]:
     raw = _layer(config, {"model": model, "data.name": data, "data.root": data_root,
                           "data.download": download, "epochs": epochs}, overrides)
-    cfg = validate(TeacherConfig, raw)
+    cfg = validate(config_cls, raw)
     MODELS.get(cfg.model)
     dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.image_size)
-    run_dir = make_run_dir(out, f"teacher-{cfg.model}-{cfg.data.name}", resume)
+    run_dir = make_run_dir(out, f"{kind}-{cfg.model}-{cfg.data.name}", resume)
     engine = Engine(cfg.engine, run_dir)
     net = build_model(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
     info = ModelInfo(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size,
                      dataset.mean, dataset.std, dataset.name)
     test_x, test_y = _normalized(dataset.test_images, info), dataset.test_labels
-    task = RealDataTraining(engine, net, _normalized(dataset.train_images, info), dataset.train_labels,
-                            cfg, name="teacher")
+    train_x, train_y = _normalized(dataset.train_images, info), dataset.train_labels
+    holdout = None
+    if cfg.holdout > 0:
+        kept, held = _holdout_split(len(train_y), cfg.holdout)
+        if len(held) == 0:
+            raise ConfigError(f"holdout {cfg.holdout} of {len(train_y)} training images keeps none apart; raise "
+                              "holdout or set it to 0 to keep the last epoch")
+        holdout = engine.to_device(train_x[held]), train_y[held].to(engine.device)
+        train_x, train_y = train_x[kept], train_y[kept]
+    task = RealDataTraining(engine, net, train_x, train_y, cfg, name=kind, holdout=holdout)
     def on_eval() -> dict[str, float]:
         return {"test_acc": evaluate_model(task.model, test_x, test_y, engine, dataset.num_classes)["accuracy"]}
     started = time.perf_counter()
     result = engine.run(task.stages(), task, _result_settings(cfg, engine), on_eval,
                         eval_every=task.steps_per_epoch * max(1, cfg.epochs // 5), resume=resume,
                         on_start=lambda: dump_yaml(cfg, run_dir / "config.yaml"))
-    final = evaluate_model(task.model, test_x, test_y, engine, dataset.num_classes)
-    path = save_model(net, info, run_dir / "model.safetensors")
-    summary = {"model": cfg.model, "dataset": dataset.name, "teacher_acc": final["accuracy"],
-               "per_class_acc": final["per_class"], "seconds": {"train": result.seconds.get("teacher", 0.0),
+    chosen = task.chosen()
+    final = evaluate_model(chosen, test_x, test_y, engine, dataset.num_classes)
+    path = save_model(chosen, info, run_dir / "model.safetensors")
+    summary = {"model": cfg.model, "dataset": dataset.name, f"{kind}_acc": final["accuracy"],
+               "per_class_acc": final["per_class"], "seconds": {"train": result.seconds.get(kind, 0.0),
                                                                  "wall": time.perf_counter() - started},
                "model_file": str(path)}
+    if holdout is not None:
+        summary["holdout_acc"] = task.buffers["best_holdout_acc"].item()
+        summary["selection"] = f"epoch with the best accuracy on {len(holdout[1])} held-out training images"
     write_json(run_dir / "summary.json", summary)
     engine.close()
     return summary
@@ -122,12 +164,15 @@ def resolve_distill_config(method: str | None = None, teacher: str | Path | None
     cfg = validate(DistillConfig, raw)
     if not cfg.teacher:
         raise ConfigError("no teacher given; pass --teacher FILE (a model.safetensors from 'dfkt train-teacher')")
-    method_cls = METHODS.get(cfg.method)
-    presets = method_cls.presets
-    if cfg.preset is not None and cfg.preset not in presets:
-        raise ConfigError(f"unknown preset {cfg.preset!r} for {cfg.method}; valid presets: {', '.join(presets)}")
-    params = merge(presets.get(cfg.preset, {}) if cfg.preset else {}, cfg.params)
-    return cfg, validate(method_cls.Config, params, where=f"{cfg.method} params")
+    return cfg, _method_config(METHODS.get(cfg.method), cfg.method, cfg.preset, cfg.params)
+
+
+def _method_config(method_cls: Any, name: str, preset: str | None, params: dict) -> Any:
+    """A method's validated config: its preset, then the run's ``params`` on top."""
+    if preset is not None and preset not in method_cls.presets:
+        raise ConfigError(f"unknown preset {preset!r} for {name}; valid presets: {', '.join(method_cls.presets)}")
+    return validate(method_cls.Config, merge(method_cls.presets.get(preset, {}) if preset else {}, params),
+                    where=f"{name} params")
 
 
 def distill(method: str | None = None, teacher: str | Path | None = None, student: str | None = None,
@@ -250,3 +295,98 @@ def evaluate(target: str | Path, data: str | None = None, data_root: str | None 
     if Path(target).is_dir():
         write_json(Path(target) / "evaluation.json", result)
     return result
+
+
+def _target_images(target: DataConfig, info: ModelInfo) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    """The images to adapt on and their labels (None when unlabelled): a folder of the user's
+    images, or a dataset's test split (e.g. a shifted one, fmnist-c:rotate:3)."""
+    folder = Path(target.name)
+    if folder.is_dir():
+        images, labels = load_image_folder(folder, info.in_channels, target.image_size)
+        info.check_fits(info.num_classes if labels is None else max(info.num_classes, int(labels.max()) + 1),
+                        images.shape[1], images.shape[2], f"target folder {folder}", size_key="target.image_size")
+        return str(folder), images, labels
+    if "/" in target.name or folder.exists():
+        raise ConfigError(f"target folder {folder} does not exist (or is not a folder); name a folder of images "
+                          "or a dataset such as fmnist-c:rotate:3")
+    if ":" not in target.name:
+        dataset = _evaluation_data(target, info, size_key="target.image_size")
+        return dataset.name, dataset.test_images, dataset.test_labels
+    # A shifted dataset: only its test split is needed, so only that split is corrupted.
+    base_name, corruption, severity = parse_shift(target.name)
+    base = _evaluation_data(target.model_copy(update={"name": base_name}), info, size_key="target.image_size")
+    return (f"{base_name}-c:{corruption}:{severity}", corrupt(base.test_images, corruption, severity, seed=2),
+            base.test_labels)
+
+
+# -- adapt ---------------------------------------------------------------------------------------
+def adapt(method: str | None = None, source: str | Path | None = None, target: str | None = None,
+          preset: str | None = None, data_root: str | None = None, config: str | Path | dict | None = None,
+          overrides: Sequence[str] = (), out: str | Path | None = None, resume: bool = False,
+          max_seconds: float | None = None) -> dict[str, Any]:
+    """Adapt a source model to an unlabelled target without the source data. Returns the summary.
+
+    The target images (the test split of ``target``, e.g. ``fmnist-c:rotate:3``) are split in two
+    fixed halves: the method adapts on the first; accuracy is reported on it (transductive; for
+    online methods, of the predictions made as the stream went by) and on the second (inductive).
+    Labels are used only to score.
+    """
+    raw = _layer(config, {"method": method, "source": str(source) if source else None, "preset": preset,
+                          "max_seconds": max_seconds, "target.name": target, "target.root": data_root}, overrides)
+    cfg = validate(AdaptRunConfig, raw)
+    if not cfg.source:
+        raise ConfigError("no source model given; pass --source FILE (a model.safetensors from 'dfkt train-source')")
+    if not cfg.target.name:
+        raise ConfigError("no target given; pass --target NAME, e.g. fmnist-c:rotate:3 (see 'dfkt list datasets')")
+    method_cls = ADAPT_METHODS.get(cfg.method)
+    method_cfg = _method_config(method_cls, cfg.method, cfg.preset, cfg.params)
+    source_path = model_path(cfg.source)
+    info = read_info(source_path)
+    target_name, raw_images, labels = _target_images(cfg.target, info)
+    images = _normalized(raw_images, info)
+    if len(images) < 4:
+        raise ConfigError(f"target {target_name} has {len(images)} image(s); adaptation needs at least 4 "
+                          "(half to adapt on, half held out)")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.split_seed))
+    adapted_half, held_out = order[: len(order) // 2], order[len(order) // 2:]
+    run_dir = make_run_dir(out, f"adapt-{cfg.method}", resume)
+    engine = Engine(cfg.engine, run_dir)
+    resolved = cfg.model_copy(update={"preset": None, "params": method_cfg.model_dump(mode="json"),
+                                      "source": str(source_path)})
+    model = load_model(source_path)[0]
+    source_model = engine.prepare(load_model(source_path)[0], trainable=False)
+    setup = AdaptSetup(engine.prepare(model, trainable=True), engine.to_device(images[adapted_half]), engine)
+    try:
+        runner = method_cls(method_cfg, setup)
+    except DfktError:
+        engine.close()
+        raise
+
+    def accuracy(net: nn.Module, index: torch.Tensor) -> float | None:
+        if labels is None:  # an unlabelled folder: nothing to score
+            return None
+        return evaluate_model(net, images[index], labels[index], engine, info.num_classes)["accuracy"]
+
+    run_config = {"method": cfg.method, "method_params": method_cfg.model_dump(mode="json"), "target": target_name,
+                  "split_seed": cfg.split_seed, "source_sha256": model_sha256(source_path), **engine.fingerprint()}
+    started = time.perf_counter()
+    on_eval = None if labels is None else lambda: {"adapted_acc": accuracy(setup.model, adapted_half)}
+    result = engine.run(runner.stages(), runner, run_config, on_eval, cfg.eval_every, cfg.max_seconds, resume,
+                        on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"))
+    if runner.online:  # scored on the predictions made as the stream went by
+        seen = runner.buffers["online_predictions"].cpu()
+        complete = labels is not None and bool((seen >= 0).all())
+        transductive = (seen == labels[adapted_half]).float().mean().item() if complete else None
+    else:
+        transductive = accuracy(setup.model, adapted_half)
+    save_model(model, info, run_dir / "model.safetensors")
+    summary = {"method": cfg.method, "online": runner.online, "source": str(source_path), "target": target_name,
+               "images": {"adapted": len(adapted_half), "held_out": len(held_out)},
+               "source_only": {"transductive": accuracy(source_model, adapted_half),
+                               "inductive": accuracy(source_model, held_out)},
+               "adapted": {"transductive": transductive, "inductive": accuracy(setup.model, held_out)},
+               "seconds": {"adapt": sum(result.seconds.values()), "wall": time.perf_counter() - started},
+               "stopped_by_budget": result.stopped_by_budget, "curve": result.evaluations}
+    write_json(run_dir / "summary.json", summary)
+    engine.close()
+    return summary

@@ -24,7 +24,8 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dfkt", epilog=EPILOG,
-        description="Data-free knowledge transfer: distil a teacher into a student without its training data.")
+        description="Data-free knowledge transfer: distil a teacher into a student without its training data, "
+                    "or adapt a source model to a new domain without the source data.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="offline end-to-end run on scikit-learn digits (about 80 s on 2 cores)",
@@ -35,22 +36,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default=None,
                    help="default bf16-mixed on CPU")
 
-    p = sub.add_parser("train-teacher", help="train a classifier on real labelled data", epilog=EPILOG)
-    p.add_argument("--model", help="architecture (see 'dfkt list models'); default digits_cnn")
-    p.add_argument("--data", help="dataset (see 'dfkt list datasets'); default digits")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--download", action="store_true", default=None, help="allow torchvision to download data")
-    _common_run_flags(p)
+    for name, default_model, default_data, what in (
+            ("train-teacher", "digits_cnn", "digits", "train a classifier (a teacher) on real labelled data"),
+            ("train-source", "shot_lenet", "fmnist", "train a source model for adaptation (SHOT's recipe: label "
+                                                     "smoothing, epoch chosen on held-out source images)")):
+        p = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".", epilog=EPILOG)
+        p.add_argument("--model", help=f"architecture (see 'dfkt list models'); default {default_model}")
+        p.add_argument("--data", help=f"dataset (see 'dfkt list datasets'); default {default_data}")
+        p.add_argument("--epochs", type=int)
+        p.add_argument("--download", action="store_true", default=None, help="allow torchvision to download data")
+        _common_run_flags(p)
 
     p = sub.add_parser("distill", help="distil a teacher into a student without data", epilog=EPILOG)
     p.add_argument("--method", help="DFKD method (see 'dfkt list methods'); default rdskd")
     p.add_argument("--teacher", help="teacher model.safetensors written by 'dfkt train-teacher'")
     p.add_argument("--student", help="student architecture; default: the teacher's half-width partner")
-    p.add_argument("--preset", help="method preset: 'cpu' (default, 2-core laptop scale) or 'paper'")
+    p.add_argument("--preset", help="method preset: 'cpu' (default, 2-core laptop scale) or 'paper'; some methods "
+                                    "have more (e.g. deepinversion: cpu-adi); a wrong name lists them")
     p.add_argument("--data", help="evaluation dataset; default: the one the teacher was trained on")
     p.add_argument("--max-seconds", type=float, help="wall-time budget for training")
     p.add_argument("--references", action="store_true", default=None,
                    help="also train the KD-on-real-data and labels-trained students for comparison")
+    _common_run_flags(p)
+
+    p = sub.add_parser("adapt", help="adapt a source model to an unlabelled target domain, without source data",
+                       description="Source-free domain adaptation. The target's test images are split in two "
+                                   "fixed halves: the method adapts on one, and accuracy is reported on it "
+                                   "(transductive) and on the other (inductive), beside the source model's.",
+                       epilog=EPILOG)
+    p.add_argument("--method", help="adaptation method (see 'dfkt list adapt-methods'); default shot")
+    p.add_argument("--source", help="source model.safetensors written by 'dfkt train-source'")
+    p.add_argument("--target", help="target dataset, e.g. fmnist-c:rotate:3 or digits-c:contrast:5")
+    p.add_argument("--preset", help="method preset: 'cpu' (default, 2 cores) or 'paper'; some methods have "
+                                    "more (e.g. shot: paper-objects); a wrong name lists them")
+    p.add_argument("--max-seconds", type=float, help="wall-time budget for adapting")
     _common_run_flags(p)
 
     p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix",
@@ -61,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder holding the dataset files")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
 
-    p = sub.add_parser("list", help="list registered methods, models or datasets")
-    p.add_argument("kind", choices=["methods", "models", "datasets"])
+    p = sub.add_parser("list", help="list registered methods, adaptation methods, models or datasets")
+    p.add_argument("kind", choices=["methods", "adapt-methods", "models", "datasets"])
     return parser
 
 
@@ -83,19 +102,31 @@ def _dispatch(args: argparse.Namespace) -> int:
     from dfkt.demo import run_demo, format_table
 
     if args.command == "list":
-        from dfkt.registry import METHODS
+        from dfkt.registry import ADAPT_METHODS, METHODS
 
+        registry = {"methods": METHODS, "adapt-methods": ADAPT_METHODS}.get(args.kind)
         for name in api.list_names(args.kind):
-            summary = getattr(METHODS.get(name), "summary", "") if args.kind == "methods" else ""
+            summary = registry.get(name).summary if registry else ""
             print(f"{name:<18}{summary}".rstrip())
+        if args.kind == "datasets":
+            print("<name>-c:<corruption>:<severity>  a dataset under a corruption, e.g. fmnist-c:rotate:3")
     elif args.command == "demo":
         result = run_demo(args.out, seed=args.seed, precision=args.precision)
         print(format_table(result))
-    elif args.command == "train-teacher":
-        summary = api.train_teacher(args.model, args.data, args.epochs, args.data_root, args.download, args.config,
-                                    args.overrides, args.out, args.resume)
-        print(f"teacher {summary['model']} on {summary['dataset']}: test accuracy {summary['teacher_acc']:.4f}"
+    elif args.command in ("train-teacher", "train-source"):
+        kind = args.command.split("-")[1]
+        train = api.train_teacher if kind == "teacher" else api.train_source
+        summary = train(args.model, args.data, args.epochs, args.data_root, args.download, args.config,
+                        args.overrides, args.out, args.resume)
+        print(f"{kind} {summary['model']} on {summary['dataset']}: test accuracy {summary[kind + '_acc']:.4f}"
               f" -> {summary['model_file']}")
+    elif args.command == "adapt":
+        s = api.adapt(args.method, args.source, args.target, args.preset, args.data_root, args.config,
+                      args.overrides, args.out, args.resume, args.max_seconds)
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        print(f"{s['method']} on {s['target']}: transductive {fmt(s['adapted']['transductive'])} "
+              f"(source only {fmt(s['source_only']['transductive'])}), inductive {fmt(s['adapted']['inductive'])} "
+              f"(source only {fmt(s['source_only']['inductive'])})")
     elif args.command == "distill":
         s = api.distill(args.method, args.teacher, args.student, args.preset, args.data, args.data_root,
                         args.config, args.overrides, args.out, args.resume, args.max_seconds, args.references)

@@ -60,6 +60,9 @@ class RealTrainingConfig(StrictModel):
     augment: bool = False
     temperature: float | None = Field(None, gt=0, description="KD temperature of the KD-on-real-data "
                                                                  "reference; default: the method's")
+    lr_schedule: Literal["cosine", "shot"] = Field("cosine", description="shot: lr·(1 + 10t/T)^-0.75")
+    holdout: float = Field(0.0, ge=0, lt=1, description="share of the training images kept apart to choose "
+                                                          "the best epoch; 0 keeps the last")
 
 
 class TeacherConfig(RealTrainingConfig):
@@ -67,6 +70,34 @@ class TeacherConfig(RealTrainingConfig):
 
     model: str = "digits_cnn"
     data: DataConfig = DataConfig(name="digits")
+    engine: EngineConfig = EngineConfig()
+
+
+class SourceConfig(TeacherConfig):
+    """``dfkt train-source``: a source model for adaptation, SHOT's recipe by default."""
+
+    model: str = "shot_lenet"
+    data: DataConfig = DataConfig(name="fmnist")
+    optimizer: Literal["adam", "sgd"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    lr_schedule: Literal["cosine", "shot"] = "shot"
+    holdout: float = Field(0.1, ge=0, lt=1, description="share of the source training images kept apart to "
+                                                          "choose the epoch (never the test set)")
+
+
+class AdaptRunConfig(StrictModel):
+    """``dfkt adapt``: a method's own settings live under ``params``."""
+
+    method: str = "shot"
+    preset: str | None = "cpu"
+    source: str = ""
+    target: DataConfig = DataConfig()
+    split_seed: int = Field(0, description="seed of the split of the target into the adapted and held-out halves")
+    params: dict[str, Any] = {}
+    eval_every: int = Field(200, ge=1, description="adaptation steps between evaluations")
+    max_seconds: float | None = Field(None, gt=0, description="wall-time budget for adapting")
     engine: EngineConfig = EngineConfig()
 
 

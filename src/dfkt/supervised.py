@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import math
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -14,39 +14,43 @@ from dfkt.config import RealTrainingConfig
 from dfkt.data.augment import shift_and_flip
 from dfkt.engine import Engine, Stage
 from dfkt.engine.state import TrainState
+from dfkt.training import EpochBatches, make_optimizer, shot_decay
 
 
 class RealDataTraining(TrainState):
     """One model trained on real, normalised images: by cross-entropy on labels, or, when a
-    teacher is given, by KD on the teacher's outputs (labels unused)."""
+    teacher is given, by KD on the teacher's outputs (labels unused).
+
+    With ``holdout`` (images, labels kept apart from training), every epoch ends with an
+    evaluation on them and the best epoch's weights are kept (``best``), so the model is chosen
+    without the test set.
+    """
 
     def __init__(self, engine: Engine, model: nn.Module, images: Tensor, labels: Tensor,
-                 cfg: RealTrainingConfig, teacher: nn.Module | None = None, name: str = "train"):
-        super().__init__()
-        self.engine, self.cfg, self.name, self.teacher = engine, cfg, name, teacher
+                 cfg: RealTrainingConfig, teacher: nn.Module | None = None, name: str = "train",
+                 holdout: tuple[Tensor, Tensor] | None = None):
+        super().__init__(engine.device)
+        self.engine, self.cfg, self.name, self.teacher, self.holdout = engine, cfg, name, teacher, holdout
+        self.num_classes = model.num_classes
         self.images = engine.to_device(images)
         self.labels = labels.to(engine.device)
         self.model = engine.prepare(model, trainable=True)
         self.modules["model"] = model
-        params = self.model.parameters()
-        if cfg.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                  nesterov=cfg.momentum > 0)
+        opt = make_optimizer(list(self.model.parameters()), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
+                             nesterov=True)
         self.optimizer = self.optimizers["model"] = engine.prepare_optimizer(opt)
-        self.steps_per_epoch = math.ceil(len(self.images) / cfg.batch_size)
-        self.schedulers["model"] = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=cfg.epochs * self.steps_per_epoch)
-        self.rngs["order"] = engine.noise_generator(offset=10)
-        self.buffers["order"] = torch.arange(len(self.images), device=engine.device)
+        self.batches = EpochBatches(self, engine, len(self.images), cfg.batch_size, rng_offset=10)
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        total = cfg.epochs * self.steps_per_epoch
+        self.schedulers["model"] = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total) if cfg.lr_schedule == "cosine"
+            else shot_decay(self.optimizer, total))
+        if holdout is not None:
+            self.modules["best"] = copy.deepcopy(model).requires_grad_(False)
+            self.buffers["best_holdout_acc"] = torch.tensor(-1.0)
 
     def step(self, i: int) -> dict[str, Tensor]:
-        position = i % self.steps_per_epoch
-        if position == 0:  # a new epoch: a new order, kept in the state so a resume continues it
-            self.buffers["order"] = torch.randperm(len(self.images), device=self.engine.device,
-                                                   generator=self.rngs["order"])
-        index = self.buffers["order"][position * self.cfg.batch_size:(position + 1) * self.cfg.batch_size]
+        index = self.batches(i)
         images = self.images[index]
         if self.cfg.augment:
             images = shift_and_flip(images, self.rngs["order"])
@@ -59,7 +63,22 @@ class RealDataTraining(TrainState):
             loss = losses.kd_loss(logits, target, self.cfg.temperature or 4.0)
         self.engine.optimize(loss, self.optimizer, f"{self.name} loss")
         self.schedulers["model"].step()
+        if self.holdout is not None and (i + 1) % self.steps_per_epoch == 0:
+            return {"loss": loss, "holdout_acc": self.keep_if_best()}
         return {"loss": loss}
+
+    def keep_if_best(self) -> float:
+        images, labels = self.holdout
+        accuracy = evaluate_model(self.model, images, labels, self.engine, self.num_classes)["accuracy"]
+        self.engine.metrics.write({"event": "holdout", "stage": self.name, "holdout_acc": accuracy})
+        if accuracy > self.buffers["best_holdout_acc"].item():
+            self.buffers["best_holdout_acc"] = torch.tensor(accuracy)
+            self.modules["best"].load_state_dict(self.modules["model"].state_dict())
+        return accuracy
+
+    def chosen(self) -> nn.Module:
+        """The model to keep: the best epoch on the holdout images, else the last."""
+        return self.modules["best"] if self.holdout is not None else self.modules["model"]
 
     def stages(self) -> list[Stage]:
         frozen = [self.teacher] if self.teacher is not None else []

@@ -44,7 +44,7 @@ class DistillMethod(TrainState):
     source: Synthesizer
 
     def __init__(self, cfg: StrictModel, setup: DistillSetup):
-        super().__init__()
+        super().__init__(setup.engine.device)
         self.cfg = cfg
         self.setup = setup
         self.engine = setup.engine
@@ -54,11 +54,6 @@ class DistillMethod(TrainState):
 
     def stages(self) -> list[Stage]:
         raise NotImplementedError
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        # Buffers created lazily (a pool) come back from the checkpoint on the CPU.
-        self.buffers = {k: v.to(self.engine.device) for k, v in self.buffers.items()}
 
     @torch.no_grad()
     def samples(self, n: int) -> Tensor:

@@ -20,6 +20,7 @@ from dfkt.config import StrictModel
 from dfkt.data.augment import shift_and_flip
 from dfkt.engine import Stage
 from dfkt.synthesis import Synthesizer
+from dfkt.training import make_optimizer
 
 if TYPE_CHECKING:
     from dfkt.dfkd.base import DistillMethod
@@ -52,12 +53,9 @@ class StudentTrainer:
         self.synthesize_every = synthesize_every
         self.loss = loss or (lambda s, t, x: {"loss": losses.kd_loss(s, t, cfg.temperature)})
         engine = method.engine
-        params = method.student.parameters()
-        optimizer = (torch.optim.Adam(params, lr=cfg.student_lr, weight_decay=cfg.student_weight_decay)
-                     if cfg.student_optimizer == "adam" else
-                     torch.optim.SGD(params, lr=cfg.student_lr, momentum=cfg.student_momentum,
-                                     weight_decay=cfg.student_weight_decay))
-        self.optimizer = engine.prepare_optimizer(optimizer)
+        self.optimizer = engine.prepare_optimizer(make_optimizer(
+            list(method.student.parameters()), cfg.student_optimizer, cfg.student_lr, cfg.student_momentum,
+            cfg.student_weight_decay))
         milestones = [m * cfg.student_steps_per_epoch for m in cfg.lr_milestones]
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, cfg.lr_gamma)
         method.optimizers["student"] = self.optimizer

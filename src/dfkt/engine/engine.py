@@ -121,14 +121,14 @@ class Engine:
     def eval_mode(self, *modules: nn.Module) -> Iterator[None]:
         """Eval mode (BatchNorm running statistics, no dropout) for the block, then the modes
         the modules had before: the one place outside stages where modes change."""
-        before = [m.training for m in modules]
+        before = [(sub, sub.training) for m in modules for sub in m.modules()]
         for m in modules:
             m.eval()
         try:
             yield
-        finally:
-            for m, training in zip(modules, before):
-                m.train(training)
+        finally:  # per submodule: a model with only its BatchNorm layers training comes back as it was
+            for sub, training in before:
+                sub.training = training
 
     def seed_everything(self, seed: int) -> None:
         random.seed(seed)
@@ -201,10 +201,10 @@ class Engine:
             if index < position["stage"] or position["budget_hit"]:
                 continue
             first = position["step"] if index == position["stage"] else 0
+            for module in stage.frozen:  # frozen first: a stage may train parts of a frozen model
+                module.eval()
             for module in stage.train:
                 module.train()
-            for module in stage.frozen:
-                module.eval()
             if stage.begin is not None:  # e.g. filling a pool: timed apart, but inside the budget
                 begun = time.perf_counter()
                 stage.begin()

@@ -12,7 +12,8 @@ class TrainState:
     """Trainable modules, optimizers, schedulers, private RNGs and tensors, kept in dicts so that
     one generic ``state_dict`` captures all a resume needs. Subclasses fill the dicts."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device  # where buffers loaded from a checkpoint go (they are saved on the CPU)
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, Any] = {}
@@ -39,4 +40,5 @@ class TrainState:
             gen.set_state(state["rngs"][key])
         for key, value in state["buffers"].items():
             current = self.buffers.get(key)
-            self.buffers[key] = value.to(current.device) if current is not None else value
+            device = current.device if current is not None else self.device
+            self.buffers[key] = value if device is None else value.to(device)

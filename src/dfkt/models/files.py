@@ -32,7 +32,8 @@ class ModelInfo:
     std: tuple[float, ...]
     dataset: str = ""
 
-    def check_fits(self, num_classes: int, channels: int, image_size: int, what: str) -> None:
+    def check_fits(self, num_classes: int, channels: int, image_size: int, what: str,
+                   size_key: str = "data.image_size") -> None:
         """Raise a one-line error when data of this shape cannot be fed to the model."""
         problems = []
         if num_classes != self.num_classes:
@@ -44,7 +45,7 @@ class ModelInfo:
         if problems:
             raise ModelFileError(f"{what} does not fit the model ({'; '.join(problems)}); "
                                  f"use the data the model was trained on ({self.dataset or 'unknown'}) "
-                                 "or set data.image_size to match")
+                                 f"or set {size_key} to match")
 
 
 def save_model(model: nn.Module, info: ModelInfo, path: str | Path) -> Path:

@@ -1,0 +1,221 @@
+"""Offline adaptation over several epochs of the target set: SHOT, SHOT-IM, NRC, AaD."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from dfkt import losses
+from dfkt.engine import Stage
+from dfkt.errors import ConfigError
+from dfkt.registry import ADAPT_METHODS
+from dfkt.sfda.base import AdaptMethod, AdaptSetup, OfflineConfig, OnlineConfig
+from dfkt.sfda.clustering import shot_pseudo_labels
+from dfkt.training import shot_decay
+
+CHUNK = 1000
+
+
+class OfflineMethod(AdaptMethod):
+    """Trains ``trainable_parameters()`` with SHOT's lr decay for ``epochs`` passes over the target."""
+
+    def __init__(self, cfg: OfflineConfig, setup: AdaptSetup):
+        super().__init__(cfg, setup)
+        self.total_steps = cfg.epochs * self.batches.steps_per_epoch
+        optimizer = self.optimizers["model"] = self.optimizer(self.trainable_parameters())
+        self.schedulers["model"] = shot_decay(optimizer, self.total_steps)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.model.parameters())
+
+    @torch.no_grad()
+    def features_and_probs(self) -> tuple[Tensor, Tensor]:
+        """Bottleneck features and softmax of every target image in eval mode (BatchNorm running
+        statistics, no dropout) and in fp32, whatever mode and precision training uses."""
+        features, probs = [], []
+        with self.engine.eval_mode(self.model), torch.autocast(self.engine.device.type, enabled=False):
+            for start in range(0, len(self.images), CHUNK):
+                f = self.model.forward_features(self.images[start:start + CHUNK].float()).float()
+                features.append(f)
+                probs.append(F.softmax(self.model.classify(f).float(), dim=1))
+        return torch.cat(features), torch.cat(probs)
+
+    def before_step(self, i: int) -> None:
+        """Work at the start of a step, before its forward pass (e.g. a pseudo-label refresh)."""
+
+    def loss(self, i: int, index: Tensor, features: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def step(self, i: int) -> dict[str, Tensor | float]:
+        self.before_step(i)
+        index = self.batches(i)
+        features = self.model.forward_features(self.images[index])
+        terms = self.loss(i, index, features, self.model.classify(features))
+        self.engine.optimize(terms["loss"], self.optimizers["model"], f"{self.name} loss")
+        self.schedulers["model"].step()
+        return terms
+
+    def begin(self) -> None:
+        """Runs when the stage starts or resumes (e.g. to fill memory banks)."""
+
+    def stages(self) -> list[Stage]:
+        return [Stage("adapt", self.total_steps, self.step, train=[self.model], begin=self.begin, evaluate=True)]
+
+
+class SHOTConfig(OfflineConfig):
+    beta: float = Field(0.1, ge=0, description="pseudo-label weight: 0.1 digits, 0.3 objects; 0 is SHOT-IM")
+
+
+class SHOTIMConfig(OfflineConfig):
+    beta: float = Field(0.0, ge=0, le=0, description="SHOT-IM has no pseudo-label term")
+
+
+@ADAPT_METHODS.register("shot")
+class SHOT(OfflineMethod):
+    """SHOT: the head (hypothesis) stays frozen; the backbone learns
+    L = mean H(p_i) − H(p̄) + β·CE(p_i, ŷ_i), ŷ refreshed by clustering at every epoch's start."""
+
+    Config = SHOTConfig
+    name = "shot"
+    summary = "offline: frozen head; information maximisation + clustered pseudo-labels"
+    presets = {"paper": {}, "paper-objects": {"beta": 0.3}, "cpu": {"epochs": 5}}
+
+    def __init__(self, cfg: SHOTConfig, setup: AdaptSetup):
+        super().__init__(cfg, setup)
+        self.model.head.requires_grad_(False)
+        self.buffers["pseudo_labels"] = torch.zeros(len(self.images), dtype=torch.long, device=self.engine.device)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.model.backbone.parameters())
+
+    def before_step(self, i: int) -> None:
+        if self.cfg.beta > 0 and i % self.batches.steps_per_epoch == 0:
+            self.buffers["pseudo_labels"] = shot_pseudo_labels(*self.features_and_probs())
+
+    def loss(self, i: int, index: Tensor, features: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        im = losses.information_maximization_loss(logits)
+        if self.cfg.beta == 0:
+            return {"loss": im, "im": im}
+        ce = F.cross_entropy(logits.float(), self.buffers["pseudo_labels"][index])
+        return {"loss": im + self.cfg.beta * ce, "im": im, "pseudo_ce": ce}
+
+
+@ADAPT_METHODS.register("shot_im")
+class SHOTIM(SHOT):
+    Config = SHOTIMConfig
+    name = "shot_im"
+    summary = "offline: frozen head; information maximisation only"
+    presets = {"paper": {}, "cpu": {"epochs": 5}}
+
+
+class NRCConfig(OfflineConfig):
+    k: int = Field(3, ge=1, description="nearest neighbours in the feature bank")
+    m: int = Field(2, ge=1, description="neighbours of each neighbour (the expanded neighbourhood)")
+    reciprocal_within: Literal["m", "k"] = Field("m", description="a neighbour counts as reciprocal when the "
+                                                 "sample is among its m nearest (authors' code) or k nearest (paper)")
+
+
+class AaDConfig(OfflineConfig):
+    k: int = Field(5, ge=1, description="nearest neighbours in the feature bank")
+    alpha: float = Field(1.0, ge=0)
+    beta: float = Field(5.0, ge=0)
+
+
+class NeighbourMethod(OfflineMethod):
+    """A feature bank (L2-normalised bottleneck features) and a score bank (softmax), filled by one
+    eval-mode pass when adaptation begins and overwritten row by row as batches are seen. The
+    neighbour search runs in fp32 and excludes each sample itself by index."""
+
+    def __init__(self, cfg: NRCConfig | AaDConfig, setup: AdaptSetup):
+        super().__init__(cfg, setup)
+        needed = max(cfg.k, getattr(cfg, "m", 0)) + 2
+        if len(self.images) < needed:
+            raise ConfigError(f"{self.name} needs at least {needed} target images to adapt on (k={cfg.k}); "
+                              f"got {len(self.images)}")
+
+    def begin(self) -> None:
+        if "feature_bank" not in self.buffers:
+            features, probs = self.features_and_probs()
+            self.buffers["feature_bank"], self.buffers["score_bank"] = F.normalize(features, dim=1), probs
+
+    @torch.no_grad()
+    def update_banks(self, index: Tensor, features: Tensor, probs: Tensor) -> Tensor:
+        """Write the batch into the banks; returns its normalised features."""
+        f = F.normalize(features.detach().float(), dim=1)
+        self.buffers["feature_bank"][index] = f
+        self.buffers["score_bank"][index] = probs.detach().float()
+        return f
+
+    def neighbours(self, queries: Tensor, k: int, exclude: Tensor) -> Tensor:
+        """Indices of the ``k`` bank rows most cosine-similar to each query, its own row ``exclude`` left out."""
+        with torch.autocast(self.engine.device.type, enabled=False):
+            similarity = queries.float() @ self.buffers["feature_bank"].t()
+            similarity.scatter_(-1, exclude.unsqueeze(-1), -float("inf"))
+            return similarity.topk(k, dim=-1).indices
+
+
+@ADAPT_METHODS.register("nrc")
+class NRC(NeighbourMethod):
+    """NRC (Yang et al., NeurIPS 2021):
+    L = −Σ_{k∈N_K(i)} A_ik·S_kᵀp_i − 0.1·Σ_{m∈E_M(i)} S_mᵀp_i + Σ p̄ log p̄,
+    A_ik = 1 when i is also among k's nearest neighbours (reciprocal), else 0.1; E_M(i) are the M
+    nearest neighbours of i's neighbours. The classifier trains too."""
+
+    Config = NRCConfig
+    name = "nrc"
+    summary = "offline: neighbourhood clustering with reciprocal affinities over feature/score banks"
+    presets = {"paper": {"k": 5, "m": 5}, "cpu": {"epochs": 5}}
+
+    def loss(self, i: int, index: Tensor, features: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        cfg = self.cfg
+        probs = F.softmax(logits.float(), dim=1)
+        with torch.no_grad():
+            near = self.neighbours(self.update_banks(index, features, probs), cfg.k, index)  # B×K
+            bank = self.buffers["feature_bank"]
+            near_of_near = self.neighbours(bank[near], cfg.m, near)  # B×K×M
+            mutual = near_of_near if cfg.reciprocal_within == "m" else self.neighbours(bank[near], cfg.k, near)
+            affinity = torch.where((mutual == index[:, None, None]).any(dim=-1), 1.0, 0.1)
+        scores = self.buffers["score_bank"]
+        attract = losses.neighbour_affinity_loss(probs, scores[near], affinity)
+        expanded = losses.neighbour_affinity_loss(probs, scores[near_of_near].flatten(1, 2), 0.1)
+        mean_prob = probs.mean(dim=0)
+        balance = (mean_prob * torch.log(mean_prob.clamp_min(1e-12))).sum()
+        return {"loss": attract + expanded + balance, "attract": attract, "expanded": expanded, "balance": balance}
+
+
+@ADAPT_METHODS.register("aad")
+class AaD(NeighbourMethod):
+    """AaD, attracting and dispersing (Yang et al., NeurIPS 2022):
+    L = −Σ_{k∈N_K(i)} S_kᵀp_i + λ_t·Σ_{j≠i in batch} p_iᵀp_j,  λ_t = α(1 + 10t/T)^−β.
+    The classifier trains too."""
+
+    Config = AaDConfig
+    name = "aad"
+    summary = "offline: attract neighbours' predictions, disperse the batch's"
+    presets = {"paper": {}, "cpu": {"epochs": 5}}
+
+    def loss(self, i: int, index: Tensor, features: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        probs = F.softmax(logits.float(), dim=1)
+        with torch.no_grad():
+            near = self.neighbours(self.update_banks(index, features, probs), self.cfg.k, index)
+        attract = losses.neighbour_affinity_loss(probs, self.buffers["score_bank"][near])
+        disperse = losses.dispersion_loss(probs)
+        weight = self.cfg.alpha * (1 + 10 * i / self.total_steps) ** -self.cfg.beta
+        return {"loss": attract + weight * disperse, "attract": attract, "disperse": disperse}
+
+
+@ADAPT_METHODS.register("source_only")
+class SourceOnly(AdaptMethod):
+    """The source model as it is: the baseline every method is compared with."""
+
+    Config = OnlineConfig
+    name = "source_only"
+    summary = "no adaptation: evaluates the source model on the target"
+    presets = {"paper": {}, "cpu": {}}
+
+    def stages(self) -> list[Stage]:
+        return []

@@ -1,0 +1,217 @@
+"""Source-free adaptation on shifted digits, in seconds: every method, and the rules they must keep."""
+
+import copy
+
+import pytest
+import torch
+
+import dfkt
+from dfkt.cli import main
+from dfkt.config import EngineConfig
+from dfkt.engine import Engine
+from dfkt.models.files import load_model
+from dfkt.registry import ADAPT_METHODS
+from dfkt.sfda.base import AdaptSetup
+from tests.conftest import FAST_ENGINE
+
+OFFLINE = ["shot", "shot_im", "nrc", "aad"]
+
+
+@pytest.fixture(scope="session")
+def digits_source(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("source")
+    summary = dfkt.train_source("shot_dtn", "digits", epochs=15, overrides=FAST_ENGINE, out=out)
+    assert summary["source_acc"] > 0.9 and "held-out" in summary["selection"]
+    return summary["model_file"]
+
+
+@pytest.mark.parametrize("method", ["bn_adapt", "tent", *OFFLINE])
+def test_every_method_improves_over_source_only_on_an_easy_shift(method, digits_source, tmp_path):
+    summary = dfkt.adapt(method, digits_source, "digits-c:contrast:5", overrides=FAST_ENGINE, out=tmp_path)
+    before, after = summary["source_only"], summary["adapted"]
+    assert after["transductive"] > before["transductive"] + 0.15, summary
+    assert after["inductive"] > before["inductive"] + 0.15, summary
+    assert summary["online"] == (method in ("bn_adapt", "tent"))
+
+
+def make(method: str, source: str, **params):
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    model = engine.prepare(load_model(source)[0], trainable=True)
+    images = torch.randn(96, 1, 8, 8)
+    cls = ADAPT_METHODS.get(method)
+    epochs = {"epochs": 1} if "epochs" in cls.Config.model_fields else {}
+    return cls(cls.Config(**{**cls.presets["cpu"], **epochs, **params}), AdaptSetup(model, images, engine))
+
+
+def run_steps(runner, n: int) -> None:
+    """The first ``n`` steps of each stage, through the engine (which sets the modes)."""
+    for stage in runner.stages():
+        stage.steps = min(n, stage.steps)
+        stage.evaluate = False
+        runner.engine.run([stage], runner, {})
+
+
+def params_of(module) -> dict:
+    return {k: p.detach().clone() for k, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("method, head_trains", [("shot", False), ("shot_im", False), ("nrc", True), ("aad", True)])
+def test_which_methods_train_the_head(method, head_trains, digits_source):
+    runner = make(method, digits_source)
+    head, backbone = params_of(runner.model.head), params_of(runner.model.backbone)
+    run_steps(runner, 3)
+    changed = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert changed(head, params_of(runner.model.head)) == head_trains
+    assert changed(backbone, params_of(runner.model.backbone))
+
+
+def test_tent_updates_only_batchnorm_affine_parameters(digits_source):
+    runner = make("tent", digits_source)
+    before = params_of(runner.model)
+    modes = []
+    for m in runner.model.modules():  # BatchNorm normalises with the batch; dropout is off
+        if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout, torch.nn.Dropout2d)):
+            m.register_forward_hook(lambda m, i, o: modes.append((type(m).__name__, m.training)))
+    run_steps(runner, 1)
+    assert modes and all(training == ("BatchNorm" in name) for name, training in modes)
+    after = params_of(runner.model)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    bn = {f"{name}.{p}" for name, m in runner.model.named_modules()
+          if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for p in ("weight", "bias")}
+    assert moved and moved <= bn
+
+
+def test_pseudo_label_and_bank_passes_run_in_eval_mode(digits_source):
+    for method in ("shot", "nrc"):
+        runner = make(method, digits_source)
+        modes = []
+        hook = runner.model.backbone.register_forward_hook(lambda m, i, o: modes.append((m.training, len(i[0]))))
+        run_steps(runner, 1)
+        hook.remove()
+        whole_set = [training for training, n in modes if n == 96]
+        assert whole_set and not any(whole_set), method  # the pass over all target images is in eval mode
+        assert any(training for training, n in modes if n < 96)  # the training step is not
+        assert runner.model.training
+
+
+def test_adaptation_resumes_exactly_with_its_banks(digits_source, tmp_path):
+    from safetensors.torch import load_file
+
+    settings = FAST_ENGINE + ["engine.deterministic=true", "params.epochs=6"]
+    whole = dfkt.adapt("nrc", digits_source, "digits-c:rotate:3", overrides=settings, out=tmp_path / "whole")
+    part = dfkt.adapt("nrc", digits_source, "digits-c:rotate:3", overrides=settings, out=tmp_path / "part",
+                      max_seconds=whole["seconds"]["adapt"] / 3)
+    assert part["stopped_by_budget"]
+    dfkt.adapt("nrc", digits_source, "digits-c:rotate:3", overrides=settings, out=tmp_path / "part", resume=True)
+    a, b = load_file(tmp_path / "whole/model.safetensors"), load_file(tmp_path / "part/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def one_line_error(capsys, *args) -> str:
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dfkt: error: ") and "\n" not in err
+    return err
+
+
+def test_target_that_does_not_fit_the_source(capsys, digits_source, tmp_path):
+    from dfkt.models import build_model
+    from dfkt.models.files import ModelInfo, save_model
+
+    err = one_line_error(capsys, "adapt", "--source", digits_source, "--target", "fmnist-c:rotate:3",
+                         "--out", str(tmp_path / "a"))
+    assert "32px images vs the model's 8px" in err and "target.image_size" in err
+    for classes, channels, needle in ((5, 1, "10 classes vs the model's 5"), (10, 3, "1 channels vs the model's 3")):
+        other = save_model(build_model("shot_dtn", classes, channels, 8),
+                           ModelInfo("shot_dtn", classes, channels, 8, (0.3,) * channels, (0.4,) * channels, "digits"),
+                           tmp_path / f"m{classes}{channels}.safetensors")
+        err = one_line_error(capsys, "adapt", "--source", str(other), "--target", "digits-c:rotate:3",
+                             "--out", str(tmp_path / f"b{classes}{channels}"))
+        assert needle in err
+
+
+def test_tent_on_a_source_model_without_batchnorm(capsys, tmp_path):
+    from dfkt.models import build_model
+    from dfkt.models.files import ModelInfo, save_model
+
+    lenet = save_model(build_model("lenet5", 10, 1, 32), ModelInfo("lenet5", 10, 1, 32, (0.3,), (0.4,), "fmnist"),
+                       tmp_path / "lenet.safetensors")
+    from tests.test_cli_errors import write_fake_fmnist
+
+    write_fake_fmnist(tmp_path)
+    err = one_line_error(capsys, "adapt", "--method", "tent", "--source", str(lenet), "--target",
+                         "fmnist-c:contrast:3", "--data-root", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert "tent adapts BatchNorm layers" in err and "shot" in err
+
+
+def write_folder(root, images, labels=None):
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        folder = root if labels is None else root / str(int(labels[i]))
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(image[0].numpy()).save(folder / f"{i}.png")
+
+
+def test_a_folder_of_images_is_a_target(digits_source, tmp_path):
+    from dfkt.data import load_dataset
+
+    data = load_dataset("digits-c:contrast:5")
+    write_folder(tmp_path / "labelled", data.test_images[:120], data.test_labels[:120])
+    write_folder(tmp_path / "unlabelled", data.test_images[:120])
+    labelled = dfkt.adapt("bn_adapt", digits_source, str(tmp_path / "labelled"), overrides=FAST_ENGINE,
+                          out=tmp_path / "a")
+    assert labelled["adapted"]["inductive"] > labelled["source_only"]["inductive"] + 0.15
+    unlabelled = dfkt.adapt("shot", digits_source, str(tmp_path / "unlabelled"), overrides=FAST_ENGINE,
+                            out=tmp_path / "b")
+    assert unlabelled["adapted"] == {"transductive": None, "inductive": None}
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
+def test_empty_target_folder(capsys, digits_source, tmp_path):
+    (tmp_path / "empty").mkdir()
+    err = one_line_error(capsys, "adapt", "--source", digits_source, "--target", str(tmp_path / "empty"),
+                         "--out", str(tmp_path / "run"))
+    assert "holds no images" in err
+
+
+def test_folder_with_images_of_another_size(capsys, digits_source, tmp_path):
+    write_folder(tmp_path / "big", torch.zeros(3, 1, 16, 16, dtype=torch.uint8))
+    err = one_line_error(capsys, "adapt", "--source", digits_source, "--target", str(tmp_path / "big"),
+                         "--out", str(tmp_path / "run"))
+    assert "16px images vs the model's 8px" in err
+
+
+def test_shot_pseudo_labels_by_hand():
+    from dfkt.sfda.clustering import shot_pseudo_labels
+
+    # Two tight groups of features; the model's probabilities are soft but lean the right way.
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    probs = torch.tensor([[0.6, 0.4], [0.4, 0.6], [0.3, 0.7], [0.35, 0.65]])
+    assert shot_pseudo_labels(features, probs).tolist() == [0, 0, 1, 1]  # sample 1 corrected by clustering
+    # A class the model never predicts (argmax) is never assigned.
+    probs3 = torch.tensor([[0.5, 0.1, 0.4], [0.5, 0.1, 0.4], [0.1, 0.5, 0.4], [0.1, 0.5, 0.4]])
+    assert 2 not in shot_pseudo_labels(features, probs3).tolist()
+
+
+def test_nrc_affinity_is_one_for_reciprocal_neighbours(digits_source):
+    runner = make("nrc", digits_source, k=1, m=1)
+    bank = torch.tensor([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0], [0.8, 0.6]])
+    runner.buffers["feature_bank"] = torch.nn.functional.normalize(bank, dim=1)
+    index = torch.tensor([0, 3])
+    near = runner.neighbours(runner.buffers["feature_bank"][index], 1, index)
+    assert near.flatten().tolist() == [1, 1]  # 0 and 3 both lean towards row 1 ...
+    back = runner.neighbours(runner.buffers["feature_bank"][near], 1, near)
+    assert back.flatten().tolist() == [0, 0]  # ... whose own nearest is 0: reciprocal for 0, not for 3
+
+
+def test_engine_sets_frozen_modes_before_trained_ones():
+    from dfkt.engine import Stage
+
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2), torch.nn.Dropout(0.5))
+    seen = []
+    engine.run([Stage("s", 1, lambda i: seen.append((model[1].training, model[2].training)) or {},
+                      train=[model[1]], frozen=[model])], None, {})
+    assert seen == [(True, False)]
