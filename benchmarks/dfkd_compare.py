@@ -16,10 +16,8 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +26,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
-from common import accuracy_at, command_line, finished, machine, mean_std, time_to_reach, write  # noqa: E402
+from common import (accuracy_at, command_line, engine_settings, finished, machine, mean_std,  # noqa: E402
+                    positive_int, precisions, run_in_parallel, run_logged, set_flags, time_to_reach, write)
 
 from dfkt import api  # noqa: E402
 from dfkt.config import EngineConfig, RealTrainingConfig  # noqa: E402
@@ -60,12 +59,6 @@ BENCHES = {
     "b2-wrn": Bench("B2: Fashion-MNIST, WRN-16-2 -> WRN-16-1", "fmnist", "wrn16_2", 15, "wrn16_1",
                     600, (120, 300, 600), (0.80, 0.85), 200),
 }
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
 
 
 def parse_args() -> argparse.Namespace:
@@ -106,13 +99,12 @@ def run_dir(work: Path, method: str, seed: int) -> Path:
 
 def distill_command(args: argparse.Namespace, bench: Bench, method: str, seed: int) -> list[str]:
     """The `dfkt distill` call of one run; --resume makes a run killed midway continue."""
-    threads = [f"engine.threads={args.threads_per_run}"] if args.threads_per_run else []
-    settings = [f"engine.seed={seed}", *threads, "engine.progress=false", f"eval_every={bench.eval_every}",
+    settings = [*engine_settings(seed, args.threads_per_run), f"eval_every={bench.eval_every}",
                 *prior_off(bench, method), *args.overrides]
     return [sys.executable, "-m", "dfkt.cli", "distill", "--method", method, "--teacher", str(args.work / "teacher"),
             "--student", bench.student, "--preset", "cpu", "--max-seconds", f"{args.budget:g}",
             "--out", str(run_dir(args.work, method, seed)), "--resume",
-            *(x for s in settings for x in ("--set", s))]
+            *set_flags(settings)]
 
 
 def prior_off(bench: Bench, method: str) -> list[str]:
@@ -122,25 +114,8 @@ def prior_off(bench: Bench, method: str) -> list[str]:
 
 
 def run(command: list[str], folder: Path) -> dict:
-    """One run's summary, reused if finished, else run now.
-    A failure gives {"failed": last line of its log} and leaves the other runs to go on."""
-    summary = finished(folder)
-    if summary is not None:
-        print(f"{folder}: reused, student {summary['student_acc']:.4f}", flush=True)
-        return summary
-    log = folder.with_suffix(".log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with log.open("w") as stderr:
-        code = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr).returncode
-    summary = finished(folder)
-    if code == 0 and summary is not None:
-        print(f"{folder}: student {summary['student_acc']:.4f} in {time.perf_counter() - started:.0f} s", flush=True)
-        return summary
-    lines = [line for line in log.read_text().splitlines() if line.strip()]
-    failure = lines[-1] if lines else f"exit code {code} with an empty log"
-    print(f"{folder}: FAILED: {failure}", flush=True)
-    return {"failed": failure, "log": str(log)}
+    """One run's summary, reused if finished, else run now; a failure gives {"failed": ...}."""
+    return run_logged(command, folder, lambda summary: f"student {summary['student_acc']:.4f}")
 
 
 def run_all(args: argparse.Namespace, bench: Bench) -> dict[str, dict[int, dict]]:
@@ -152,23 +127,13 @@ def run_all(args: argparse.Namespace, bench: Bench) -> dict[str, dict[int, dict]
         method, seed = job
         return run(distill_command(args, bench, method, seed), run_dir(args.work, method, seed))
 
-    pool = ThreadPoolExecutor(args.parallel)
-    try:
-        done = dict(zip(jobs, pool.map(one, jobs)))
-    finally:  # on Ctrl-C, start no further run (the running ones got the interrupt too)
-        pool.shutdown(cancel_futures=True)
+    done = run_in_parallel(jobs, one, args.parallel)
     return {m: {s: done[m, s] for s in args.seeds} for m in args.methods}
 
 
 def budgets(bench: Bench, budget: float) -> list[float]:
     """The budgets reported: the bench's ones below the run budget, then the run budget itself."""
     return [b for b in bench.checkpoints if b < budget] + [budget]
-
-
-def precisions(work: Path, runs: dict[str, dict[int, dict]]) -> list[str]:
-    """The precisions the runs resolved (engine.precision=auto depends on the CPU)."""
-    files = [run_dir(work, m, s) / "env.json" for m, seeds in runs.items() for s in seeds]
-    return sorted({json.loads(f.read_text())["precision"] for f in files if f.is_file()})
 
 
 def reference_students(work: Path, bench: Bench) -> dict:
@@ -193,7 +158,8 @@ def results(args: argparse.Namespace, bench: Bench, teacher: dict, references: d
     return {
         "command": command_line(), "date": time.strftime("%Y-%m-%d"),
         "machine": {**machine(), "threads_per_run": args.threads_per_run, "parallel": args.parallel,
-                    "precision": precisions(args.work, runs)},
+                    "precision": precisions(run_dir(args.work, m, s) for m, seeds in runs.items()
+                                             for s in seeds)},
         "bench": {"name": args.bench, **asdict(bench), "budget": args.budget, "seeds": args.seeds,
                   "methods": args.methods, "overrides": args.overrides, "work": str(args.work)},
         "teacher": teacher,
