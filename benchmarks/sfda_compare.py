@@ -170,15 +170,9 @@ def source_model(args: argparse.Namespace) -> dict:
 
 
 # -- the oracle ----------------------------------------------------------------------------------
-def halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (adapted, held-out) halves exactly as api.adapt draws them, which does not expose them."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[: n // 2], order[n // 2:]
-
-
 def target_data(target: str, info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's normalised images and labels, as `dfkt adapt` builds them."""
-    _, images, labels = api._target_images(DataConfig(name=target), info)
+    _, images, labels = api.target_images(DataConfig(name=target), info)
     return normalize(images, info.mean, info.std), labels
 
 
@@ -187,7 +181,7 @@ def train_oracle(source_file: Path, info: ModelInfo, images: torch.Tensor, label
     """The source model fine-tuned with cross-entropy on the labelled adapted half, scored on both
     halves; the source model is scored there too, so a target whose runs all failed still has one."""
     engine = Engine(EngineConfig(seed=seed, progress=False, threads=args.threads_per_run))
-    adapted, held_out = halves(len(labels), args.split_seed)
+    adapted, held_out = api.target_halves(len(labels), args.split_seed)
 
     def accuracy(net: torch.nn.Module, index: torch.Tensor) -> float:
         return evaluate_model(net, images[index], labels[index], engine, info.num_classes)["accuracy"]

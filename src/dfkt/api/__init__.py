@@ -1,0 +1,11 @@
+"""The public functions. Every CLI subcommand is a thin shell over one of these."""
+
+from dfkt import dfkd, sfda  # noqa: F401  (importing registers the methods)
+from dfkt.api.adapt import adapt, target_halves, target_images
+from dfkt.api.common import list_names
+from dfkt.api.distill import DEFAULT_STUDENT, distill, resolve_distill_config
+from dfkt.api.evaluate import evaluate
+from dfkt.api.train import train_references, train_source, train_teacher
+
+__all__ = ["DEFAULT_STUDENT", "adapt", "distill", "evaluate", "list_names", "resolve_distill_config",
+           "target_halves", "target_images", "train_references", "train_source", "train_teacher"]

@@ -1,0 +1,67 @@
+"""Pieces the public functions share: layered settings, result-affecting settings, test data, method configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dfkt.config import DataConfig, DistillConfig, TeacherConfig, apply_overrides, load_yaml, merge, validate
+from dfkt.data import ImageData, load_dataset, normalize
+from dfkt.engine import Engine
+from dfkt.errors import ConfigError
+from dfkt.models.files import ModelInfo
+from dfkt.registry import ADAPT_METHODS, DATASETS, METHODS, MODELS
+
+
+def list_names(kind: str) -> list[str]:
+    registries = {"methods": METHODS, "adapt-methods": ADAPT_METHODS, "models": MODELS, "datasets": DATASETS}
+    if kind not in registries:
+        raise ConfigError(f"unknown list {kind!r}; choose one of: {', '.join(registries)}")
+    return registries[kind].names()
+
+
+def layered(config: str | Path | dict | None, flags: dict[str, Any], overrides: Sequence[str]) -> dict:
+    """defaults <- YAML file <- command-line flags <- --set overrides."""
+    raw = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
+    for key, value in flags.items():
+        if value is not None:
+            node, *rest = key.split(".")
+            raw = merge(raw, {node: {rest[0]: value}} if rest else {node: value})
+    return apply_overrides(raw, overrides)
+
+
+# Settings that change neither numbers nor weights: a resume may alter them freely.
+RUN_ONLY = {"engine", "eval_every", "max_seconds", "references", "reference", "preset", "params", "teacher", "data"}
+
+
+def result_settings(cfg: TeacherConfig | DistillConfig, engine: Engine) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint: the config less run-only settings."""
+    kept = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_ONLY}
+    if isinstance(cfg, TeacherConfig):
+        kept["data"] = {"name": cfg.data.name, "image_size": cfg.data.image_size}
+    return {**kept, **engine.fingerprint()}
+
+
+def evaluation_data(data: DataConfig, info: ModelInfo, size_key: str = "data.image_size") -> ImageData:
+    """The test data for a model: by default its own dataset (or a shifted version of it) at its own
+    image size; another dataset must fit the model as it comes (or with ``size_key``, e.g.
+    data.image_size), never silently resized."""
+    own = data.name is None or data.name.split("-c:")[0] == info.dataset
+    size = data.image_size or (info.image_size if own else None)
+    dataset = load_dataset(data.name or info.dataset, data.root, data.download, size)
+    info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}", size_key)
+    return dataset
+
+
+def normalized(images: torch.Tensor, info: ModelInfo) -> torch.Tensor:
+    return normalize(images, info.mean, info.std)
+
+
+def method_config(method_cls: Any, name: str, preset: str | None, params: dict) -> Any:
+    """A method's validated config: its preset, then the run's ``params`` on top."""
+    if preset is not None and preset not in method_cls.presets:
+        raise ConfigError(f"unknown preset {preset!r} for {name}; valid presets: {', '.join(method_cls.presets)}")
+    return validate(method_cls.Config, merge(method_cls.presets.get(preset, {}) if preset else {}, params),
+                    where=f"{name} params")

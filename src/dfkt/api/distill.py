@@ -1,0 +1,128 @@
+"""``dfkt distill``: data-free knowledge distillation of a teacher into a student."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dfkt.api.common import evaluation_data, layered, method_config, normalized, result_settings
+from dfkt.api.train import train_references
+from dfkt.config import DistillConfig, dump_yaml, validate
+from dfkt.dfkd.base import DistillSetup
+from dfkt.diagnostics import collapse_warnings
+from dfkt.engine import Engine
+from dfkt.errors import ConfigError, DfktError
+from dfkt.models import build_model
+from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info, save_model
+from dfkt.registry import METHODS, MODELS
+from dfkt.report.grid import save_class_grid
+from dfkt.runs import make_run_dir, write_json
+from dfkt.supervised import evaluate_model
+
+# The half-width student paired with each teacher in the papers.
+DEFAULT_STUDENT = {"lenet5": "lenet5_half", "digits_cnn": "digits_cnn_half", "resnet34": "resnet18",
+                   "wrn40_2": "wrn16_1", "wrn16_2": "wrn16_1"}
+GRID_SAMPLES = 500
+
+
+def resolve_distill_config(method: str | None = None, teacher: str | Path | None = None,
+                           student: str | None = None, preset: str | None = None, data: str | None = None,
+                           data_root: str | None = None, config: str | Path | dict | None = None,
+                           overrides: Sequence[str] = (), max_seconds: float | None = None,
+                           references: bool | None = None) -> tuple[DistillConfig, Any]:
+    """The validated run config and the method's own validated config (preset <- params)."""
+    raw = layered(config, {"method": method, "teacher": str(teacher) if teacher else None, "student": student,
+                          "preset": preset, "max_seconds": max_seconds, "references": references,
+                          "data.name": data, "data.root": data_root}, overrides)
+    cfg = validate(DistillConfig, raw)
+    if not cfg.teacher:
+        raise ConfigError("no teacher given; pass --teacher FILE (a model.safetensors from 'dfkt train-teacher')")
+    return cfg, method_config(METHODS.get(cfg.method), cfg.method, cfg.preset, cfg.params)
+
+
+def distill(method: str | None = None, teacher: str | Path | None = None, student: str | None = None,
+            preset: str | None = None, data: str | None = None, data_root: str | None = None,
+            config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+            out: str | Path | None = None, resume: bool = False, max_seconds: float | None = None,
+            references: bool | None = None) -> dict[str, Any]:
+    """Distil ``teacher`` into a student without its training data. Returns the summary."""
+    cfg, method_cfg = resolve_distill_config(method, teacher, student, preset, data, data_root, config,
+                                             overrides, max_seconds, references)
+    teacher_path = model_path(cfg.teacher)
+    info = read_info(teacher_path)
+    student_arch = cfg.student or DEFAULT_STUDENT.get(info.arch)
+    if student_arch is None:
+        raise ConfigError(f"no default student for a {info.arch} teacher; pass --student (see 'dfkt list models')")
+    MODELS.get(student_arch)
+    dataset = evaluation_data(cfg.data, info)
+    run_dir = make_run_dir(out, f"distill-{cfg.method}", resume)
+    engine = Engine(cfg.engine, run_dir)
+    # Saved in the shape --config reads, with the preset already folded into params.
+    resolved = cfg.model_copy(update={"preset": None, "params": method_cfg.model_dump(mode="json"),
+                                      "teacher": str(teacher_path), "student": student_arch})
+    teacher_net = engine.prepare(load_model(teacher_path)[0], trainable=False)
+    student_net = build_model(student_arch, info.num_classes, info.in_channels, info.image_size)
+    setup = DistillSetup(teacher_net, engine.prepare(student_net, trainable=True), info.num_classes,
+                         info.in_channels, info.image_size, engine)
+    runner = METHODS.get(cfg.method)(method_cfg, setup)
+    test_x, test_y = normalized(dataset.test_images, info), dataset.test_labels
+
+    def test_acc(model) -> float:
+        return evaluate_model(model, test_x, test_y, engine, info.num_classes)["accuracy"]
+
+    run_config = {**result_settings(cfg, engine), "student": student_arch, "data": dataset.name,
+                  "method_params": method_cfg.model_dump(mode="json"), "teacher_sha256": model_sha256(teacher_path)}
+    started = time.perf_counter()
+    stages = runner.stages()
+    result = engine.run(stages, runner, run_config, lambda: {"test_acc": test_acc(setup.student)},
+                        cfg.eval_every, cfg.max_seconds, resume,
+                        on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"))
+    if result.stopped_by_budget and stages[-1].name not in result.seconds:
+        engine.close()
+        raise DfktError(f"the time budget ({cfg.max_seconds:g} s) ran out before the {stages[-1].name} stage "
+                        f"began; continue with --resume --out {run_dir} and a larger --max-seconds")
+    final = evaluate_model(setup.student, test_x, test_y, engine, info.num_classes)
+    student_info = ModelInfo(student_arch, info.num_classes, info.in_channels, info.image_size,
+                             info.mean, info.std, info.dataset)
+    save_model(student_net, student_info, run_dir / "student.safetensors")
+    images, histogram, confidence = _sample_grid(runner, teacher_net, info, run_dir / "samples.png")
+    warnings = collapse_warnings(images, histogram, method_cfg)
+    for warning in warnings:
+        engine.metrics.write({"event": "warning", "message": warning})
+    in_student = result.sections.get("synthesis", 0.0)  # synthesis interleaved with student steps
+    curve = [{k: e[k] for k in ("step", "train_seconds", "test_acc")} for e in result.evaluations]
+    summary: dict[str, Any] = {
+        "method": cfg.method, "preset": cfg.preset, "dataset": dataset.name, "teacher": str(teacher_path),
+        "student": student_arch, "teacher_acc": test_acc(teacher_net), "student_acc": final["accuracy"],
+        "student_best_on_test_acc": max([e["test_acc"] for e in curve] + [final["accuracy"]]),
+        "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
+        "student_per_class_acc": final["per_class"],
+        "seconds": {"synthesis": sum(s for name, s in result.seconds.items() if name != "student") + in_student,
+                    "student": result.seconds.get("student", 0.0) - in_student,
+                    "total": sum(result.seconds.values()),
+                    "wall": time.perf_counter() - started, "by_stage": result.seconds},
+        "stopped_by_budget": result.stopped_by_budget,
+        "warnings": warnings,
+        "samples": {"class_histogram": histogram, "teacher_confidence": confidence, "grid": "samples.png"},
+        "curve": curve,
+    }
+    engine.close()
+    if cfg.references:
+        temperature = cfg.reference.temperature or getattr(method_cfg, "temperature", None)
+        training = cfg.reference.model_copy(update={"temperature": temperature})
+        summary["references"] = train_references(cfg.engine, training, info, dataset, student_arch, teacher_net,
+                                                 run_dir, resume)
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _sample_grid(runner, teacher, info: ModelInfo, path: Path) -> tuple[torch.Tensor, list[int], float]:
+    images = runner.samples(GRID_SAMPLES)
+    with torch.no_grad(), runner.engine.autocast():
+        probs = torch.softmax(teacher(images).float(), dim=1)
+    confidence, predicted = probs.max(dim=1)
+    histogram = save_class_grid(images, predicted, info.mean, info.std, info.num_classes, path)
+    return images, histogram, confidence.mean().item()
