@@ -47,17 +47,18 @@ class Bench:
     budget: float  # default training seconds per run
     checkpoints: tuple[float, ...]  # budgets the table reports accuracy at
     reach: tuple[float, ...]  # accuracies whose time to reach is reported
-    eval_every: int  # student steps between test evaluations: enough points for the curve
+    eval_every: int  # student steps between test evaluations: enough points for the curve ...
+    eval_seconds: float  # ... and training seconds, so methods with slow steps get points too
     teacher_has_batchnorm: bool = True  # else the BatchNorm-prior methods run with params.w_bn=0
 
 
 BENCHES = {
     "b1": Bench("B1: digits, digits_cnn -> digits_cnn_half", "digits", "digits_cnn", 30, "digits_cnn_half",
-                60, (15, 30, 60), (), 50),
+                60, (15, 30, 60), (), 50, 5),
     "b2": Bench("B2: Fashion-MNIST, LeNet-5 -> LeNet-5-half", "fmnist", "lenet5", 15, "lenet5_half",
-                600, (120, 300, 600), (0.80, 0.85), 200, teacher_has_batchnorm=False),
+                600, (120, 300, 600), (0.80, 0.85), 200, 30, teacher_has_batchnorm=False),
     "b2-wrn": Bench("B2: Fashion-MNIST, WRN-16-2 -> WRN-16-1", "fmnist", "wrn16_2", 15, "wrn16_1",
-                    600, (120, 300, 600), (0.80, 0.85), 200),
+                    600, (120, 300, 600), (0.80, 0.85), 200, 30),
 }
 
 
@@ -100,6 +101,7 @@ def run_dir(work: Path, method: str, seed: int) -> Path:
 def distill_command(args: argparse.Namespace, bench: Bench, method: str, seed: int) -> list[str]:
     """The `dfkt distill` call of one run; --resume makes a run killed midway continue."""
     settings = [*engine_settings(seed, args.threads_per_run), f"eval_every={bench.eval_every}",
+                f"eval_seconds={bench.eval_seconds:g}",
                 *prior_off(bench, method), *args.overrides]
     return [sys.executable, "-m", "dfkt.cli", "distill", "--method", method, "--teacher", str(args.work / "teacher"),
             "--student", bench.student, "--preset", "cpu", "--max-seconds", f"{args.budget:g}",
@@ -259,7 +261,8 @@ def markdown(data: dict, bench: Bench, shown: dict, grids: str, analysis: str | 
              f"{threads}. "
              "Budgets are wall-clock training seconds per run (evaluation and checkpoint writing excluded), so "
              "runs sharing the cores get less compute per second: compare methods within this report only. "
-             f"Test accuracy every {bench.eval_every} student steps; seeds "
+             f"Test accuracy every {bench.eval_every} student steps or {bench.eval_seconds:g} training seconds, "
+             "whichever comes first; seeds "
              f"{' '.join(map(str, data['bench']['seeds']))}. The reference students (Adam, 15 epochs; KD at "
              "τ 4) were trained before the runs, alone on the machine, with torch's default threads."
              + ("" if bench.teacher_has_batchnorm else " The teacher has no BatchNorm layers, so the methods built "

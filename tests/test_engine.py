@@ -105,3 +105,14 @@ def test_evaluation_uses_eval_mode_and_restores_training_mode():
     evaluate_model(model, torch.randn(4, 2, 1, 1), torch.tensor([0, 1, 0, 1]), engine, num_classes=2)
     assert seen == [False] and model.training
     assert model[1].num_batches_tracked.item() == 0  # running statistics untouched
+
+
+def test_slow_steps_are_evaluated_by_time_as_well_as_by_step_count():
+    import time
+
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    stage = Stage("s", 8, lambda i: time.sleep(0.05) or {}, evaluate=True)
+    result = engine.run([stage], None, {}, on_eval=lambda: {"acc": 0.0}, eval_every=1000, eval_seconds=0.12)
+    steps = [e["step"] for e in result.evaluations]
+    assert len(steps) >= 3 and steps[-1] == 8  # about every third step, and at the end
+    assert all(b - a >= 2 for a, b in zip(steps, steps[1:]))

@@ -97,6 +97,7 @@ class AdaptRunConfig(StrictModel):
     split_seed: int = Field(0, description="seed of the split of the target into the adapted and held-out halves")
     params: dict[str, Any] = {}
     eval_every: int = Field(200, ge=1, description="adaptation steps between evaluations")
+    eval_seconds: float | None = Field(None, gt=0, description="also evaluate after this many training seconds")
     max_seconds: float | None = Field(None, gt=0, description="wall-time budget for adapting")
     engine: EngineConfig = EngineConfig()
 
@@ -111,6 +112,7 @@ class DistillConfig(StrictModel):
     data: DataConfig = DataConfig()
     params: dict[str, Any] = {}
     eval_every: int = Field(500, ge=1, description="student steps between test-set evaluations")
+    eval_seconds: float | None = Field(None, gt=0, description="also evaluate after this many training seconds")
     max_seconds: float | None = Field(None, gt=0, description="wall-time budget for training")
     references: bool = Field(False, description="also train the KD-on-real-data and labels students")
     reference: RealTrainingConfig = RealTrainingConfig()

@@ -102,7 +102,7 @@ def adapt(method: str | None = None, source: str | Path | None = None, target: s
     started = time.perf_counter()
     on_eval = None if labels is None else lambda: {"adapted_acc": accuracy(setup.model, adapted_half)}
     result = engine.run(runner.stages(), runner, run_config, on_eval, cfg.eval_every, cfg.max_seconds, resume,
-                        on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"))
+                        on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"), eval_seconds=cfg.eval_seconds)
     if runner.online:  # scored on the predictions made as the stream went by
         seen = runner.buffers["online_predictions"].cpu()
         complete = labels is not None and bool((seen >= 0).all())

@@ -79,7 +79,7 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
     stages = runner.stages()
     result = engine.run(stages, runner, run_config, lambda: {"test_acc": test_acc(setup.student)},
                         cfg.eval_every, cfg.max_seconds, resume,
-                        on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"))
+                        on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"), eval_seconds=cfg.eval_seconds)
     if result.stopped_by_budget and stages[-1].name not in result.seconds:
         engine.close()
         raise DfktError(f"the time budget ({cfg.max_seconds:g} s) ran out before the {stages[-1].name} stage "

@@ -172,14 +172,16 @@ class Engine:
     def run(self, stages: list[Stage], state: Stateful, run_config: dict[str, Any],
             on_eval: Callable[[], dict[str, float]] | None = None, eval_every: int = 0,
             max_seconds: float | None = None, resume: bool = False,
-            on_start: Callable[[], None] | None = None) -> RunResult:
+            on_start: Callable[[], None] | None = None, eval_seconds: float | None = None) -> RunResult:
         """Run ``stages`` in order with checkpoints, metrics, progress and an optional time budget.
 
         ``run_config`` holds the settings that determine the result (with ``fingerprint()``);
         a resume refuses a checkpoint whose settings differ.
 
         ``on_eval`` (a test-set evaluation) runs every ``eval_every`` steps of stages marked
-        ``evaluate`` and at their end; its time, like checkpoint writing, is not training time.
+        ``evaluate``, also once ``eval_seconds`` of training time have passed since the last one (so
+        slow steps still give a curve), and at their end; its time, like checkpoint writing, is
+        not training time.
         ``on_start`` runs once the checkpoint (if any) has been accepted, e.g. to record the config.
         """
         progress = _Progress(self.cfg.progress, self.is_main)
@@ -230,7 +232,9 @@ class Engine:
                 total = elapsed + sum(s for n, s in position["seconds"].items() if n != stage.name)
                 over_budget = max_seconds is not None and total >= max_seconds
                 last = done == stage.steps or over_budget
-                if stage.evaluate and on_eval is not None and ((eval_every and done % eval_every == 0) or last):
+                since_eval = total - (position["evaluations"][-1]["train_seconds"] if position["evaluations"] else 0.0)
+                due = (eval_every and done % eval_every == 0) or (eval_seconds and since_eval >= eval_seconds)
+                if stage.evaluate and on_eval is not None and (due or last):
                     paused = time.perf_counter()
                     result = {"stage": stage.name, "step": done, "train_seconds": round(total, 3), **on_eval()}
                     position["evaluations"].append(result)
