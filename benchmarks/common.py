@@ -109,12 +109,15 @@ def time_to_reach(curve: list[dict], accuracy: float) -> float | None:
 
 
 def mean_std(values: list[float | None]) -> str:
-    """"mean ± std" in percent, saying how many runs had a value when some had none."""
+    """"mean ± std" in percent, saying how many runs had a value when some had none; a single
+    value is shown alone (one run has no spread to report)."""
     present = [v for v in values if v is not None]
     if not present:
         return "n/a"
-    std = statistics.stdev(present) if len(present) > 1 else 0.0
-    text = f"{100 * statistics.mean(present):.1f} ± {100 * std:.1f}"
+    if len(present) == 1:
+        text = f"{100 * present[0]:.1f}"
+    else:
+        text = f"{100 * statistics.mean(present):.1f} ± {100 * statistics.stdev(present):.1f}"
     return text if len(present) == len(values) else f"{text} ({len(present)} of {len(values)} runs)"
 
 
