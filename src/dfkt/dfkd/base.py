@@ -5,15 +5,26 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Annotated, Any, ClassVar, Iterator
 
 import torch
+from pydantic import AfterValidator
 from torch import Tensor, nn
 
 from dfkt.config import StrictModel
 from dfkt.engine import Engine, Stage
 from dfkt.engine.state import TrainState
 from dfkt.synthesis import Synthesizer
+
+
+def _even(batch: int) -> int:
+    if batch % 2:
+        raise ValueError("gen_batch must be even: it is split into two halves")
+    return batch
+
+
+# A generator batch split into two halves for a pairwise diversity term (RDSKD, MSKD).
+EvenBatch = Annotated[int, AfterValidator(_even)]
 
 
 @dataclass

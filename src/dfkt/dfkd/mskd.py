@@ -6,22 +6,18 @@ L_ms = 1 / (mean|G(z₂) − G(z₁)| / mean|z₂ − z₁| + 1e-5) over the two
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
 from dfkt import losses
+from dfkt.dfkd.base import EvenBatch
 from dfkt.dfkd.dafl import DAFL, DAFLConfig
 from dfkt.registry import METHODS
 
 
 class MSKDConfig(DAFLConfig):
+    gen_batch: EvenBatch = Field(512, ge=2, description="split into two halves for the mode-seeking term")
     w_ms: float = Field(1.0, ge=0, description="weight of the mode-seeking term (MSGAN's λ)")
-
-    @model_validator(mode="after")
-    def _even_batch(self) -> "MSKDConfig":
-        if self.gen_batch % 2:
-            raise ValueError("gen_batch must be even: it is split into two halves")
-        return self
 
 
 @METHODS.register("mskd")

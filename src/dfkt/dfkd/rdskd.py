@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
 from dfkt import losses
-from dfkt.dfkd.base import DistillMethod, DistillSetup
+from dfkt.dfkd.base import DistillMethod, DistillSetup, EvenBatch
 from dfkt.dfkd.student import StudentTrainer, StudentTrainingConfig
 from dfkt.engine import Stage
 from dfkt.registry import METHODS
@@ -31,7 +31,7 @@ class RDSKDConfig(StudentTrainingConfig):
     generator: str = "dafl"
     nz: int = Field(100, ge=1, description="latent size: 100 for MNIST, 1000 for SVHN/CIFAR-10")
     gen_lr: float = Field(1e-3, gt=0)
-    gen_batch: int = Field(512, ge=2, description="split into two halves for L_ds")
+    gen_batch: EvenBatch = Field(512, ge=2, description="split into two halves for L_ds")
     gen_epochs: int = Field(20, ge=0)
     gen_steps_per_epoch: int = Field(120, ge=2)
     reference: Literal["epoch", "step"] = "epoch"
@@ -39,12 +39,6 @@ class RDSKDConfig(StudentTrainingConfig):
     student_data: Literal["fresh", "pool"] = Field(
         "fresh", description="fresh generator samples every step (paper), or a fixed pool drawn once (cpu)")
     pool_size: int = Field(50000, ge=1)
-
-    @model_validator(mode="after")
-    def _even_batch(self) -> "RDSKDConfig":
-        if self.gen_batch % 2:
-            raise ValueError("gen_batch must be even: it is split into two halves")
-        return self
 
 
 @METHODS.register("rdskd")

@@ -31,6 +31,9 @@ def reinitialise(module: nn.Module) -> None:
 
 
 class GeneratorInversion:
+    """``synthesize()`` trains a generator from a fresh (CMI) or meta-learned (Fast) start for one
+    batch and adds its images to the pool; ``sample()`` draws from the pool."""
+
     def __init__(self, state: TrainState, engine: Engine, teacher: nn.Module, pool: ImagePool,
                  objective: Objective, num_classes: int, arch: str, nz: int, shape: tuple[int, int, int],
                  batch: int, iterations: int, lr: float, z_lr: float, betas: tuple[float, float],
