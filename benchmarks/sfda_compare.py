@@ -103,8 +103,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--parallel", type=positive_int, default=1, metavar="N",
                         help="runs side by side (default 1); they share the cores, which the report states")
     parser.add_argument("--threads-per-run", type=positive_int, metavar="T",
-                        help="CPU threads of each run and of the oracles (engine.threads; default: torch's "
-                             "default)")
+                        help="CPU threads of each run (engine.threads; default: torch's default); the "
+                             "oracles, trained alone before the runs, get --parallel times as many")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-sfda"), metavar="DIR",
                         help="folder for the source model, the oracles and the runs (default: runs/bench-sfda)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR",
@@ -180,7 +180,9 @@ def train_oracle(source_file: Path, info: ModelInfo, images: torch.Tensor, label
                  args: argparse.Namespace) -> dict:
     """The source model fine-tuned with cross-entropy on the labelled adapted half, scored on both
     halves; the source model is scored there too, so a target whose runs all failed still has one."""
-    engine = Engine(EngineConfig(seed=seed, progress=False, threads=args.threads_per_run))
+    # Alone on the machine: all the cores the parallel runs will share.
+    threads = args.threads_per_run and args.threads_per_run * args.parallel
+    engine = Engine(EngineConfig(seed=seed, progress=False, threads=threads))
     adapted, held_out = api.target_halves(len(labels), args.split_seed)
 
     def accuracy(net: torch.nn.Module, index: torch.Tensor) -> float:
@@ -506,7 +508,7 @@ def markdown(data: dict, analysis: str | None) -> str:
              f"upper bound, not a deployable result: the source model fine-tuned with cross-entropy on the "
              f"labelled adapted half ({oracle['epochs']} epochs, SGD lr {oracle['lr']:g}, momentum "
              f"{oracle['momentum']:g}, SHOT's decay, batch {oracle['batch_size']}), one per seed, trained in this "
-             "process one at a time before the runs, with the runs' threads; its transductive accuracy is on the "
+             "process one at a time before the runs, with the threads of all parallel runs; its transductive accuracy is on the "
              "images it was trained on.", "",
              f"**Tuning set:** {', '.join(TUNING)} are kept aside for tuning methods and presets; the reported "
              "corruptions are never tuned on (BENCHMARKS.md, B4)."
