@@ -213,8 +213,21 @@ def best_at(data: dict) -> list[str]:
             lines.append(f"- {budget} s: no student evaluated yet")
             continue
         top = [m for m, v in means.items() if v == max(means.values())]
-        lines.append(f"- {budget} s: " + ", ".join(f"{m} ({mean_std(data['accuracy_at'][m][budget])})" for m in top))
+        lines.append(f"- {budget} s: " + ", ".join(f"{m} ({mean_std(data['accuracy_at'][m][budget])})" for m in top)
+                     + level_with(data, budget, means, top[0]))
     return lines
+
+
+def level_with(data: dict, budget: str, means: dict[str, float], best: str) -> str:
+    """The runners-up whose mean lies within one standard deviation (over seeds) of the best's mean:
+    with three seeds the order between them is not established."""
+    present = [v for v in data["accuracy_at"][best][budget] if v is not None]
+    if len(present) < 2:
+        return ""
+    floor = means[best] - statistics.stdev(present)
+    close = [m for m, v in sorted(means.items(), key=lambda kv: -kv[1]) if m != best and v >= floor]
+    return ("; level within its seed spread: " + ", ".join(f"{m} ({mean_std(data['accuracy_at'][m][budget])})"
+                                                          for m in close)) if close else ""
 
 
 def copy_grids(data: dict, work: Path, folder: Path) -> dict[str, tuple[int, dict]]:
