@@ -126,3 +126,15 @@ def test_generator_inversion_reinitialises_or_meta_learns():
             step = (starts[1][weight] - starts[0][weight]).abs().max().item()
             assert 0 < step < 0.1
         assert inversion.pool.size == 8
+
+
+def test_collapse_warning_names_only_the_classes_that_hold_samples():
+    from dfkt.diagnostics import collapse_warnings
+    from dfkt.dfkd.dafl import DAFLConfig
+
+    images = torch.rand(20, 1, 8, 8)
+    (one,) = collapse_warnings(images, [0, 0, 500, 0, 0, 0, 0, 0, 0, 0], DAFLConfig())
+    assert "100% of 500 generated samples fall in teacher class 2," in one and "gen_lr" in one
+    (two,) = collapse_warnings(images, [0, 10, 300, 0, 0, 0, 0, 0, 190, 0], DAFLConfig())
+    assert "98% of 500 generated samples fall in teacher classes 2 and 8," in two
+    assert collapse_warnings(images, [50] * 10, DAFLConfig()) == []

@@ -49,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distil a teacher into a student without data", epilog=EPILOG)
     p.add_argument("--method", help="DFKD method (see 'dfkt list methods'); default rdskd")
-    p.add_argument("--teacher", help="teacher model.safetensors written by 'dfkt train-teacher'")
+    p.add_argument("--teacher", help="the teacher: a model.safetensors from 'dfkt train-teacher', a TorchScript "
+                                     "file, torchvision:NAME (e.g. torchvision:resnet18) or package.module:function "
+                                     "(called with no arguments, returns the nn.Module); the last two need "
+                                     "--teacher-weights and --data. Declare what cannot be inferred with --set "
+                                     "teacher_info.mean=[...] teacher_info.std=[...] (default: the data's)")
+    p.add_argument("--teacher-weights", help="state dict (.pt/.pth from torch.save, or .safetensors) of a "
+                                             "torchvision:NAME or module:function teacher")
     p.add_argument("--student", help="student architecture; default: the teacher's half-width partner")
     p.add_argument("--preset", help="method preset: 'cpu' (default, 2-core laptop scale) or 'paper'; some methods "
                                     "have more (e.g. deepinversion: cpu-adi); a wrong name lists them")
@@ -79,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset to evaluate on; default: the model's own")
     p.add_argument("--data-root", help="folder holding the dataset files")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+    p = sub.add_parser("export", help="write a trained model as ONNX or safetensors, for deployment",
+                       description="Export a run folder's model (or a model file). ONNX takes normalised N×C×H×W "
+                                   "float images, any batch size; the normalisation and class count are in its "
+                                   "metadata (dfkt_mean, dfkt_std, dfkt_num_classes). Every ONNX file is checked "
+                                   "against PyTorch on random inputs with ONNX Runtime. Needs: pip install "
+                                   "'dfkt[onnx]'.")
+    p.add_argument("target", help="run folder or model file")
+    p.add_argument("--out", required=True, help="file to write, e.g. student.onnx")
+    p.add_argument("--format", choices=["onnx", "safetensors"], default="onnx", help="default onnx")
 
     p = sub.add_parser("list", help="list registered methods, adaptation methods, models or datasets")
     p.add_argument("kind", choices=["methods", "adapt-methods", "models", "datasets"])
@@ -129,7 +145,8 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"(source only {fmt(s['source_only']['inductive'])})")
     elif args.command == "distill":
         s = api.distill(args.method, args.teacher, args.student, args.preset, args.data, args.data_root,
-                        args.config, args.overrides, args.out, args.resume, args.max_seconds, args.references)
+                        args.config, args.overrides, args.out, args.resume, args.max_seconds, args.references,
+                        args.teacher_weights)
         print(f"{s['method']}: student {s['student_acc']:.4f} (teacher {s['teacher_acc']:.4f}); "
               f"synthesis {s['seconds']['synthesis']:.0f}s, student {s['seconds']['student']:.0f}s")
         for name, ref in s.get("references", {}).items():
@@ -146,6 +163,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             print("confusion (rows: true class):")
             for row in r["confusion"]:
                 print("  " + " ".join(f"{v:5d}" for v in row))
+    elif args.command == "export":
+        r = api.export(args.target, args.out, args.format)
+        check = (f"; logits match PyTorch within {r['max_abs_logit_difference']:.1e} on {r['checked_inputs']} "
+                 "random inputs") if args.format == "onnx" else ""
+        print(f"wrote {r['file']}{check}")
     return 0
 
 

@@ -102,12 +102,26 @@ class AdaptRunConfig(StrictModel):
     engine: EngineConfig = EngineConfig()
 
 
+class DeclaredInfo(StrictModel):
+    """What a user states about a teacher from outside dfkt; unset values are inferred
+    (``dfkt.models.foreign``)."""
+
+    num_classes: int | None = Field(None, ge=1)
+    in_channels: int | None = Field(None, ge=1)
+    image_size: int | None = Field(None, ge=4)
+    mean: list[float] | None = Field(None, description="per-channel mean the teacher was trained with, in [0, 1]")
+    std: list[float] | None = Field(None, description="per-channel std the teacher was trained with")
+
+
 class DistillConfig(StrictModel):
     """``dfkt distill``: a method's own settings live under ``params``."""
 
     method: str = "rdskd"
     preset: str | None = "cpu"
-    teacher: str = ""
+    teacher: str = Field("", description="a dfkt model file, torchvision:NAME, a TorchScript file or module:function")
+    teacher_weights: str | None = Field(None, description="state-dict file of a torchvision:NAME or module:function "
+                                                          "teacher")
+    teacher_info: DeclaredInfo = DeclaredInfo()
     student: str | None = Field(None, description="default: the teacher's half-width partner")
     data: DataConfig = DataConfig()
     params: dict[str, Any] = {}

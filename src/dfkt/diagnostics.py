@@ -27,11 +27,12 @@ def collapse_warnings(images: Tensor, histogram: list[int], params: BaseModel) -
     warnings = []
     total = sum(histogram)
     if len(histogram) >= 5 and total:
-        top = sorted(range(len(histogram)), key=histogram.__getitem__, reverse=True)[:2]
+        top = [c for c in sorted(range(len(histogram)), key=histogram.__getitem__, reverse=True)[:2] if histogram[c]]
         share = sum(histogram[c] for c in top) / total
         if share >= TOP2_SHARE:
-            warnings.append(f"mode collapse: {100 * share:.0f}% of {total} generated samples fall in teacher classes "
-                            f"{top[0]} and {top[1]}, so the student sees little of the others; {collapse_fix(params)}")
+            where = f"class {top[0]}" if len(top) == 1 else f"classes {top[0]} and {top[1]}"
+            warnings.append(f"mode collapse: {100 * share:.0f}% of {total} generated samples fall in teacher {where}, "
+                            f"so the student sees little of the others; {collapse_fix(params)}")
     flat = images.float().flatten(1)
     if flat.shape[0] > 1:
         spread = flat.std(dim=0).mean() / flat.std().clamp_min(1e-12)

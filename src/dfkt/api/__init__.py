@@ -5,7 +5,8 @@ from dfkt.api.adapt import adapt, target_halves, target_images
 from dfkt.api.common import list_names
 from dfkt.api.distill import DEFAULT_STUDENT, distill, resolve_distill_config
 from dfkt.api.evaluate import evaluate
+from dfkt.api.export import export
 from dfkt.api.train import train_references, train_source, train_teacher
 
-__all__ = ["DEFAULT_STUDENT", "adapt", "distill", "evaluate", "list_names", "resolve_distill_config",
+__all__ = ["DEFAULT_STUDENT", "adapt", "distill", "evaluate", "export", "list_names", "resolve_distill_config",
            "target_halves", "target_images", "train_references", "train_source", "train_teacher"]

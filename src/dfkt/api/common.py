@@ -33,7 +33,8 @@ def layered(config: str | Path | dict | None, flags: dict[str, Any], overrides: 
 
 
 # Settings that change neither numbers nor weights: a resume may alter them freely.
-RUN_ONLY = {"engine", "eval_every", "eval_seconds", "max_seconds", "references", "reference", "preset", "params", "teacher", "data"}
+RUN_ONLY = {"engine", "eval_every", "eval_seconds", "max_seconds", "references", "reference", "preset", "params", "teacher",
+            "teacher_weights", "data"}
 
 
 def result_settings(cfg: TeacherConfig | DistillConfig, engine: Engine) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +17,9 @@ from dfkt.diagnostics import collapse_warnings
 from dfkt.engine import Engine
 from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
+from dfkt.data import ImageData, load_dataset
 from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info, save_model
+from dfkt.models.foreign import ForeignClassifier, foreign_kind, foreign_sha256, infer_info, load_foreign
 from dfkt.registry import METHODS, MODELS
 from dfkt.report.grid import save_class_grid
 from dfkt.runs import make_run_dir, write_json
@@ -32,14 +35,17 @@ def resolve_distill_config(method: str | None = None, teacher: str | Path | None
                            student: str | None = None, preset: str | None = None, data: str | None = None,
                            data_root: str | None = None, config: str | Path | dict | None = None,
                            overrides: Sequence[str] = (), max_seconds: float | None = None,
-                           references: bool | None = None) -> tuple[DistillConfig, Any]:
+                           references: bool | None = None,
+                           teacher_weights: str | Path | None = None) -> tuple[DistillConfig, Any]:
     """The validated run config and the method's own validated config (preset <- params)."""
     raw = layered(config, {"method": method, "teacher": str(teacher) if teacher else None, "student": student,
                           "preset": preset, "max_seconds": max_seconds, "references": references,
+                          "teacher_weights": str(teacher_weights) if teacher_weights else None,
                           "data.name": data, "data.root": data_root}, overrides)
     cfg = validate(DistillConfig, raw)
     if not cfg.teacher:
-        raise ConfigError("no teacher given; pass --teacher FILE (a model.safetensors from 'dfkt train-teacher')")
+        raise ConfigError("no teacher given; pass --teacher FILE (a model.safetensors from 'dfkt train-teacher', a "
+                          "TorchScript file), or torchvision:NAME or module:function with --teacher-weights FILE")
     return cfg, method_config(METHODS.get(cfg.method), cfg.method, cfg.preset, cfg.params)
 
 
@@ -47,23 +53,27 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
             preset: str | None = None, data: str | None = None, data_root: str | None = None,
             config: str | Path | dict | None = None, overrides: Sequence[str] = (),
             out: str | Path | None = None, resume: bool = False, max_seconds: float | None = None,
-            references: bool | None = None) -> dict[str, Any]:
+            references: bool | None = None, teacher_weights: str | Path | None = None) -> dict[str, Any]:
     """Distil ``teacher`` into a student without its training data. Returns the summary."""
     cfg, method_cfg = resolve_distill_config(method, teacher, student, preset, data, data_root, config,
-                                             overrides, max_seconds, references)
-    teacher_path = model_path(cfg.teacher)
-    info = read_info(teacher_path)
+                                             overrides, max_seconds, references, teacher_weights)
+    loaded = load_teacher(cfg)
+    info, dataset = loaded.info, loaded.dataset
     student_arch = cfg.student or DEFAULT_STUDENT.get(info.arch)
     if student_arch is None:
         raise ConfigError(f"no default student for a {info.arch} teacher; pass --student (see 'dfkt list models')")
     MODELS.get(student_arch)
-    dataset = evaluation_data(cfg.data, info)
+    if METHODS.get(cfg.method).needs_teacher_features and isinstance(loaded.net, ForeignClassifier):
+        loaded.net.require_features()
+    if cfg.references and Path(dataset.name).is_dir():
+        raise ConfigError(f"--references trains students on real training images and {dataset.name} is a folder of "
+                          "test images; drop --references or pass a dataset with a train split")
     run_dir = make_run_dir(out, f"distill-{cfg.method}", resume)
     engine = Engine(cfg.engine, run_dir)
     # Saved in the shape --config reads, with the preset already folded into params.
     resolved = cfg.model_copy(update={"preset": None, "params": method_cfg.model_dump(mode="json"),
-                                      "teacher": str(teacher_path), "student": student_arch})
-    teacher_net = engine.prepare(load_model(teacher_path)[0], trainable=False)
+                                      "teacher": loaded.name, "student": student_arch})
+    teacher_net = engine.prepare(loaded.net, trainable=False)
     student_net = build_model(student_arch, info.num_classes, info.in_channels, info.image_size)
     setup = DistillSetup(teacher_net, engine.prepare(student_net, trainable=True), info.num_classes,
                          info.in_channels, info.image_size, engine)
@@ -74,7 +84,7 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
         return evaluate_model(model, test_x, test_y, engine, info.num_classes)["accuracy"]
 
     run_config = {**result_settings(cfg, engine), "student": student_arch, "data": dataset.name,
-                  "method_params": method_cfg.model_dump(mode="json"), "teacher_sha256": model_sha256(teacher_path)}
+                  "method_params": method_cfg.model_dump(mode="json"), "teacher_sha256": loaded.sha256}
     started = time.perf_counter()
     stages = runner.stages()
     result = engine.run(stages, runner, run_config, lambda: {"test_acc": test_acc(setup.student)},
@@ -95,7 +105,7 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
     in_student = result.sections.get("synthesis", 0.0)  # synthesis interleaved with student steps
     curve = [{k: e[k] for k in ("step", "train_seconds", "test_acc")} for e in result.evaluations]
     summary: dict[str, Any] = {
-        "method": cfg.method, "preset": cfg.preset, "dataset": dataset.name, "teacher": str(teacher_path),
+        "method": cfg.method, "preset": cfg.preset, "dataset": dataset.name, "teacher": loaded.name,
         "student": student_arch, "teacher_acc": test_acc(teacher_net), "student_acc": final["accuracy"],
         "student_best_on_test_acc": max([e["test_acc"] for e in curve] + [final["accuracy"]]),
         "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
@@ -117,6 +127,33 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
                                                  run_dir, resume)
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+@dataclass(frozen=True)
+class Teacher:
+    net: torch.nn.Module
+    info: ModelInfo
+    sha256: str  # its identity for resume checks
+    dataset: ImageData  # the test data that measures it
+    name: str  # the model file, or the foreign teacher's spec
+
+
+def load_teacher(cfg: DistillConfig) -> Teacher:
+    """The teacher, a dfkt model file or a foreign one (``dfkt.models.foreign``), and its test data."""
+    kind = foreign_kind(cfg.teacher)
+    if kind is None:
+        path = model_path(cfg.teacher)
+        info = read_info(path)
+        return Teacher(load_model(path)[0], info, model_sha256(path), evaluation_data(cfg.data, info), str(path))
+    if not cfg.data.name:
+        raise ConfigError(f"a {kind} teacher does not record its dataset; pass --data NAME, the dataset whose "
+                          "test split measures it (see 'dfkt list datasets')")
+    net = ForeignClassifier(load_foreign(cfg.teacher, kind, cfg.teacher_weights, cfg.teacher_info), kind)
+    size = cfg.data.image_size or cfg.teacher_info.image_size
+    dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, size)
+    info = infer_info(net, cfg.teacher, cfg.teacher_info, dataset)
+    info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}")
+    return Teacher(net, info, foreign_sha256(cfg.teacher, cfg.teacher_weights), dataset, cfg.teacher)
 
 
 def _sample_grid(runner, teacher, info: ModelInfo, path: Path) -> tuple[torch.Tensor, list[int], float]:

@@ -1,8 +1,8 @@
-"""A user's own images as an adaptation target: a folder of image files.
+"""A user's own images: a folder of image files, as an adaptation target or as test data.
 
 Files directly in the folder are unlabelled. Files in subfolders named by class index
-(``0/``, ``1/``, ...) carry that label, used only to score the adaptation. Images must share
-one size and channel count; ``image_size`` resizes them explicitly.
+(``0/``, ``1/``, ...) carry that label, used only for scoring. Images must share one size
+and channel count; ``image_size`` resizes them explicitly.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dfkt.data.base import fit_size
+from dfkt.data.base import ImageData, fit_size
 from dfkt.errors import ConfigError
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -28,14 +28,18 @@ def _image_files(folder: Path) -> list[tuple[Path, int]]:
     return files
 
 
-def load_image_folder(folder: str | Path, channels: int, image_size: int | None = None
+def load_image_folder(folder: str | Path, channels: int | None, image_size: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """uint8 N×C×H×W images read as ``channels`` (1: grey, 3: RGB), and labels (None if any is missing)."""
+    """uint8 N×C×H×W images read as ``channels`` (1: grey, 3: RGB; None: as the first image is),
+    and labels (None if any is missing)."""
     folder = Path(folder)
     files = _image_files(folder)
     if not files:
-        raise ConfigError(f"target folder {folder} holds no images ({', '.join(sorted(SUFFIXES))}, directly or in "
-                          "class-index subfolders); put the target images there")
+        raise ConfigError(f"image folder {folder} holds no images ({', '.join(sorted(SUFFIXES))}, directly or in "
+                          "class-index subfolders); put the images there")
+    if channels is None:
+        with Image.open(files[0][0]) as first:
+            channels = 1 if first.mode in ("1", "L", "I", "F") else 3
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise ConfigError(f"image folders can feed 1- or 3-channel models, not {channels}-channel ones")
@@ -60,3 +64,14 @@ def load_image_folder(folder: str | Path, channels: int, image_size: int | None 
                           "--set target.image_size=N to resize them")
     labels = torch.tensor([label for _, label in files])
     return torch.stack(images), None if (labels < 0).any() else labels
+
+
+def folder_dataset(folder: str | Path, image_size: int | None = None) -> ImageData:
+    """A labelled folder as test data (its train split is the same images, for the shape only)."""
+    images, labels = load_image_folder(folder, None, image_size)
+    if labels is None:
+        raise ConfigError(f"test data needs labels: put the images of {folder} in class-index subfolders (0/, 1/, ...)")
+    x = images.float() / 255.0
+    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return ImageData(str(folder), images, labels, images, labels, int(labels.max()) + 1,
+                     tuple(mean.tolist()), tuple(std.tolist()))

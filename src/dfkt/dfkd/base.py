@@ -49,6 +49,8 @@ class DistillMethod(TrainState):
     Config: ClassVar[type[StrictModel]]
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     summary: ClassVar[str] = ""
+    # Reads the teacher's penultimate features (forward_features/classify), not only its outputs.
+    needs_teacher_features: ClassVar[bool] = False
     # Joint methods: the student only ever sees the generator in train mode (batch statistics),
     # so diagnostics sample it that way too; a frozen generator (RDSKD) is sampled in eval mode.
     samples_in_train_mode: ClassVar[bool] = False

@@ -39,6 +39,7 @@ class DAFLConfig(JointConfig):
 @METHODS.register("dafl")
 class DAFL(JointMethod):
     Config = DAFLConfig
+    needs_teacher_features = True
     summary = "generator (one-hot + activation + class balance) and student trained jointly"
     reuse_latest = True
     presets = {

@@ -34,6 +34,7 @@ class GeneratorPoolConfig(PooledConfig):
 
 class GeneratorPoolMethod(PooledMethod):
     prior: BNStatsPrior | None
+    needs_teacher_features = True
 
     def shared_objective(self, images: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """The shared terms, and the teacher's penultimate features (CMI's contrastive term uses them)."""

@@ -25,10 +25,12 @@ class BNStatsPrior:
                  momentum: float | None = None):
         self.layers = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not self.layers:
+            scripted = any(isinstance(m, torch.jit.ScriptModule) for m in teacher.modules())
+            why = ("a TorchScript teacher hides them (load it as torchvision:NAME or module:function instead)"
+                   if scripted else "this teacher has none")
             raise ConfigError(
-                f"{method} needs a teacher with BatchNorm layers (it matches their stored statistics) and this "
-                "teacher has none; use rdskd, dafl, mskd, dfad, zskt or zskd, or turn the prior off with "
-                "--set params.w_bn=0")
+                f"{method} needs a teacher with BatchNorm layers (it matches their stored statistics) and {why}; "
+                "use rdskd, dafl, mskd, dfad, zskt or zskd, or turn the prior off with --set params.w_bn=0")
         self.first_multiplier = first_multiplier
         self.momentum = momentum
         self.active = False
