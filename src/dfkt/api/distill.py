@@ -12,12 +12,12 @@ import torch
 from dfkt.api.common import evaluation_data, layered, method_config, normalized, result_settings
 from dfkt.api.train import train_references
 from dfkt.config import DistillConfig, dump_yaml, validate
+from dfkt.data import ImageData, load_dataset
 from dfkt.dfkd.base import DistillSetup
 from dfkt.diagnostics import collapse_warnings
 from dfkt.engine import Engine
 from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
-from dfkt.data import ImageData, load_dataset
 from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info, save_model
 from dfkt.models.foreign import ForeignClassifier, foreign_kind, foreign_sha256, infer_info, load_foreign
 from dfkt.registry import METHODS, MODELS
