@@ -117,6 +117,8 @@ def test_foreign_teacher_errors(capsys, digits_teacher, rgb_folder, tmp_path):
           str(rgb_folder)], "unknown torchvision classifier 'resnet1'"),
         (["--teacher", "torchvision:resnet34", "--teacher-weights", str(tmp_path / "r18.pt"), "--data",
           str(rgb_folder)], "does not fit torchvision:resnet34"),
+        (["--teacher", "torchvision:resnet18", "--teacher-weights", str(tmp_path / "r18.pt"), "--data",
+          str(rgb_folder), "--set", "teacher_info.num_classes=5"], "size mismatch for fc.weight"),
         (["--teacher", "torchvision:resnet18", "--teacher-weights", str(tmp_path / "r18.pt"), "--data", "digits"],
          "fails on 1×8×8 images"),
         (["--teacher", "no_such_module:build", "--teacher-weights", str(tmp_path / "r18.pt"), "--data", "digits"],

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dfkt.config import DeclaredInfo
+from dfkt.data.base import ImageData
 from dfkt.errors import ConfigError, ModelFileError
 from dfkt.models.files import ModelInfo
 
@@ -156,12 +157,11 @@ def _callable_net(spec: str) -> nn.Module:
 
 
 def _load_weights(net: nn.Module, state: dict[str, Tensor], spec: str, weights: str) -> None:
-    missing, unexpected = [], []
     try:
-        result = net.load_state_dict(state, strict=False)
-        missing, unexpected = result.missing_keys, result.unexpected_keys
-    except RuntimeError as exc:  # shape mismatches
-        raise ModelFileError(f"{weights} does not fit {spec}: {str(exc).splitlines()[1].strip()}") from None
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches: torch lists them after a header line; show the first
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ModelFileError(f"{weights} does not fit {spec}: {(lines[1:] or lines)[0]}") from None
     if missing or unexpected:
         raise ModelFileError(f"{weights} does not fit {spec}: {len(missing)} missing keys (e.g. "
                              f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
@@ -190,7 +190,7 @@ def load_foreign(spec: str, kind: str, weights: str | None, declared: DeclaredIn
     return net.eval()
 
 
-def infer_info(net: nn.Module, spec: str, declared: DeclaredInfo, data) -> ModelInfo:
+def infer_info(net: nn.Module, spec: str, declared: DeclaredInfo, data: ImageData) -> ModelInfo:
     """The teacher's ModelInfo: declared values first, then the dataset's shape and normalisation,
     the class count from one forward pass."""
     channels = declared.in_channels or data.channels
