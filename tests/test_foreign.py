@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -135,3 +136,21 @@ def test_foreign_teacher_errors(capsys, digits_teacher, rgb_folder, tmp_path):
     for i, (args, needle) in enumerate(cases):
         err = one_line_error(capsys, *args, "--out", str(tmp_path / f"run{i}"), *set_flags(FAST_ENGINE))
         assert needle in err, (args, err)
+
+
+def test_a_224px_torchvision_teacher_distils_with_the_imagenet_preset(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (tmp_path / "test" / str(i)).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(tmp_path / "test" / str(i) / "a.png")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), tmp_path / "resnet18.pt")
+    tiny = FAST_ENGINE + ["params.gen_batch=4", "params.gen_epochs=1", "params.gen_steps_per_epoch=2",
+                          "params.student_batch=4", "params.student_epochs=1", "params.student_steps_per_epoch=2"]
+    out = tmp_path / "run"
+    assert main(["distill", "--method", "rdskd", "--preset", "paper-imagenet", "--teacher", "torchvision:resnet18",
+                 "--teacher-weights", str(tmp_path / "resnet18.pt"), "--data", str(tmp_path / "test"),
+                 "--student", "wrn16_1", "--out", str(out), *set_flags(tiny)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seconds"]["by_stage"]["generator"] > 0 and summary["samples"]["class_histogram"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["params"]["generator"] == "deep"

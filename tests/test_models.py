@@ -115,6 +115,27 @@ def test_generator_output(size):
     torch.testing.assert_close(channel_means, torch.zeros(3), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("size, init, stages", [(224, 7, 5), (32, 8, 2), (64, 8, 3)])
+def test_deep_generator_reaches_imagenet_size_from_a_small_map(size, init, stages):
+    torch.manual_seed(0)
+    gen = build_generator("deep", nz=32, out_channels=3, image_size=size).train()
+    assert gen.init_size == init and sum(isinstance(m, torch.nn.Upsample) for m in gen.modules()) == stages
+    images = gen(torch.randn(4, 32))
+    assert images.shape == (4, 3, size, size)
+    torch.testing.assert_close(images.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_imagenet_presets_use_the_deep_generator_and_dafl_refuses_a_huge_first_layer():
+    from dfkt.registry import METHODS
+
+    for method in ("rdskd", "dafl"):
+        assert METHODS.get(method).presets["paper-imagenet"]["generator"] == "deep"
+    with pytest.raises(ConfigError, match="params.generator=deep"):
+        build_generator("dafl", 1000, 3, 224)
+    with pytest.raises(ConfigError, match="up to 8 times a power of two"):
+        build_generator("deep", 100, 3, 100)
+
+
 def test_generator_rejects_size_not_divisible_by_4():
     with pytest.raises(ConfigError, match="divisible by 4"):
         build_generator("dafl", 100, 1, 30)

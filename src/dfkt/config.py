@@ -26,7 +26,12 @@ class StrictModel(BaseModel):
 
 class EngineConfig(StrictModel):
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    devices: int = Field(1, ge=1, le=1, description="one process for now; multi-process training is planned")
+    devices: int = Field(1, ge=1, description="processes per machine (one per GPU; on a CPU, cores are split "
+                                              "between them); several train data-parallel")
+    num_nodes: int = Field(1, ge=1, description="machines, each running `devices` processes (torchrun or SLURM)")
+    lr_scaling: Literal["none", "linear"] = Field(
+        "none", description="with several processes the effective batch is world size x batch: 'linear' "
+                            "multiplies every learning rate by the world size, 'none' keeps them")
     precision: Literal["auto", "bf16-mixed", "32-true"] = Field(
         "auto", description="auto: bf16-mixed where the hardware runs bf16 natively (CUDA, or a CPU with "
                             "AMX/AVX512-BF16), else 32-true")

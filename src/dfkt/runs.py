@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ DEFAULT_ROOT = Path("runs")
 
 
 def make_run_dir(out: str | Path | None, prefix: str, resume: bool) -> Path:
-    """The folder for a run. An existing checkpoint is never overwritten without ``resume``."""
+    """The folder for a run (not created yet). An existing checkpoint is never overwritten without ``resume``."""
     if out is None:
         if resume:
             raise DfktError("--resume needs --out naming the run folder to continue")
@@ -24,11 +25,10 @@ def make_run_dir(out: str | Path | None, prefix: str, resume: bool) -> Path:
         raise DfktError(f"--out {run_dir} is a file; name a folder")
     if not resume and (run_dir / CHECKPOINT).exists():
         raise DfktError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return run_dir  # the engine creates it, on rank 0 only
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes writing one file never share a temp
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from dfkt.engine import Engine
 from dfkt.engine.state import TrainState
+from dfkt.errors import ConfigError
 
 
 def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, momentum: float = 0.9,
@@ -25,13 +26,22 @@ def shot_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.opti
 class EpochBatches:
     """Batch indices from a seeded permutation of ``n`` items, a new one every epoch. The order is a
     buffer of ``state`` and the RNG one of its rngs, so a resumed run continues the same epoch.
-    A last batch of a single item joins the one before: BatchNorm cannot train on one sample."""
+    A last batch of a single item joins the one before: BatchNorm cannot train on one sample.
+
+    With several processes the permutation is the same on every rank and each takes an equal
+    share of it (``n // world_size`` items, the rest left for that epoch), so every rank makes the
+    same number of steps of equal batches.
+    """
 
     def __init__(self, state: TrainState, engine: Engine, n: int, batch_size: int, rng_offset: int):
-        self.state, self.engine, self.n, self.batch_size = state, engine, n, batch_size
-        state.rngs["order"] = engine.noise_generator(offset=rng_offset)
+        self.state, self.engine, self.batch_size = state, engine, batch_size
+        self.n, self.rank, self.world = n, engine.fabric.global_rank, engine.world_size
+        self.share = n // self.world
+        if self.share < 1:
+            raise ConfigError(f"{n} item(s) cannot be split between {self.world} processes; use fewer processes")
+        state.rngs["order"] = engine.noise_generator(offset=rng_offset, per_rank=False)
         state.buffers["order"] = torch.arange(n, device=engine.device)
-        full, rest = divmod(n, batch_size)
+        full, rest = divmod(self.share, batch_size)
         self.steps_per_epoch = max(1, full + (rest > 1))
 
     def __call__(self, i: int) -> Tensor:
@@ -39,6 +49,7 @@ class EpochBatches:
         if position == 0:
             self.state.buffers["order"] = torch.randperm(self.n, device=self.engine.device,
                                                          generator=self.state.rngs["order"])
+        mine = self.state.buffers["order"][self.rank * self.share:(self.rank + 1) * self.share]
         start = position * self.batch_size
-        end = self.n if position == self.steps_per_epoch - 1 else start + self.batch_size
-        return self.state.buffers["order"][start:end]
+        end = self.share if position == self.steps_per_epoch - 1 else start + self.batch_size
+        return mine[start:end]

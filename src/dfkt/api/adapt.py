@@ -81,6 +81,7 @@ def adapt(method: str | None = None, source: str | Path | None = None, target: s
     adapted_half, held_out = target_halves(len(images), cfg.split_seed)
     run_dir = make_run_dir(out, f"adapt-{cfg.method}", resume)
     engine = Engine(cfg.engine, run_dir)
+    run_dir = engine.run_dir
     resolved = cfg.model_copy(update={"preset": None, "params": method_cfg.model_dump(mode="json"),
                                       "source": str(source_path)})
     model = load_model(source_path)[0]
@@ -99,24 +100,31 @@ def adapt(method: str | None = None, source: str | Path | None = None, target: s
 
     run_config = {"method": cfg.method, "method_params": method_cfg.model_dump(mode="json"), "target": target_name,
                   "split_seed": cfg.split_seed, "source_sha256": model_sha256(source_path), **engine.fingerprint()}
+    scaling = engine.scaling({"batch_size": method_cfg.batch_size})
     started = time.perf_counter()
     on_eval = None if labels is None else lambda: {"adapted_acc": accuracy(setup.model, adapted_half)}
     result = engine.run(runner.stages(), runner, run_config, on_eval, cfg.eval_every, cfg.max_seconds, resume,
                         on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"), eval_seconds=cfg.eval_seconds)
+    scored = len(adapted_half)
     if runner.online:  # scored on the predictions made as the stream went by
-        seen = runner.buffers["online_predictions"].cpu()
-        complete = labels is not None and bool((seen >= 0).all())
-        transductive = (seen == labels[adapted_half]).float().mean().item() if complete else None
+        # Several processes split the stream evenly, so up to world size - 1 images go unseen.
+        predictions = runner.buffers["online_predictions"].cpu()
+        seen = predictions >= 0
+        scored = int(seen.sum())
+        transductive = None if labels is None or not seen.any() else (
+            (predictions[seen] == labels[adapted_half][seen]).float().mean().item())
     else:
         transductive = accuracy(setup.model, adapted_half)
-    save_model(model, info, run_dir / "model.safetensors")
     summary = {"method": cfg.method, "online": runner.online, "source": str(source_path), "target": target_name,
-               "images": {"adapted": len(adapted_half), "held_out": len(held_out)},
+               "images": {"adapted": len(adapted_half), "scored_transductive": scored, "held_out": len(held_out)},
                "source_only": {"transductive": accuracy(source_model, adapted_half),
                                "inductive": accuracy(source_model, held_out)},
                "adapted": {"transductive": transductive, "inductive": accuracy(setup.model, held_out)},
                "seconds": {"adapt": sum(result.seconds.values()), "wall": time.perf_counter() - started},
-               "stopped_by_budget": result.stopped_by_budget, "curve": result.evaluations}
-    write_json(run_dir / "summary.json", summary)
+               "stopped_by_budget": result.stopped_by_budget, "curve": result.evaluations,
+               "distributed": {**scaling, "replica_sha256": result.replica_sha256}}
+    if engine.is_main:
+        save_model(model, info, run_dir / "model.safetensors")
+        write_json(run_dir / "summary.json", summary)
     engine.close()
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ def evaluate(target: str | Path, data: str | None = None, data_root: str | None 
     path = model_path(target)
     model, info = load_model(path)
     dataset = evaluation_data(DataConfig(name=data, root=data_root), info)
-    engine = Engine(EngineConfig(progress=False))
+    engine = Engine(EngineConfig(progress=False, precision=_run_precision(target)))
     model = engine.prepare(model, trainable=False)
     result = {"model": str(path), "arch": info.arch, "dataset": dataset.name,
               **evaluate_model(model, normalized(dataset.test_images, info), dataset.test_labels, engine,
@@ -27,3 +28,10 @@ def evaluate(target: str | Path, data: str | None = None, data_root: str | None 
     if Path(target).is_dir():
         write_json(Path(target) / "evaluation.json", result)
     return result
+
+
+def _run_precision(target: str | Path) -> str:
+    """A run folder is evaluated in the precision it ran in (env.json), so its summary's accuracy is
+    reproduced; a bare model file in fp32."""
+    env = Path(target) / "env.json"
+    return json.loads(env.read_text()).get("precision", "32-true") if env.is_file() else "32-true"

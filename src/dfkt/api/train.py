@@ -58,6 +58,7 @@ def _train_on_labels(config_cls: type[TeacherConfig], kind: str, model: str | No
     dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.image_size)
     run_dir = make_run_dir(out, f"{kind}-{cfg.model}-{cfg.data.name}", resume)
     engine = Engine(cfg.engine, run_dir)
+    run_dir = engine.run_dir
     net = build_model(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size)
     info = ModelInfo(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size,
                      dataset.mean, dataset.std, dataset.name)
@@ -72,6 +73,8 @@ def _train_on_labels(config_cls: type[TeacherConfig], kind: str, model: str | No
         holdout = engine.to_device(train_x[held]), train_y[held].to(engine.device)
         train_x, train_y = train_x[kept], train_y[kept]
     task = RealDataTraining(engine, net, train_x, train_y, cfg, name=kind, holdout=holdout)
+    scaling = engine.scaling({"batch_size": cfg.batch_size})
+
     def on_eval() -> dict[str, float]:
         return {"test_acc": evaluate_model(task.model, test_x, test_y, engine, dataset.num_classes)["accuracy"]}
     started = time.perf_counter()
@@ -80,15 +83,17 @@ def _train_on_labels(config_cls: type[TeacherConfig], kind: str, model: str | No
                         on_start=lambda: dump_yaml(cfg, run_dir / "config.yaml"))
     chosen = task.chosen()
     final = evaluate_model(chosen, test_x, test_y, engine, dataset.num_classes)
-    path = save_model(chosen, info, run_dir / "model.safetensors")
+    path = run_dir / "model.safetensors"
     summary = {"model": cfg.model, "dataset": dataset.name, f"{kind}_acc": final["accuracy"],
                "per_class_acc": final["per_class"], "seconds": {"train": result.seconds.get(kind, 0.0),
                                                                  "wall": time.perf_counter() - started},
-               "model_file": str(path)}
+               "model_file": str(path), "distributed": {**scaling, "replica_sha256": result.replica_sha256}}
     if holdout is not None:
         summary["holdout_acc"] = task.buffers["best_holdout_acc"].item()
         summary["selection"] = f"epoch with the best accuracy on {len(holdout[1])} held-out training images"
-    write_json(run_dir / "summary.json", summary)
+    if engine.is_main:
+        save_model(chosen, info, path)
+        write_json(run_dir / "summary.json", summary)
     engine.close()
     return summary
 

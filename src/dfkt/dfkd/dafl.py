@@ -47,6 +47,10 @@ class DAFL(JointMethod):
         "paper-cifar10": {"nz": 1000, "gen_lr": 0.02, "gen_batch": 1024, "student_batch": 1024,
                           "student_optimizer": "sgd", "student_lr": 0.1, "student_epochs": 2000,
                           "lr_milestones": [800, 1600]},
+        # 224x224 ImageNet-style teachers (not a published setting): CIFAR-10's with the deep generator.
+        "paper-imagenet": {"nz": 1000, "gen_lr": 0.02, "gen_batch": 256, "student_batch": 256, "generator": "deep",
+                           "student_optimizer": "sgd", "student_lr": 0.1, "student_epochs": 2000,
+                           "lr_milestones": [800, 1600]},
         # 2 cores: batch 128 and 600 iterations (a 32x32 generator step costs ~1 s here).
         "cpu": {"gen_batch": 128, "student_batch": 128, "student_epochs": 5},
     }

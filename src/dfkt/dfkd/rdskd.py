@@ -48,6 +48,10 @@ class RDSKD(DistillMethod):
     presets = {
         "paper": {},  # MNIST LeNet-5 -> LeNet-5-half: the defaults are the authors' settings
         "paper-cifar10": {"nz": 1000, "lr_milestones": [800]},
+        # 224x224 ImageNet-style teachers (no published RDSKD setting): CIFAR-10's, with the deep
+        # generator (7x7 map, five upsamplings) and batches halved to fit a GPU at this size.
+        "paper-imagenet": {"nz": 1000, "lr_milestones": [800], "generator": "deep", "gen_batch": 256,
+                           "student_batch": 256},
         # 2 CPU cores, 32x32: a DAFL generator step costs ~1 s at batch 128 in fp32, so the
         # generator gets 240 steps and the student learns from a fixed pool with cached teacher
         # logits (many cheap steps) instead of fresh samples (a generator forward per step).

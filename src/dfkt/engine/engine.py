@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dfkt.config import EngineConfig
-from dfkt.engine import checkpoint
+from dfkt.engine import checkpoint, distributed
 from dfkt.engine.metrics import MetricsLog, environment
 from dfkt.errors import DfktError, TrainingDivergedError
 
@@ -58,6 +58,7 @@ class RunResult:
     stopped_by_budget: bool
     evaluations: list[dict[str, Any]]
     sections: dict[str, float] = field(default_factory=dict)  # timed() parts inside stages
+    replica_sha256: list[str] = field(default_factory=list)  # per rank: the trained weights' digest
 
 
 class Engine:
@@ -65,23 +66,30 @@ class Engine:
         from lightning_fabric import Fabric
 
         self.cfg = cfg
-        self.run_dir = run_dir
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=False)
         accelerator = cfg.accelerator
         if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
             accelerator = "cpu"
         self.precision = resolve_precision(cfg.precision, accelerator)
-        self.fabric = Fabric(accelerator=accelerator, devices=cfg.devices, precision=self.precision)
+        several = cfg.devices * cfg.num_nodes > 1
+        self.fabric = Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                             strategy=distributed.ReplicaStrategy() if several else "auto", precision=self.precision)
+        if several:  # starts the other local ranks (or joins torchrun's / SLURM's); later engines join the group
+            self.fabric.launch()
+        if cfg.threads is not None:  # after launch, which divides the cores between local ranks
+            torch.set_num_threads(cfg.threads)
         self.seed_everything(cfg.seed)
+        self.replicas: list[nn.Module] = []  # trainable modules kept identical on every rank
+        self.per_rank_rngs: list[torch.Generator] = []
+        # Every rank writes into rank 0's folder (its default name carries rank 0's clock).
+        self.run_dir = self.fabric.broadcast(run_dir, 0) if several else run_dir
         log_path = None
-        if run_dir is not None and self.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            env = environment(self.device, self.precision, self.fabric.world_size)
+        if self.run_dir is not None and self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            env = environment(self.device, self.precision, self.world_size)
             env["channels_last"] = cfg.channels_last
-            (run_dir / "env.json").write_text(json.dumps(env, indent=2))
-            log_path = run_dir / "metrics.jsonl"
+            (self.run_dir / "env.json").write_text(json.dumps(env, indent=2))
+            log_path = self.run_dir / "metrics.jsonl"
         self.metrics = MetricsLog(log_path)
         self.sections: dict[str, float] = {}
 
@@ -94,6 +102,29 @@ class Engine:
     def is_main(self) -> bool:
         return self.fabric.is_global_zero
 
+    @property
+    def world_size(self) -> int:
+        return self.fabric.world_size
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """Every rank's rows (the same shape on each), concatenated in rank order."""
+        return distributed.gather_rows(tensor)
+
+    def shard(self, n: int) -> tuple[int, int]:
+        """This rank's share of ``n`` items split evenly between ranks: (start, end)."""
+        per_rank = -(-n // self.world_size)
+        start = min(n, self.fabric.global_rank * per_rank)
+        return start, min(n, start + per_rank)
+
+    def scaling(self, batch_sizes: dict[str, int]) -> dict[str, Any]:
+        """The effective batch sizes and the learning-rate rule of this run, logged and returned."""
+        info = {"world_size": self.world_size, "per_rank_batch": batch_sizes,
+                "effective_batch": {k: v * self.world_size for k, v in batch_sizes.items()},
+                "lr_scaling": ("linear: every learning rate x world size" if self.cfg.lr_scaling == "linear"
+                               else "none: learning rates as configured")}
+        self.metrics.write({"event": "scaling", **info})
+        return info
+
     def _memory_format(self) -> dict[str, Any]:
         return {"memory_format": torch.channels_last} if self.cfg.channels_last else {}
 
@@ -103,9 +134,15 @@ class Engine:
         if not trainable:
             module.eval().requires_grad_(False)
             return module
+        if self.world_size > 1:
+            distributed.broadcast_module(module)
+        self.replicas.append(module)
         return self.fabric.setup_module(module)
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        if self.cfg.lr_scaling == "linear":
+            for group in optimizer.param_groups:
+                group["lr"] *= self.world_size
         return self.fabric.setup_optimizers(optimizer)
 
     def to_device(self, tensor: Tensor) -> Tensor:
@@ -135,10 +172,13 @@ class Engine:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def noise_generator(self, offset: int = 0) -> torch.Generator:
-        """A private RNG for synthesis noise: seeded, different on every rank, checkpointable."""
+    def noise_generator(self, offset: int = 0, per_rank: bool = True) -> torch.Generator:
+        """A private seeded, checkpointable RNG: different on every rank (synthesis noise), or with
+        ``per_rank=False`` the same on all (e.g. the order of a dataset the ranks split)."""
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.cfg.seed * 1_000_003 + offset * 7919 + self.fabric.global_rank)
+        gen.manual_seed(self.cfg.seed * 1_000_003 + offset * 7919 + (self.fabric.global_rank if per_rank else 0))
+        if per_rank:
+            self.per_rank_rngs.append(gen)
         return gen
 
     @contextlib.contextmanager
@@ -158,6 +198,10 @@ class Engine:
                 f"{what} became {loss.item()} ; lower the learning rate or use --set engine.precision=32-true")
         optimizer.zero_grad(set_to_none=True)
         self.fabric.backward(loss)
+        if self.world_size > 1:
+            replicated = {id(p) for m in self.replicas for p in m.parameters()}
+            distributed.average_gradients(p for group in optimizer.param_groups for p in group["params"]
+                                          if id(p) in replicated)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
             raise TrainingDivergedError(f"{what} gave inf/NaN gradients (weights left untouched); lower the "
@@ -230,10 +274,12 @@ class Engine:
                 bar.update(1)
                 elapsed = time.perf_counter() - started
                 total = elapsed + sum(s for n, s in position["seconds"].items() if n != stage.name)
-                over_budget = max_seconds is not None and total >= max_seconds
-                last = done == stage.steps or over_budget
                 since_eval = total - (position["evaluations"][-1]["train_seconds"] if position["evaluations"] else 0.0)
-                due = (eval_every and done % eval_every == 0) or (eval_seconds and since_eval >= eval_seconds)
+                over_budget, eval_time, save_time = distributed.agree([
+                    max_seconds is not None and total >= max_seconds, bool(eval_seconds) and since_eval >= eval_seconds,
+                    time.perf_counter() - last_saved >= self.cfg.checkpoint_seconds])
+                last = done == stage.steps or over_budget
+                due = (eval_every and done % eval_every == 0) or eval_time
                 if stage.evaluate and on_eval is not None and (due or last):
                     paused = time.perf_counter()
                     result = {"stage": stage.name, "step": done, "train_seconds": round(total, 3), **on_eval()}
@@ -246,8 +292,7 @@ class Engine:
                 position["seconds"][stage.name] = elapsed
                 if over_budget:
                     position["budget_hit"] = True
-                due = time.perf_counter() - last_saved >= self.cfg.checkpoint_seconds
-                if done % self.cfg.checkpoint_every == 0 or last or due:
+                if done % self.cfg.checkpoint_every == 0 or last or save_time:
                     next_pos = (index + 1, 0) if done == stage.steps else (index, done)
                     position["stage"], position["step"] = next_pos
                     saving = time.perf_counter()
@@ -258,18 +303,50 @@ class Engine:
                     break
             bar.close()
         return RunResult(dict(position["seconds"]), position["budget_hit"], position["evaluations"],
-                         dict(self.sections))
+                         dict(self.sections), self._check_replicas())
+
+    def _check_replicas(self) -> list[str]:
+        """Each rank's digest of its replicas; ranks that drifted apart are an error, not a result."""
+        if self.world_size == 1:
+            return []
+        for module in self.replicas:
+            distributed.average_buffers(module)
+        digests = distributed.gather_objects(distributed.state_sha256(self.replicas))
+        if len(set(digests)) > 1:
+            raise DfktError(f"the {self.world_size} processes ended with different weights ({len(set(digests))} "
+                            "versions); this is a bug in dfkt, please report it with the run's config.yaml")
+        return digests
 
     # -- checkpoints ------------------------------------------------------------------------
     def _save(self, path: Path | None, state: Stateful, run_config: dict, position: dict) -> None:
+        if self.world_size > 1:  # one checkpoint for all: rank 0's weights with everyone's statistics
+            for module in self.replicas:
+                distributed.average_buffers(module)
         if path is None:
             return
+        # Per-rank noise streams of every rank, so a resume on as many ranks or fewer continues them.
+        rank_rngs = distributed.gather_objects(self._per_rank_states(state))
         if self.is_main:
             payload = {"format": 1, "config": json.dumps(run_config, sort_keys=True),
                        "position": json.dumps({k: v for k, v in position.items() if k != "rng"}),
-                       "state": state.state_dict(), "rng": checkpoint.rng_state()}
+                       "state": state.state_dict(), "rng": checkpoint.rng_state(), "rank_rngs": rank_rngs}
             checkpoint.save_atomic(payload, path)
         self.fabric.barrier()
+
+    def _per_rank_states(self, state: Stateful) -> dict[str, Tensor]:
+        rngs: dict[str, torch.Generator] = getattr(state, "rngs", {})
+        return {k: g.get_state() for k, g in rngs.items() if any(g is mine for mine in self.per_rank_rngs)}
+
+    def _restore_rank_rngs(self, state: Stateful, saved: list[dict[str, Tensor]]) -> None:
+        """This rank's own noise streams: its saved ones, or, on a rank the saved run did not have,
+        new streams drawn from rank 0's and this rank's number."""
+        rank = self.fabric.global_rank
+        rngs: dict[str, torch.Generator] = getattr(state, "rngs", {})
+        for key in self._per_rank_states(state):
+            if rank < len(saved) and key in saved[rank]:
+                rngs[key].set_state(saved[rank][key])
+            elif rank > 0:
+                rngs[key].manual_seed(int(torch.randint(2**62, (1,), generator=rngs[key], device=rngs[key].device)) + rank)
 
     def _restore(self, path: Path, state: Stateful, run_config: dict) -> dict:
         payload = checkpoint.load(path)
@@ -279,6 +356,7 @@ class Engine:
             raise DfktError(f"cannot resume {path.parent}: the config differs from the saved run in "
                             f"{', '.join(changed)}; rerun with the same settings or a new --out folder")
         state.load_state_dict(payload["state"])
+        self._restore_rank_rngs(state, payload.get("rank_rngs", []))
         position = json.loads(payload["position"])
         position["rng"] = payload["rng"]
         self.metrics.write({"event": "resume", "stage": position["stage"], "step": position["step"]})

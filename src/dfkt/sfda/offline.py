@@ -35,14 +35,21 @@ class OfflineMethod(AdaptMethod):
     @torch.no_grad()
     def features_and_probs(self) -> tuple[Tensor, Tensor]:
         """Bottleneck features and softmax of every target image in eval mode (BatchNorm running
-        statistics, no dropout) and in fp32, whatever mode and precision training uses."""
+        statistics, no dropout) and in fp32, whatever mode and precision training uses. With several
+        processes each computes its share of the images and all receive every row, so clustering
+        and banks see the whole target on every rank."""
+        n = len(self.images)
+        first, end = self.engine.shard(n)
+        mine = torch.arange(first, end, device=self.images.device)
+        per_rank = -(-n // self.engine.world_size)
+        mine = torch.cat([mine, mine.new_full((per_rank - len(mine),), max(0, end - 1))])  # equal shares
         features, probs = [], []
         with self.engine.eval_mode(self.model), torch.autocast(self.engine.device.type, enabled=False):
-            for start in range(0, len(self.images), CHUNK):
-                f = self.model.forward_features(self.images[start:start + CHUNK].float()).float()
+            for start in range(0, len(mine), CHUNK):
+                f = self.model.forward_features(self.images[mine[start:start + CHUNK]].float()).float()
                 features.append(f)
                 probs.append(F.softmax(self.model.classify(f).float(), dim=1))
-        return torch.cat(features), torch.cat(probs)
+        return self.engine.gather_rows(torch.cat(features))[:n], self.engine.gather_rows(torch.cat(probs))[:n]
 
     def before_step(self, i: int) -> None:
         """Work at the start of a step, before its forward pass (e.g. a pseudo-label refresh)."""
@@ -144,10 +151,12 @@ class NeighbourMethod(OfflineMethod):
 
     @torch.no_grad()
     def update_banks(self, index: Tensor, features: Tensor, probs: Tensor) -> Tensor:
-        """Write the batch into the banks; returns its normalised features."""
+        """Write the batch (every rank's batch, with several processes) into the banks; returns this
+        batch's normalised features."""
         f = F.normalize(features.detach().float(), dim=1)
-        self.buffers["feature_bank"][index] = f
-        self.buffers["score_bank"][index] = probs.detach().float()
+        gather = self.engine.gather_rows
+        self.buffers["feature_bank"][gather(index)] = gather(f)
+        self.buffers["score_bank"][gather(index)] = gather(probs.detach().float())
         return f
 
     def neighbours(self, queries: Tensor, k: int, exclude: Tensor) -> Tensor:

@@ -48,7 +48,8 @@ class BNAdapt(AdaptMethod):
     def predict(self, i: int) -> Tensor:
         index = self.batches(i)
         logits = self.model(self.images[index])
-        self.buffers["online_predictions"][index] = logits.detach().argmax(dim=1)
+        gather = self.engine.gather_rows  # every rank's predictions, with several processes
+        self.buffers["online_predictions"][gather(index)] = gather(logits.detach().argmax(dim=1))
         return logits
 
     def step(self, i: int) -> dict[str, Tensor | float]:

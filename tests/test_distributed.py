@@ -1,0 +1,101 @@
+"""Two processes on the CPU (gloo), started by the engine as `--devices 2` starts them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import dfkt
+from tests.conftest import FAST_ENGINE, tiny_rdskd
+
+pytestmark = pytest.mark.slow
+ONE_THREAD = ["engine.threads=1"]  # two processes on two cores
+
+
+def sets(settings: list[str]) -> list[str]:
+    return sum((["--set", s] for s in settings), [])
+
+
+def dfkt_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dfkt.cli", *args]
+
+
+def test_ranks_share_weights_and_order_but_not_noise(tmp_path):
+    source = dfkt.train_source("shot_lenet", "digits", epochs=1, overrides=FAST_ENGINE + ["data.image_size=32"],
+                               out=tmp_path / "source")["model_file"]
+    worker = Path(__file__).with_name("distributed_worker.py")
+    subprocess.run([sys.executable, str(worker), str(tmp_path), source], check=True, capture_output=True, timeout=300)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["noise"] != r1["noise"]  # synthesis noise differs per rank
+    assert r0["shared"] == r1["shared"]
+    # One shared permutation of 11 items, 5 each: disjoint shares, one item left for the epoch.
+    assert r0["steps_per_epoch"] == r1["steps_per_epoch"] == 2
+    assert len(r0["epoch"]) == len(r1["epoch"]) == 5 and not set(r0["epoch"]) & set(r1["epoch"])
+    assert r0["rows"] == r1["rows"] == [[0, 0], [1, 1]]
+    # Clustering features: every rank holds all 13 rows, equal to computing them in one process.
+    for r in (r0, r1):
+        assert r["gathered_rows"] == 13 and r["gathered_max_diff"] < 1e-5
+
+
+def test_distill_on_two_processes_then_resume_on_one(tmp_path, digits_teacher):
+    settings = FAST_ENGINE + ONE_THREAD + tiny_rdskd()[len(FAST_ENGINE):]
+    whole = tmp_path / "whole"
+    done = subprocess.run(dfkt_command("distill", "--teacher", digits_teacher, "--devices", "2", "--out", str(whole),
+                                       *sets(settings)), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("rdskd: student") == 1  # printed by rank 0 only
+    summary = json.loads((whole / "summary.json").read_text())
+    ranks = summary["distributed"]
+    assert ranks["world_size"] == 2 and ranks["effective_batch"]["student_batch"] == 128
+    assert len(ranks["replica_sha256"]) == 2 and len(set(ranks["replica_sha256"])) == 1
+    assert len(set(ranks["first_batch_sha256"])) == 2  # each rank trained on its own images
+    assert summary["student_acc"] > 0.3
+
+    # Killed in the student stage on two processes, finished on one.
+    killed = tmp_path / "killed"
+    longer = settings + ["params.student_steps_per_epoch=400", "engine.checkpoint_every=10"]
+    run = subprocess.Popen(dfkt_command("distill", "--teacher", digits_teacher, "--devices", "2", "--out",
+                                        str(killed), *sets(longer)),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and '"stage": "student", "step": 40' not in (
+            metrics.read_text() if metrics.exists() else ""):
+        time.sleep(0.05)
+    assert run.poll() is None, "the run ended before it could be killed"
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not (killed / "summary.json").exists()
+    resumed = subprocess.run(dfkt_command("distill", "--teacher", digits_teacher, "--out", str(killed), "--resume",
+                                          *sets(longer)), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["distributed"]["world_size"] == 1 and summary["student_acc"] > 0.3
+    log = metrics.read_text()
+    assert '"event": "resume", "stage": 1' in log
+    assert json.loads((killed / "env.json").read_text())["world_size"] == 1
+
+
+def test_adapt_on_two_processes(tmp_path):
+    source = dfkt.train_source("shot_lenet", "digits", epochs=3, overrides=FAST_ENGINE + ["data.image_size=32"],
+                               out=tmp_path / "source")["model_file"]
+    for method in ("nrc", "tent"):
+        out = tmp_path / method
+        done = subprocess.run(dfkt_command("adapt", "--method", method, "--source", source, "--target",
+                                           "digits-c:contrast:5", "--devices", "2", "--out", str(out),
+                                           *sets(FAST_ENGINE + ONE_THREAD)),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        ranks = summary["distributed"]
+        assert ranks["world_size"] == 2 and len(set(ranks["replica_sha256"])) == 1
+        # Every rank's predictions reach the scores; Tent's stream of 225 images leaves one unseen.
+        adapted = summary["images"]["adapted"]
+        assert summary["images"]["scored_transductive"] == (adapted if method == "nrc" else 2 * (adapted // 2))
+        assert summary["adapted"]["transductive"] is not None
