@@ -173,3 +173,16 @@ def test_synthesis_terms_are_logged_on_every_step(digits_teacher, tmp_path):
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if r.get("stage") == "student" and "event" not in r]
     assert steps and all("discrepancy" in r and "g_loss" in r and "s_loss" in r for r in steps)
+
+
+@pytest.mark.parametrize("method, extra", [("rdskd", {}), ("deepinversion", {"selection_holdout": 12})])
+def test_label_free_selection_keeps_the_student_that_agrees_most_with_the_teacher(method, extra, digits_teacher,
+                                                                                   tmp_path):
+    summary = dfkt.distill(method, digits_teacher, preset="cpu", overrides=overrides(method, **extra), out=tmp_path)
+    agreements = [e["teacher_agreement"] for e in summary["curve"] if e["teacher_agreement"] is not None]
+    assert agreements and summary["selection"]["teacher_agreement"] == max(agreements)
+    chosen = [e for e in summary["curve"] if e["teacher_agreement"] == max(agreements)][0]
+    assert summary["selection"]["step"] == chosen["step"]
+    assert summary["student_selected_acc"] == chosen["test_acc"]  # those very weights, saved apart
+    assert dfkt.evaluate(tmp_path / "student_selected.safetensors")["accuracy"] == pytest.approx(
+        summary["student_selected_acc"])

@@ -33,6 +33,19 @@ def test_pool_is_a_ring_buffer_and_travels_in_the_state_dict():
     assert again.size == 5 and torch.equal(restored.buffers["pool.images"], state.buffers["pool.images"])
 
 
+def test_pool_holds_a_tenth_of_each_batch_out_of_training_until_its_validation_set_is_full():
+    state = TrainState()
+    pool = ImagePool(state, capacity=100, holdout=3)
+    assert pool.held_out() is None
+    for start in (0, 20, 40):  # batches of 20: 2, then 1 (the set is full), then none held out
+        images = torch.arange(start, start + 20).float().view(20, 1, 1, 1)
+        pool.add(images, images.view(20, 1))
+    held = pool.held_out()
+    assert sorted(held.flatten().tolist()) == [18, 19, 39] and pool.size == 57
+    trained, _ = pool.sample(2000, torch.Generator().manual_seed(0))
+    assert not set(trained.flatten().tolist()) & {18, 19, 39}
+
+
 def test_empty_pool_refuses_to_sample():
     with pytest.raises(RuntimeError, match="synthesize"):
         ImagePool(TrainState(), 4).sample(2, torch.Generator())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 from typing import Sequence
@@ -19,6 +21,12 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run folder (default: runs/<kind>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--data-root", help="folder holding the dataset files")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="processes on this machine, trained data-parallel (one per GPU; on a CPU they split the "
+                        "cores); started here, or by torchrun/SLURM with the same N. Each process uses the batch "
+                        "size given, so the effective batch is N x it; see --set engine.lr_scaling=linear")
+    p.add_argument("--num-nodes", type=int, metavar="M", help="machines of --devices processes each (torchrun or "
+                                                              "SLURM starts them; --out on a shared folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +86,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, help="wall-time budget for adapting")
     _common_run_flags(p)
 
+    p = sub.add_parser("sweep", help="one method over a grid or random space of settings, several seeds each",
+                       description="A robustness study: every setting x seed is a normal distill run folder in "
+                                   "OUT/trials/KEY; trials are kept in an Optuna storage, so an interrupted sweep "
+                                   "resumes without redoing finished trials and several workers (here, or on other "
+                                   "machines with the same --storage and a shared --out) split one study. Prints "
+                                   "mean/std/min/max of the final student accuracy.", epilog=EPILOG)
+    p.add_argument("--grid", help="YAML file: 'grid: {params.gen_lr: [0.001, 0.01]}' (every combination) and/or "
+                                  "'random: {params.gen_lr: {low: 1e-4, high: 1e-1, log: true}}' with "
+                                  "'random_trials: N'; may also set method, teacher, preset, seeds, max_seconds, "
+                                  "overrides")
+    p.add_argument("--method", help="DFKD method (see 'dfkt list methods'); default rdskd")
+    p.add_argument("--teacher", help="teacher model file (as for distill)")
+    p.add_argument("--preset", help="method preset of every trial; default cpu")
+    p.add_argument("--seeds", type=int, nargs="+", help="engine seeds of each setting; default 1 2 3")
+    p.add_argument("--max-seconds", type=float, help="wall-time budget of each trial")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting shared by every trial, e.g. --set engine.precision=32-true (repeatable)")
+    p.add_argument("--out", default="runs/sweep", help="sweep folder (default: runs/sweep)")
+    p.add_argument("--storage", help="Optuna storage: a journal file (default OUT/study.journal) or a database "
+                                     "URL (sqlite:///sweep.db, postgresql://...)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+
+    p = sub.add_parser("report", help="an HTML page (and markdown) of run folders and sweeps, with plots",
+                       description="Write OUT/report.html (self-contained: open it anywhere) and OUT/report.md "
+                                   "(beside its PNG files): config, accuracy and loss curves (RDSKD's exponential "
+                                   "weights among them), sample grids and diagnostics per run; for sweeps, a box "
+                                   "plot of final accuracy per method.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished distill/adapt run folders or sweep folders")
+    p.add_argument("--out", default="runs/report", help="folder for the report (default: runs/report)")
+
     p = sub.add_parser("evaluate", help="test accuracy, per-class accuracy and confusion matrix",
                        description="Evaluate a run folder's model (or a .safetensors model file) on the real "
                                    "test set of the data it was trained for.")
@@ -116,6 +154,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from dfkt import api
     from dfkt.demo import run_demo, format_table
+    from dfkt.engine.distributed import is_main_process
+
+    for flag, key in (("devices", "engine.devices"), ("num_nodes", "engine.num_nodes")):
+        if getattr(args, flag, None) is not None:
+            args.overrides.append(f"{key}={getattr(args, flag)}")
+    printed = io.StringIO()  # results are printed once, by rank 0, when the run is over
+    with contextlib.redirect_stdout(printed):
+        code = _run(args, api, run_demo, format_table)
+    if is_main_process():
+        sys.stdout.write(printed.getvalue())
+    return code
+
+
+def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
+    from dfkt.engine.distributed import is_main_process
 
     if args.command == "list":
         from dfkt.registry import ADAPT_METHODS, METHODS
@@ -151,8 +204,16 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"synthesis {s['seconds']['synthesis']:.0f}s, student {s['seconds']['student']:.0f}s")
         for name, ref in s.get("references", {}).items():
             print(f"reference {name}: student {ref['student_acc']:.4f}")
-        for warning in s["warnings"]:
+        for warning in s["warnings"] if is_main_process() else []:
             print(f"dfkt: warning: {warning}", file=sys.stderr)
+    elif args.command == "sweep":
+        from dfkt.sweep import markdown
+
+        print(markdown(api.sweep(args.grid, args.method, args.teacher, args.preset, args.seeds, args.max_seconds,
+                                 args.overrides, args.out, args.storage, args.workers)), end="")
+    elif args.command == "report":
+        r = api.report(args.runs, args.out)
+        print(f"wrote {r['html']} and {r['markdown']} ({r['runs']} run(s), {r['sweeps']} sweep(s))")
     elif args.command == "evaluate":
         r = api.evaluate(args.target, args.data, args.data_root)
         if args.json:

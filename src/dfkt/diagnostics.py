@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from pydantic import BaseModel
-from torch import Tensor
+from torch import Tensor, nn
+
+from dfkt.errors import DfktError
 
 # A collapse when the two commonest teacher-predicted classes hold this share of the samples
 # (with 10 classes an even spread puts 20% there), or when samples barely differ from each other.
 TOP2_SHARE = 0.6
 MIN_RELATIVE_SPREAD = 0.05
+# Mean cosine distance between teacher features of samples the teacher puts in one class; near 0
+# means copies of one image per class. Measured with the digits_cnn teacher: the real digits test
+# images 0.057, 200 copies of one image with 1% noise 0.00001.
+MIN_WITHIN_CLASS_DIVERSITY = 0.005
+MIN_CLASS_COVERAGE = 0.5  # share of classes with at least one sample, with 5 or more classes
+
+
+@torch.no_grad()
+def feature_diversity(teacher: nn.Module, images: Tensor, predicted: Tensor) -> dict:
+    """Inter-sample diversity: the mean pairwise cosine distance (1 - cos) of the teacher's
+    penultimate features, within each teacher-predicted class (averaged over classes with two or
+    more samples) and across all samples. A teacher that hides its features is read at its logits."""
+    try:
+        features, source = teacher.forward_features(images), "teacher penultimate features"
+    except (AttributeError, DfktError):
+        features, source = teacher(images), "teacher logits"
+    unit = F.normalize(features.float().flatten(1), dim=1)
+    distance = 1 - unit @ unit.t()
+
+    def mean_off_diagonal(d: Tensor) -> float:
+        n = d.shape[0]
+        return (d.sum() / (n * (n - 1))).item() if n > 1 else float("nan")
+
+    predicted = predicted.to(unit.device)
+    within = [mean_off_diagonal(distance[predicted == c][:, predicted == c]) for c in predicted.unique().tolist()
+              if int((predicted == c).sum()) > 1]
+    return {"within_class": sum(within) / len(within) if within else None, "across": mean_off_diagonal(distance),
+            "features": source}
 
 
 def collapse_fix(params: BaseModel) -> str:
@@ -22,10 +54,16 @@ def collapse_fix(params: BaseModel) -> str:
     return "; ".join(fixes)
 
 
-def collapse_warnings(images: Tensor, histogram: list[int], params: BaseModel) -> list[str]:
-    """Warnings for mode collapse: samples concentrated in one or two teacher classes, or nearly identical."""
+def collapse_warnings(images: Tensor, histogram: list[int], params: BaseModel,
+                      diversity: dict | None = None) -> list[str]:
+    """Warnings for mode collapse: samples concentrated in one or two teacher classes, classes left
+    out, or samples nearly identical (in pixels, or in the teacher's features within a class)."""
     warnings = []
     total = sum(histogram)
+    covered = sum(1 for count in histogram if count)
+    if len(histogram) >= 5 and total and covered / len(histogram) < MIN_CLASS_COVERAGE:
+        warnings.append(f"mode collapse: the generated samples cover only {covered} of {len(histogram)} teacher "
+                        f"classes; {collapse_fix(params)}")
     if len(histogram) >= 5 and total:
         top = [c for c in sorted(range(len(histogram)), key=histogram.__getitem__, reverse=True)[:2] if histogram[c]]
         share = sum(histogram[c] for c in top) / total
@@ -39,4 +77,8 @@ def collapse_warnings(images: Tensor, histogram: list[int], params: BaseModel) -
         if spread < MIN_RELATIVE_SPREAD:
             warnings.append(f"mode collapse: the generated samples are nearly identical (spread across samples "
                             f"{spread:.3f} of the pixel spread); {collapse_fix(params)}")
+    within = (diversity or {}).get("within_class")
+    if within is not None and within < MIN_WITHIN_CLASS_DIVERSITY:
+        warnings.append(f"mode collapse: samples the teacher puts in one class are nearly the same to it (mean "
+                        f"feature distance {within:.4f}, below {MIN_WITHIN_CLASS_DIVERSITY}); {collapse_fix(params)}")
     return warnings

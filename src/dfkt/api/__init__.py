@@ -6,7 +6,9 @@ from dfkt.api.common import list_names
 from dfkt.api.distill import DEFAULT_STUDENT, distill, resolve_distill_config
 from dfkt.api.evaluate import evaluate
 from dfkt.api.export import export
+from dfkt.api.sweep import sweep
+from dfkt.report.page import write_report as report
 from dfkt.api.train import train_references, train_source, train_teacher
 
-__all__ = ["DEFAULT_STUDENT", "adapt", "distill", "evaluate", "export", "list_names", "resolve_distill_config",
+__all__ = ["DEFAULT_STUDENT", "adapt", "distill", "evaluate", "export", "list_names", "report", "resolve_distill_config", "sweep",
            "target_halves", "target_images", "train_references", "train_source", "train_teacher"]

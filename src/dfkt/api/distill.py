@@ -14,8 +14,9 @@ from dfkt.api.train import train_references
 from dfkt.config import DistillConfig, dump_yaml, validate
 from dfkt.data import ImageData, load_dataset
 from dfkt.dfkd.base import DistillSetup
-from dfkt.diagnostics import collapse_warnings
+from dfkt.diagnostics import collapse_warnings, feature_diversity
 from dfkt.engine import Engine
+from dfkt.engine.distributed import gather_objects
 from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
 from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info, save_model
@@ -23,12 +24,13 @@ from dfkt.models.foreign import ForeignClassifier, foreign_kind, foreign_sha256,
 from dfkt.registry import METHODS, MODELS
 from dfkt.report.grid import save_class_grid
 from dfkt.runs import make_run_dir, write_json
+from dfkt.selection import VALIDATION_IMAGES, TeacherAgreementSelection
 from dfkt.supervised import evaluate_model
 
 # The half-width student paired with each teacher in the papers.
 DEFAULT_STUDENT = {"lenet5": "lenet5_half", "digits_cnn": "digits_cnn_half", "resnet34": "resnet18",
                    "wrn40_2": "wrn16_1", "wrn16_2": "wrn16_1"}
-GRID_SAMPLES = 500
+GRID_SAMPLES = 500  # at 32x32; fewer for larger images (memory), never under 50
 
 
 def resolve_distill_config(method: str | None = None, teacher: str | Path | None = None,
@@ -70,6 +72,7 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
                           "test images; drop --references or pass a dataset with a train split")
     run_dir = make_run_dir(out, f"distill-{cfg.method}", resume)
     engine = Engine(cfg.engine, run_dir)
+    run_dir = engine.run_dir
     # Saved in the shape --config reads, with the preset already folded into params.
     resolved = cfg.model_copy(update={"preset": None, "params": method_cfg.model_dump(mode="json"),
                                       "teacher": loaded.name, "student": student_arch})
@@ -78,6 +81,7 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
     setup = DistillSetup(teacher_net, engine.prepare(student_net, trainable=True), info.num_classes,
                          info.in_channels, info.image_size, engine)
     runner = METHODS.get(cfg.method)(method_cfg, setup)
+    selection = TeacherAgreementSelection(runner, student_net, teacher_net, engine, runner.validation_samples)
     test_x, test_y = normalized(dataset.test_images, info), dataset.test_labels
 
     def test_acc(model) -> float:
@@ -85,9 +89,11 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
 
     run_config = {**result_settings(cfg, engine), "student": student_arch, "data": dataset.name,
                   "method_params": method_cfg.model_dump(mode="json"), "teacher_sha256": loaded.sha256}
+    scaling = engine.scaling({k: v for k, v in method_cfg.model_dump().items() if k.endswith("batch")})
     started = time.perf_counter()
     stages = runner.stages()
-    result = engine.run(stages, runner, run_config, lambda: {"test_acc": test_acc(setup.student)},
+    result = engine.run(stages, runner, run_config,
+                        lambda: {"test_acc": test_acc(setup.student), "teacher_agreement": selection.update()},
                         cfg.eval_every, cfg.max_seconds, resume,
                         on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"), eval_seconds=cfg.eval_seconds)
     if result.stopped_by_budget and stages[-1].name not in result.seconds:
@@ -95,20 +101,33 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
         raise DfktError(f"the time budget ({cfg.max_seconds:g} s) ran out before the {stages[-1].name} stage "
                         f"began; continue with --resume --out {run_dir} and a larger --max-seconds")
     final = evaluate_model(setup.student, test_x, test_y, engine, info.num_classes)
+    selected = selection.chosen
     student_info = ModelInfo(student_arch, info.num_classes, info.in_channels, info.image_size,
                              info.mean, info.std, info.dataset)
-    save_model(student_net, student_info, run_dir / "student.safetensors")
-    images, histogram, confidence = _sample_grid(runner, teacher_net, info, run_dir / "samples.png")
-    warnings = collapse_warnings(images, histogram, method_cfg)
+    if engine.is_main:
+        save_model(student_net, student_info, run_dir / "student.safetensors")
+        if selected is not None:
+            save_model(selected, student_info, run_dir / "student_selected.safetensors")
+    images, predicted, confidence = _sample_grid(runner, teacher_net, info, run_dir / "samples.png", engine.is_main)
+    histogram = torch.bincount(predicted.cpu(), minlength=info.num_classes).tolist()
+    with engine.autocast():
+        diversity = feature_diversity(teacher_net, images, predicted)
+    warnings = collapse_warnings(images, histogram, method_cfg, diversity)
     for warning in warnings:
         engine.metrics.write({"event": "warning", "message": warning})
     in_student = result.sections.get("synthesis", 0.0)  # synthesis interleaved with student steps
-    curve = [{k: e[k] for k in ("step", "train_seconds", "test_acc")} for e in result.evaluations]
+    curve = [{k: e.get(k) for k in ("step", "train_seconds", "test_acc", "teacher_agreement")}
+             for e in result.evaluations]
     summary: dict[str, Any] = {
         "method": cfg.method, "preset": cfg.preset, "dataset": dataset.name, "teacher": loaded.name,
         "student": student_arch, "teacher_acc": test_acc(teacher_net), "student_acc": final["accuracy"],
         "student_best_on_test_acc": max([e["test_acc"] for e in curve] + [final["accuracy"]]),
         "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
+        "student_selected_acc": None if selected is None else test_acc(selected),
+        "selection": {"criterion": f"agreement with the teacher on {VALIDATION_IMAGES} held-out synthetic images "
+                                   "(no labels); student_selected.safetensors",
+                      "step": None if selected is None else curve[selection.chosen_at]["step"],
+                      "teacher_agreement": selection.agreement},
         "student_per_class_acc": final["per_class"],
         "seconds": {"synthesis": sum(s for name, s in result.seconds.items() if name != "student") + in_student,
                     "student": result.seconds.get("student", 0.0) - in_student,
@@ -116,8 +135,11 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
                     "wall": time.perf_counter() - started, "by_stage": result.seconds},
         "stopped_by_budget": result.stopped_by_budget,
         "warnings": warnings,
-        "samples": {"class_histogram": histogram, "teacher_confidence": confidence, "grid": "samples.png"},
+        "samples": {"class_histogram": histogram, "teacher_confidence": confidence, "diversity": diversity,
+                    "grid": "samples.png"},
         "curve": curve,
+        "distributed": {**scaling, "replica_sha256": result.replica_sha256,
+                        "first_batch_sha256": gather_objects(runner.student_trainer.first_batch_sha256)},
     }
     engine.close()
     if cfg.references:
@@ -125,7 +147,8 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
         training = cfg.reference.model_copy(update={"temperature": temperature})
         summary["references"] = train_references(cfg.engine, training, info, dataset, student_arch, teacher_net,
                                                  run_dir, resume)
-    write_json(run_dir / "summary.json", summary)
+    if engine.is_main:
+        write_json(run_dir / "summary.json", summary)
     return summary
 
 
@@ -156,10 +179,12 @@ def load_teacher(cfg: DistillConfig) -> Teacher:
     return Teacher(net, info, foreign_sha256(cfg.teacher, cfg.teacher_weights), dataset, cfg.teacher)
 
 
-def _sample_grid(runner, teacher, info: ModelInfo, path: Path) -> tuple[torch.Tensor, list[int], float]:
-    images = runner.samples(GRID_SAMPLES)
+def _sample_grid(runner, teacher, info: ModelInfo, path: Path, write: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Synthetic samples, the teacher's class for each and its mean confidence; the grid PNG when ``write``."""
+    images = runner.samples(max(50, min(GRID_SAMPLES, GRID_SAMPLES * 32 * 32 // info.image_size**2)))
     with torch.no_grad(), runner.engine.autocast():
         probs = torch.softmax(teacher(images).float(), dim=1)
     confidence, predicted = probs.max(dim=1)
-    histogram = save_class_grid(images, predicted, info.mean, info.std, info.num_classes, path)
-    return images, histogram, confidence.mean().item()
+    if write:
+        save_class_grid(images, predicted, info.mean, info.std, info.num_classes, path)
+    return images, predicted, confidence.mean().item()

@@ -69,10 +69,10 @@ class DistillMethod(TrainState):
         raise NotImplementedError
 
     @torch.no_grad()
-    def samples(self, n: int) -> Tensor:
+    def samples(self, n: int, rng_offset: int = 99) -> Tensor:
         """``n`` synthetic images in the teacher's input space, for grids and diagnostics: new
         images from a generator source, else draws from the pool."""
-        rng = self.engine.noise_generator(offset=99)
+        rng = self.engine.noise_generator(offset=rng_offset)
         generator = self.modules.get("generator")
         if generator is None:
             return self.source.sample(n, rng)[0].float()
@@ -80,6 +80,11 @@ class DistillMethod(TrainState):
             generator = copy.deepcopy(generator).train()
         with self.engine.eval_mode(*([] if self.samples_in_train_mode else [generator])), self.engine.autocast():
             return generator(self.source.noise(n, rng)).float()
+
+    def validation_samples(self, n: int) -> Tensor | None:
+        """Synthetic images the student never trains on, for label-free selection (None while there are
+        not yet enough): new draws from the generator; pool methods hold some of their batches out."""
+        return self.samples(n, rng_offset=98)
 
     @contextlib.contextmanager
     def student_as_judge(self, eval_mode: bool = True) -> Iterator[None]:

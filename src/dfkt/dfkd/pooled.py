@@ -9,6 +9,7 @@ The pool is part of the checkpoint: a resumed run continues with the very images
 from __future__ import annotations
 
 from pydantic import Field
+from torch import Tensor
 
 from dfkt.dfkd.base import DistillMethod, DistillSetup
 from dfkt.dfkd.student import StudentTrainer, StudentTrainingConfig
@@ -22,17 +23,22 @@ class PooledConfig(StudentTrainingConfig):
     synthesis_batch: int = Field(256, ge=1)
     synthesis_iterations: int = Field(2000, ge=1, description="optimisation steps per synthesized batch")
     student_steps_per_synthesis: int = Field(2000, ge=1)
+    selection_holdout: int = Field(256, ge=0, description="synthetic images kept out of training (a tenth of each "
+                                                          "batch until there are this many) for label-free selection")
 
 
 class PooledMethod(DistillMethod):
     def __init__(self, cfg: PooledConfig, setup: DistillSetup):
         super().__init__(cfg, setup)
-        self.pool = ImagePool(self, cfg.pool_size)
+        self.pool = ImagePool(self, cfg.pool_size, holdout=cfg.selection_holdout)
         self.source = self.make_source(cfg, setup)
         self.student_trainer = StudentTrainer(self, cfg, self.source, cfg.student_steps_per_synthesis)
 
     def make_source(self, cfg: PooledConfig, setup: DistillSetup) -> Synthesizer:
         raise NotImplementedError
+
+    def validation_samples(self, n: int) -> Tensor | None:
+        return self.pool.held_out()
 
     def stages(self) -> list[Stage]:
         return [self.student_trainer.stage(train=[], frozen=[self.teacher])]

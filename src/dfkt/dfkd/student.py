@@ -9,6 +9,7 @@ what the student sees; otherwise cached teacher logits are used when the source 
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
@@ -62,6 +63,8 @@ class StudentTrainer:
         method.schedulers["student"] = self.scheduler
         method.rngs["student"] = engine.noise_generator(offset=2)
         self.last_synthesis: dict[str, Tensor | float] = {}
+        # Of the first batch this process trains on: ranks must each see their own data.
+        self.first_batch_sha256: str | None = None
 
     @property
     def steps(self) -> int:
@@ -80,6 +83,8 @@ class StudentTrainer:
         if logits is None:
             with torch.no_grad():
                 logits = self.method.teacher(images)
+        if self.first_batch_sha256 is None:
+            self.first_batch_sha256 = hashlib.sha256(images.detach().float().cpu().numpy().tobytes()).hexdigest()
         return images, logits
 
     def step(self, i: int) -> dict[str, Tensor | float]:

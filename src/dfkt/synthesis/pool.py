@@ -14,12 +14,16 @@ class ImagePool:
 
     The tensors live in the owner's ``TrainState.buffers``, so the checkpoint carries the pool and
     a resumed run continues with exactly the images it had (pixel-inverted images cannot be redrawn).
+
+    With ``holdout``, a tenth of each batch added goes to a separate ``validation`` pool until it
+    holds ``holdout`` images: synthetic images the student never trains on, for label-free selection.
     """
 
-    def __init__(self, state: TrainState, capacity: int, name: str = "pool"):
+    def __init__(self, state: TrainState, capacity: int, name: str = "pool", holdout: int = 0):
         self.state = state
         self.capacity = capacity
         self.keys = (f"{name}.images", f"{name}.logits", f"{name}.added")
+        self.validation = ImagePool(state, holdout, f"{name}.validation") if holdout else None
 
     @property
     def added(self) -> int:
@@ -37,6 +41,10 @@ class ImagePool:
         return self.size == self.capacity
 
     def add(self, images: Tensor, logits: Tensor) -> None:
+        if self.validation is not None and not self.validation.full and len(images) > 1:
+            kept = len(images) - min(self.validation.capacity - self.validation.size, max(1, len(images) // 10))
+            self.validation.add(images[kept:], logits[kept:])
+            images, logits = images[:kept], logits[:kept]
         images, logits = images.detach().float()[: self.capacity], logits.detach().float()[: self.capacity]
         images_key, logits_key, count_key = self.keys
         if count_key not in self.state.buffers:
@@ -48,6 +56,11 @@ class ImagePool:
         self.state.buffers[images_key][rows] = images
         self.state.buffers[logits_key][rows] = logits
         self.state.buffers[count_key] += images.shape[0]
+
+    def held_out(self) -> Tensor | None:
+        """The validation images, once there are ``holdout`` of them (a fixed set to compare against)."""
+        return self.state.buffers[self.validation.keys[0]] if self.validation is not None and self.validation.full \
+            else None
 
     def sample(self, n: int, rng: torch.Generator) -> Batch:
         if self.size == 0:

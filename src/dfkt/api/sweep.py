@@ -1,0 +1,76 @@
+"""``dfkt sweep``: a method over a space of settings and seeds, persisted in an Optuna storage."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from dfkt.api.common import layered
+from dfkt.config import dump_yaml, validate
+from dfkt.errors import ConfigError
+from dfkt.registry import METHODS
+from dfkt.runs import write_json
+from dfkt.sweep import SweepConfig, aggregate, markdown, open_storage, open_study, plan, work
+
+STUDY = "dfkt-sweep"
+
+
+def resolve_sweep_config(grid: str | Path | dict | None = None, method: str | None = None,
+                         teacher: str | Path | None = None, preset: str | None = None,
+                         seeds: Sequence[int] | None = None, max_seconds: float | None = None,
+                         overrides: Sequence[str] = ()) -> SweepConfig:
+    raw = layered(grid, {"method": method, "teacher": str(teacher) if teacher else None, "preset": preset,
+                         "seeds": list(seeds) if seeds else None, "max_seconds": max_seconds}, ())
+    raw["overrides"] = [*raw.get("overrides", []), *overrides]
+    cfg = validate(SweepConfig, raw, where="sweep")
+    METHODS.get(cfg.method)
+    if not cfg.teacher:
+        raise ConfigError("no teacher given; pass --teacher FILE (or teacher: in the sweep file)")
+    return cfg
+
+
+def _worker(cfg: dict, storage_url: str, out: str) -> None:
+    study = open_study(open_storage(storage_url), STUDY, plan(SweepConfig(**cfg)))
+    work(SweepConfig(**cfg), study, Path(out), _print)
+
+
+def _print(line: str) -> None:
+    print(f"dfkt sweep: {line}", file=sys.stderr, flush=True)
+
+
+def sweep(grid: str | Path | dict | None = None, method: str | None = None, teacher: str | Path | None = None,
+          preset: str | None = None, seeds: Sequence[int] | None = None, max_seconds: float | None = None,
+          overrides: Sequence[str] = (), out: str | Path = "runs/sweep", storage: str | None = None,
+          workers: int = 1) -> dict[str, Any]:
+    """Run (or join, or resume) a sweep and return its aggregate.
+
+    ``grid`` is a YAML file or dict with ``grid:`` (setting -> values, every combination) and/or
+    ``random:`` (setting -> {low, high, log} or a list of choices) with ``random_trials:``; its other
+    keys (method, teacher, preset, seeds, max_seconds, overrides) are defaults for the flags.
+    Trials live in ``storage`` (default OUT/study.journal; a database URL such as
+    sqlite:///sweep.db or postgresql://... works too), run folders in OUT/trials/KEY. ``workers``
+    processes here share the study; more machines join it by running the same command with the
+    same storage and a shared OUT.
+    """
+    cfg = resolve_sweep_config(grid, method, teacher, preset, seeds, max_seconds, overrides)
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    storage_url = storage or str(out / "study.journal")
+    study = open_study(open_storage(storage_url), STUDY, plan(cfg))
+    dump_yaml(cfg, out / "sweep.yaml")
+    context = multiprocessing.get_context("spawn")
+    others = [context.Process(target=_worker, args=(cfg.model_dump(), storage_url, str(out)))
+              for _ in range(workers - 1)]
+    for process in others:
+        process.start()
+    work(cfg, study, out, _print)
+    for process in others:
+        process.join()
+    result = {**aggregate(cfg, study), "storage": storage_url}
+    write_json(out / "sweep.json", result)
+    (out / "sweep.md").write_text(markdown(result))
+    return result

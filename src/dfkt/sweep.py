@@ -1,0 +1,296 @@
+"""A sweep: one method over a grid or random space of settings, several seeds each, every trial a
+normal ``dfkt distill`` run folder. Trials are kept in an Optuna storage (a journal file, or a
+database URL), which is what lets several workers, on one machine or several, share a study, and
+an interrupted study resume without redoing finished trials.
+
+The plan (every setting x seed) is fixed when the study is created: the creating worker enqueues
+every trial once (creating a study succeeds for exactly one worker), and each worker pops waiting
+trials, which the storage hands to one worker only. A trial left running by a dead worker (same
+host and its process gone, or no heartbeat for ``STALE_SECONDS``) is queued again; its run folder
+resumes from its checkpoint, so a killed trial loses at most the work since it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from dfkt.config import StrictModel
+from dfkt.errors import ConfigError, DfktError
+
+STALE_SECONDS = 600.0
+HEARTBEAT_SECONDS = 30.0
+
+
+class RandomRange(StrictModel):
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+
+class SweepConfig(StrictModel):
+    """``dfkt sweep``: what to run and over which settings."""
+
+    method: str = "rdskd"
+    teacher: str = ""
+    preset: str | None = "cpu"
+    seeds: list[int] = Field([1, 2, 3], min_length=1)
+    max_seconds: float | None = Field(None, gt=0, description="wall-time budget of each trial")
+    grid: dict[str, list[Any]] = Field({}, description="setting -> values; every combination is a trial")
+    random: dict[str, RandomRange | list[Any]] = Field({}, description="setting -> range or choices, drawn "
+                                                                      "random_trials times (seeded)")
+    random_trials: int = Field(0, ge=0)
+    random_seed: int = 0
+    overrides: list[str] = Field([], description="--set settings shared by every trial")
+
+    def settings(self) -> list[dict[str, Any]]:
+        """Every setting of the sweep: the grid's combinations, then the random draws."""
+        points = [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())] if self.grid \
+            else []
+        if self.random and not self.random_trials:
+            raise ConfigError("a random space needs random_trials: N (how many settings to draw)")
+        rng = random.Random(self.random_seed)
+        base = points or [{}]
+        for i in range(self.random_trials):
+            draw = dict(base[i % len(base)])
+            for key, space in self.random.items():
+                draw[key] = rng.choice(space) if isinstance(space, list) else _draw(space, rng)
+            points.append(draw)
+        return points or [{}]
+
+
+def _draw(space: RandomRange, rng: random.Random) -> float | int:
+    if space.log:
+        value = math.exp(rng.uniform(math.log(space.low), math.log(space.high)))
+    else:
+        value = rng.uniform(space.low, space.high)
+    return int(round(value)) if space.integer else float(f"{value:.4g}")
+
+
+def plan(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """The trials: one per setting and seed, each with a stable key that names its run folder."""
+    trials = []
+    for index, setting in enumerate(cfg.settings()):
+        for seed in cfg.seeds:
+            trials.append({"key": f"s{index:03d}-seed{seed}", "setting": index, "seed": seed,
+                           "overrides": [f"{k}={json.dumps(v)}" for k, v in setting.items()]})
+    return trials
+
+
+def open_storage(url: str):
+    """A journal file (any path) or a database (a URL such as sqlite:///sweep.db)."""
+    try:
+        import optuna
+    except ImportError:
+        raise DfktError("dfkt sweep keeps its trials with Optuna: pip install 'dfkt[sweep]'") from None
+
+    if "://" in url:
+        return optuna.storages.RDBStorage(url)
+    from optuna.storages.journal import JournalFileBackend
+
+    Path(url).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(url))
+
+
+def open_study(storage, name: str, trials: list[dict[str, Any]]):
+    """Create the study and queue its trials, or join it once its creator has queued them."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=name)
+        deadline = time.time() + 120
+        while "plan" not in study.user_attrs:  # its creator is still queueing
+            if time.time() > deadline:
+                raise DfktError(f"study {name} exists but has no plan; its creator died while queueing: delete the "
+                                "storage (or pass another --storage) to start the sweep again")
+            time.sleep(0.5)
+        if study.user_attrs["plan"] != trials:
+            raise DfktError(f"the storage already holds a study {name} with other trials; pass another --out or "
+                            "--storage for a different sweep")
+        return study
+    for trial in trials:
+        study.enqueue_trial({}, user_attrs={"trial": trial})
+    study.set_user_attr("plan", trials)
+    return study
+
+
+def _alive(attrs: dict[str, Any]) -> bool:
+    if attrs.get("host") == socket.gethostname():
+        try:
+            os.kill(int(attrs.get("pid", -1)), 0)
+        except (ProcessLookupError, ValueError):
+            return False
+        except PermissionError:
+            return True
+        return True
+    return time.time() - float(attrs.get("heartbeat", 0)) < STALE_SECONDS
+
+
+def requeue_stale(study) -> int:
+    """Queue again the trials whose worker died; returns how many."""
+    from optuna.trial import TrialState
+
+    requeued = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if "trial" in trial.user_attrs and not _alive(trial.user_attrs):
+            try:
+                study.tell(trial.number, state=TrialState.FAIL)
+            except (RuntimeError, ValueError):  # another worker got there first
+                continue
+            study.enqueue_trial({}, user_attrs={"trial": trial.user_attrs["trial"]})
+            requeued += 1
+    return requeued
+
+
+def trial_command(cfg: SweepConfig, trial: dict[str, Any], run_dir: Path) -> list[str]:
+    command = [sys.executable, "-m", "dfkt.cli", "distill", "--method", cfg.method, "--teacher", cfg.teacher,
+               "--out", str(run_dir)]
+    if cfg.preset:
+        command += ["--preset", cfg.preset]
+    if cfg.max_seconds:
+        command += ["--max-seconds", str(cfg.max_seconds)]
+    if (run_dir / "checkpoint.pt").is_file():
+        command.append("--resume")
+    for setting in [*cfg.overrides, *trial["overrides"], f"engine.seed={trial['seed']}", "engine.progress=false"]:
+        command += ["--set", setting]
+    return command
+
+
+def run_trial(cfg: SweepConfig, trial: dict[str, Any], out: Path, heartbeat) -> dict[str, Any]:
+    """One trial as a ``dfkt distill`` subprocess in OUT/trials/KEY (its output in KEY.log)."""
+    run_dir = out / "trials" / trial["key"]
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():  # a finished run whose result was never recorded is not run again
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(run_dir.parent / f"{trial['key']}.log", "a") as log:
+            proc = subprocess.Popen(trial_command(cfg, trial, run_dir), stdout=log, stderr=subprocess.STDOUT)
+            while proc.poll() is None:
+                heartbeat()
+                try:
+                    proc.wait(timeout=HEARTBEAT_SECONDS)
+                except subprocess.TimeoutExpired:
+                    pass
+        if proc.returncode != 0 or not summary_file.is_file():
+            lines = (run_dir.parent / f"{trial['key']}.log").read_text().strip().splitlines()
+            raise DfktError(lines[-1] if lines else f"exit code {proc.returncode}")
+    return json.loads(summary_file.read_text())
+
+
+def work(cfg: SweepConfig, study, out: Path, progress=None) -> int:
+    """Run waiting trials until none are left; returns how many this worker finished."""
+    from optuna.trial import TrialState
+
+    done = 0
+    while True:
+        requeue_stale(study)
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return done
+        trial = study.ask()
+        if "trial" not in trial.user_attrs:  # another worker took the last waiting trial
+            study.tell(trial, state=TrialState.FAIL)
+            return done
+        spec = trial.user_attrs["trial"]
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("heartbeat", time.time())
+        finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if t.user_attrs.get("trial", {}).get("key") == spec["key"]]
+        if finished:  # a duplicate queued by a stale check that was wrong: never run a trial twice
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        try:
+            summary = run_trial(cfg, spec, out, lambda: trial.set_user_attr("heartbeat", time.time()))
+        except DfktError as exc:
+            trial.set_user_attr("error", str(exc))
+            study.tell(trial, state=TrialState.FAIL)
+            if progress:
+                progress(f"trial {spec['key']} failed: {exc}")
+            continue
+        for key in ("student_acc", "student_selected_acc", "student_best_on_test_acc", "teacher_acc"):
+            if key in summary:
+                trial.set_user_attr(key, summary[key])
+        study.tell(trial, summary["student_acc"])
+        done += 1
+        if progress:
+            progress(f"trial {spec['key']}: student {summary['student_acc']:.4f}")
+
+
+def aggregate(cfg: SweepConfig, study) -> dict[str, Any]:
+    """Mean, std, min and max of the final student accuracy over every finished trial, and per setting."""
+    from optuna.trial import TrialState
+
+    plan_trials = study.user_attrs["plan"]
+    results: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    for t in study.get_trials(deepcopy=False):
+        spec = t.user_attrs.get("trial")
+        if spec is None:
+            continue
+        if t.state == TrialState.COMPLETE:
+            results[spec["key"]] = {**spec, "number": t.number, "worker": f"{t.user_attrs.get('host')}:"
+                                    f"{t.user_attrs.get('pid')}",
+                                    **{k: t.user_attrs[k] for k in ("student_acc", "student_selected_acc",
+                                                                    "student_best_on_test_acc", "teacher_acc")
+                                       if k in t.user_attrs}}
+        elif t.state == TrialState.FAIL and "error" in t.user_attrs:
+            failed[spec["key"]] = t.user_attrs["error"]
+    finished = [results[t["key"]] for t in plan_trials if t["key"] in results]
+    settings = []
+    for index, setting in enumerate(cfg.settings()):
+        accs = [r["student_acc"] for r in finished if r["setting"] == index]
+        settings.append({"setting": index, "overrides": plan_trials[index * len(cfg.seeds)]["overrides"],
+                         **describe(accs)})
+    return {"method": cfg.method, "teacher": cfg.teacher, "preset": cfg.preset, "seeds": cfg.seeds,
+            "trials_planned": len(plan_trials), "trials_finished": len(finished),
+            "failed": {k: v for k, v in failed.items() if k not in results},
+            "student_acc": describe([r["student_acc"] for r in finished]),
+            "student_selected_acc": describe([r["student_selected_acc"] for r in finished
+                                              if "student_selected_acc" in r]),
+            "student_best_on_test_acc": describe([r["student_best_on_test_acc"] for r in finished
+                                                  if "student_best_on_test_acc" in r]),
+            "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
+            "settings": settings, "trials": finished}
+
+
+def describe(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values),
+            "values": values}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def pct(v: float | None) -> str:
+        return "—" if v is None else f"{100 * v:.1f}"
+
+    lines = [f"# Sweep: {result['method']} ({result['trials_finished']} of {result['trials_planned']} trials)", "",
+             f"Teacher `{result['teacher']}`, preset `{result['preset']}`, seeds {result['seeds']}.", "",
+             "| | mean | std | min | max | n |", "|---|---|---|---|---|---|"]
+    for label, key in (("final student", "student_acc"), ("label-free selected", "student_selected_acc"),
+                       ("best on test (oracle)", "student_best_on_test_acc")):
+        d = result[key]
+        lines.append(f"| {label} | {pct(d['mean'])} | {pct(d['std'])} | {pct(d['min'])} | {pct(d['max'])} | {d['n']} |")
+    lines += ["", "| setting | overrides | mean | std | min | max |", "|---|---|---|---|---|---|"]
+    for s in result["settings"]:
+        lines.append(f"| {s['setting']} | {' '.join(s['overrides']) or '(preset)'} | {pct(s['mean'])} | "
+                     f"{pct(s['std'])} | {pct(s['min'])} | {pct(s['max'])} |")
+    if result["failed"]:
+        lines += ["", "Failed trials:", *[f"- {k}: {v}" for k, v in result["failed"].items()]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,68 @@
+"""`dfkt report`: a page for a run and for a sweep, opened in a real headless Chromium."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import dfkt
+from dfkt.cli import main
+from dfkt.errors import DfktError
+from tests.conftest import FAST_ENGINE, tiny_rdskd
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def run_and_sweep(tmp_path_factory, digits_teacher):
+    root = tmp_path_factory.mktemp("report")
+    dfkt.distill("rdskd", digits_teacher, overrides=tiny_rdskd(), out=root / "run")
+    dfkt.sweep({"grid": {"params.gen_lr": [0.001]}, "seeds": [1], "teacher": digits_teacher,
+                "overrides": FAST_ENGINE + tiny_rdskd()[len(FAST_ENGINE):]}, out=root / "sweep")
+    return root / "run", root / "sweep"
+
+
+def open_in_chromium(page_file: Path) -> dict:
+    """What a browser shows: the headings, and every image with its decoded width."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).is_file(), "the report test needs Chromium: apt-get install -y chromium"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(page_file.resolve().as_uri())
+        page.wait_for_load_state("load")
+        seen = page.evaluate("""() => ({
+            headings: [...document.querySelectorAll('h2, h3')].map(h => h.textContent),
+            images: [...document.images].map(i => ({complete: i.complete, width: i.naturalWidth})),
+            text: document.body.innerText})""")
+        browser.close()
+    return seen
+
+
+def test_report_of_a_run_renders_with_its_images(run_and_sweep, tmp_path):
+    run, _ = run_and_sweep
+    assert main(["report", str(run), "--out", str(tmp_path)]) == 0
+    seen = open_in_chromium(tmp_path / "report.html")
+    assert seen["images"] and all(i["complete"] and i["width"] > 0 for i in seen["images"])
+    headings = " ".join(seen["headings"])
+    for part in ("Accuracy over training time", "generator stage: loss terms",
+                 "RDSKD exponential weights", "Class histogram", "Generated samples"):
+        assert part in headings, headings
+    assert "label-free selection" in seen["text"] and "oracle" in seen["text"]
+    markdown = (tmp_path / "report.md").read_text()
+    for name in [line.split("](")[1].rstrip(")") for line in markdown.splitlines() if line.startswith("![")]:
+        assert (tmp_path / name).is_file(), name
+
+
+def test_report_of_a_sweep_has_a_box_plot(run_and_sweep, tmp_path):
+    run, sweep = run_and_sweep
+    dfkt.report([sweep, run], tmp_path)
+    seen = open_in_chromium(tmp_path / "report.html")
+    assert all(i["complete"] and i["width"] > 0 for i in seen["images"])
+    assert any("Box plot" in h for h in seen["headings"]) and "rdskd" in seen["text"]
+
+
+def test_report_refuses_a_folder_without_results(tmp_path):
+    with pytest.raises(DfktError, match="summary.json or sweep.json"):
+        dfkt.report([tmp_path], tmp_path / "out")

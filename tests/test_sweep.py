@@ -1,0 +1,99 @@
+"""`dfkt sweep`: trials persisted in Optuna storage, resumed after a kill, split between workers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+import dfkt
+from dfkt.errors import ConfigError, DfktError
+from dfkt.sweep import SweepConfig, plan
+from tests.conftest import FAST_ENGINE, tiny_rdskd
+
+TINY = FAST_ENGINE + ["engine.threads=1"] + tiny_rdskd()[len(FAST_ENGINE):]
+
+
+def spec(tmp_path, teacher, **extra) -> str:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"grid": {"params.gen_lr": [0.001, 0.01]}, "seeds": [1, 2], "teacher": teacher,
+                                    "overrides": TINY, **extra}))
+    return str(path)
+
+
+def sweep_command(grid: str, out, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dfkt.cli", "sweep", "--grid", grid, "--out", str(out), *extra]
+
+
+def finished(out) -> list[str]:
+    return sorted(p.parent.name for p in (out / "trials").glob("*/summary.json"))
+
+
+def test_plan_is_grid_times_seeds_and_random_draws_are_seeded():
+    cfg = SweepConfig(grid={"params.w_ie": [1, 5]}, random={"params.gen_lr": {"low": 1e-4, "high": 1e-1, "log": True},
+                                                            "params.nz": [64, 100]},
+                      random_trials=3, seeds=[1, 2])
+    settings = cfg.settings()
+    assert len(settings) == 5 and settings[:2] == [{"params.w_ie": 1}, {"params.w_ie": 5}]
+    assert all(1e-4 <= s["params.gen_lr"] <= 1e-1 and s["params.nz"] in (64, 100) for s in settings[2:])
+    assert settings == SweepConfig(**cfg.model_dump()).settings()  # the same draws every time
+    trials = plan(cfg)
+    assert len(trials) == 10 and len({t["key"] for t in trials}) == 10
+    assert trials[0]["overrides"] == ["params.w_ie=1"] and trials[1]["seed"] == 2
+    with pytest.raises(ConfigError, match="random_trials"):
+        SweepConfig(random={"params.nz": [64]}).settings()
+
+
+def test_sweep_errors_name_the_fix(tmp_path, digits_teacher):
+    with pytest.raises(ConfigError, match="--teacher"):
+        dfkt.sweep({"grid": {"params.gen_lr": [0.1]}}, out=tmp_path / "a")
+    with pytest.raises(ConfigError, match="unknown"):
+        dfkt.sweep({"grid": {"params.gen_lr": [0.1]}, "teacher": digits_teacher, "typo": 1}, out=tmp_path / "b")
+    one = {"grid": {"params.gen_lr": [0.1]}, "teacher": digits_teacher, "seeds": [1], "overrides": TINY}
+    dfkt.sweep(one, out=tmp_path / "c")
+    with pytest.raises(DfktError, match="other trials"):  # the same storage, another plan
+        dfkt.sweep({**one, "seeds": [1, 2]}, out=tmp_path / "c")
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_repeating_finished_trials(tmp_path, digits_teacher):
+    grid, out = spec(tmp_path, digits_teacher), tmp_path / "sweep"
+    proc = subprocess.Popen(sweep_command(grid, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(finished(out)) < 2:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {key: (out / "trials" / key / "summary.json").stat().st_mtime_ns for key in finished(out)}
+    assert 2 <= len(before) < 4
+
+    done = subprocess.run(sweep_command(grid, out), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["trials_finished"] == 4 and len({t["key"] for t in result["trials"]}) == 4
+    for key, mtime in before.items():  # finished trials were not run again
+        assert (out / "trials" / key / "summary.json").stat().st_mtime_ns == mtime
+    assert done.stderr.count("dfkt sweep: trial") == 4 - len(before)
+    acc = result["student_acc"]
+    assert acc["n"] == 4 and acc["min"] <= acc["mean"] <= acc["max"] and acc["std"] >= 0
+
+
+@pytest.mark.slow
+def test_two_workers_split_one_study(tmp_path, digits_teacher):
+    grid, out = spec(tmp_path, digits_teacher), tmp_path / "sweep"
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    workers = [subprocess.Popen(sweep_command(grid, out, "--storage", storage), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [w.communicate(timeout=600)[1] for w in workers]
+    assert all(w.returncode == 0 for w in workers), logs
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["trials_finished"] == 4 and len({t["key"] for t in result["trials"]}) == 4
+    by_worker = {t["worker"] for t in result["trials"]}
+    assert len(by_worker) == 2  # each ran some
+    assert sum(log.count("dfkt sweep: trial") for log in logs) == 4  # and no trial twice
