@@ -99,3 +99,24 @@ def test_adapt_on_two_processes(tmp_path):
         adapted = summary["images"]["adapted"]
         assert summary["images"]["scored_transductive"] == (adapted if method == "nrc" else 2 * (adapted // 2))
         assert summary["adapted"]["transductive"] is not None
+
+
+def test_torchrun_launch_joins_one_run(tmp_path, digits_teacher):
+    out = tmp_path / "torchrun"
+    settings = FAST_ENGINE + ONE_THREAD + tiny_rdskd()[len(FAST_ENGINE):]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dfkt.cli",
+                           "distill", "--teacher", digits_teacher, "--devices", "2", "--out", str(out),
+                           *sets(settings)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = json.loads((out / "summary.json").read_text())["distributed"]
+    assert ranks["world_size"] == 2 and len(set(ranks["replica_sha256"])) == 1
+
+
+def test_processes_started_outside_must_be_declared(monkeypatch):
+    from dfkt.config import EngineConfig
+    from dfkt.engine import Engine
+    from dfkt.errors import DfktError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DfktError, match="pass --devices"):
+        Engine(EngineConfig(precision="32-true"))

@@ -34,15 +34,15 @@ def finished(out) -> list[str]:
 
 
 def test_plan_is_grid_times_seeds_and_random_draws_are_seeded():
-    cfg = SweepConfig(grid={"params.w_ie": [1, 5]}, random={"params.gen_lr": {"low": 1e-4, "high": 1e-1, "log": True},
+    cfg = SweepConfig(grid={"params.w_ie": [1, 5]}, points=[{"params.w_a": 0}], random={"params.gen_lr": {"low": 1e-4, "high": 1e-1, "log": True},
                                                             "params.nz": [64, 100]},
                       random_trials=3, seeds=[1, 2])
     settings = cfg.settings()
-    assert len(settings) == 5 and settings[:2] == [{"params.w_ie": 1}, {"params.w_ie": 5}]
-    assert all(1e-4 <= s["params.gen_lr"] <= 1e-1 and s["params.nz"] in (64, 100) for s in settings[2:])
+    assert len(settings) == 6 and settings[:3] == [{"params.w_ie": 1}, {"params.w_ie": 5}, {"params.w_a": 0}]
+    assert all(1e-4 <= s["params.gen_lr"] <= 1e-1 and s["params.nz"] in (64, 100) for s in settings[3:])
     assert settings == SweepConfig(**cfg.model_dump()).settings()  # the same draws every time
     trials = plan(cfg)
-    assert len(trials) == 10 and len({t["key"] for t in trials}) == 10
+    assert len(trials) == 12 and len({t["key"] for t in trials}) == 12
     assert trials[0]["overrides"] == ["params.w_ie=1"] and trials[1]["seed"] == 2
     with pytest.raises(ConfigError, match="random_trials"):
         SweepConfig(random={"params.nz": [64]}).settings()
@@ -79,7 +79,8 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(tmp_path, digits
     assert result["trials_finished"] == 4 and len({t["key"] for t in result["trials"]}) == 4
     for key, mtime in before.items():  # finished trials were not run again
         assert (out / "trials" / key / "summary.json").stat().st_mtime_ns == mtime
-    assert done.stderr.count("dfkt sweep: trial") == 4 - len(before)
+    for key in finished(out):  # every trial's run finished once (a killed one resumed, not restarted)
+        assert (out / "trials" / f"{key}.log").read_text().count("rdskd: student") == 1, key
     acc = result["student_acc"]
     assert acc["n"] == 4 and acc["min"] <= acc["mean"] <= acc["max"] and acc["std"] >= 0
 

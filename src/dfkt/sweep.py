@@ -50,6 +50,8 @@ class SweepConfig(StrictModel):
     seeds: list[int] = Field([1, 2, 3], min_length=1)
     max_seconds: float | None = Field(None, gt=0, description="wall-time budget of each trial")
     grid: dict[str, list[Any]] = Field({}, description="setting -> values; every combination is a trial")
+    points: list[dict[str, Any]] = Field([], description="explicit settings after the grid's, e.g. one loss "
+                                                         "weight changed at a time")
     random: dict[str, RandomRange | list[Any]] = Field({}, description="setting -> range or choices, drawn "
                                                                       "random_trials times (seeded)")
     random_trials: int = Field(0, ge=0)
@@ -57,9 +59,10 @@ class SweepConfig(StrictModel):
     overrides: list[str] = Field([], description="--set settings shared by every trial")
 
     def settings(self) -> list[dict[str, Any]]:
-        """Every setting of the sweep: the grid's combinations, then the random draws."""
+        """Every setting of the sweep: the grid's combinations, the explicit points, then the random draws."""
         points = [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())] if self.grid \
             else []
+        points += [dict(p) for p in self.points]
         if self.random and not self.random_trials:
             raise ConfigError("a random space needs random_trials: N (how many settings to draw)")
         rng = random.Random(self.random_seed)

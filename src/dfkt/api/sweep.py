@@ -46,8 +46,8 @@ def sweep(grid: str | Path | dict | None = None, method: str | None = None, teac
           workers: int = 1) -> dict[str, Any]:
     """Run (or join, or resume) a sweep and return its aggregate.
 
-    ``grid`` is a YAML file or dict with ``grid:`` (setting -> values, every combination) and/or
-    ``random:`` (setting -> {low, high, log} or a list of choices) with ``random_trials:``; its other
+    ``grid`` is a YAML file or dict with ``grid:`` (setting -> values, every combination),
+    ``points:`` (a list of explicit settings) and/or ``random:`` (setting -> {low, high, log} or a list of choices) with ``random_trials:``; its other
     keys (method, teacher, preset, seeds, max_seconds, overrides) are defaults for the flags.
     Trials live in ``storage`` (default OUT/study.journal; a database URL such as
     sqlite:///sweep.db or postgresql://... works too), run folders in OUT/trials/KEY. ``workers``

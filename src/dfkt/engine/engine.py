@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,11 @@ class Engine:
             accelerator = "cpu"
         self.precision = resolve_precision(cfg.precision, accelerator)
         several = cfg.devices * cfg.num_nodes > 1
+        launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun (and by Fabric for its children)
+        if launched > 1 and not several and not torch.distributed.is_initialized():
+            raise DfktError(f"started as one of {launched} processes (WORLD_SIZE={launched}) with --devices "
+                            f"{cfg.devices} --num-nodes {cfg.num_nodes}: every process would write the same run "
+                            f"alone; pass --devices (processes per machine) and --num-nodes to match")
         self.fabric = Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                              strategy=distributed.ReplicaStrategy() if several else "auto", precision=self.precision)
         if several:  # starts the other local ranks (or joins torchrun's / SLURM's); later engines join the group
