@@ -49,6 +49,8 @@ def test_report_of_a_run_renders_with_its_images(run_and_sweep, tmp_path):
     for part in ("Accuracy over training time", "generator stage: loss terms",
                  "RDSKD exponential weights", "Class histogram", "Generated samples"):
         assert part in headings, headings
+    student = [h for h in seen["headings"] if h.startswith("student stage: loss terms")]
+    assert student and "s_loss" in student[0] and "test_acc" not in student[0]  # training terms, not evaluations
     assert "label-free selection" in seen["text"] and "oracle" in seen["text"]
     markdown = (tmp_path / "report.md").read_text()
     for name in [line.split("](")[1].rstrip(")") for line in markdown.splitlines() if line.startswith("![")]:

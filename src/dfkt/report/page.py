@@ -61,10 +61,11 @@ def _curve_figures(run: Path, summary: dict, out: Path, tag: str) -> list[tuple[
                         marker=".", label="teacher agreement on held-out synthetic images (label-free)")
             ax.set_xlabel("training seconds"), ax.set_ylabel("accuracy"), ax.legend(fontsize=7)
         figures.append(("Accuracy over training time", _figure(out / f"{tag}-accuracy.png", accuracy)))
-    records = [r for r in read_metrics(run / "metrics.jsonl") if "stage" in r and "step" in r]
+    records = [r for r in read_metrics(run / "metrics.jsonl") if "stage" in r and "step" in r and "event" not in r]
     for stage in dict.fromkeys(r["stage"] for r in records):
         rows = [r for r in records if r["stage"] == stage]
-        keys = [k for k in rows[-1] if k not in ("stage", "step", "seconds") and isinstance(rows[-1][k], (int, float))]
+        keys = [k for k in dict.fromkeys(k for r in rows for k in r)
+                if k not in ("stage", "step", "seconds") and isinstance(rows[-1].get(k), (int, float))]
         for group, names in (("loss terms", [k for k in keys if k not in EXP_WEIGHTS]),
                              ("RDSKD exponential weights exp(L - r)", [k for k in keys if k in EXP_WEIGHTS])):
             if not names:
@@ -77,7 +78,8 @@ def _curve_figures(run: Path, summary: dict, out: Path, tag: str) -> list[tuple[
                 ax.set_xlabel(f"{stage} step"), ax.set_title(group, fontsize=9), ax.legend(fontsize=7)
                 if group == "loss terms" and all(r[n] > 0 for r in rows for n in names if n in r):
                     ax.set_yscale("log")
-            figures.append((f"{stage} stage: {group}", _figure(out / f"{tag}-{stage}-{len(figures)}.png", losses)))
+            figures.append((f"{stage} stage: {group} ({', '.join(names)})",
+                            _figure(out / f"{tag}-{stage}-{len(figures)}.png", losses)))
     return figures
 
 
