@@ -134,15 +134,18 @@ def open_study(storage, name: str, trials: list[dict[str, Any]]):
 
 
 def _alive(attrs: dict[str, Any]) -> bool:
-    if attrs.get("host") == socket.gethostname():
-        try:
-            os.kill(int(attrs.get("pid", -1)), 0)
-        except (ProcessLookupError, ValueError):
-            return False
-        except PermissionError:
-            return True
+    """A trial's worker is alive while its heartbeat is recent and, on this host, its process exists."""
+    if time.time() - float(attrs.get("heartbeat", 0)) >= STALE_SECONDS:
+        return False
+    if attrs.get("host") != socket.gethostname():
         return True
-    return time.time() - float(attrs.get("heartbeat", 0)) < STALE_SECONDS
+    try:
+        os.kill(int(attrs.get("pid", -1)), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
 
 
 def requeue_stale(study) -> int:
@@ -205,9 +208,9 @@ def work(cfg: SweepConfig, study, out: Path, progress=None) -> int:
         if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return done
         trial = study.ask()
-        if "trial" not in trial.user_attrs:  # another worker took the last waiting trial
+        if "trial" not in trial.user_attrs:  # another worker took that waiting trial first
             study.tell(trial, state=TrialState.FAIL)
-            return done
+            continue
         spec = trial.user_attrs["trial"]
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
