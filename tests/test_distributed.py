@@ -82,9 +82,17 @@ def test_distill_on_two_processes_then_resume_on_one(tmp_path, digits_teacher):
     assert json.loads((killed / "env.json").read_text())["world_size"] == 1
 
 
-def test_adapt_on_two_processes(tmp_path):
-    source = dfkt.train_source("shot_lenet", "digits", epochs=3, overrides=FAST_ENGINE + ["data.image_size=32"],
-                               out=tmp_path / "source")["model_file"]
+def test_train_source_and_adapt_on_two_processes(tmp_path):
+    trained = subprocess.run(dfkt_command("train-source", "--model", "shot_lenet", "--data", "digits", "--epochs", "3",
+                                          "--devices", "2", "--out", str(tmp_path / "source"),
+                                          *sets(FAST_ENGINE + ONE_THREAD + ["data.image_size=32"])),
+                             capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    summary = json.loads((tmp_path / "source" / "summary.json").read_text())
+    assert summary["distributed"]["effective_batch"]["batch_size"] == 2 * summary["distributed"]["per_rank_batch"][
+        "batch_size"] and len(set(summary["distributed"]["replica_sha256"])) == 1
+    assert summary["source_acc"] > 0.5
+    source = summary["model_file"]
     for method in ("nrc", "tent"):
         out = tmp_path / method
         done = subprocess.run(dfkt_command("adapt", "--method", method, "--source", source, "--target",
