@@ -86,6 +86,7 @@ class Engine:
             torch.set_num_threads(cfg.threads)
         self.seed_everything(cfg.seed)
         self.replicas: list[nn.Module] = []  # trainable modules kept identical on every rank
+        self.replicated: set[int] = set()  # ids of their parameters: the gradients to average
         self.per_rank_rngs: list[torch.Generator] = []
         # Every rank writes into rank 0's folder (its default name carries rank 0's clock).
         self.run_dir = self.fabric.broadcast(run_dir, 0) if several else run_dir
@@ -143,6 +144,7 @@ class Engine:
         if self.world_size > 1:
             distributed.broadcast_module(module)
         self.replicas.append(module)
+        self.replicated.update(id(p) for p in module.parameters())
         return self.fabric.setup_module(module)
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -205,9 +207,8 @@ class Engine:
         optimizer.zero_grad(set_to_none=True)
         self.fabric.backward(loss)
         if self.world_size > 1:
-            replicated = {id(p) for m in self.replicas for p in m.parameters()}
             distributed.average_gradients(p for group in optimizer.param_groups for p in group["params"]
-                                          if id(p) in replicated)
+                                          if id(p) in self.replicated)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
             raise TrainingDivergedError(f"{what} gave inf/NaN gradients (weights left untouched); lower the "
