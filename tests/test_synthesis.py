@@ -151,3 +151,28 @@ def test_collapse_warning_names_only_the_classes_that_hold_samples():
     (two,) = collapse_warnings(images, [0, 10, 300, 0, 0, 0, 0, 0, 190, 0], DAFLConfig())
     assert "98% of 500 generated samples fall in teacher classes 2 and 8," in two
     assert collapse_warnings(images, [50] * 10, DAFLConfig()) == []
+
+
+def test_collapse_warnings_for_missing_classes_and_for_near_copies_in_the_teachers_features():
+    from dfkt.diagnostics import collapse_warnings
+    from dfkt.dfkd.rdskd import RDSKDConfig
+
+    images = torch.rand(40, 1, 8, 8)
+    (few,) = collapse_warnings(images, [10, 10, 10, 10, 0, 0, 0, 0, 0, 0], RDSKDConfig())
+    assert "cover only 4 of 10" in few
+    (copies,) = collapse_warnings(images, [4] * 10, RDSKDConfig(), {"within_class": 0.001})
+    assert "nearly the same" in copies and "gen_lr" in copies
+    assert collapse_warnings(images, [4] * 10, RDSKDConfig(), {"within_class": 0.06}) == []
+
+
+def test_feature_diversity_is_zero_for_copies_and_positive_for_distinct_images():
+    from dfkt.diagnostics import feature_diversity
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8))
+    distinct = torch.randn(12, 1, 4, 4)
+    labels = torch.arange(12) % 3
+    spread = feature_diversity(net, distinct, labels)  # no forward_features: read at the outputs
+    assert spread["features"] == "teacher logits" and spread["within_class"] > 0.1 and spread["across"] > 0.1
+    same = feature_diversity(net, distinct[:1].repeat(12, 1, 1, 1), labels)
+    assert abs(same["within_class"]) < 1e-5 and abs(same["across"]) < 1e-5

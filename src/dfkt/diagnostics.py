@@ -61,9 +61,6 @@ def collapse_warnings(images: Tensor, histogram: list[int], params: BaseModel,
     warnings = []
     total = sum(histogram)
     covered = sum(1 for count in histogram if count)
-    if len(histogram) >= 5 and total and covered / len(histogram) < MIN_CLASS_COVERAGE:
-        warnings.append(f"mode collapse: the generated samples cover only {covered} of {len(histogram)} teacher "
-                        f"classes; {collapse_fix(params)}")
     if len(histogram) >= 5 and total:
         top = [c for c in sorted(range(len(histogram)), key=histogram.__getitem__, reverse=True)[:2] if histogram[c]]
         share = sum(histogram[c] for c in top) / total
@@ -71,6 +68,9 @@ def collapse_warnings(images: Tensor, histogram: list[int], params: BaseModel,
             where = f"class {top[0]}" if len(top) == 1 else f"classes {top[0]} and {top[1]}"
             warnings.append(f"mode collapse: {100 * share:.0f}% of {total} generated samples fall in teacher {where}, "
                             f"so the student sees little of the others; {collapse_fix(params)}")
+        elif covered / len(histogram) < MIN_CLASS_COVERAGE:  # spread over a few classes, the rest missing
+            warnings.append(f"mode collapse: the generated samples cover only {covered} of {len(histogram)} teacher "
+                            f"classes; {collapse_fix(params)}")
     flat = images.float().flatten(1)
     if flat.shape[0] > 1:
         spread = flat.std(dim=0).mean() / flat.std().clamp_min(1e-12)
