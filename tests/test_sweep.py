@@ -98,3 +98,13 @@ def test_two_workers_split_one_study(tmp_path, digits_teacher):
     by_worker = {t["worker"] for t in result["trials"]}
     assert len(by_worker) == 2  # each ran some
     assert sum(log.count("dfkt sweep: trial") for log in logs) == 4  # and no trial twice
+
+
+def test_the_readme_sweep_space_is_valid():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    space = yaml.safe_load(re.search(r"```yaml\n(.*?)```", readme, flags=re.S).group(1))
+    cfg = SweepConfig(**space, teacher="t.safetensors", seeds=[1])
+    assert len(plan(cfg)) == 3 * 3 + 1 + space["random_trials"]
