@@ -56,7 +56,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--budget", type=float, default=20, help="training seconds of each trial (default 20)")
     parser.add_argument("--small-grid", action="store_true",
-                        help="shared grid of the generator learning rate only (3 points) instead of 12")
+                        help="shared grid of the generator learning rate only (3 points, not 12) and two own-weight "
+                             "settings per baseline (not four)")
     parser.add_argument("--workers", type=positive_int, default=2, help="sweep workers, one core each (default 2)")
     parser.add_argument("--work", type=Path, help="folder of the teacher and the sweeps (default runs/bench-b3-BENCH)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -79,7 +80,7 @@ def shared_grid(method: str, small: bool, teacher_has_bn: bool) -> dict[str, lis
 
 def sweep_spec(args: argparse.Namespace, method: str, teacher: str) -> dict:
     _, _, _, student, has_bn = BENCHES[args.bench]
-    own = [p for p in OWN_WEIGHTS[method] if has_bn or "params.w_bn" not in p]
+    own = [p for p in OWN_WEIGHTS[method] if has_bn or "params.w_bn" not in p][:2 if args.small_grid else None]
     overrides = ["engine.threads=1", "eval_seconds=5", f"student={student}"]
     if not has_bn and method == "deepinversion":
         overrides.append("params.w_bn=0")  # LeNet-5 has no BatchNorm statistics to match

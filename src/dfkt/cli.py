@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resumes without redoing finished trials and several workers (here, or on other "
                                    "machines with the same --storage and a shared --out) split one study. Prints "
                                    "mean/std/min/max of the final student accuracy.", epilog=EPILOG)
-    p.add_argument("--grid", help="YAML file: 'grid: {params.gen_lr: [0.001, 0.01]}' (every combination) and/or "
+    p.add_argument("--grid", help="YAML file: 'grid: {params.gen_lr: [0.001, 0.01]}' (every combination), "
+                                  "'points: [{params.w_a: 0}]' (explicit settings) and/or "
                                   "'random: {params.gen_lr: {low: 1e-4, high: 1e-1, log: true}}' with "
                                   "'random_trials: N'; may also set method, teacher, preset, seeds, max_seconds, "
                                   "overrides")
