@@ -6,6 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import dfkt
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,3 +35,11 @@ def test_readme_demo_command_runs_as_written():
     summary = json.loads((out / "summary.json").read_text())
     assert summary["student_acc"] >= 0.95 * summary["teacher_acc"]
     assert (out / "rdskd" / "samples.png").stat().st_size > 1000
+
+    # The demo's report page, as a person would open it.
+    from tests.test_report import open_in_chromium
+
+    page = dfkt.report([out / "rdskd"], out / "report")["html"]
+    seen = open_in_chromium(Path(page))
+    assert len(seen["images"]) >= 5 and all(i["complete"] and i["width"] > 0 for i in seen["images"])
+    assert "RDSKD exponential weights" in " ".join(seen["headings"])
