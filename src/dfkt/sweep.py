@@ -278,7 +278,8 @@ def describe(values: list[float]) -> dict[str, Any]:
     if not values:
         return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
     return {"n": len(values), "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,  # one value has no spread
+            "min": min(values), "max": max(values),
             "values": values}
 
 
