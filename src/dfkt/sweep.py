@@ -266,8 +266,8 @@ def aggregate(cfg: SweepConfig, study) -> dict[str, Any]:
             "trials_planned": len(plan_trials), "trials_finished": len(finished),
             "failed": {k: v for k, v in failed.items() if k not in results},
             "student_acc": describe([r["student_acc"] for r in finished]),
-            "student_selected_acc": describe([r["student_selected_acc"] for r in finished
-                                              if "student_selected_acc" in r]),
+            "student_selected_acc": describe([r["student_selected_acc"] for r in finished  # None: no held-out set
+                                              if r.get("student_selected_acc") is not None]),
             "student_best_on_test_acc": describe([r["student_best_on_test_acc"] for r in finished
                                                   if "student_best_on_test_acc" in r]),
             "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
