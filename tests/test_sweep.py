@@ -108,3 +108,21 @@ def test_the_readme_sweep_space_is_valid():
     space = yaml.safe_load(re.search(r"```yaml\n(.*?)```", readme, flags=re.S).group(1))
     cfg = SweepConfig(**space, teacher="t.safetensors", seeds=[1])
     assert len(plan(cfg)) == 3 * 3 + 1 + space["random_trials"]
+
+
+def test_a_trial_is_stale_only_when_its_worker_is_gone_or_silent():
+    import datetime
+    import socket
+    from types import SimpleNamespace
+
+    from dfkt.sweep import STALE_SECONDS, _alive
+
+    def trial(**attrs):
+        return SimpleNamespace(user_attrs={"trial": {}, **attrs}, datetime_start=datetime.datetime.now())
+
+    here = {"host": socket.gethostname(), "heartbeat": time.time()}
+    assert _alive(trial())  # just taken, its worker not yet recorded: not requeued by a racing worker
+    assert _alive(trial(**here, pid=os.getpid()))
+    assert not _alive(trial(**here, pid=2**22 + 12345))  # its process is gone
+    assert _alive(trial(host="elsewhere", heartbeat=time.time()))
+    assert not _alive(trial(host="elsewhere", heartbeat=time.time() - STALE_SECONDS - 1))

@@ -133,9 +133,13 @@ def open_study(storage, name: str, trials: list[dict[str, Any]]):
     return study
 
 
-def _alive(attrs: dict[str, Any]) -> bool:
-    """A trial's worker is alive while its heartbeat is recent and, on this host, its process exists."""
-    if time.time() - float(attrs.get("heartbeat", 0)) >= STALE_SECONDS:
+def _alive(trial) -> bool:
+    """A trial's worker is alive while its heartbeat (or, before the first, the trial's start) is
+    recent and, on this host, its process exists."""
+    attrs = trial.user_attrs
+    if "heartbeat" not in attrs:  # just taken: its worker is writing who it is
+        return time.time() - trial.datetime_start.timestamp() < STALE_SECONDS
+    if time.time() - float(attrs["heartbeat"]) >= STALE_SECONDS:
         return False
     if attrs.get("host") != socket.gethostname():
         return True
@@ -154,7 +158,7 @@ def requeue_stale(study) -> int:
 
     requeued = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if "trial" in trial.user_attrs and not _alive(trial.user_attrs):
+        if "trial" in trial.user_attrs and not _alive(trial):
             try:
                 study.tell(trial.number, state=TrialState.FAIL)
             except (RuntimeError, ValueError):  # another worker got there first
