@@ -5,10 +5,10 @@ gradients are averaged over ranks before every optimizer step, and their buffers
 statistics) are averaged before every checkpoint, so every rank holds the same weights. Anything
 else (synthesis noise, per-batch generators, pools) is each rank's own.
 
-Why not DDP's module wrapper: its reducer expects one ``forward`` per backward with a fixed set of
-parameters taking part. Adversarial methods freeze the student inside the generator's step, and
-SFDA calls ``forward_features`` and ``classify`` apart, which the wrapper rejects or mis-syncs.
-Averaging the gradients in one flat all-reduce per step gives DDP's result for every method.
+Why not DDP's module wrapper: its reducer expects the same parameters to get gradients in every
+backward, and adversarial methods freeze the student inside the generator's step; SFDA calls
+``forward_features`` and ``classify`` apart, which Fabric refuses under DDP. Averaging the
+gradients in one flat all-reduce per step gives the same update for every method.
 """
 
 from __future__ import annotations
