@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import yaml  # noqa: E402
 from common import command_line, finished, machine, positive_int, precisions, write  # noqa: E402
 
 from dfkt import api  # noqa: E402
+from dfkt.sweep import describe  # noqa: E402
 
 BENCHES = {  # data, teacher, teacher epochs, student, teacher has BatchNorm
     "digits": ("digits", "digits_cnn", 30, "digits_cnn_half", True),
@@ -102,19 +102,13 @@ def run_sweep(args: argparse.Namespace, method: str, teacher: str) -> dict:
     return result
 
 
-def stats(values: list[float]) -> dict:
-    if not values:
-        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
-    return {"n": len(values), "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
-
-
 def summarise(result: dict, shared_points: int) -> dict:
     trials = result["trials"]
     shared = [t for t in trials if t["setting"] < shared_points]
-    return {"all": stats([t["student_acc"] for t in trials]), "shared": stats([t["student_acc"] for t in shared]),
-            "selected": stats([t["student_selected_acc"] for t in trials if t.get("student_selected_acc") is not None]),
-            "oracle": stats([t["student_best_on_test_acc"] for t in trials]),
+    selected = [t["student_selected_acc"] for t in trials if t.get("student_selected_acc") is not None]
+    return {"all": describe([t["student_acc"] for t in trials]), "shared": describe([t["student_acc"] for t in shared]),
+            "selected": describe(selected),
+            "oracle": describe([t["student_best_on_test_acc"] for t in trials]),
             "worst_setting": min(result["settings"], key=lambda s: s["mean"] if s["mean"] is not None else 2.0),
             "values": [t["student_acc"] for t in trials], "failed": result["failed"]}
 

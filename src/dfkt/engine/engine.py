@@ -316,8 +316,6 @@ class Engine:
         """Each rank's digest of its replicas; ranks that drifted apart are an error, not a result."""
         if self.world_size == 1:
             return []
-        for module in self.replicas:
-            distributed.average_buffers(module)
         digests = distributed.gather_objects(distributed.state_sha256(self.replicas))
         if len(set(digests)) > 1:
             raise DfktError(f"the {self.world_size} processes ended with different weights ({len(set(digests))} "
@@ -327,7 +325,7 @@ class Engine:
     # -- checkpoints ------------------------------------------------------------------------
     def _save(self, path: Path | None, state: Stateful, run_config: dict, position: dict) -> None:
         if self.world_size > 1:  # one checkpoint for all: rank 0's weights with everyone's statistics
-            for module in self.replicas:
+            for module in self.replicas:  # (the last step always saves, so the run ends averaged too)
                 distributed.average_buffers(module)
         if path is None:
             return
@@ -353,7 +351,8 @@ class Engine:
             if rank < len(saved) and key in saved[rank]:
                 rngs[key].set_state(saved[rank][key])
             elif rank > 0:
-                rngs[key].manual_seed(int(torch.randint(2**62, (1,), generator=rngs[key], device=rngs[key].device)) + rank)
+                drawn = torch.randint(2**62, (1,), generator=rngs[key], device=rngs[key].device)
+                rngs[key].manual_seed(int(drawn) + rank)
 
     def _restore(self, path: Path, state: Stateful, run_config: dict) -> dict:
         payload = checkpoint.load(path)
