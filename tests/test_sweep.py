@@ -59,6 +59,34 @@ def test_sweep_errors_name_the_fix(tmp_path, digits_teacher):
         dfkt.sweep({**one, "seeds": [1, 2]}, out=tmp_path / "c")
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_workers_opening_one_storage_together_share_one_study(tmp_path, kind):
+    # Started at the same instant, Optuna's schema creation races (IntegrityError on its version row).
+    import threading
+
+    from dfkt.sweep import open_storage, open_study
+
+    trials = plan(SweepConfig(grid={"params.gen_lr": [0.1, 0.2]}, seeds=[1]))
+    for round_ in range(5):
+        url = f"sqlite:///{tmp_path / f'{round_}.db'}" if kind == "sqlite" else str(tmp_path / f"{round_}.journal")
+        barrier, plans, errors = threading.Barrier(2), [], []
+
+        def join():
+            barrier.wait()
+            try:
+                plans.append(open_study(open_storage(url), "sweep", trials).user_attrs["plan"])
+            except Exception as exc:  # noqa: BLE001 - the test reports whatever a worker hit
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=join) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors and plans == [trials, trials]
+        assert len(open_study(open_storage(url), "sweep", trials).get_trials()) == len(trials)  # queued once
+
+
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_repeating_finished_trials(tmp_path, digits_teacher):
     grid, out = spec(tmp_path, digits_teacher), tmp_path / "sweep"

@@ -101,11 +101,27 @@ def open_storage(url: str):
         raise DfktError("dfkt sweep keeps its trials with Optuna: pip install 'dfkt[sweep]'") from None
 
     if "://" in url:
-        return optuna.storages.RDBStorage(url)
+        return _database(optuna, url)
     from optuna.storages.journal import JournalFileBackend
 
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(url))
+
+
+def _database(optuna, url: str, attempts: int = 5):
+    """Workers started together race to create the schema (the loser gets an IntegrityError on
+    Optuna's version row); retrying finds the schema made. SQLite writers wait up to a minute for
+    the file lock instead of its default 5 s."""
+    import sqlalchemy.exc
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def open_study(storage, name: str, trials: list[dict[str, Any]]):
