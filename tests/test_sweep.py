@@ -87,6 +87,54 @@ def test_workers_opening_one_storage_together_share_one_study(tmp_path, kind):
         assert len(open_study(open_storage(url), "sweep", trials).get_trials()) == len(trials)  # queued once
 
 
+def test_failed_trials_are_queued_again_once_and_a_duplicate_never_runs(tmp_path):
+    from optuna.trial import TrialState
+
+    from dfkt.sweep import open_storage, open_study, requeue_failed, runs_first
+
+    trials = plan(SweepConfig(grid={"params.gen_lr": [0.1, 0.2]}, seeds=[1]))
+    study = open_study(open_storage(str(tmp_path / "s.journal")), "sweep", trials)
+    first, second = study.ask(), study.ask()
+    assert runs_first(study, first) and runs_first(study, second)
+    first.set_user_attr("error", "out of memory")
+    study.tell(first, state=TrialState.FAIL)
+    study.tell(second, 0.5)
+    assert requeue_failed(study) == 1 and requeue_failed(study) == 0  # queued, and only once
+    study.enqueue_trial({}, user_attrs={"trial": trials[0]})  # a second copy, as a racing worker would add
+    copies = [study.ask(), study.ask()]
+    assert [t.user_attrs["trial"]["key"] for t in copies] == [trials[0]["key"]] * 2
+    assert [runs_first(study, t) for t in copies] == [True, False]  # the lower number runs
+    again = study.ask()  # nothing waits: Optuna starts a fresh trial without a plan entry
+    assert "trial" not in again.user_attrs
+    study.tell(copies[0], 0.7)
+    study.enqueue_trial({}, user_attrs={"trial": trials[1]})
+    finished_copy = study.ask()
+    assert not runs_first(study, finished_copy)  # its key is complete
+
+
+def test_a_failed_trial_runs_again_with_retry_failed(tmp_path, digits_teacher):
+    import shutil
+
+    teacher = tmp_path / "later" / "model.safetensors"  # not there yet: the trial fails
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"grid": {"params.gen_lr": [0.001]}, "seeds": [1], "teacher": str(teacher),
+                                    "overrides": TINY}))
+    out = tmp_path / "sweep"
+    first = subprocess.run(sweep_command(str(grid), out), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "--retry-failed" in first.stdout and json.loads((out / "sweep.json").read_text())["trials_finished"] == 0
+    teacher.parent.mkdir()
+    shutil.copy(digits_teacher, teacher)
+    plain = subprocess.run(sweep_command(str(grid), out), capture_output=True, text=True, timeout=300)
+    assert json.loads((out / "sweep.json").read_text())["trials_finished"] == 0, plain.stderr  # not without the flag
+    retried = subprocess.run(sweep_command(str(grid), out, "--retry-failed"), capture_output=True, text=True,
+                             timeout=600)
+    assert retried.returncode == 0, retried.stderr
+    assert "1 failed trials queued again" in retried.stderr
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["trials_finished"] == 1 and not result["failed"]
+
+
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_repeating_finished_trials(tmp_path, digits_teacher):
     grid, out = spec(tmp_path, digits_teacher), tmp_path / "sweep"

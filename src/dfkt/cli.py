@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage: a journal file (default OUT/study.journal) or a database "
                                      "URL (sqlite:///sweep.db, postgresql://...)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run again the trials whose runs failed (their errors are listed in OUT/sweep.md)")
 
     p = sub.add_parser("report", help="an HTML page (and markdown) of run folders and sweeps, with plots",
                        description="Write OUT/report.html (self-contained: open it anywhere) and OUT/report.md "
@@ -211,7 +213,7 @@ def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
         from dfkt.sweep import markdown
 
         print(markdown(api.sweep(args.grid, args.method, args.teacher, args.preset, args.seeds, args.max_seconds,
-                                 args.overrides, args.out, args.storage, args.workers)), end="")
+                                 args.overrides, args.out, args.storage, args.workers, args.retry_failed)), end="")
     elif args.command == "report":
         r = api.report(args.runs, args.out)
         print(f"wrote {r['html']} and {r['markdown']} ({r['runs']} run(s), {r['sweeps']} sweep(s))")

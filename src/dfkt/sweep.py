@@ -7,7 +7,11 @@ The plan (every setting x seed) is fixed when the study is created: the creating
 every trial once (creating a study succeeds for exactly one worker), and each worker pops waiting
 trials, which the storage hands to one worker only. A trial left running by a dead worker (same
 host and its process gone, or no heartbeat for ``STALE_SECONDS``) is queued again; its run folder
-resumes from its checkpoint, so a killed trial loses at most the work since it.
+resumes from its checkpoint, so a killed trial loses at most the work since it. A failed trial
+(its run exited with an error) stays failed unless a worker is told to retry failed trials.
+
+Queues may hold a trial twice (two workers requeueing at once); of the copies waiting or running,
+only the one with the lowest number runs, so a trial never runs twice at the same time.
 """
 
 from __future__ import annotations
@@ -184,6 +188,35 @@ def requeue_stale(study) -> int:
     return requeued
 
 
+def requeue_failed(study) -> int:
+    """Queue again the planned trials whose runs failed and that are not finished, waiting or running."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    busy = {t.user_attrs["trial"]["key"] for t in trials if "trial" in t.user_attrs
+            and t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)}
+    failed = {t.user_attrs["trial"]["key"] for t in trials if "trial" in t.user_attrs
+              and t.state == TrialState.FAIL and "error" in t.user_attrs}
+    retry = [spec for spec in study.user_attrs["plan"] if spec["key"] in failed - busy]
+    for spec in retry:
+        study.enqueue_trial({}, user_attrs={"trial": spec})
+    return len(retry)
+
+
+def runs_first(study, trial) -> bool:
+    """Whether ``trial`` (just taken) is the copy of its key to run: the key is not finished and no
+    lower-numbered copy is waiting or running."""
+    from optuna.trial import TrialState
+
+    key = trial.user_attrs["trial"]["key"]
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING,
+                                                          TrialState.RUNNING)):
+        if other.number != trial.number and other.user_attrs.get("trial", {}).get("key") == key and (
+                other.state == TrialState.COMPLETE or other.number < trial.number):
+            return False
+    return True
+
+
 def trial_command(cfg: SweepConfig, trial: dict[str, Any], run_dir: Path) -> list[str]:
     command = [sys.executable, "-m", "dfkt.cli", "distill", "--method", cfg.method, "--teacher", cfg.teacher,
                "--out", str(run_dir)]
@@ -235,9 +268,7 @@ def work(cfg: SweepConfig, study, out: Path, progress=None) -> int:
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("heartbeat", time.time())
-        finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if t.user_attrs.get("trial", {}).get("key") == spec["key"]]
-        if finished:  # a duplicate queued by a stale check that was wrong: never run a trial twice
+        if not runs_first(study, trial):  # a duplicate: never run a trial twice
             study.tell(trial, state=TrialState.FAIL)
             continue
         try:
@@ -319,5 +350,6 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {s['setting']} | {' '.join(s['overrides']) or '(preset)'} | {pct(s['mean'])} | "
                      f"{pct(s['std'])} | {pct(s['min'])} | {pct(s['max'])} |")
     if result["failed"]:
-        lines += ["", "Failed trials:", *[f"- {k}: {v}" for k, v in result["failed"].items()]]
+        lines += ["", "Failed trials (run the sweep again with --retry-failed once the cause is fixed):",
+                  *[f"- {k}: {v}" for k, v in result["failed"].items()]]
     return "\n".join(lines) + "\n"

@@ -108,13 +108,7 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
         save_model(student_net, student_info, run_dir / "student.safetensors")
         if selected is not None:
             save_model(selected, student_info, run_dir / "student_selected.safetensors")
-    images, predicted, confidence = _sample_grid(runner, teacher_net, info, run_dir / "samples.png", engine.is_main)
-    histogram = torch.bincount(predicted.cpu(), minlength=info.num_classes).tolist()
-    with engine.autocast():
-        diversity = feature_diversity(teacher_net, images, predicted)
-    warnings = collapse_warnings(images, histogram, method_cfg, diversity)
-    for warning in warnings:
-        engine.metrics.write({"event": "warning", "message": warning})
+    samples, warnings = _sample_diagnostics(runner, teacher_net, info, method_cfg, run_dir / "samples.png")
     in_student = result.sections.get("synthesis", 0.0)  # synthesis interleaved with student steps
     curve = [{k: e.get(k) for k in ("step", "train_seconds", "test_acc", "teacher_agreement")}
              for e in result.evaluations]
@@ -135,8 +129,7 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
                     "wall": time.perf_counter() - started, "by_stage": result.seconds},
         "stopped_by_budget": result.stopped_by_budget,
         "warnings": warnings,
-        "samples": {"class_histogram": histogram, "teacher_confidence": confidence, "diversity": diversity,
-                    "grid": "samples.png"},
+        "samples": samples,
         "curve": curve,
         "distributed": {**scaling, "replica_sha256": result.replica_sha256,
                         "first_batch_sha256": gather_objects(runner.student_trainer.first_batch_sha256)},
@@ -179,12 +172,21 @@ def load_teacher(cfg: DistillConfig) -> Teacher:
     return Teacher(net, info, foreign_sha256(cfg.teacher, cfg.teacher_weights), dataset, cfg.teacher)
 
 
-def _sample_grid(runner, teacher, info: ModelInfo, path: Path, write: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Synthetic samples, the teacher's class for each and its mean confidence; the grid PNG when ``write``."""
+def _sample_diagnostics(runner, teacher, info: ModelInfo, method_cfg, grid: Path) -> tuple[dict[str, Any], list[str]]:
+    """Synthetic samples judged by the teacher: class histogram, mean confidence, feature diversity and
+    collapse warnings (also logged), and their grid PNG (rank 0 writes it)."""
+    engine = runner.engine
     images = runner.samples(max(50, min(GRID_SAMPLES, GRID_SAMPLES * 32 * 32 // info.image_size**2)))
-    with torch.no_grad(), runner.engine.autocast():
+    with torch.no_grad(), engine.autocast():
         probs = torch.softmax(teacher(images).float(), dim=1)
     confidence, predicted = probs.max(dim=1)
-    if write:
-        save_class_grid(images, predicted, info.mean, info.std, info.num_classes, path)
-    return images, predicted, confidence.mean().item()
+    if engine.is_main:
+        save_class_grid(images, predicted, info.mean, info.std, info.num_classes, grid)
+    histogram = torch.bincount(predicted.cpu(), minlength=info.num_classes).tolist()
+    with engine.autocast():
+        diversity = feature_diversity(teacher, images, predicted)
+    warnings = collapse_warnings(images, histogram, method_cfg, diversity)
+    for warning in warnings:
+        engine.metrics.write({"event": "warning", "message": warning})
+    return {"class_histogram": histogram, "teacher_confidence": confidence.mean().item(), "diversity": diversity,
+            "grid": grid.name}, warnings

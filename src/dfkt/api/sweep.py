@@ -12,7 +12,7 @@ from dfkt.config import dump_yaml, validate
 from dfkt.errors import ConfigError
 from dfkt.registry import METHODS
 from dfkt.runs import write_json
-from dfkt.sweep import SweepConfig, aggregate, markdown, open_storage, open_study, plan, work
+from dfkt.sweep import SweepConfig, aggregate, markdown, open_storage, open_study, plan, requeue_failed, work
 
 STUDY = "dfkt-sweep"
 
@@ -43,7 +43,7 @@ def _print(line: str) -> None:
 def sweep(grid: str | Path | dict | None = None, method: str | None = None, teacher: str | Path | None = None,
           preset: str | None = None, seeds: Sequence[int] | None = None, max_seconds: float | None = None,
           overrides: Sequence[str] = (), out: str | Path = "runs/sweep", storage: str | None = None,
-          workers: int = 1) -> dict[str, Any]:
+          workers: int = 1, retry_failed: bool = False) -> dict[str, Any]:
     """Run (or join, or resume) a sweep and return its aggregate.
 
     ``grid`` is a YAML file or dict with ``grid:`` (setting -> values, every combination),
@@ -52,7 +52,7 @@ def sweep(grid: str | Path | dict | None = None, method: str | None = None, teac
     Trials live in ``storage`` (default OUT/study.journal; a database URL such as
     sqlite:///sweep.db or postgresql://... works too), run folders in OUT/trials/KEY. ``workers``
     processes here share the study; more machines join it by running the same command with the
-    same storage and a shared OUT.
+    same storage and a shared OUT. Trials whose runs failed are run again only with ``retry_failed``.
     """
     cfg = resolve_sweep_config(grid, method, teacher, preset, seeds, max_seconds, overrides)
     if workers < 1:
@@ -61,6 +61,8 @@ def sweep(grid: str | Path | dict | None = None, method: str | None = None, teac
     out.mkdir(parents=True, exist_ok=True)
     storage_url = storage or str(out / "study.journal")
     study = open_study(open_storage(storage_url), STUDY, plan(cfg))
+    if retry_failed:
+        _print(f"{requeue_failed(study)} failed trials queued again")
     dump_yaml(cfg, out / "sweep.yaml")
     context = multiprocessing.get_context("spawn")
     others = [context.Process(target=_worker, args=(cfg.model_dump(), storage_url, str(out)))
