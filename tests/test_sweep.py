@@ -130,7 +130,7 @@ def test_a_failed_trial_runs_again_with_retry_failed(tmp_path, digits_teacher):
     retried = subprocess.run(sweep_command(str(grid), out, "--retry-failed"), capture_output=True, text=True,
                              timeout=600)
     assert retried.returncode == 0, retried.stderr
-    assert "1 failed trials queued again" in retried.stderr
+    assert "failed trials queued again: 1" in retried.stderr
     result = json.loads((out / "sweep.json").read_text())
     assert result["trials_finished"] == 1 and not result["failed"]
 

@@ -62,7 +62,7 @@ def sweep(grid: str | Path | dict | None = None, method: str | None = None, teac
     storage_url = storage or str(out / "study.journal")
     study = open_study(open_storage(storage_url), STUDY, plan(cfg))
     if retry_failed:
-        _print(f"{requeue_failed(study)} failed trials queued again")
+        _print(f"failed trials queued again: {requeue_failed(study)}")
     dump_yaml(cfg, out / "sweep.yaml")
     context = multiprocessing.get_context("spawn")
     others = [context.Process(target=_worker, args=(cfg.model_dump(), storage_url, str(out)))
