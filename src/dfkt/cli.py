@@ -152,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dfkt: interrupted; the last checkpoint is kept: rerun with --resume --out DIR", file=sys.stderr)
         return 130
+    finally:
+        distributed = sys.modules.get("dfkt.engine.distributed")  # only a run that imported it has ranks
+        if distributed is not None:
+            distributed.shutdown()
 
 
 def _dispatch(args: argparse.Namespace) -> int:

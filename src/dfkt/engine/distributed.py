@@ -33,6 +33,14 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def shutdown() -> None:
+    """End the process group before the interpreter does: left to exit, gloo's threads can abort
+    rank 0 ("terminate called without an active exception") after a finished run. Not a collective:
+    a rank that failed alone still exits."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     """True outside multi-process runs and on rank 0: the process that writes files and prints."""
     return not active() or dist.get_rank() == 0
