@@ -135,6 +135,37 @@ def test_a_failed_trial_runs_again_with_retry_failed(tmp_path, digits_teacher):
     assert result["trials_finished"] == 1 and not result["failed"]
 
 
+def test_one_trial_popped_by_two_workers_is_kept_by_one(tmp_path):
+    # SQLite lets two workers pop the same waiting trial; only one of them may run it.
+    import threading
+
+    from dfkt.sweep import claim, open_storage, open_study
+
+    study = open_study(open_storage(f"sqlite:///{tmp_path / 's.db'}"), "sweep",
+                       plan(SweepConfig(grid={"params.gen_lr": [0.1]}, seeds=[1])))
+    trial, barrier, kept = study.ask(), threading.Barrier(2), []
+
+    def take():
+        barrier.wait()
+        kept.append(claim(study, trial))
+
+    threads = [threading.Thread(target=take) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(kept) == [False, True]
+
+
+def test_a_storage_that_cannot_open_names_the_flag(tmp_path):
+    from dfkt.sweep import open_storage
+
+    with pytest.raises(DfktError, match="check --storage"):
+        open_storage(f"sqlite:///{tmp_path / 'no-such-folder' / 'sweep.db'}")
+    with pytest.raises(DfktError, match="check --storage"):
+        open_storage("nosuchdialect://host/db")
+
+
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_repeating_finished_trials(tmp_path, digits_teacher):
     grid, out = spec(tmp_path, digits_teacher), tmp_path / "sweep"

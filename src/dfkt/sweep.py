@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from dfkt.errors import ConfigError, DfktError
 
 STALE_SECONDS = 600.0
 HEARTBEAT_SECONDS = 30.0
+CLAIM_SECONDS = 1.0  # how long a taken trial's owner waits before checking it kept it
 
 
 class RandomRange(StrictModel):
@@ -122,10 +124,15 @@ def _database(optuna, url: str, attempts: int = 5):
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-        except sqlalchemy.exc.SQLAlchemyError:
-            if attempt == attempts - 1:
-                raise
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as exc:
+            error = exc
             time.sleep(0.2 * (attempt + 1))
+        except sqlalchemy.exc.SQLAlchemyError as exc:  # a malformed URL: retrying cannot help
+            error = exc
+            break
+    raise DfktError(f"cannot open the sweep storage {url} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                    "check --storage (sqlite:///FILE or postgresql://USER@HOST/DB), or leave it out for "
+                    "OUT/study.journal") from error
 
 
 def open_study(storage, name: str, trials: list[dict[str, Any]]):
@@ -193,10 +200,8 @@ def requeue_failed(study) -> int:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    busy = {t.user_attrs["trial"]["key"] for t in trials if "trial" in t.user_attrs
-            and t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)}
-    failed = {t.user_attrs["trial"]["key"] for t in trials if "trial" in t.user_attrs
-              and t.state == TrialState.FAIL and "error" in t.user_attrs}
+    busy = {_key(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)}
+    failed = {_key(t) for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs}
     retry = [spec for spec in study.user_attrs["plan"] if spec["key"] in failed - busy]
     for spec in retry:
         study.enqueue_trial({}, user_attrs={"trial": spec})
@@ -208,13 +213,28 @@ def runs_first(study, trial) -> bool:
     lower-numbered copy is waiting or running."""
     from optuna.trial import TrialState
 
-    key = trial.user_attrs["trial"]["key"]
     for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING,
                                                           TrialState.RUNNING)):
-        if other.number != trial.number and other.user_attrs.get("trial", {}).get("key") == key and (
+        if other.number != trial.number and _key(other) == _key(trial) and (
                 other.state == TrialState.COMPLETE or other.number < trial.number):
             return False
     return True
+
+
+def claim(study, trial) -> bool:
+    """Whether this worker keeps the trial it just took. SQLite does not lock rows, so two workers
+    can pop one waiting trial at the same instant; each writes its own token, and the last write
+    wins."""
+    token = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    trial.set_user_attr("owner", token)
+    time.sleep(CLAIM_SECONDS)
+    now = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    return now.user_attrs["owner"] == token
+
+
+def _key(trial) -> str | None:
+    """The planned trial's key; None for trials Optuna started outside the plan."""
+    return trial.user_attrs.get("trial", {}).get("key")
 
 
 def trial_command(cfg: SweepConfig, trial: dict[str, Any], run_dir: Path) -> list[str]:
@@ -263,6 +283,8 @@ def work(cfg: SweepConfig, study, out: Path, progress=None) -> int:
         trial = study.ask()
         if "trial" not in trial.user_attrs:  # another worker took that waiting trial first
             study.tell(trial, state=TrialState.FAIL)
+            continue
+        if not claim(study, trial):  # another worker popped the same trial and keeps it
             continue
         spec = trial.user_attrs["trial"]
         trial.set_user_attr("host", socket.gethostname())
