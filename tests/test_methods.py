@@ -73,7 +73,7 @@ def make_method(name: str, teacher_path: str, **params):
     student = engine.prepare(build_model("digits_cnn_half", 10, 1, 8), trainable=True)
     cls = METHODS.get(name)
     cfg = validate(cls.Config, merge(merge(cls.presets["cpu"], TINY[name]), params))
-    return cls(cfg, DistillSetup(teacher, student, 10, 1, 8, engine))
+    return cls(cfg, DistillSetup(teacher, student, 10, 1, 8, engine, (0.3,), (0.4,)))
 
 
 def weights(module) -> dict:

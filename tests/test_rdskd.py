@@ -21,7 +21,7 @@ def make_method(teacher_path, **params):
     cfg = RDSKDConfig(**{"gen_batch": 32, "gen_steps_per_epoch": 4, "gen_epochs": 2, "student_batch": 32,
                          "student_epochs": 1, "student_steps_per_epoch": 5, "student_data": "pool", "pool_size": 64,
                          **params})
-    return RDSKD(cfg, DistillSetup(teacher, student, 10, 1, 8, engine))
+    return RDSKD(cfg, DistillSetup(teacher, student, 10, 1, 8, engine, (0.3,), (0.4,)))
 
 
 def test_references_follow_the_authors_schedule(digits_teacher):

@@ -10,6 +10,7 @@ from dfkt.config import EngineConfig
 from dfkt.engine import Engine
 from dfkt.engine.state import TrainState
 from dfkt.synthesis import BNStatsPrior, GeneratorInversion, ImagePool, PixelInversion
+from dfkt.models import build_generator
 
 
 def engine():
@@ -127,8 +128,8 @@ def test_generator_inversion_reinitialises_or_meta_learns():
             return objective(images, targets)
 
         calls = [0]
-        inversion = GeneratorInversion(state, eng, teacher, ImagePool(state, 32), recording_objective, 3, "dafl", 8,
-                                       (1, 8, 8), batch=4, iterations=2, lr=1e-2, z_lr=1e-2, betas=(0.5, 0.999),
+        inversion = GeneratorInversion(state, eng, teacher, ImagePool(state, 32), recording_objective, 3,
+                                       build_generator("dafl", 8, 1, 8), 8, batch=4, iterations=2, lr=1e-2, z_lr=1e-2, betas=(0.5, 0.999),
                                        meta=meta)
         for _ in range(2):
             inversion.synthesize()
@@ -146,23 +147,27 @@ def test_collapse_warning_names_only_the_classes_that_hold_samples():
     from dfkt.dfkd.dafl import DAFLConfig
 
     images = torch.rand(20, 1, 8, 8)
-    (one,) = collapse_warnings(images, [0, 0, 500, 0, 0, 0, 0, 0, 0, 0], DAFLConfig())
+    (one,) = collapse_warnings(images, [0, 0, 500, 0, 0, 0, 0, 0, 0, 0], "dafl", DAFLConfig())
     assert "100% of 500 generated samples fall in teacher class 2," in one and "gen_lr" in one
-    (two,) = collapse_warnings(images, [0, 10, 300, 0, 0, 0, 0, 0, 190, 0], DAFLConfig())
+    (two,) = collapse_warnings(images, [0, 10, 300, 0, 0, 0, 0, 0, 190, 0], "dafl", DAFLConfig())
     assert "98% of 500 generated samples fall in teacher classes 2 and 8," in two
-    assert collapse_warnings(images, [50] * 10, DAFLConfig()) == []
+    assert collapse_warnings(images, [50] * 10, "dafl", DAFLConfig()) == []
 
 
 def test_collapse_warnings_for_missing_classes_and_for_near_copies_in_the_teachers_features():
     from dfkt.diagnostics import collapse_warnings
+    from dfkt.dfkd.deepinversion import DeepInversionConfig
     from dfkt.dfkd.rdskd import RDSKDConfig
 
     images = torch.rand(40, 1, 8, 8)
-    (few,) = collapse_warnings(images, [10, 10, 10, 10, 0, 0, 0, 0, 0, 0], RDSKDConfig())
+    (few,) = collapse_warnings(images, [10, 10, 10, 10, 0, 0, 0, 0, 0, 0], "rdskd", RDSKDConfig())
     assert "cover only 4 of 10" in few
-    (copies,) = collapse_warnings(images, [4] * 10, RDSKDConfig(), {"within_class": 0.001})
-    assert "nearly the same" in copies and "gen_lr" in copies
-    assert collapse_warnings(images, [4] * 10, RDSKDConfig(), {"within_class": 0.06}) == []
+    (copies,) = collapse_warnings(images, [4] * 10, "rdskd", RDSKDConfig(), {"within_class": 0.001})
+    assert "nearly the same" in copies and "gen_lr" in copies and "gen_epochs" in copies
+    assert not any("use rdskd" in w for w in (few, copies))  # never to an RDSKD run
+    (pixels,) = collapse_warnings(images, [500] + [0] * 9, "deepinversion", DeepInversionConfig())
+    assert "synthesis_iterations" in pixels and "use rdskd" in pixels
+    assert collapse_warnings(images, [4] * 10, "rdskd", RDSKDConfig(), {"within_class": 0.06}) == []
 
 
 def test_feature_diversity_is_zero_for_copies_and_positive_for_distinct_images():

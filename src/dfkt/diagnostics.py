@@ -43,18 +43,25 @@ def feature_diversity(teacher: nn.Module, images: Tensor, predicted: Tensor) -> 
             "features": source}
 
 
-def collapse_fix(params: BaseModel) -> str:
-    """The remedy, in terms of the settings the method has."""
+def collapse_fix(method: str, params: BaseModel) -> str:
+    """The remedy for ``method``, in terms of the settings it has (never "use rdskd" to an RDSKD run)."""
     fixes = []
-    if hasattr(params, "gen_lr"):
+    if method == "rdskd":  # its loss has no weights; an undertrained generator is the usual cause
+        fixes.append(f"give the generator more steps (--set params.gen_epochs=..., now {params.gen_epochs}; with "
+                     f"--max-seconds a larger params.gen_budget_share, now {params.gen_budget_share}) or another "
+                     f"learning rate (params.gen_lr, now {params.gen_lr:g})")
+    elif hasattr(params, "gen_lr"):
         fixes.append(f"lower the generator learning rate (--set params.gen_lr=..., now {params.gen_lr:g})")
     if hasattr(params, "w_ie"):
         fixes.append(f"raise the class-diversity weight (params.w_ie, now {params.w_ie:g})")
-    fixes.append("or use rdskd, whose loss seeks class and sample diversity without weights to tune")
+    if hasattr(params, "synthesis_iterations"):
+        fixes.append(f"optimise each batch longer (params.synthesis_iterations, now {params.synthesis_iterations})")
+    if method != "rdskd":
+        fixes.append("or use rdskd, whose loss seeks class and sample diversity without weights to tune")
     return "; ".join(fixes)
 
 
-def collapse_warnings(images: Tensor, histogram: list[int], params: BaseModel,
+def collapse_warnings(images: Tensor, histogram: list[int], method: str, params: BaseModel,
                       diversity: dict | None = None) -> list[str]:
     """Warnings for mode collapse: samples concentrated in one or two teacher classes, classes left
     out, or samples nearly identical (in pixels, or in the teacher's features within a class)."""
@@ -67,18 +74,18 @@ def collapse_warnings(images: Tensor, histogram: list[int], params: BaseModel,
         if share >= TOP2_SHARE:
             where = f"class {top[0]}" if len(top) == 1 else f"classes {top[0]} and {top[1]}"
             warnings.append(f"mode collapse: {100 * share:.0f}% of {total} generated samples fall in teacher {where}, "
-                            f"so the student sees little of the others; {collapse_fix(params)}")
+                            f"so the student sees little of the others; {collapse_fix(method, params)}")
         elif covered / len(histogram) < MIN_CLASS_COVERAGE:  # spread over a few classes, the rest missing
             warnings.append(f"mode collapse: the generated samples cover only {covered} of {len(histogram)} teacher "
-                            f"classes; {collapse_fix(params)}")
+                            f"classes; {collapse_fix(method, params)}")
     flat = images.float().flatten(1)
     if flat.shape[0] > 1:
         spread = flat.std(dim=0).mean() / flat.std().clamp_min(1e-12)
         if spread < MIN_RELATIVE_SPREAD:
             warnings.append(f"mode collapse: the generated samples are nearly identical (spread across samples "
-                            f"{spread:.3f} of the pixel spread); {collapse_fix(params)}")
+                            f"{spread:.3f} of the pixel spread); {collapse_fix(method, params)}")
     within = (diversity or {}).get("within_class")
     if within is not None and within < MIN_WITHIN_CLASS_DIVERSITY:
         warnings.append(f"mode collapse: samples the teacher puts in one class are nearly the same to it (mean "
-                        f"feature distance {within:.4f}, below {MIN_WITHIN_CLASS_DIVERSITY}); {collapse_fix(params)}")
+                        f"feature distance {within:.4f}, below {MIN_WITHIN_CLASS_DIVERSITY}); {collapse_fix(method, params)}")
     return warnings

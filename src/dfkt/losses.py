@@ -21,6 +21,14 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     return kl * temperature**2
 
 
+def kl_per_sample(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(softmax(t/τ) ‖ softmax(s/τ)) of each sample, shape (N,): how far the student is from the
+    teacher on it (used to mine samples the student has yet to learn)."""
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    return (t.exp() * (t - s)).sum(dim=1)
+
+
 def one_hot_loss(logits: Tensor) -> Tensor:
     """Authenticity / one-hot loss (DAFL, Chen et al. ICCV 2019; RDSKD).
 

@@ -13,12 +13,14 @@ from dfkt.api.common import evaluation_data, layered, method_config, normalized,
 from dfkt.api.train import train_references
 from dfkt.config import DistillConfig, dump_yaml, validate
 from dfkt.data import ImageData, load_dataset
+from dfkt.data.augment import mirror_safe
 from dfkt.dfkd.base import DistillSetup
 from dfkt.diagnostics import collapse_warnings, feature_diversity
 from dfkt.engine import Engine
 from dfkt.engine.distributed import gather_objects
 from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
+from dfkt.models.generator import multiply_adds
 from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info, save_model
 from dfkt.models.foreign import ForeignClassifier, foreign_kind, foreign_sha256, infer_info, load_foreign
 from dfkt.registry import METHODS, MODELS
@@ -79,7 +81,8 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
     teacher_net = engine.prepare(loaded.net, trainable=False)
     student_net = build_model(student_arch, info.num_classes, info.in_channels, info.image_size)
     setup = DistillSetup(teacher_net, engine.prepare(student_net, trainable=True), info.num_classes,
-                         info.in_channels, info.image_size, engine)
+                         info.in_channels, info.image_size, engine, tuple(info.mean), tuple(info.std),
+                         mirror_safe(info.dataset))
     runner = METHODS.get(cfg.method)(method_cfg, setup)
     selection = TeacherAgreementSelection(runner, student_net, teacher_net, engine, runner.validation_samples)
     test_x, test_y = normalized(dataset.test_images, info), dataset.test_labels
@@ -108,7 +111,8 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
         save_model(student_net, student_info, run_dir / "student.safetensors")
         if selected is not None:
             save_model(selected, student_info, run_dir / "student_selected.safetensors")
-    samples, warnings = _sample_diagnostics(runner, teacher_net, info, method_cfg, run_dir / "samples.png")
+    samples, warnings = _sample_diagnostics(runner, teacher_net, info, cfg.method, method_cfg,
+                                            run_dir / "samples.png")
     in_student = result.sections.get("synthesis", 0.0)  # synthesis interleaved with student steps
     curve = [{k: e.get(k) for k in ("step", "train_seconds", "test_acc", "teacher_agreement")}
              for e in result.evaluations]
@@ -127,6 +131,7 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
                     "student": result.seconds.get("student", 0.0) - in_student,
                     "total": sum(result.seconds.values()),
                     "wall": time.perf_counter() - started, "by_stage": result.seconds},
+        "generator_multiply_adds_per_image": _generator_cost(runner),
         "stopped_by_budget": result.stopped_by_budget,
         "warnings": warnings,
         "samples": samples,
@@ -172,7 +177,14 @@ def load_teacher(cfg: DistillConfig) -> Teacher:
     return Teacher(net, info, foreign_sha256(cfg.teacher, cfg.teacher_weights), dataset, cfg.teacher)
 
 
-def _sample_diagnostics(runner, teacher, info: ModelInfo, method_cfg, grid: Path) -> tuple[dict[str, Any], list[str]]:
+def _generator_cost(runner) -> int | None:
+    """Multiply-adds of one generated image (None for pixel methods, which have no generator)."""
+    generator = getattr(runner.source, "generator", None)
+    nz = getattr(runner.source, "nz", None)
+    return None if generator is None or nz is None else multiply_adds(generator, nz, runner.engine.device)
+
+
+def _sample_diagnostics(runner, teacher, info: ModelInfo, method: str, method_cfg, grid: Path) -> tuple[dict[str, Any], list[str]]:
     """Synthetic samples judged by the teacher: class histogram, mean confidence, feature diversity and
     collapse warnings (also logged), and their grid PNG (rank 0 writes it)."""
     engine = runner.engine
@@ -185,7 +197,7 @@ def _sample_diagnostics(runner, teacher, info: ModelInfo, method_cfg, grid: Path
     histogram = torch.bincount(predicted.cpu(), minlength=info.num_classes).tolist()
     with engine.autocast():
         diversity = feature_diversity(teacher, images, predicted)
-    warnings = collapse_warnings(images, histogram, method_cfg, diversity)
+    warnings = collapse_warnings(images, histogram, method, method_cfg, diversity)
     for warning in warnings:
         engine.metrics.write({"event": "warning", "message": warning})
     return {"class_histogram": histogram, "teacher_confidence": confidence.mean().item(), "diversity": diversity,

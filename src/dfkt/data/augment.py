@@ -9,15 +9,75 @@ from torch import Tensor
 def shift_and_flip(images: Tensor, rng: torch.Generator, max_shift: int | None = None) -> Tensor:
     """Random translation by up to ``max_shift`` pixels (default: 1/16 of the width) and a
     horizontal flip, per sample. Fills with zeros: the mean, for normalised images."""
+    return _shift_flip(images, rng, max_shift if max_shift is not None else max(1, images.shape[3] // 16), True)
+
+
+# Datasets whose classes survive a horizontal flip (clothes, objects); digits and letters do not.
+MIRROR_SAFE = frozenset({"fmnist", "cifar10", "cifar100"})
+AUGMENTATIONS = ("shift", "flip", "rotate", "scale", "mixup", "cutmix")
+
+
+def mirror_safe(dataset: str | None) -> bool:
+    """Whether a horizontal flip keeps an image of ``dataset`` in its class (unknown data: no)."""
+    return dataset in MIRROR_SAFE
+
+
+def augment_batch(images: Tensor, kinds: list[str], rng: torch.Generator, fill: Tensor | None = None,
+                  max_degrees: float = 15.0, max_scale: float = 0.1) -> Tensor:
+    """``images`` (normalised, N×C×H×W) with each of ``kinds`` applied per sample, in the order of
+    AUGMENTATIONS: shift (up to 1/16 of the width), flip (horizontal, half the samples), rotate
+    (±``max_degrees``), scale (×1 ± ``max_scale``), mixup (λ·x + (1−λ)·x', λ ~ U(0, 1) = Beta(1, 1);
+    Zhang et al., 2018) and cutmix (a box of area (1−λ) of x' pasted into x; Yun et al., 2019), x' being
+    the batch in random order.
+    Pixels moved in from outside take ``fill`` (per channel; default 0, the mean). The result is new
+    images, not label mixtures: the caller asks the teacher what they are."""
+    n, c, h, w = images.shape
+    device = images.device
+    fill = torch.zeros(1, c, 1, 1, device=device, dtype=images.dtype) if fill is None else \
+        fill.to(device, images.dtype).view(1, -1, 1, 1)
+    out = images - fill  # work around the fill value, so padding with zeros pads with ``fill``
+    if "shift" in kinds or "flip" in kinds:
+        shift = max(1, w // 16) if "shift" in kinds else 0
+        out = _shift_flip(out, rng, shift, flip="flip" in kinds)
+    if "rotate" in kinds or "scale" in kinds:
+        angle = (torch.rand(n, device=device, generator=rng) * 2 - 1) * max_degrees * (torch.pi / 180) \
+            if "rotate" in kinds else torch.zeros(n, device=device)
+        scale = 1 + (torch.rand(n, device=device, generator=rng) * 2 - 1) * max_scale if "scale" in kinds \
+            else torch.ones(n, device=device)
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
+                             torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+        grid = torch.nn.functional.affine_grid(theta, (n, c, h, w), align_corners=False)
+        out = torch.nn.functional.grid_sample(out.float(), grid, align_corners=False).to(images.dtype)
+    if "mixup" in kinds:
+        lam = torch.rand(n, device=device, generator=rng)
+        partner = out[torch.randperm(n, device=device, generator=rng)]
+        out = lam.view(-1, 1, 1, 1).to(out.dtype) * out + (1 - lam.view(-1, 1, 1, 1).to(out.dtype)) * partner
+    if "cutmix" in kinds:
+        lam = torch.rand(n, device=device, generator=rng)
+        partner = out[torch.randperm(n, device=device, generator=rng)]
+        cut_h, cut_w = (h * torch.sqrt(1 - lam)).long(), (w * torch.sqrt(1 - lam)).long()
+        cy = torch.randint(0, h, (n,), device=device, generator=rng)
+        cx = torch.randint(0, w, (n,), device=device, generator=rng)
+        rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
+        inside_y = ((rows[None, :] - cy[:, None]).abs() * 2 < cut_h[:, None])  # n × h
+        inside_x = ((cols[None, :] - cx[:, None]).abs() * 2 < cut_w[:, None])  # n × w
+        box = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # n × 1 × h × w
+        out = torch.where(box, partner, out)
+    return out + fill
+
+
+def _shift_flip(images: Tensor, rng: torch.Generator, max_shift: int, flip: bool) -> Tensor:
     n, _, h, w = images.shape
-    max_shift = max_shift if max_shift is not None else max(1, w // 16)
+    device = images.device
     padded = torch.nn.functional.pad(images, [max_shift] * 4)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), device=images.device, generator=rng)
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), device=images.device, generator=rng)
-    rows = (dy[:, None] + torch.arange(h, device=images.device)[None, :])  # n × h
-    cols = (dx[:, None] + torch.arange(w, device=images.device)[None, :])  # n × w
-    flip = torch.rand(n, device=images.device, generator=rng) < 0.5
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch = torch.arange(n, device=images.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # n × h × w × c
-    return out.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: already channels_last
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), device=device, generator=rng)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), device=device, generator=rng)
+    rows = dy[:, None] + torch.arange(h, device=device)[None, :]
+    cols = dx[:, None] + torch.arange(w, device=device)[None, :]
+    if flip:
+        flipped = torch.rand(n, device=device, generator=rng) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Iterator
+from typing import Annotated, Any, ClassVar, Iterator, Literal
 
 import torch
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
 from dfkt.config import StrictModel
 from dfkt.engine import Engine, Stage
 from dfkt.engine.state import TrainState
+from dfkt.models import build_generator
 from dfkt.synthesis import Synthesizer
 
 
@@ -37,6 +38,34 @@ class DistillSetup:
     channels: int
     image_size: int
     engine: Engine
+    mean: tuple[float, ...] | None = None  # the teacher's input normalisation, per channel
+    std: tuple[float, ...] | None = None
+    mirror_safe: bool = False  # a horizontal flip keeps the data's classes (clothes: yes; digits: no)
+
+    def pixel_range(self) -> tuple[Tensor, Tensor] | None:
+        """Per channel (1×C×1×1), the normalised values of pixels 0 and 1: the teacher's input domain."""
+        if self.mean is None or self.std is None:
+            return None
+        mean = torch.tensor(self.mean, device=self.engine.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=self.engine.device).view(1, -1, 1, 1)
+        return -mean / std, (1 - mean) / std
+
+
+class GeneratorFields(StrictModel):
+    """The generator settings every generator-based method shares."""
+
+    generator: str = "dafl"
+    gen_width: int | None = Field(None, ge=2, description="channels of the generator's first stages (None: the "
+                                  "architecture's own, 128 for dafl); the cost per image grows with its square")
+    gen_output: Literal["bn", "pixels"] = Field(
+        "bn", description="bn: tanh + affine-free BatchNorm (the DAFL authors'); pixels: sigmoid in pixel space, "
+                          "then the teacher's normalisation (samples inside the range of real inputs)")
+
+
+def build_method_generator(cfg: GeneratorFields, nz: int, setup: DistillSetup) -> nn.Module:
+    """The generator ``cfg`` describes, shaped for the teacher's input."""
+    return build_generator(cfg.generator, nz, setup.channels, setup.image_size, width=cfg.gen_width,
+                           output=cfg.gen_output, mean=setup.mean, std=setup.std)
 
 
 class DistillMethod(TrainState):

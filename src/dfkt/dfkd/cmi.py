@@ -17,6 +17,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from dfkt import losses
+from dfkt.dfkd.base import build_method_generator
 from dfkt.dfkd.generator_pool import GeneratorPoolConfig, GeneratorPoolMethod
 from dfkt.registry import METHODS
 from dfkt.synthesis import GeneratorInversion, bn_prior_or_none
@@ -65,8 +66,7 @@ class CMI(GeneratorPoolMethod):
         self.crop_rng = self.engine.noise_generator(offset=6)
         self.rngs["crops"] = self.crop_rng
         return GeneratorInversion(self, self.engine, self.teacher, self.pool, self.objective, setup.num_classes,
-                                  cfg.generator, cfg.nz, (setup.channels, setup.image_size, setup.image_size),
-                                  cfg.synthesis_batch, cfg.synthesis_iterations, cfg.gen_lr, cfg.z_lr,
+                                  build_method_generator(cfg, cfg.nz, setup), cfg.nz, cfg.synthesis_batch, cfg.synthesis_iterations, cfg.gen_lr, cfg.z_lr,
                                   (0.5, 0.999), extra_params=list(self.head.parameters()))
 
     def objective(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:

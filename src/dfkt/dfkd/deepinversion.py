@@ -21,6 +21,8 @@ from dfkt.synthesis import PixelInversion, bn_prior_or_none, forward_with_prior
 
 
 class DeepInversionConfig(PooledConfig):
+    clamp: bool = Field(True, description="clamp pixels into the teacher's input range after every step (as the "
+                                          "authors' code does); false leaves them unbounded")
     lr: float = Field(0.1, gt=0, description="Adam lr on the pixels")
     betas: tuple[float, float] = (0.5, 0.99)
     w_bn: float = Field(10.0, ge=0)
@@ -53,7 +55,8 @@ class DeepInversion(PooledMethod):
         self.prior = bn_prior_or_none(self.teacher, "deepinversion", cfg.w_bn, cfg.first_bn_multiplier)
         return PixelInversion(self, self.engine, self.teacher, self.pool, self.objective, self.random_labels,
                               (setup.channels, setup.image_size, setup.image_size), cfg.synthesis_batch,
-                              cfg.synthesis_iterations, cfg.lr, cfg.betas, cfg.max_shift, cfg.flip)
+                              cfg.synthesis_iterations, cfg.lr, cfg.betas, cfg.max_shift, cfg.flip,
+                              setup.pixel_range() if cfg.clamp else None)
 
     def random_labels(self, n: int, rng: torch.Generator) -> Tensor:
         return torch.randint(0, self.setup.num_classes, (n,), generator=rng, device=rng.device)

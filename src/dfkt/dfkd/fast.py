@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
+from dfkt.dfkd.base import build_method_generator
 from dfkt.dfkd.generator_pool import GeneratorPoolConfig, GeneratorPoolMethod
 from dfkt.engine import Stage
 from dfkt.registry import METHODS
@@ -52,8 +53,7 @@ class Fast(GeneratorPoolMethod):
     def make_source(self, cfg: FastConfig, setup) -> GeneratorInversion:
         self.prior = bn_prior_or_none(self.teacher, "fast", cfg.w_bn, momentum=cfg.bn_momentum)
         return GeneratorInversion(self, self.engine, self.teacher, self.pool, self.objective, setup.num_classes,
-                                  cfg.generator, cfg.nz, (setup.channels, setup.image_size, setup.image_size),
-                                  cfg.synthesis_batch, cfg.synthesis_iterations, cfg.gen_lr, cfg.z_lr,
+                                  build_method_generator(cfg, cfg.nz, setup), cfg.nz, cfg.synthesis_batch, cfg.synthesis_iterations, cfg.gen_lr, cfg.z_lr,
                                   (0.5, 0.999), meta=True, on_round_end=self.update_bn_ema)
 
     def objective(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:

@@ -15,12 +15,14 @@ from pydantic import Field
 from torch import Tensor
 
 from dfkt import losses
+from dfkt.dfkd.base import GeneratorFields
 from dfkt.dfkd.pooled import PooledConfig, PooledMethod
 from dfkt.synthesis import BNStatsPrior, forward_with_prior
 
 
-class GeneratorPoolConfig(PooledConfig):
-    generator: str = "dafl"
+class GeneratorPoolConfig(PooledConfig, GeneratorFields):
+    # The CMI and Fast authors' generators end in a sigmoid in pixel space, normalised after.
+    gen_output: Literal["bn", "pixels"] = "pixels"
     nz: int = Field(256, ge=1)
     gen_lr: float = Field(1e-3, gt=0)
     z_lr: float = Field(1e-3, gt=0, description="lr of the input noise, optimised with the generator")

@@ -9,14 +9,13 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from dfkt.dfkd.base import DistillMethod, DistillSetup
+from dfkt.dfkd.base import DistillMethod, DistillSetup, GeneratorFields, build_method_generator
 from dfkt.dfkd.student import StudentLoss, StudentTrainer, StudentTrainingConfig
 from dfkt.engine import Stage
 from dfkt.synthesis import GeneratorSynthesizer
 
 
-class JointConfig(StudentTrainingConfig):
-    generator: str = "dafl"
+class JointConfig(StudentTrainingConfig, GeneratorFields):
     nz: int = Field(100, ge=1, description="latent size")
     gen_lr: float = Field(1e-3, gt=0)
     gen_batch: int = Field(512, ge=2)
@@ -29,9 +28,8 @@ class JointMethod(DistillMethod):
 
     def __init__(self, cfg: JointConfig, setup: DistillSetup):
         super().__init__(cfg, setup)
-        self.source = GeneratorSynthesizer(self, self.engine, cfg.generator, cfg.nz, setup.channels,
-                                           setup.image_size, cfg.gen_lr, cfg.gen_batch, self.objective,
-                                           reuse_latest=self.reuse_latest)
+        self.source = GeneratorSynthesizer(self, self.engine, build_method_generator(cfg, cfg.nz, setup), cfg.nz,
+                                           cfg.gen_lr, cfg.gen_batch, self.objective, reuse_latest=self.reuse_latest)
         self.generator = self.source.generator
         self.student_trainer = StudentTrainer(self, cfg, self.source, cfg.student_steps_per_generator_step,
                                               self.student_loss())

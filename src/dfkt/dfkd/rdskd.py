@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor
 
 from dfkt import losses
-from dfkt.dfkd.base import DistillMethod, DistillSetup, EvenBatch
+from dfkt.dfkd.base import DistillMethod, DistillSetup, EvenBatch, GeneratorFields, build_method_generator
 from dfkt.dfkd.student import StudentTrainer, StudentTrainingConfig
 from dfkt.engine import Stage
 from dfkt.registry import METHODS
@@ -27,8 +27,7 @@ from dfkt.synthesis import GeneratorSynthesizer, ImagePool
 POOL_CHUNK = 1024
 
 
-class RDSKDConfig(StudentTrainingConfig):
-    generator: str = "dafl"
+class RDSKDConfig(StudentTrainingConfig, GeneratorFields):
     nz: int = Field(100, ge=1, description="latent size: 100 for MNIST, 1000 for SVHN/CIFAR-10")
     gen_lr: float = Field(1e-3, gt=0)
     gen_batch: EvenBatch = Field(512, ge=2, description="split into two halves for L_ds")
@@ -39,6 +38,14 @@ class RDSKDConfig(StudentTrainingConfig):
     student_data: Literal["fresh", "pool"] = Field(
         "fresh", description="fresh generator samples every step (paper), or a fixed pool drawn once (cpu)")
     pool_size: int = Field(50000, ge=1)
+    pool_refresh: int = Field(0, ge=0, description="pool only: new frozen-generator images replacing the oldest "
+                                                   "before every student step (0: the pool drawn once stays)")
+    pool_mining: int = Field(1, ge=1, description="pool_refresh only: candidates drawn per image kept; the kept "
+                                                 "ones are those where the student disagrees most with the teacher "
+                                                 "(KL), so the pool fills with what the student has yet to learn")
+    gen_budget_share: float | None = Field(
+        None, gt=0, lt=1, description="with --max-seconds, the generator stage ends after this share of the budget "
+                                      "(or its steps, if sooner), so the student always gets the rest")
 
 
 @METHODS.register("rdskd")
@@ -61,13 +68,15 @@ class RDSKD(DistillMethod):
 
     def __init__(self, cfg: RDSKDConfig, setup: DistillSetup):
         super().__init__(cfg, setup)
-        self.source = GeneratorSynthesizer(self, self.engine, cfg.generator, cfg.nz, setup.channels,
-                                           setup.image_size, cfg.gen_lr, cfg.gen_batch, self.objective)
+        self.source = GeneratorSynthesizer(self, self.engine, build_method_generator(cfg, cfg.nz, setup), cfg.nz,
+                                           cfg.gen_lr, cfg.gen_batch, self.objective)
         self.generator = self.source.generator
         self.buffers["references"] = torch.zeros(2, device=self.engine.device)  # r_oh, r_ie
         self.reset_references = False
         self.pool = ImagePool(self, cfg.pool_size) if cfg.student_data == "pool" else None
-        self.student_trainer = StudentTrainer(self, cfg, self.source if self.pool is None else self.pool)
+        student_source = self.source if self.pool is None else \
+            RefreshedPool(self, self.pool, cfg.pool_refresh, cfg.pool_mining)
+        self.student_trainer = StudentTrainer(self, cfg, student_source, synthesize_every=int(cfg.pool_refresh > 0))
 
     def generator_losses(self, images: Tensor, logits: Tensor, references: Tensor | None) -> dict[str, Tensor]:
         """The RDSKD generator objective on one batch. ``references=None`` takes this batch's own
@@ -106,7 +115,41 @@ class RDSKD(DistillMethod):
 
     def stages(self) -> list[Stage]:
         gen_stage = Stage("generator", self.cfg.gen_epochs * self.cfg.gen_steps_per_epoch,
-                          self.generator_step, train=[self.generator], frozen=[self.teacher])
+                          self.generator_step, train=[self.generator], frozen=[self.teacher],
+                          budget_share=self.cfg.gen_budget_share)
         # Stage 3 samples the *frozen* generator: eval mode, no gradients.
         return [gen_stage, self.student_trainer.stage(train=[], frozen=[self.teacher, self.generator],
                                                       begin=None if self.pool is None else self.fill_pool)]
+
+
+class RefreshedPool:
+    """The student's view of RDSKD's pool: ``synthesize()`` replaces the ``refresh`` oldest images with new
+    draws of the frozen generator (more distinct images than the pool holds, at a fraction of the cost
+    of fresh batches), ``sample()`` draws from the pool.
+
+    With ``mining`` > 1, ``mining × refresh`` candidates are drawn and the ``refresh`` on which the
+    student's prediction is furthest from the teacher's (KL(T ‖ S) at the KD temperature) are kept: the
+    adversarial idea of DFAD and ZSKT applied to which samples of the frozen generator the student sees,
+    leaving the generator and its loss as RDSKD's."""
+
+    def __init__(self, method: RDSKD, pool: ImagePool, refresh: int, mining: int = 1):
+        self.method, self.pool, self.refresh, self.mining = method, pool, refresh, mining
+        self.rng = method.engine.noise_generator(offset=7)
+        method.rngs["pool_refresh"] = self.rng
+
+    @torch.no_grad()
+    def synthesize(self) -> dict[str, Tensor | float]:
+        method = self.method
+        images, _ = method.source.sample(self.refresh * self.mining, self.rng)
+        logits = method.teacher(images)
+        if self.mining == 1:
+            self.pool.add(images, logits)
+            return {}
+        with method.engine.eval_mode(method.student):
+            gap = losses.kl_per_sample(logits, method.student(images), method.cfg.temperature)
+        keep = gap.topk(self.refresh).indices
+        self.pool.add(images[keep], logits[keep])
+        return {"mined_kl": gap[keep].mean()}
+
+    def sample(self, n: int, rng: torch.Generator):
+        return self.pool.sample(n, rng)

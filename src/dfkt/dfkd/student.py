@@ -3,8 +3,9 @@
 Joint methods (DAFL, DFAD, ZSKT, ...) call ``synthesize()`` every ``synthesize_every`` student
 steps, so data making and learning interleave in this one stage; the time spent synthesizing is
 timed apart. Methods whose data is made in an earlier stage (RDSKD) pass ``synthesize_every=0``.
-With ``augment``, images are shifted and flipped per step and the teacher is asked again on
-what the student sees; otherwise cached teacher logits are used when the source has them.
+With ``augment`` (a list from dfkt.data.augment.AUGMENTATIONS), each batch is augmented and the
+teacher is asked again on exactly what the student sees; otherwise cached teacher logits are used
+when the source has them. A flip is only applied to data declared mirror-safe (never to digits).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import hashlib
 from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from dfkt import losses
 from dfkt.config import StrictModel
-from dfkt.data.augment import shift_and_flip
+from dfkt.data.augment import AUGMENTATIONS, augment_batch
 from dfkt.engine import Stage
 from dfkt.synthesis import Synthesizer
 from dfkt.training import make_optimizer
@@ -41,7 +42,18 @@ class StudentTrainingConfig(StrictModel):
     lr_milestones: list[int] = Field([], description="epochs at which the student lr is multiplied by lr_gamma")
     lr_gamma: float = Field(0.1, gt=0)
     temperature: float = Field(10.0, gt=0)
-    augment: bool = False
+    augment: list[Literal["shift", "flip", "rotate", "scale", "mixup", "cutmix"]] = Field(
+        [], description="augmentations of the student's batches, relabelled by the teacher: shift, flip (mirror-safe "
+                        "data only), rotate, scale, mixup, cutmix; true = shift + flip")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_flag(cls, value):
+        if isinstance(value, bool):  # the older on/off switch
+            return ["shift", "flip"] if value else []
+        if isinstance(value, str):  # --set params.augment=shift,mixup
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
 
 class StudentTrainer:
@@ -65,6 +77,11 @@ class StudentTrainer:
         self.last_synthesis: dict[str, Tensor | float] = {}
         # Of the first batch this process trains on: ranks must each see their own data.
         self.first_batch_sha256: str | None = None
+        setup = method.setup
+        self.augmentations = [k for k in AUGMENTATIONS if k in cfg.augment and (k != "flip" or setup.mirror_safe)]
+        # What a shifted or rotated image is padded with: black, in the teacher's normalised units.
+        self.fill = None if setup.mean is None else \
+            -torch.tensor(setup.mean, device=engine.device) / torch.tensor(setup.std, device=engine.device)
 
     @property
     def steps(self) -> int:
@@ -78,8 +95,8 @@ class StudentTrainer:
         """A training batch and the teacher's logits on it."""
         rng = self.method.rngs["student"]
         images, logits = self.source.sample(self.cfg.student_batch, rng)
-        if self.cfg.augment:
-            images, logits = shift_and_flip(images, rng), None
+        if self.augmentations:
+            images, logits = augment_batch(images, self.augmentations, rng, self.fill), None
         if logits is None:
             with torch.no_grad():
                 logits = self.method.teacher(images)

@@ -23,6 +23,8 @@ from dfkt.synthesis import PixelInversion
 
 
 class ZSKDConfig(PooledConfig):
+    clamp: bool = Field(True, description="clamp pixels into the teacher's input range after every step (as the "
+                                          "authors' code does); false leaves them unbounded")
     lr: float = Field(0.01, gt=0, description="Adam lr on the pixels")
     betas: tuple[float, float] = (0.9, 0.999)
     beta_scales: tuple[float, float] = (1.0, 0.1)
@@ -60,7 +62,8 @@ class ZSKD(PooledMethod):
         self.similarity = class_similarity(self.teacher, setup.num_classes).clamp_min(1e-3)
         return PixelInversion(self, self.engine, self.teacher, self.pool, self.objective, self.soft_targets,
                               (setup.channels, setup.image_size, setup.image_size), cfg.synthesis_batch,
-                              cfg.synthesis_iterations, cfg.lr, cfg.betas, max_shift=0, flip=False)
+                              cfg.synthesis_iterations, cfg.lr, cfg.betas, max_shift=0, flip=False,
+                              pixel_range=setup.pixel_range() if cfg.clamp else None)
 
     def soft_targets(self, n: int, rng: torch.Generator) -> Tensor:
         """Dirichlet(β·C_k) targets for random classes k, the two β scales on the two halves."""

@@ -42,6 +42,8 @@ class Stage:
     ``train``/``frozen`` list the modules the engine puts in train/eval mode for this stage.
     ``begin`` runs when the stage starts or resumes; it must draw randomness only from its own
     seeded generators so a resumed run matches an uninterrupted one.
+    ``budget_share``: with a run budget (``max_seconds``), the stage ends once it has trained for
+    this share of it and the run moves on, so a later stage (the student) always gets its part.
     """
 
     name: str
@@ -51,6 +53,7 @@ class Stage:
     frozen: list[nn.Module] = field(default_factory=list)
     begin: Callable[[], None] | None = None
     evaluate: bool = False
+    budget_share: float | None = None
 
 
 @dataclass
@@ -282,10 +285,13 @@ class Engine:
                 elapsed = time.perf_counter() - started
                 total = elapsed + sum(s for n, s in position["seconds"].items() if n != stage.name)
                 since_eval = total - (position["evaluations"][-1]["train_seconds"] if position["evaluations"] else 0.0)
-                over_budget, eval_time, save_time = distributed.agree([
+                share_used = max_seconds is not None and stage.budget_share is not None and \
+                    elapsed >= stage.budget_share * max_seconds
+                over_budget, eval_time, save_time, share_used = distributed.agree([
                     max_seconds is not None and total >= max_seconds, bool(eval_seconds) and since_eval >= eval_seconds,
-                    time.perf_counter() - last_saved >= self.cfg.checkpoint_seconds])
-                last = done == stage.steps or over_budget
+                    time.perf_counter() - last_saved >= self.cfg.checkpoint_seconds, share_used])
+                stage_over = done == stage.steps or share_used
+                last = stage_over or over_budget
                 due = (eval_every and done % eval_every == 0) or eval_time
                 if stage.evaluate and on_eval is not None and (due or last):
                     paused = time.perf_counter()
@@ -300,13 +306,16 @@ class Engine:
                 if over_budget:
                     position["budget_hit"] = True
                 if done % self.cfg.checkpoint_every == 0 or last or save_time:
-                    next_pos = (index + 1, 0) if done == stage.steps else (index, done)
+                    next_pos = (index + 1, 0) if stage_over else (index, done)
                     position["stage"], position["step"] = next_pos
                     saving = time.perf_counter()
                     self._save(ckpt_path, state, run_config, position)
                     last_saved = time.perf_counter()
                     started += last_saved - saving
-                if over_budget:
+                if over_budget or stage_over:
+                    if share_used and done < stage.steps:
+                        self.metrics.write({"event": f"{stage.name} stage ended at step {done} of {stage.steps}: "
+                                                     f"its share of the budget ({stage.budget_share:g}) is used"})
                     break
             bar.close()
         return RunResult(dict(position["seconds"]), position["budget_hit"], position["evaluations"],

@@ -18,6 +18,7 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
     return MODELS.get(name)(num_classes, in_channels, image_size)
 
 
-def build_generator(name: str, nz: int, out_channels: int, image_size: int) -> nn.Module:
-    """Build the registered generator ``name``; unknown names raise UnknownNameError."""
-    return GENERATORS.get(name)(nz, out_channels, image_size)
+def build_generator(name: str, nz: int, out_channels: int, image_size: int, **options) -> nn.Module:
+    """Build the registered generator ``name`` (options: ``width``, ``output``, ``mean``, ``std``; see
+    dfkt.models.generator); unknown names raise UnknownNameError."""
+    return GENERATORS.get(name)(nz, out_channels, image_size, **options)

@@ -6,10 +6,18 @@ nearest-neighbour upsampling stages bring to s x s.
 ``deep``: the same design with as many upsampling stages as the image needs, starting from a
 map of at most 8x8 (7x7 and five stages for 224x224 ImageNet-style teachers), so the linear
 layer stays small (DAFL's would map noise to 128x56x56 at 224).
-Both end in tanh and an affine-free BatchNorm, so each channel of a training batch is standardised.
+Both end, as the authors' do, in tanh and an affine-free BatchNorm (``output="bn"``), so each channel
+of a training batch is standardised; at initialisation that spans about ±5 in normalised units, far
+outside the range real images occupy. ``output="pixels"`` ends instead in a sigmoid in pixel space,
+normalised with the teacher's mean and std, as CMI's and Fast's generators do: every sample is then
+an image the teacher could have been given.
+``width`` is the channel count of the first stages (DAFL: 128); cost per image grows with its
+square, so it is the knob that sizes synthesis to a CPU budget (``multiply_adds``).
 """
 
 from __future__ import annotations
+
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -19,18 +27,49 @@ from dfkt.registry import GENERATORS
 
 
 MAX_LINEAR_WEIGHTS = 50_000_000  # past this (e.g. nz 1000 at 224x224: 401M) the deep generator is the fit
+GeneratorOutput = Literal["bn", "pixels"]
+
+
+class ToImage(nn.Module):
+    """The last layer: tanh + affine-free BatchNorm ("bn", the DAFL authors'), or a sigmoid in pixel
+    space then the teacher's normalisation ("pixels": inside the range of real inputs)."""
+
+    def __init__(self, channels: int, output: GeneratorOutput, mean: Sequence[float] | None,
+                 std: Sequence[float] | None):
+        super().__init__()
+        self.output = output
+        if output == "bn":
+            self.squash = nn.Sequential(nn.Tanh(), nn.BatchNorm2d(channels, affine=False))
+            return
+        if mean is None or std is None:
+            raise ConfigError("generator output 'pixels' needs the teacher's normalisation mean and std")
+        if len(mean) not in (1, channels) or len(std) not in (1, channels):
+            raise ConfigError(f"normalisation for {channels} channels, got mean {list(mean)} and std {list(std)}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).expand(
+            1, channels, 1, 1).clone(), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).expand(
+            1, channels, 1, 1).clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output == "bn":
+            return self.squash(x)
+        return (torch.sigmoid(x) - self.mean) / self.std
 
 
 class DAFLGenerator(nn.Module):
     """Noise (N, nz) -> images (N, out_channels, image_size, image_size)."""
 
-    def __init__(self, nz: int, out_channels: int, image_size: int):
+    def __init__(self, nz: int, out_channels: int, image_size: int, width: int = 128,
+                 output: GeneratorOutput = "bn", mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None):
         super().__init__()
         if image_size < 4 or image_size % 4 != 0:
             raise ConfigError(
                 f"the dafl generator needs image_size divisible by 4, got {image_size}; resize or pad the data"
             )
-        weights = nz * 128 * (image_size // 4) ** 2
+        if width < 2 or width % 2:
+            raise ConfigError(f"generator width must be an even number of channels >= 2, got {width}")
+        weights = nz * width * (image_size // 4) ** 2
         if weights > MAX_LINEAR_WEIGHTS:
             raise ConfigError(f"the dafl generator's first layer would have {weights:,} weights at {image_size}x"
                               f"{image_size}; use --set params.generator=deep (or a paper-imagenet preset)")
@@ -38,25 +77,25 @@ class DAFLGenerator(nn.Module):
         self.out_channels = out_channels
         self.image_size = image_size
         self.init_size = image_size // 4
-        self.fc = nn.Linear(nz, 128 * self.init_size**2)
+        self.width = width
+        self.fc = nn.Linear(nz, width * self.init_size**2)
         # eps=0.8 follows the DAFL code; it damps the normalisation of these layers.
         self.body = nn.Sequential(
-            nn.BatchNorm2d(128),
+            nn.BatchNorm2d(width),
             nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(128, 128, 3, padding=1),
-            nn.BatchNorm2d(128, eps=0.8),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.BatchNorm2d(width, eps=0.8),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(128, 64, 3, padding=1),
-            nn.BatchNorm2d(64, eps=0.8),
+            nn.Conv2d(width, width // 2, 3, padding=1),
+            nn.BatchNorm2d(width // 2, eps=0.8),
             nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(64, out_channels, 3, padding=1),
-            nn.Tanh(),
-            nn.BatchNorm2d(out_channels, affine=False),
+            nn.Conv2d(width // 2, out_channels, 3, padding=1),
+            ToImage(out_channels, output, mean, std),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.fc(z).view(z.shape[0], 128, self.init_size, self.init_size)
+        out = self.fc(z).view(z.shape[0], self.width, self.init_size, self.init_size)
         return self.body(out)
 
 
@@ -65,7 +104,9 @@ class DeepGenerator(nn.Module):
     to a 256-channel init x init map, then k stages of x2 nearest upsampling, conv3x3, BatchNorm
     (eps 0.8, as DAFL's) and LeakyReLU 0.2, the channels halving down to 32."""
 
-    def __init__(self, nz: int, out_channels: int, image_size: int):
+    def __init__(self, nz: int, out_channels: int, image_size: int, width: int = 256,
+                 output: GeneratorOutput = "bn", mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None):
         super().__init__()
         stages, init = 0, image_size
         while init > 8 and init % 2 == 0:
@@ -74,14 +115,13 @@ class DeepGenerator(nn.Module):
             raise ConfigError(f"the deep generator needs image_size = a number up to 8 times a power of two (e.g. 32, "
                               f"64, 224), got {image_size}; resize the data")
         self.nz, self.out_channels, self.image_size, self.init_size = nz, out_channels, image_size, init
-        widths = [max(32, 256 >> i) for i in range(stages + 1)]
+        widths = [max(min(32, width), width >> i) for i in range(stages + 1)]
         self.fc = nn.Linear(nz, widths[0] * init**2)
         layers: list[nn.Module] = [nn.BatchNorm2d(widths[0])]
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1),
                        nn.BatchNorm2d(c_out, eps=0.8), nn.LeakyReLU(0.2, inplace=True)]
-        layers += [nn.Conv2d(widths[-1], out_channels, 3, padding=1), nn.Tanh(),
-                   nn.BatchNorm2d(out_channels, affine=False)]
+        layers += [nn.Conv2d(widths[-1], out_channels, 3, padding=1), ToImage(out_channels, output, mean, std)]
         self.body = nn.Sequential(*layers)
         self.first_width = widths[0]
 
@@ -90,10 +130,35 @@ class DeepGenerator(nn.Module):
 
 
 @GENERATORS.register("deep")
-def deep(nz: int, out_channels: int, image_size: int) -> DeepGenerator:
-    return DeepGenerator(nz, out_channels, image_size)
+def deep(nz: int, out_channels: int, image_size: int, width: int | None = None, **kw) -> DeepGenerator:
+    return DeepGenerator(nz, out_channels, image_size, width or 256, **kw)
 
 
 @GENERATORS.register("dafl")
-def dafl(nz: int, out_channels: int, image_size: int) -> DAFLGenerator:
-    return DAFLGenerator(nz, out_channels, image_size)
+def dafl(nz: int, out_channels: int, image_size: int, width: int | None = None, **kw) -> DAFLGenerator:
+    return DAFLGenerator(nz, out_channels, image_size, width or 128, **kw)
+
+
+def multiply_adds(generator: nn.Module, nz: int, device: torch.device | str = "cpu") -> int:
+    """Multiply-adds of one generated image (convolutions and linear layers), counted on a forward pass."""
+    total = 0
+
+    def count(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total += output[0].numel() * k
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in generator.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = generator.training
+    try:
+        generator.eval()
+        with torch.no_grad():
+            generator(torch.zeros(1, nz, device=device))
+    finally:
+        generator.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return total

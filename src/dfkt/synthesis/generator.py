@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dfkt.engine import Engine
 from dfkt.engine.state import TrainState
-from dfkt.models import build_generator
 from dfkt.synthesis.base import Batch, Objective
 
 
@@ -23,15 +22,14 @@ class GeneratorSynthesizer:
     ``teacher_logits`` saves the student's step a second teacher forward on them.
     """
 
-    def __init__(self, state: TrainState, engine: Engine, arch: str, nz: int, channels: int, image_size: int,
-                 lr: float, batch: int, objective: Objective, betas: tuple[float, float] = (0.9, 0.999),
-                 reuse_latest: bool = False):
+    def __init__(self, state: TrainState, engine: Engine, generator: nn.Module, nz: int, lr: float, batch: int,
+                 objective: Objective, betas: tuple[float, float] = (0.9, 0.999), reuse_latest: bool = False):
         self.engine = engine
         self.nz = nz
         self.batch = batch
         self.objective = objective
         self.reuse_latest = reuse_latest
-        self.generator = engine.prepare(build_generator(arch, nz, channels, image_size), trainable=True)
+        self.generator = engine.prepare(generator, trainable=True)
         self.optimizer = engine.prepare_optimizer(torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas))
         self.rng = engine.noise_generator(offset=1)
         state.modules["generator"] = self.generator

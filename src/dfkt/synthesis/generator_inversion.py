@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from dfkt.engine import Engine
 from dfkt.engine.state import TrainState
-from dfkt.models import build_generator
 from dfkt.synthesis.base import Batch, Objective
 from dfkt.synthesis.pool import ImagePool
 
@@ -35,8 +34,8 @@ class GeneratorInversion:
     batch and adds its images to the pool; ``sample()`` draws from the pool."""
 
     def __init__(self, state: TrainState, engine: Engine, teacher: nn.Module, pool: ImagePool,
-                 objective: Objective, num_classes: int, arch: str, nz: int, shape: tuple[int, int, int],
-                 batch: int, iterations: int, lr: float, z_lr: float, betas: tuple[float, float],
+                 objective: Objective, num_classes: int, generator: nn.Module, nz: int, batch: int,
+                 iterations: int, lr: float, z_lr: float, betas: tuple[float, float],
                  meta: bool = False, on_round_end: Callable[[], None] | None = None,
                  extra_params: list[nn.Parameter] = ()):
         self.engine, self.teacher, self.pool, self.objective = engine, teacher, pool, objective
@@ -44,7 +43,7 @@ class GeneratorInversion:
         self.lr, self.z_lr, self.betas, self.meta = lr, z_lr, betas, meta
         self.on_round_end = on_round_end
         self.extra_params = list(extra_params)  # trained with each round's generator (CMI's head)
-        self.generator = build_generator(arch, nz, shape[0], shape[1]).to(engine.device)
+        self.generator = generator.to(engine.device)
         self.rng = engine.noise_generator(offset=5)
         state.rngs["inversion"] = self.rng
         if meta:  # Fast: the meta-initialisation and its optimizer are trained state

@@ -29,15 +29,19 @@ def jitter_and_flip(images: Tensor, max_shift: int, flip: bool, rng: torch.Gener
 class PixelInversion:
     """``synthesize()`` starts a batch from N(0, 1) noise, takes ``iterations`` Adam steps on the
     objective (each on a jittered, flipped view), and adds the images with the teacher's logits to
-    the pool; ``sample()`` draws from the pool."""
+    the pool; ``sample()`` draws from the pool. With ``pixel_range`` (per-channel low and high, in
+    normalised units) the pixels are clamped into it after every step, as the ZSKD and DeepInversion
+    authors' code clips to valid images."""
 
     def __init__(self, state: TrainState, engine: Engine, teacher: nn.Module, pool: ImagePool,
                  objective: Objective, targets: Targets, shape: tuple[int, int, int], batch: int, iterations: int,
-                 lr: float, betas: tuple[float, float], max_shift: int, flip: bool):
+                 lr: float, betas: tuple[float, float], max_shift: int, flip: bool,
+                 pixel_range: tuple[Tensor, Tensor] | None = None):
         self.engine, self.teacher, self.pool = engine, teacher, pool
         self.objective, self.targets = objective, targets
         self.shape, self.batch, self.iterations = shape, batch, iterations
         self.lr, self.betas, self.max_shift, self.flip = lr, betas, max_shift, flip
+        self.pixel_range = pixel_range
         self.rng = engine.noise_generator(offset=4)
         state.rngs["inversion"] = self.rng
 
@@ -50,6 +54,9 @@ class PixelInversion:
         for _ in range(self.iterations):
             terms = self.objective(jitter_and_flip(images, self.max_shift, self.flip, self.rng), targets)
             self.engine.optimize(terms["loss"], optimizer, "pixel inversion loss")
+            if self.pixel_range is not None:
+                with torch.no_grad():
+                    images.copy_(torch.maximum(torch.minimum(images, self.pixel_range[1]), self.pixel_range[0]))
         with torch.no_grad():
             self.pool.add(images.detach(), self.teacher(images))
         return {f"inv_{k}": v for k, v in terms.items()}

@@ -1,0 +1,115 @@
+"""Ablate one DFKD method's settings on a benchmark: each variant (a set of `--set` settings on top of
+the method's cpu preset and a shared base) over several seeds, side by side in one run.
+
+    python benchmarks/ablation.py --bench b2 --method rdskd --seeds 1 2 3 --budget 300 --parallel 2 \\
+        --threads-per-run 1 --variant preset: --variant 'w32:params.gen_width=32' \\
+        --variant 'w32+aug:params.gen_width=32 params.augment=shift,flip'
+
+A variant is NAME:SETTING SETTING ... (settings separated by spaces; none for the preset itself).
+Runs live in WORK/VARIANT/seedS and are reused when finished (a new --budget needs a new --work).
+Writes OUT/ablation_BENCH_METHOD.{json,md}: final accuracy, label-free selected accuracy, accuracy at
+the bench's shorter budgets, and synthesis vs student seconds, mean ± std over the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from common import (accuracy_at, command_line, engine_settings, machine, mean_std, positive_int, precisions,
+                    run_in_parallel, run_logged, set_flags, write)
+from dfkd_compare import BENCHES, budgets, prior_off
+
+from dfkt import api
+from dfkt.registry import METHODS
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", required=True, choices=BENCHES)
+    parser.add_argument("--method", required=True, choices=api.list_names("methods"))
+    parser.add_argument("--variant", dest="variants", action="append", required=True, metavar="NAME:SETTINGS",
+                        help="a variant: its name, a colon, then space-separated KEY=VALUE settings")
+    parser.add_argument("--base", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings every variant shares (before its own)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], metavar="SEED")
+    parser.add_argument("--budget", type=float, metavar="SECONDS", help="training seconds per run (default: the bench's)")
+    parser.add_argument("--parallel", type=positive_int, default=1, metavar="N")
+    parser.add_argument("--threads-per-run", type=positive_int, metavar="T")
+    parser.add_argument("--work", type=Path, required=True, metavar="DIR",
+                        help="folder for the runs; a teacher is read from DIR/teacher (e.g. a link to the "
+                             "one dfkd_compare.py trained)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
+    parser.add_argument("--name", help="report name (default: ablation_BENCH_METHOD)")
+    args = parser.parse_args()
+    args.budget = args.budget or BENCHES[args.bench].budget
+    args.variants = [parse_variant(v) for v in args.variants]
+    return args
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, settings = text.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"--variant {text!r}: write NAME:KEY=VALUE KEY=VALUE (or NAME: for no settings)")
+    return name, settings.split()
+
+
+def main() -> None:
+    args = parse_args()
+    bench = BENCHES[args.bench]
+    METHODS.get(args.method)
+    if not (args.work / "teacher" / "model.safetensors").is_file():
+        raise SystemExit(f"no teacher at {args.work / 'teacher'}; train one (dfkt train-teacher --model "
+                         f"{bench.teacher} --data {bench.data} --epochs {bench.teacher_epochs}) or link it there")
+    settings = dict(args.variants)
+    jobs = [(name, seed) for seed in args.seeds for name in settings]
+
+    def one(job: tuple[str, int]) -> dict:
+        name, seed = job
+        folder = args.work / name / f"seed{seed}"
+        flags = [*engine_settings(seed, args.threads_per_run), f"eval_every={bench.eval_every}",
+                 f"eval_seconds={bench.eval_seconds:g}", *prior_off(bench, args.method), *args.base, *settings[name]]
+        command = [sys.executable, "-m", "dfkt.cli", "distill", "--method", args.method, "--teacher",
+                   str(args.work / "teacher"), "--student", bench.student, "--preset", "cpu", "--max-seconds",
+                   f"{args.budget:g}", "--out", str(folder), "--resume", *set_flags(flags)]
+        return run_logged(command, folder, lambda s: f"student {s['student_acc']:.4f}")
+
+    done = run_in_parallel(jobs, one, args.parallel)
+    shown = budgets(bench, args.budget)
+    rows, data = [], {"command": command_line(), "machine": machine(), "bench": args.bench, "method": args.method,
+                      "budget": args.budget, "base": args.base, "variants": {}}
+    data["precision"] = precisions(args.work / name / f"seed{s}" for name, s in jobs)
+    for name, extra in args.variants:
+        runs = [done[name, s] for s in args.seeds]
+        ok = [r for r in runs if "failed" not in r]
+        finals = [r["student_acc"] if "failed" not in r else None for r in runs]
+        selected = [r.get("student_selected_acc") if "failed" not in r else None for r in runs]
+        at = [mean_std([accuracy_at(r["curve"], b) if "failed" not in r else None for r in runs]) for b in shown[:-1]]
+        seconds = {k: statistics.mean(r["seconds"][k] for r in ok) if ok else None for k in ("synthesis", "student")}
+        data["variants"][name] = {"settings": extra, "runs": runs}
+        rows.append(f"| {name} | {' '.join(extra) or '(preset)'} | " + " | ".join(at) +
+                    f" | {mean_std(finals)} | {min((f for f in finals if f is not None), default=0) * 100:.1f} | "
+                    f"{mean_std(selected)} | "
+                    + " | ".join("—" if v is None else f"{v:.0f}" for v in seconds.values()) + " |")
+    head = " | ".join(f"at {b:g} s" for b in shown[:-1])
+    markdown = "\n".join([
+        f"# Ablation: {args.method} on {bench.title}", "",
+        f"`{data['command']}`", "",
+        f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores, torch {data['machine']['torch']}, "
+        f"precision {', '.join(data['precision'])}; {args.parallel} run(s) side by side"
+        + (f", {args.threads_per_run} thread(s) each" if args.threads_per_run else "") + ".",
+        f"Every run: `--preset cpu --max-seconds {args.budget:g}`" + (f" and `{' '.join(args.base)}`" if args.base else "")
+        + f"; seeds {', '.join(map(str, args.seeds))}. Accuracy is final test accuracy (mean ± std); *min* is the "
+        "worst seed; *selected* is the label-free choice (student_selected).", "",
+        f"| variant | settings | {head + ' | ' if head else ''}final | min | selected | synthesis s | student s |",
+        "|---|---|" + "---|" * (len(shown) - 1) + "---|---|---|---|---|",
+        *rows, ""])
+    name = args.name or f"ablation_{args.bench}_{args.method}"
+    write(args.out, name, data, markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Making the most of a CPU budget: generator cost and width, samples inside the teacher's input range,
+student-side augmentation relabelled by the teacher, stages sharing the time budget, pool refresh and
+mining."""
+
+import itertools
+
+import pytest
+import torch
+
+import dfkt
+from dfkt import losses
+from dfkt.config import EngineConfig
+from dfkt.data.augment import augment_batch, mirror_safe
+from dfkt.dfkd.base import DistillSetup
+from dfkt.dfkd.rdskd import RDSKD, RDSKDConfig
+from dfkt.engine import Engine, Stage
+from dfkt.engine import engine as engine_module
+from dfkt.engine.state import TrainState
+from dfkt.errors import ConfigError
+from dfkt.models import build_generator, build_model
+from dfkt.models.files import load_model
+from dfkt.models.generator import multiply_adds
+from dfkt.synthesis import ImagePool, PixelInversion
+from tests.conftest import FAST_ENGINE
+
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
+
+
+def test_multiply_adds_of_the_dafl_generator_counted_by_hand():
+    """fc 100→128·8·8, then convs 128→128 at 16×16, 128→64 at 32×32, 64→1 at 32×32 (3×3 kernels)."""
+    by_hand = 100 * 128 * 64 + 16 * 16 * 128 * 128 * 9 + 32 * 32 * 64 * 128 * 9 + 32 * 32 * 1 * 64 * 9
+    assert multiply_adds(build_generator("dafl", 100, 1, 32), 100) == by_hand  # 114.7M
+    narrow = 100 * 32 * 64 + 16 * 16 * 32 * 32 * 9 + 32 * 32 * 16 * 32 * 9 + 32 * 32 * 1 * 16 * 9
+    assert multiply_adds(build_generator("dafl", 100, 1, 32, width=32), 100) == narrow  # 7.4M, 15x cheaper
+
+
+def test_pixel_output_stays_inside_the_teachers_input_range():
+    torch.manual_seed(0)
+    low, high = -FMNIST_MEAN[0] / FMNIST_STD[0], (1 - FMNIST_MEAN[0]) / FMNIST_STD[0]
+    pixels = build_generator("dafl", 16, 1, 32, width=16, output="pixels", mean=FMNIST_MEAN, std=FMNIST_STD)
+    authors = build_generator("dafl", 16, 1, 32, width=16)
+    z = torch.randn(256, 16) * 5
+    x = pixels(z)
+    assert x.min() >= low - 1e-5 and x.max() <= high + 1e-5
+    assert x.max() - x.min() > 0.1 * (high - low)  # not a constant image
+    y = authors(z)  # the authors' tanh + BatchNorm standardises: far outside the real range
+    assert y.min() < low - 1 or y.max() > high + 1
+
+
+def test_pixel_output_needs_the_normalisation():
+    with pytest.raises(ConfigError, match="mean and std"):
+        build_generator("dafl", 16, 1, 32, output="pixels")
+
+
+def test_augmentations_pad_with_black_and_mix_within_range():
+    rng = torch.Generator().manual_seed(0)
+    black = torch.tensor([-FMNIST_MEAN[0] / FMNIST_STD[0]])
+    blank = black.view(1, 1, 1, 1).expand(16, 1, 32, 32).clone()
+    for kinds in (["shift"], ["rotate", "scale"], ["shift", "flip", "rotate", "scale", "mixup", "cutmix"]):
+        assert torch.allclose(augment_batch(blank, kinds, rng, fill=black), blank, atol=1e-5), kinds
+    images = torch.rand(16, 1, 32, 32)
+    mixed = augment_batch(images, ["mixup"], rng)
+    assert mixed.min() >= images.min() - 1e-6 and mixed.max() <= images.max() + 1e-6
+    assert not torch.allclose(mixed, images)
+    cut = augment_batch(images, ["cutmix"], rng)
+    # every pixel of a cutmix image comes from one of the batch's images at the same position
+    assert ((cut[:, None] - images[None]).abs() < 1e-6).any(dim=1).all()
+    flipped = augment_batch(images, ["flip"], rng)
+    same = [torch.equal(f, i) for f, i in zip(flipped, images)]
+    mirrored = [torch.equal(f, i.flip(-1)) for f, i in zip(flipped, images)]
+    assert all(s or m for s, m in zip(same, mirrored)) and any(mirrored) and any(same)
+
+
+def _setup(digits_teacher, mirror: bool) -> DistillSetup:
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    teacher = engine.prepare(load_model(digits_teacher)[0], trainable=False)
+    student = engine.prepare(build_model("digits_cnn_half", 10, 1, 8), trainable=True)
+    return DistillSetup(teacher, student, 10, 1, 8, engine, (0.3,), (0.4,), mirror)
+
+
+def test_flip_only_on_mirror_safe_data_and_the_teacher_labels_what_the_student_sees(digits_teacher):
+    assert mirror_safe("fmnist") and not mirror_safe("digits") and not mirror_safe("mnist")
+    cfg = RDSKDConfig(gen_batch=16, gen_epochs=1, gen_steps_per_epoch=2, student_batch=16, student_data="pool",
+                      pool_size=32, augment=["shift", "flip", "mixup"])
+    digits = RDSKD(cfg, _setup(digits_teacher, mirror=False))
+    assert digits.student_trainer.augmentations == ["shift", "mixup"]
+    clothes = RDSKD(cfg, _setup(digits_teacher, mirror=True))
+    assert clothes.student_trainer.augmentations == ["shift", "flip", "mixup"]
+    for stage in clothes.stages()[:1]:
+        stage.step(0)
+    clothes.fill_pool()
+    images, logits = clothes.student_trainer.batch()
+    with torch.no_grad():
+        assert torch.allclose(logits, clothes.teacher(images), atol=1e-5)  # relabelled, not the cached pool logits
+
+
+def test_old_augment_switch_still_reads():
+    assert RDSKDConfig(augment=True).augment == ["shift", "flip"]
+    assert RDSKDConfig(augment=False).augment == []
+    assert RDSKDConfig(augment="rotate, cutmix").augment == ["rotate", "cutmix"]
+    with pytest.raises(ValueError):
+        RDSKDConfig(augment=["blur"])
+
+
+def test_a_stage_with_a_budget_share_hands_over_to_the_next(monkeypatch, tmp_path):
+    """A fake clock: each step takes one second. The generator stage may use 30% of a 20 s budget."""
+    clock = itertools.count()
+    now = [0.0]
+    monkeypatch.setattr(engine_module.time, "perf_counter", lambda: now[0])
+
+    def slow(i):
+        now[0] += 1.0
+        next(clock)
+        return {}
+
+    engine = Engine(EngineConfig(precision="32-true", progress=False, checkpoint_every=1000), tmp_path)
+    state = TrainState(engine.device)
+    stages = [Stage("generator", 100, slow, budget_share=0.3), Stage("student", 100, slow)]
+    result = engine.run(stages, state, {}, max_seconds=20)
+    assert result.seconds["generator"] == pytest.approx(6, abs=1)
+    assert result.seconds["student"] == pytest.approx(14, abs=1)
+    assert result.stopped_by_budget
+    engine.close()
+
+
+def test_a_budget_shorter_than_the_generator_stage_still_yields_a_student(digits_teacher, tmp_path):
+    """A sweep of 25 s trials used to lose RDSKD runs whose generator stage alone outlasted the budget."""
+    params = {"gen_batch": 64, "gen_epochs": 1000, "student_batch": 64, "pool_size": 256, "gen_budget_share": 0.4,
+              "gen_width": 32}
+    summary = dfkt.distill("rdskd", digits_teacher, preset="cpu", max_seconds=6, out=tmp_path,
+                           overrides=FAST_ENGINE + [f"params.{k}={v}" for k, v in params.items()])
+    assert summary["seconds"]["by_stage"]["generator"] < 0.4 * 6 + 1
+    assert summary["seconds"]["by_stage"]["student"] > 1
+    assert summary["student_acc"] > 0.5
+    assert summary["generator_multiply_adds_per_image"] == multiply_adds(build_generator("dafl", 100, 1, 8, width=32),
+                                                                         100)
+
+
+def test_pool_refresh_replaces_images_and_mining_keeps_the_hardest(digits_teacher):
+    cfg = RDSKDConfig(gen_batch=16, gen_epochs=1, gen_steps_per_epoch=2, student_batch=16, student_data="pool",
+                      pool_size=64, pool_refresh=8, pool_mining=4)
+    method = RDSKD(cfg, _setup(digits_teacher, mirror=False))
+    method.fill_pool()
+    pool = method.student_trainer.source
+    candidates = torch.randn(32, 1, 8, 8)
+    method.source.sample = lambda n, rng: (candidates[:n], None)
+    with torch.no_grad():
+        gap = losses.kl_per_sample(method.teacher(candidates), method.student(candidates), cfg.temperature)
+    pool.synthesize()
+    newest = method.buffers["pool.images"][:8]  # the ring buffer wrapped: rows 0-7 were the oldest
+    assert method.pool.added == 64 + 8
+    assert {tuple(x.flatten().tolist()) for x in newest} == \
+        {tuple(candidates[k].flatten().tolist()) for k in gap.topk(8).indices}
+
+
+def test_pixel_inversion_clamps_into_the_range(digits_teacher):
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    teacher = engine.prepare(load_model(digits_teacher)[0], trainable=False)
+    state = TrainState(engine.device)
+    low, high = torch.full((1, 1, 1, 1), -0.5), torch.full((1, 1, 1, 1), 1.5)
+
+    def push_out(images, targets):
+        return {"loss": -(images**2).mean() * 100}
+
+    inversion = PixelInversion(state, engine, teacher, ImagePool(state, 16), push_out, lambda n, r: None,
+                               (1, 8, 8), 16, 5, 1.0, (0.5, 0.99), 0, False, pixel_range=(low, high))
+    inversion.synthesize()
+    images = state.buffers["pool.images"]
+    assert images.min() >= -0.5 - 1e-6 and images.max() <= 1.5 + 1e-6
+    assert (images == -0.5).any() and (images == 1.5).any()  # it did push out, and was held
