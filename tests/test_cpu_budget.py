@@ -3,6 +3,7 @@ student-side augmentation relabelled by the teacher, stages sharing the time bud
 mining."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -168,3 +169,29 @@ def test_pixel_inversion_clamps_into_the_range(digits_teacher):
     images = state.buffers["pool.images"]
     assert images.min() >= -0.5 - 1e-6 and images.max() <= 1.5 + 1e-6
     assert (images == -0.5).any() and (images == 1.5).any()  # it did push out, and was held
+
+
+def test_cosine_student_lr_anneals_over_the_time_left(monkeypatch, tmp_path, digits_teacher):
+    """With a budget the cosine schedule follows the time the student stage can have, not its step count."""
+    now = [0.0]
+    monkeypatch.setattr(engine_module.time, "perf_counter", lambda: now[0])
+    cfg = RDSKDConfig(gen_batch=16, gen_epochs=1, gen_steps_per_epoch=4, student_batch=16, student_data="pool",
+                      pool_size=32, student_epochs=1000, lr_schedule="cosine")
+    method = RDSKD(cfg, _setup(digits_teacher, mirror=False))
+    engine = method.engine
+    lrs = []
+    stages = method.stages()
+    for stage in stages:
+        step = stage.step
+
+        def timed(i, step=step, name=stage.name):
+            now[0] += 1.0
+            out = step(i)
+            if name == "student":
+                lrs.append(method.student_trainer.optimizer.param_groups[0]["lr"])
+            return out
+        stage.step = timed
+    engine.run(stages, method, {}, max_seconds=24)  # 4 s of generator, then 20 s of student steps
+    assert lrs[0] == pytest.approx(cfg.student_lr)
+    assert lrs[9] == pytest.approx(cfg.student_lr * 0.5 * (1 + math.cos(math.pi * 9 / 20)), rel=0.02)
+    assert lrs[-1] < 0.02 * cfg.student_lr and len(lrs) == 20

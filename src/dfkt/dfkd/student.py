@@ -11,6 +11,7 @@ when the source has them. A flip is only applied to data declared mirror-safe (n
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
@@ -39,6 +40,9 @@ class StudentTrainingConfig(StrictModel):
     student_batch: int = Field(512, ge=1)
     student_epochs: int = Field(1000, ge=1)
     student_steps_per_epoch: int = Field(120, ge=1)
+    lr_schedule: Literal["step", "cosine"] = Field(
+        "step", description="step: multiply by lr_gamma at lr_milestones; cosine: anneal to 0 over the student stage "
+                            "(its steps, or with --max-seconds the time left for it, whichever ends first)")
     lr_milestones: list[int] = Field([], description="epochs at which the student lr is multiplied by lr_gamma")
     lr_gamma: float = Field(0.1, gt=0)
     temperature: float = Field(10.0, gt=0)
@@ -69,8 +73,12 @@ class StudentTrainer:
         self.optimizer = engine.prepare_optimizer(make_optimizer(
             list(method.student.parameters()), cfg.student_optimizer, cfg.student_lr, cfg.student_momentum,
             cfg.student_weight_decay))
-        milestones = [m * cfg.student_steps_per_epoch for m in cfg.lr_milestones]
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, cfg.lr_gamma)
+        if cfg.lr_schedule == "cosine":  # follows the engine's progress, which knows the time budget
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda _: 0.5 * (1 + math.cos(math.pi * engine.stage_progress)))
+        else:
+            milestones = [m * cfg.student_steps_per_epoch for m in cfg.lr_milestones]
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, cfg.lr_gamma)
         method.optimizers["student"] = self.optimizer
         method.schedulers["student"] = self.scheduler
         method.rngs["student"] = engine.noise_generator(offset=2)

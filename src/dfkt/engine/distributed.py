@@ -88,6 +88,15 @@ def agree(flags: list[bool]) -> list[bool]:
     return [bool(v) for v in tensor.tolist()]
 
 
+def agree_value(value: float) -> float:
+    """Rank 0's value of a clock-derived number (e.g. a stage's progress) for every rank."""
+    if not active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` in one process)."""
     if not active():

@@ -91,6 +91,9 @@ class Engine:
         self.replicas: list[nn.Module] = []  # trainable modules kept identical on every rank
         self.replicated: set[int] = set()  # ids of their parameters: the gradients to average
         self.per_rank_rngs: list[torch.Generator] = []
+        # How far the running stage is, 0..1: its steps, or with a budget its share of the time it
+        # can have, whichever is further (read by time-aware schedules such as a cosine student lr).
+        self.stage_progress = 0.0
         # Every rank writes into rank 0's folder (its default name carries rank 0's clock).
         self.run_dir = self.fabric.broadcast(run_dir, 0) if several else run_dir
         log_path = None
@@ -270,6 +273,11 @@ class Engine:
                 checkpoint.set_rng_state(resumed_rng)
                 resumed_rng = None
             spent = position["seconds"].get(stage.name, 0.0)
+            allowed = None if max_seconds is None else \
+                max_seconds - sum(s for n, s in position["seconds"].items() if n != stage.name)
+            if allowed is not None and stage.budget_share is not None:
+                allowed = min(allowed, stage.budget_share * max_seconds)
+            self.stage_progress = first / stage.steps
             bar = progress.bar(stage.name, stage.steps, first)
             started = time.perf_counter() - spent
             for i in range(first, stage.steps):
@@ -303,6 +311,8 @@ class Engine:
                     started += time.perf_counter() - paused
                     elapsed = time.perf_counter() - started
                 position["seconds"][stage.name] = elapsed
+                self.stage_progress = distributed.agree_value(
+                    min(1.0, max(done / stage.steps, elapsed / allowed if allowed else 0.0)))
                 if over_budget:
                     position["budget_hit"] = True
                 if done % self.cfg.checkpoint_every == 0 or last or save_time:
