@@ -20,7 +20,7 @@ from dfkt.engine.state import TrainState
 from dfkt.errors import ConfigError
 from dfkt.models import build_generator, build_model
 from dfkt.models.files import load_model
-from dfkt.models.generator import multiply_adds
+from dfkt.models.cost import multiply_adds
 from dfkt.synthesis import ImagePool, PixelInversion
 from tests.conftest import FAST_ENGINE
 
@@ -30,9 +30,9 @@ FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 def test_multiply_adds_of_the_dafl_generator_counted_by_hand():
     """fc 100→128·8·8, then convs 128→128 at 16×16, 128→64 at 32×32, 64→1 at 32×32 (3×3 kernels)."""
     by_hand = 100 * 128 * 64 + 16 * 16 * 128 * 128 * 9 + 32 * 32 * 64 * 128 * 9 + 32 * 32 * 1 * 64 * 9
-    assert multiply_adds(build_generator("dafl", 100, 1, 32), 100) == by_hand  # 114.7M
+    assert multiply_adds(build_generator("dafl", 100, 1, 32), torch.zeros(1, 100)) == by_hand  # 114.7M
     narrow = 100 * 32 * 64 + 16 * 16 * 32 * 32 * 9 + 32 * 32 * 16 * 32 * 9 + 32 * 32 * 1 * 16 * 9
-    assert multiply_adds(build_generator("dafl", 100, 1, 32, width=32), 100) == narrow  # 7.4M, 15x cheaper
+    assert multiply_adds(build_generator("dafl", 100, 1, 32, width=32), torch.zeros(1, 100)) == narrow  # 7.4M, 15x cheaper
 
 
 def test_pixel_output_stays_inside_the_teachers_input_range():
@@ -133,8 +133,8 @@ def test_a_budget_shorter_than_the_generator_stage_still_yields_a_student(digits
     assert summary["seconds"]["by_stage"]["generator"] < 0.4 * 6 + 1
     assert summary["seconds"]["by_stage"]["student"] > 1
     assert summary["student_acc"] > 0.5
-    assert summary["generator_multiply_adds_per_image"] == multiply_adds(build_generator("dafl", 100, 1, 8, width=32),
-                                                                         100)
+    assert summary["generator_multiply_adds_per_image"] == multiply_adds(
+        build_generator("dafl", 100, 1, 8, width=32), torch.zeros(1, 100))
 
 
 def test_pool_refresh_replaces_images_and_mining_keeps_the_hardest(digits_teacher):
@@ -195,3 +195,39 @@ def test_cosine_student_lr_anneals_over_the_time_left(monkeypatch, tmp_path, dig
     assert lrs[0] == pytest.approx(cfg.student_lr)
     assert lrs[9] == pytest.approx(cfg.student_lr * 0.5 * (1 + math.cos(math.pi * 9 / 20)), rel=0.02)
     assert lrs[-1] < 0.02 * cfg.student_lr and len(lrs) == 20
+
+
+def test_list_params_shows_each_setting_its_presets_and_meaning(capsys):
+    from dfkt.cli import main
+
+    assert main(["list", "params", "rdskd"]) == 0
+    out = capsys.readouterr().out
+    header, *rows = out.splitlines()
+    assert "cpu" in header and "paper" in header
+    assert any(r.startswith("gen_width") and "channels of the generator" in r for r in rows)
+    assert len(rows) == len(RDSKDConfig.model_fields)
+    assert main(["list", "params"]) == 2
+    assert "dfkt list params METHOD" in capsys.readouterr().err
+
+
+def test_a_tiny_teachers_student_stage_runs_in_fp32_even_under_bf16(digits_teacher):
+    """Fabric-wrapped students cast their inputs to bf16 by themselves; full_precision() undoes that."""
+    engine = Engine(EngineConfig(precision="bf16-mixed", progress=False))
+    teacher = engine.prepare(load_model(digits_teacher)[0], trainable=False)
+    student = engine.prepare(build_model("digits_cnn_half", 10, 1, 8), trainable=True)
+    setup = DistillSetup(teacher, student, 10, 1, 8, engine, (0.3,), (0.4,))
+    seen = []
+    inner = student.module  # the wrapper casts its outputs back to fp32; look inside
+    inner.register_forward_hook(lambda m, inputs, out: seen.append(out.dtype))
+    x = torch.randn(4, 1, 8, 8)
+    student(x)
+    with engine.full_precision():
+        student(x)
+        with engine.autocast():  # an explicit autocast inside still applies
+            student(x)
+    student(x)
+    assert seen == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
+    cfg = RDSKDConfig(gen_batch=16, student_batch=16, student_data="pool", pool_size=32)
+    assert RDSKD(cfg, setup).student_trainer.stage([], []).autocast is False  # digits_cnn: well under 5M
+    forced = cfg.model_copy(update={"student_precision": "engine"})
+    assert RDSKD(forced, setup).student_trainer.stage([], []).autocast is True

@@ -137,9 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file to write, e.g. student.onnx")
     p.add_argument("--format", choices=["onnx", "safetensors"], default="onnx", help="default onnx")
 
-    p = sub.add_parser("list", help="list registered methods, adaptation methods, models or datasets")
-    p.add_argument("kind", choices=["methods", "adapt-methods", "models", "datasets"])
+    p = sub.add_parser("list", help="list registered methods, adaptation methods, models or datasets, or the "
+                                    "settings of one method ('dfkt list params rdskd')")
+    p.add_argument("kind", choices=["methods", "adapt-methods", "models", "datasets", "params"])
+    p.add_argument("method", nargs="?", help="with 'params': the (DFKD or adaptation) method whose settings to list")
     return parser
+
+
+def _short(value) -> str:
+    text = "-" if value is None else str(value)
+    return text if len(text) <= 14 else text[:13] + "…"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -177,7 +184,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
     from dfkt.engine.distributed import is_main_process
 
-    if args.command == "list":
+    if args.command == "list" and args.kind == "params":
+        rows = api.method_params(args.method)
+        presets = [k for k in rows[0] if k not in ("name", "description")] if rows else []
+        print(f"{'setting (--set params.NAME=...)':<34}" + "".join(f"{p:<16}" for p in presets) + "meaning")
+        for row in rows:
+            print(f"{row['name']:<34}" + "".join(f"{_short(row[p]):<16}" for p in presets) + row["description"])
+    elif args.command == "list":
         from dfkt.registry import ADAPT_METHODS, METHODS
 
         registry = {"methods": METHODS, "adapt-methods": ADAPT_METHODS}.get(args.kind)

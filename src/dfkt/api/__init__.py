@@ -2,7 +2,7 @@
 
 from dfkt import dfkd, sfda  # noqa: F401  (importing registers the methods)
 from dfkt.api.adapt import adapt, target_halves, target_images
-from dfkt.api.common import list_names
+from dfkt.api.common import list_names, method_params
 from dfkt.api.distill import DEFAULT_STUDENT, distill, resolve_distill_config
 from dfkt.api.evaluate import evaluate
 from dfkt.api.export import export
@@ -10,5 +10,5 @@ from dfkt.api.sweep import sweep
 from dfkt.report.page import write_report as report
 from dfkt.api.train import train_references, train_source, train_teacher
 
-__all__ = ["DEFAULT_STUDENT", "adapt", "distill", "evaluate", "export", "list_names", "report", "resolve_distill_config", "sweep",
+__all__ = ["DEFAULT_STUDENT", "adapt", "distill", "evaluate", "export", "list_names", "method_params", "report", "resolve_distill_config", "sweep",
            "target_halves", "target_images", "train_references", "train_source", "train_teacher"]

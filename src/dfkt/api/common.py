@@ -22,6 +22,22 @@ def list_names(kind: str) -> list[str]:
     return registries[kind].names()
 
 
+def method_params(method: str | None) -> list[dict[str, Any]]:
+    """A method's settings: name, default, the value in each preset and the description (for
+    'dfkt list params METHOD')."""
+    if not method:
+        raise ConfigError("name the method: dfkt list params METHOD (see 'dfkt list methods' and 'dfkt list "
+                          "adapt-methods')")
+    cls = METHODS.get(method) if method in METHODS.names() else ADAPT_METHODS.get(method)
+    rows = []
+    for name, field in cls.Config.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        row = {"name": name, "default": default}
+        row.update({preset: values.get(name, default) for preset, values in cls.presets.items()})
+        rows.append({**row, "description": field.description or ""})
+    return rows
+
+
 def layered(config: str | Path | dict | None, flags: dict[str, Any], overrides: Sequence[str]) -> dict:
     """defaults <- YAML file <- command-line flags <- --set overrides."""
     raw = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})

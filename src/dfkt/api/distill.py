@@ -20,7 +20,7 @@ from dfkt.engine import Engine
 from dfkt.engine.distributed import gather_objects
 from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
-from dfkt.models.generator import multiply_adds
+from dfkt.models.cost import multiply_adds
 from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info, save_model
 from dfkt.models.foreign import ForeignClassifier, foreign_kind, foreign_sha256, infer_info, load_foreign
 from dfkt.registry import METHODS, MODELS
@@ -181,7 +181,9 @@ def _generator_cost(runner) -> int | None:
     """Multiply-adds of one generated image (None for pixel methods, which have no generator)."""
     generator = getattr(runner.source, "generator", None)
     nz = getattr(runner.source, "nz", None)
-    return None if generator is None or nz is None else multiply_adds(generator, nz, runner.engine.device)
+    if generator is None or nz is None:
+        return None
+    return multiply_adds(generator, torch.zeros(1, nz, device=runner.engine.device))
 
 
 def _sample_diagnostics(runner, teacher, info: ModelInfo, method: str, method_cfg, grid: Path) -> tuple[dict[str, Any], list[str]]:

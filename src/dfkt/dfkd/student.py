@@ -22,11 +22,15 @@ from dfkt import losses
 from dfkt.config import StrictModel
 from dfkt.data.augment import AUGMENTATIONS, augment_batch
 from dfkt.engine import Stage
+from dfkt.models.cost import multiply_adds
 from dfkt.synthesis import Synthesizer
 from dfkt.training import make_optimizer
 
 if TYPE_CHECKING:
     from dfkt.dfkd.base import DistillMethod
+
+# Below this many multiply-adds per image (LeNet-5: 0.4M) a CPU runs the student stage faster in fp32.
+TINY_MULTIPLY_ADDS = 5_000_000
 
 # student_loss(student_logits, teacher_logits, images) -> named terms including "loss".
 StudentLoss = Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]]
@@ -46,6 +50,10 @@ class StudentTrainingConfig(StrictModel):
     lr_milestones: list[int] = Field([], description="epochs at which the student lr is multiplied by lr_gamma")
     lr_gamma: float = Field(0.1, gt=0)
     temperature: float = Field(10.0, gt=0)
+    student_precision: Literal["auto", "engine", "32"] = Field(
+        "auto", description="precision of the student stage: engine (the run's), 32 (fp32), or auto: fp32 on a CPU "
+                            f"when the teacher costs under {TINY_MULTIPLY_ADDS // 10**6}M multiply-adds per image (bf16 "
+                            "casts cost more than they save on networks that small), else the run's")
     augment: list[Literal["shift", "flip", "rotate", "scale", "mixup", "cutmix"]] = Field(
         [], description="augmentations of the student's batches, relabelled by the teacher: shift, flip (mirror-safe "
                         "data only), rotate, scale, mixup, cutmix; true = shift + flip")
@@ -97,7 +105,17 @@ class StudentTrainer:
 
     def stage(self, train: list, frozen: list, begin: Callable[[], None] | None = None) -> Stage:
         return Stage("student", self.steps, self.step, train=[self.method.student, *train], frozen=frozen,
-                     begin=begin, evaluate=True)
+                     begin=begin, evaluate=True, autocast=not self.in_fp32())
+
+    def in_fp32(self) -> bool:
+        """Whether the student stage runs in fp32 rather than the engine's precision."""
+        if self.cfg.student_precision != "auto":
+            return self.cfg.student_precision == "32"
+        setup = self.method.setup
+        if setup.engine.device.type != "cpu" or setup.engine.precision in ("32-true", "32"):
+            return False
+        example = torch.zeros(1, setup.channels, setup.image_size, setup.image_size, device=setup.engine.device)
+        return multiply_adds(self.method.teacher, example) < TINY_MULTIPLY_ADDS
 
     def batch(self) -> tuple[Tensor, Tensor]:
         """A training batch and the teacher's logits on it."""

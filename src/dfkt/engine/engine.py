@@ -54,6 +54,7 @@ class Stage:
     begin: Callable[[], None] | None = None
     evaluate: bool = False
     budget_share: float | None = None
+    autocast: bool = True  # False: this stage runs in fp32 whatever the engine's precision
 
 
 @dataclass
@@ -166,7 +167,23 @@ class Engine:
         return tensor
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return self.fabric.autocast()
+        """The run's precision for the block (Fabric's autocast; the plugin's own method, so it still
+        applies inside ``full_precision()``)."""
+        plugin = self.fabric.strategy.precision
+        return type(plugin).forward_context(plugin)
+
+    @contextlib.contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """fp32 for the block, also inside trainable (Fabric-wrapped) modules, which otherwise cast their
+        inputs and autocast on their own; an explicit ``autocast()`` within the block still applies.
+        For tiny networks on a CPU, where bf16 casts cost more than they save."""
+        plugin = self.fabric.strategy.precision
+        plugin.forward_context = contextlib.nullcontext  # instance attributes shadow the plugin's methods
+        plugin.convert_input = lambda data: data
+        try:
+            yield
+        finally:
+            del plugin.forward_context, plugin.convert_input
 
     @contextlib.contextmanager
     def eval_mode(self, *modules: nn.Module) -> Iterator[None]:
@@ -281,7 +298,7 @@ class Engine:
             bar = progress.bar(stage.name, stage.steps, first)
             started = time.perf_counter() - spent
             for i in range(first, stage.steps):
-                with self.autocast():
+                with self.autocast() if stage.autocast else self.full_precision():
                     values = stage.step(i)
                 done = i + 1
                 if done % self.cfg.log_every == 0 or done == stage.steps:

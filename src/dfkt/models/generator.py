@@ -137,28 +137,3 @@ def deep(nz: int, out_channels: int, image_size: int, width: int | None = None, 
 @GENERATORS.register("dafl")
 def dafl(nz: int, out_channels: int, image_size: int, width: int | None = None, **kw) -> DAFLGenerator:
     return DAFLGenerator(nz, out_channels, image_size, width or 128, **kw)
-
-
-def multiply_adds(generator: nn.Module, nz: int, device: torch.device | str = "cpu") -> int:
-    """Multiply-adds of one generated image (convolutions and linear layers), counted on a forward pass."""
-    total = 0
-
-    def count(module: nn.Module, _inputs, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            total += output[0].numel() * k
-        elif isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
-
-    hooks = [m.register_forward_hook(count) for m in generator.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = generator.training
-    try:
-        generator.eval()
-        with torch.no_grad():
-            generator(torch.zeros(1, nz, device=device))
-    finally:
-        generator.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    return total
