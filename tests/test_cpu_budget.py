@@ -231,3 +231,17 @@ def test_a_tiny_teachers_student_stage_runs_in_fp32_even_under_bf16(digits_teach
     assert RDSKD(cfg, setup).student_trainer.stage([], []).autocast is False  # digits_cnn: well under 5M
     forced = cfg.model_copy(update={"student_precision": "engine"})
     assert RDSKD(forced, setup).student_trainer.stage([], []).autocast is True
+
+
+def test_a_generator_ensemble_gives_each_member_its_own_chunk_of_the_batch():
+    from dfkt.models.generator import GeneratorEnsemble
+
+    torch.manual_seed(0)
+    members = [build_generator("dafl", 8, 1, 8, width=8) for _ in range(3)]
+    ensemble = GeneratorEnsemble(members).eval()
+    z = torch.randn(9, 8)
+    with torch.no_grad():
+        out = ensemble(z)
+        assert torch.allclose(out[3:6], members[1](z[3:6])) and torch.allclose(out[6:], members[2](z[6:]))
+    # the cost of one image is one member's
+    assert multiply_adds(ensemble, torch.zeros(1, 8)) == multiply_adds(members[0], torch.zeros(1, 8))

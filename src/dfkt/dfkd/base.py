@@ -15,6 +15,7 @@ from dfkt.config import StrictModel
 from dfkt.engine import Engine, Stage
 from dfkt.engine.state import TrainState
 from dfkt.models import build_generator
+from dfkt.models.generator import GeneratorEnsemble
 from dfkt.synthesis import Synthesizer
 
 
@@ -57,6 +58,8 @@ class GeneratorFields(StrictModel):
     generator: str = "dafl"
     gen_width: int | None = Field(None, ge=2, description="channels of the generator's first stages (None: the "
                                   "architecture's own, 128 for dafl); the cost per image grows with its square")
+    generators: int = Field(1, ge=1, description="independent generators sharing each batch (an ensemble): more "
+                                                  "modes per class, less dependence on one initialisation")
     gen_output: Literal["bn", "pixels"] = Field(
         "bn", description="bn: tanh + affine-free BatchNorm (the DAFL authors'); pixels: sigmoid in pixel space, "
                           "then the teacher's normalisation (samples inside the range of real inputs)")
@@ -64,8 +67,9 @@ class GeneratorFields(StrictModel):
 
 def build_method_generator(cfg: GeneratorFields, nz: int, setup: DistillSetup) -> nn.Module:
     """The generator ``cfg`` describes, shaped for the teacher's input."""
-    return build_generator(cfg.generator, nz, setup.channels, setup.image_size, width=cfg.gen_width,
-                           output=cfg.gen_output, mean=setup.mean, std=setup.std)
+    members = [build_generator(cfg.generator, nz, setup.channels, setup.image_size, width=cfg.gen_width,
+                               output=cfg.gen_output, mean=setup.mean, std=setup.std) for _ in range(cfg.generators)]
+    return members[0] if len(members) == 1 else GeneratorEnsemble(members)
 
 
 class DistillMethod(TrainState):

@@ -137,3 +137,17 @@ def deep(nz: int, out_channels: int, image_size: int, width: int | None = None, 
 @GENERATORS.register("dafl")
 def dafl(nz: int, out_channels: int, image_size: int, width: int | None = None, **kw) -> DAFLGenerator:
     return DAFLGenerator(nz, out_channels, image_size, width or 128, **kw)
+
+
+class GeneratorEnsemble(nn.Module):
+    """Several generators behind one noise-to-image interface: a batch of noise is split into as many
+    consecutive chunks, one per member. Each member finds its own modes, so the ensemble covers more
+    of each class than one generator of the same total cost per image, and depends less on one
+    initialisation's luck."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([member(chunk) for member, chunk in zip(self.members, z.chunk(len(self.members)))])

@@ -23,11 +23,13 @@ from dfkt.errors import ConfigError
 class BNStatsPrior:
     def __init__(self, teacher: nn.Module, method: str, first_multiplier: float = 1.0,
                  momentum: float | None = None):
-        self.layers = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        # Only layers that remember statistics: track_running_stats=False ones have nothing to match.
+        self.layers = [m for m in teacher.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
         if not self.layers:
             scripted = any(isinstance(m, torch.jit.ScriptModule) for m in teacher.modules())
             why = ("a TorchScript teacher hides them (load it as torchvision:NAME or module:function instead)"
-                   if scripted else "this teacher has none")
+                   if scripted else "this teacher has none that keep running statistics")
             raise ConfigError(
                 f"{method} needs a teacher with BatchNorm layers (it matches their stored statistics) and {why}; "
                 "use rdskd, dafl, mskd, dfad, zskt or zskd, or turn the prior off with --set params.w_bn=0")
@@ -37,13 +39,23 @@ class BNStatsPrior:
         self.terms: dict[int, Tensor] = {}  # by layer, from the last recorded forward
         self.batch_stats: dict[int, tuple[Tensor, Tensor]] = {}
         self.ema: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
-        for index, layer in enumerate(self.layers):
-            layer.register_forward_hook(self._hook(index))
+        # Kept so remove() can take them off: a teacher reused by a later prior (tests, the Python API,
+        # sweeps in one process) must not keep firing this one's hooks, nor keep it alive.
+        self.handles = [layer.register_forward_hook(self._hook(index)) for index, layer in enumerate(self.layers)]
+
+    def remove(self) -> None:
+        """Take the hooks off the teacher; the prior records nothing afterwards."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
     def _hook(self, index: int):
         def hook(layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if not self.active:
                 return
+            if layer.training:  # the forward has just moved running_mean/var towards this very batch
+                raise RuntimeError("the BatchNorm prior read a teacher layer in train mode: its running statistics "
+                                   "are no longer the real data's; put the teacher in eval mode")
             x = inputs[0].float()
             dims = [0] + list(range(2, x.dim()))
             mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
