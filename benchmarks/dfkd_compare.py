@@ -83,6 +83,7 @@ def parse_args() -> argparse.Namespace:
                         help="folder for the teacher and the runs (default: runs/bench-dfkd-compare-BENCH)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR",
                         help="folder for the report (default: benchmarks/results)")
+    parser.add_argument("--name", help="report name (default dfkd_compare_BENCH); e.g. for a run of some methods only")
     parser.add_argument("--analysis", type=Path, metavar="FILE",
                         help="text file appended to the report under '## Analysis'")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -337,7 +338,7 @@ def main() -> None:
         bench.teacher, bench.data, bench.teacher_epochs, out=args.work / "teacher", resume=True)
     references = reference_students(args.work, bench)
     data = results(args, bench, teacher, references, run_all(args, bench))
-    name = f"dfkd_compare_{args.bench}"
+    name = args.name or f"dfkd_compare_{args.bench}"
     shown = copy_grids(data, args.work, args.out / name)
     report = markdown(data, bench, shown, name, analysis)
     write(args.out, name, data, report)

@@ -249,6 +249,9 @@ def run_dir(work: Path, target: str, method: str, seed: int) -> Path:
 def adapt_command(args: argparse.Namespace, source_file: Path, target: str, method: str, seed: int) -> list[str]:
     """The `dfkt adapt` call of one run; --resume makes a run killed midway continue."""
     settings = [*engine_settings(seed, args.threads_per_run), *args.overrides]
+    if method in ("tent", "bn_adapt") and read_info(source_file).arch == "shot_lenet":
+        # shot_lenet's only BatchNorm is its bottleneck's BatchNorm1d, which Tent leaves alone by default.
+        settings.append("params.include_batchnorm1d=true")
     return [sys.executable, "-m", "dfkt.cli", "adapt", "--method", method, "--source", str(source_file),
             "--target", target, "--preset", "cpu", "--out", str(run_dir(args.work, target, method, seed)), "--resume",
             *set_flags(settings)]

@@ -245,3 +245,11 @@ def test_a_generator_ensemble_gives_each_member_its_own_chunk_of_the_batch():
         assert torch.allclose(out[3:6], members[1](z[3:6])) and torch.allclose(out[6:], members[2](z[6:]))
     # the cost of one image is one member's
     assert multiply_adds(ensemble, torch.zeros(1, 8)) == multiply_adds(members[0], torch.zeros(1, 8))
+
+
+def test_deepinversion_flips_while_inverting_only_mirror_safe_data(digits_teacher):
+    from dfkt.dfkd.deepinversion import DeepInversion, DeepInversionConfig
+
+    cfg = DeepInversionConfig(synthesis_batch=8, pool_size=32)
+    assert DeepInversion(cfg, _setup(digits_teacher, mirror=False)).source.flip is False
+    assert DeepInversion(cfg, _setup(digits_teacher, mirror=True)).source.flip is True

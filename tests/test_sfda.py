@@ -69,15 +69,16 @@ def test_tent_updates_only_batchnorm_affine_parameters(digits_source):
     runner = make("tent", digits_source)
     before = params_of(runner.model)
     modes = []
-    for m in runner.model.modules():  # BatchNorm normalises with the batch; dropout is off
+    for m in runner.model.modules():  # BatchNorm2d normalises with the batch; BatchNorm1d keeps its source
+        # statistics (params.include_batchnorm1d is off); dropout is off
         if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout, torch.nn.Dropout2d)):
             m.register_forward_hook(lambda m, i, o: modes.append((type(m).__name__, m.training)))
     run_steps(runner, 1)
-    assert modes and all(training == ("BatchNorm" in name) for name, training in modes)
+    assert modes and all(training == (name == "BatchNorm2d") for name, training in modes)
     after = params_of(runner.model)
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     bn = {f"{name}.{p}" for name, m in runner.model.named_modules()
-          if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for p in ("weight", "bias")}
+          if isinstance(m, torch.nn.BatchNorm2d) for p in ("weight", "bias")}
     assert moved and moved <= bn
 
 

@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Sequence
 
-from dfkt.errors import DfktError
+from dfkt.errors import DfktError, disk_full_error, is_disk_full
 
 EPILOG = "Errors print one line and exit 2. A run interrupted or killed continues with --resume --out DIR."
 
@@ -155,6 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except DfktError as exc:
         print(f"dfkt: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write the checked writers do not cover (logs, plots) on a full disk
+        if not is_disk_full(exc) or exc.filename is None:
+            raise
+        print(f"dfkt: error: {disk_full_error(exc.filename, None, exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dfkt: interrupted; the last checkpoint is kept: rerun with --resume --out DIR", file=sys.stderr)

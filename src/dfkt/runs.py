@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dfkt.engine import CHECKPOINT
-from dfkt.errors import DfktError
+from dfkt.errors import DfktError, disk_full_error, is_disk_full
 
 DEFAULT_ROOT = Path("runs")
 
@@ -30,5 +30,12 @@ def make_run_dir(out: str | Path | None, prefix: str, resume: bool) -> Path:
 
 def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes writing one file never share a temp
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    text = json.dumps(data, indent=2)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException as exc:  # never half a file: the temporary goes, a previous file stays as it was
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(path, len(text.encode()), exc) from exc
+        raise

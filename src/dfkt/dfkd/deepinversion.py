@@ -31,7 +31,7 @@ class DeepInversionConfig(PooledConfig):
     w_l2: float = Field(0.0, ge=0)
     w_adi: float = Field(0.0, ge=0, description="competition weight; > 0 is Adaptive DeepInversion")
     max_shift: int = Field(2, ge=0, description="random jitter in pixels")
-    flip: bool = True
+    flip: bool = Field(True, description="random horizontal flips while inverting (only on mirror-safe data: never digits)")
 
 
 # 2 cores: 200 iterations per batch of 128, 100 student steps per batch.
@@ -55,7 +55,8 @@ class DeepInversion(PooledMethod):
         self.prior = bn_prior_or_none(self.teacher, "deepinversion", cfg.w_bn, cfg.first_bn_multiplier)
         return PixelInversion(self, self.engine, self.teacher, self.pool, self.objective, self.random_labels,
                               (setup.channels, setup.image_size, setup.image_size), cfg.synthesis_batch,
-                              cfg.synthesis_iterations, cfg.lr, cfg.betas, cfg.max_shift, cfg.flip,
+                              cfg.synthesis_iterations, cfg.lr, cfg.betas, cfg.max_shift,
+                              cfg.flip and setup.mirror_safe,
                               setup.pixel_range() if cfg.clamp else None)
 
     def random_labels(self, n: int, rng: torch.Generator) -> Tensor:

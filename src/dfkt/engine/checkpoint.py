@@ -11,22 +11,46 @@ from typing import Any
 import numpy as np
 import torch
 
-from dfkt.errors import DfktError
+from dfkt.errors import DfktError, disk_full_error, is_disk_full
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file,
+    and a full disk is a DiskFullError that leaves the previous checkpoint as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(path, tensor_bytes(payload), exc) from exc
         raise
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a nested payload (each storage once): about what torch.save writes."""
+    storages: dict[tuple[str, int], int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[(str(value.device), storage.data_ptr())] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(obj)
+    return sum(storages.values())
 
 
 def load(path: Path) -> dict[str, Any]:

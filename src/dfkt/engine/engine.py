@@ -25,8 +25,7 @@ from dfkt.engine.metrics import MetricsLog, environment
 from dfkt.errors import DfktError, TrainingDivergedError
 
 CHECKPOINT = "checkpoint.pt"
-logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
-logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+FABRIC_LOGGERS = ("lightning_fabric", "lightning.fabric")  # set to WARNING by Engine(), not at import
 
 
 class Stateful(Protocol):
@@ -71,6 +70,8 @@ class Engine:
         from lightning_fabric import Fabric
 
         self.cfg = cfg
+        for name in FABRIC_LOGGERS:  # Fabric's info lines (devices, precision) would drown the progress bars
+            logging.getLogger(name).setLevel(logging.WARNING)
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=False)
         accelerator = cfg.accelerator
         if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):

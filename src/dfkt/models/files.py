@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dfkt.errors import ModelFileError
+from dfkt.errors import ModelFileError, disk_full_error, is_disk_full
 
 FORMAT = "dfkt-model/1"
 
@@ -54,8 +54,15 @@ def save_model(model: nn.Module, info: ModelInfo, path: str | Path) -> Path:
     meta = {"format": FORMAT, "info": json.dumps(asdict(info))}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+    except BaseException as exc:  # never half a file: the temporary goes, a previous file stays as it was
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            needed = sum(t.numel() * t.element_size() for t in tensors.values()) + len(json.dumps(meta))
+            raise disk_full_error(path, needed, exc) from exc
+        raise
     return path
 
 

@@ -3,6 +3,8 @@
 A feature extractor, a bottleneck (Linear -> 256, BatchNorm1d, Dropout 0.5) and a
 weight-normalised linear head. ``forward_features`` returns the bottleneck output, which
 SHOT clusters and NRC/AaD keep in their memory banks; SHOT freezes ``head`` while adapting.
+``backbone.extractor`` is what adaptation's param groups call the backbone, the rest of
+``backbone`` (``bottleneck``, ``bn``, ``dropout``) the bottleneck, and ``head`` the head.
 Extractors: SHOT's digit LeNet and DTN, and the CIFAR ResNets.
 """
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure  # no pyplot: drawing needs no backend, so the caller's is left alone
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from dfkt.data import denormalize  # noqa: E402
+from dfkt.data import denormalize
 
 
 def save_class_grid(images: Tensor, predicted: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
@@ -21,7 +18,8 @@ def save_class_grid(images: Tensor, predicted: Tensor, mean: tuple[float, ...], 
     predicted = predicted.cpu()
     histogram = torch.bincount(predicted, minlength=num_classes).tolist()
     rows = min(num_classes, 20)  # a grid for 1000 classes would be unreadable
-    fig, axes = plt.subplots(rows, per_class, figsize=(per_class * 0.8, rows * 0.8 + 0.4), squeeze=False)
+    fig = Figure(figsize=(per_class * 0.8, rows * 0.8 + 0.4))
+    axes = fig.subplots(rows, per_class, squeeze=False)
     for c in range(rows):
         chosen = (predicted == c).nonzero().flatten()[:per_class]
         for j in range(per_class):
@@ -37,5 +35,4 @@ def save_class_grid(images: Tensor, predicted: Tensor, mean: tuple[float, ...], 
     fig.suptitle("synthetic samples by teacher-predicted class (count)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return histogram

@@ -11,13 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure  # no pyplot: drawing needs no backend, so the caller's is left alone
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dfkt.engine.metrics import read_metrics  # noqa: E402
-from dfkt.errors import DfktError  # noqa: E402
+from dfkt.engine.metrics import read_metrics
+from dfkt.errors import DfktError
 
 EXP_WEIGHTS = ("exp_oh", "exp_ie")  # RDSKD: exp(L_oh - r_oh) and exp(L_ie - r_ie)
 
@@ -39,11 +36,10 @@ def pct(value: float | None) -> str:
 
 
 def _figure(path: Path, draw) -> Path:
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    draw(ax)
+    fig = Figure(figsize=(6.4, 3.4))
+    draw(fig.subplots())
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 

@@ -8,8 +8,9 @@ several epochs and are scored after adapting.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -33,10 +34,19 @@ class OnlineConfig(StrictModel):
     batch_size: int = Field(200, ge=2)
 
 
+class BatchNormConfig(OnlineConfig):
+    include_batchnorm1d: bool = Field(False, description="adapt BatchNorm1d layers too (e.g. a bottleneck's); by "
+                                      "default only BatchNorm2d, as the authors' Tent")
+
+
 class OfflineConfig(StrictModel):
     batch_size: int = Field(64, ge=2)
     epochs: int = Field(30, ge=1)
     lr: float = Field(0.01, gt=0)
+    backbone_lr_mult: float = Field(1.0, ge=0, description="lr multiplier of the feature extractor "
+                                    "(NRC/AaD/SHOT-objects authors: 0.1)")
+    bottleneck_lr_mult: float = Field(1.0, ge=0, description="lr multiplier of the bottleneck (Linear, BatchNorm1d)")
+    head_lr_mult: float = Field(1.0, ge=0, description="lr multiplier of the classifier head, when it trains")
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(1e-3, ge=0)
@@ -62,7 +72,8 @@ class AdaptMethod(TrainState):
         self.buffers["online_predictions"] = torch.full((len(self.images),), -1, dtype=torch.long,
                                                         device=self.engine.device)
 
-    def optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    def optimizer(self, params: list[nn.Parameter] | list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """The method's optimizer over ``params``: parameters, or param groups (dicts with their own lr)."""
         cfg = self.cfg
         return self.engine.prepare_optimizer(
             make_optimizer(params, cfg.optimizer, cfg.lr, getattr(cfg, "momentum", 0.9), cfg.weight_decay,
@@ -72,9 +83,62 @@ class AdaptMethod(TrainState):
         raise NotImplementedError
 
 
-def batchnorm_layers(model: nn.Module, method: str) -> list[nn.modules.batchnorm._BatchNorm]:
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not layers:
+def model_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Every parameter of a classifier under ``backbone`` (the feature extractor), ``bottleneck`` or
+    ``head``. SHOT-shaped models (models/shot.py) keep the extractor at ``backbone.extractor`` and
+    the bottleneck in the rest of ``backbone``; in other classifiers all of ``backbone`` is the
+    extractor. Parameters outside ``backbone`` and ``head`` count as backbone."""
+    extractor = getattr(model.backbone, "extractor", model.backbone)
+    head = {id(p) for p in model.head.parameters()}
+    extracting = {id(p) for p in extractor.parameters()}
+    parts: dict[str, list[nn.Parameter]] = {"backbone": [], "bottleneck": [], "head": []}
+    bottleneck = {id(p) for p in model.backbone.parameters()} - extracting
+    for p in model.parameters():
+        parts["head" if id(p) in head else "bottleneck" if id(p) in bottleneck else "backbone"].append(p)
+    return parts
+
+
+def parameter_groups(model: nn.Module, params: list[nn.Parameter], lr: float,
+                     multipliers: dict[str, float]) -> list[dict[str, Any]]:
+    """Param groups of ``params`` (the trainable ones), one per part of ``model_parts`` that has any,
+    each with lr = ``lr`` × its part's multiplier and a ``name``."""
+    wanted = {id(p) for p in params}
+    groups = []
+    for part, members in model_parts(model).items():
+        chosen = [p for p in members if id(p) in wanted]
+        if chosen:
+            groups.append({"params": chosen, "lr": lr * multipliers[part], "name": part})
+    return groups
+
+
+@contextlib.contextmanager
+def dropout_off(*modules: nn.Module) -> Iterator[None]:
+    """Dropout layers of ``modules`` in eval mode (identity) for the block, every other layer's mode
+    (e.g. BatchNorm training on the batch) untouched; then each dropout layer's mode as before.
+    Gradients flow as usual."""
+    layers = [m for module in modules for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    before = [m.training for m in layers]
+    for m in layers:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, training in zip(layers, before):
+            m.training = training
+
+
+def batchnorm_layers(model: nn.Module, method: str, include_batchnorm1d: bool = False
+                     ) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers Tent and BN-adapt adapt: BatchNorm2d, and BatchNorm1d when asked."""
+    every = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not every:
         raise ConfigError(f"{method} adapts BatchNorm layers and this source model has none; use shot, nrc or "
-                          "aad, or a source model with BatchNorm (e.g. 'dfkt train-source --model shot_lenet')")
+                          "aad, or a source model with BatchNorm2d (e.g. 'dfkt train-source --model shot_dtn')")
+    kinds = (nn.BatchNorm2d, nn.BatchNorm1d) if include_batchnorm1d else (nn.BatchNorm2d,)
+    layers = [m for m in every if isinstance(m, kinds)]
+    if not layers:
+        has = ", ".join(sorted({type(m).__name__ for m in every}))
+        raise ConfigError(f"{method} adapts BatchNorm2d layers (as the authors' Tent) and this source model has only "
+                          f"{has}; pass --set params.include_batchnorm1d=true to adapt its BatchNorm1d, or use a "
+                          "source model with BatchNorm2d (e.g. 'dfkt train-source --model shot_dtn')")
     return layers

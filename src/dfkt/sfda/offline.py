@@ -13,7 +13,7 @@ from dfkt import losses
 from dfkt.engine import Stage
 from dfkt.errors import ConfigError
 from dfkt.registry import ADAPT_METHODS
-from dfkt.sfda.base import AdaptMethod, AdaptSetup, OfflineConfig, OnlineConfig
+from dfkt.sfda.base import AdaptMethod, AdaptSetup, OfflineConfig, OnlineConfig, dropout_off, parameter_groups
 from dfkt.sfda.clustering import shot_pseudo_labels
 from dfkt.training import shot_decay
 
@@ -21,16 +21,23 @@ CHUNK = 1000
 
 
 class OfflineMethod(AdaptMethod):
-    """Trains ``trainable_parameters()`` with SHOT's lr decay for ``epochs`` passes over the target."""
+    """Trains ``trainable_parameters()`` with SHOT's lr decay for ``epochs`` passes over the target,
+    in param groups ``backbone`` (the feature extractor), ``bottleneck`` and ``head``, each at
+    ``lr`` × its ``*_lr_mult``."""
 
     def __init__(self, cfg: OfflineConfig, setup: AdaptSetup):
         super().__init__(cfg, setup)
         self.total_steps = cfg.epochs * self.batches.steps_per_epoch
-        optimizer = self.optimizers["model"] = self.optimizer(self.trainable_parameters())
+        optimizer = self.optimizers["model"] = self.optimizer(self.parameter_groups())
         self.schedulers["model"] = shot_decay(optimizer, self.total_steps)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.parameters())
+
+    def parameter_groups(self) -> list[dict]:
+        cfg = self.cfg
+        return parameter_groups(self.model, self.trainable_parameters(), cfg.lr, {
+            "backbone": cfg.backbone_lr_mult, "bottleneck": cfg.bottleneck_lr_mult, "head": cfg.head_lr_mult})
 
     @torch.no_grad()
     def features_and_probs(self) -> tuple[Tensor, Tensor]:
@@ -57,11 +64,16 @@ class OfflineMethod(AdaptMethod):
     def loss(self, i: int, index: Tensor, features: Tensor, logits: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The training step's bottleneck features and logits, in the modes the stage set."""
+        features = self.model.forward_features(images)
+        return features, self.model.classify(features)
+
     def step(self, i: int) -> dict[str, Tensor | float]:
         self.before_step(i)
         index = self.batches(i)
-        features = self.model.forward_features(self.images[index])
-        terms = self.loss(i, index, features, self.model.classify(features))
+        features, logits = self.forward(self.images[index])
+        terms = self.loss(i, index, features, logits)
         self.engine.optimize(terms["loss"], self.optimizers["model"], f"{self.name} loss")
         self.schedulers["model"].step()
         return terms
@@ -135,7 +147,12 @@ class AaDConfig(OfflineConfig):
 class NeighbourMethod(OfflineMethod):
     """A feature bank (L2-normalised bottleneck features) and a score bank (softmax), filled by one
     eval-mode pass when adaptation begins and overwritten row by row as batches are seen. The
-    neighbour search runs in fp32 and excludes each sample itself by index."""
+    neighbour search runs in fp32 and excludes each sample itself by index.
+
+    The training step's forward runs with dropout off (BatchNorm still normalises with the batch):
+    its features are the queries and the rows written to the feature bank, and the authors' models
+    have no dropout (with 50% dropout, neighbours lose most of their label purity). Gradients flow
+    through the same pass."""
 
     def __init__(self, cfg: NRCConfig | AaDConfig, setup: AdaptSetup):
         super().__init__(cfg, setup)
@@ -143,6 +160,10 @@ class NeighbourMethod(OfflineMethod):
         if len(self.images) < needed:
             raise ConfigError(f"{self.name} needs at least {needed} target images to adapt on (k={cfg.k}); "
                               f"got {len(self.images)}")
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        with dropout_off(self.model):
+            return super().forward(images)
 
     def begin(self) -> None:
         if "feature_bank" not in self.buffers:
@@ -177,7 +198,7 @@ class NRC(NeighbourMethod):
     Config = NRCConfig
     name = "nrc"
     summary = "offline: neighbourhood clustering with reciprocal affinities over feature/score banks"
-    presets = {"paper": {"k": 5, "m": 5}, "cpu": {"epochs": 5}}
+    presets = {"paper": {"k": 5, "m": 5, "lr": 1e-3, "backbone_lr_mult": 0.1}, "cpu": {"epochs": 5}}
 
     def loss(self, i: int, index: Tensor, features: Tensor, logits: Tensor) -> dict[str, Tensor]:
         cfg = self.cfg
@@ -205,7 +226,7 @@ class AaD(NeighbourMethod):
     Config = AaDConfig
     name = "aad"
     summary = "offline: attract neighbours' predictions, disperse the batch's"
-    presets = {"paper": {}, "cpu": {"epochs": 5}}
+    presets = {"paper": {"lr": 1e-3, "backbone_lr_mult": 0.1}, "cpu": {"epochs": 5}}
 
     def loss(self, i: int, index: Tensor, features: Tensor, logits: Tensor) -> dict[str, Tensor]:
         probs = F.softmax(logits.float(), dim=1)

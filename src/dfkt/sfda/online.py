@@ -6,7 +6,9 @@ stream; nothing is trained.
 Tent (Wang et al., ICLR 2021): the same, plus one step per batch on the mean prediction entropy,
 training only the BatchNorm affine parameters. Tent scores the predictions made before each
 step; its running statistics (used afterwards, e.g. on held-out target images) average the stream.
-Both run the rest of the model in eval mode (no dropout).
+Both run the rest of the model in eval mode (no dropout). As the authors' Tent, they adapt the
+BatchNorm2d layers only (a model without any is refused); ``include_batchnorm1d`` adds BatchNorm1d
+layers (e.g. a SHOT bottleneck's), which otherwise keep their source statistics.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from dfkt import losses
 from dfkt.engine import Stage
 from dfkt.errors import ConfigError
 from dfkt.registry import ADAPT_METHODS
-from dfkt.sfda.base import AdaptMethod, AdaptSetup, OnlineConfig, batchnorm_layers
+from dfkt.sfda.base import AdaptMethod, AdaptSetup, BatchNormConfig, batchnorm_layers
 
 
-class TentConfig(OnlineConfig):
+class TentConfig(BatchNormConfig):
     optimizer: Literal["sgd", "adam"] = "adam"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -32,15 +34,15 @@ class TentConfig(OnlineConfig):
 
 @ADAPT_METHODS.register("bn_adapt")
 class BNAdapt(AdaptMethod):
-    Config = OnlineConfig
+    Config = BatchNormConfig
     name = "bn_adapt"
     summary = "online: BatchNorm uses target statistics; nothing trained"
     online = True
     presets = {"paper": {}, "cpu": {}}
 
-    def __init__(self, cfg: OnlineConfig, setup: AdaptSetup):
+    def __init__(self, cfg: BatchNormConfig, setup: AdaptSetup):
         super().__init__(cfg, setup)
-        self.bn = batchnorm_layers(self.model, self.name)
+        self.bn = batchnorm_layers(self.model, self.name, cfg.include_batchnorm1d)
         for layer in self.bn:  # a cumulative average over the target stream (restored on resume)
             layer.reset_running_stats()
             layer.momentum = None
