@@ -132,7 +132,8 @@ def test_collapse_is_reported_with_the_fix(digits_teacher, tmp_path, capsys):
         args += ["--set", arg]
     assert main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert max(summary["samples"]["class_histogram"]) >= 400
+    # Most samples in one class (72% on an AVX512 machine, over 80% on an AVX2 one): a collapse either way.
+    assert max(summary["samples"]["class_histogram"]) >= 300
     err = capsys.readouterr().err
     assert "dfkt: warning: mode collapse" in err and "gen_lr" in err
     assert summary["warnings"] and "mode collapse" in summary["warnings"][0]
@@ -156,15 +157,17 @@ def test_pool_and_bn_ema_resume_exactly(method, digits_teacher, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_rdskd_pool_mode_trains_the_student_on_the_filled_pool(digits_teacher):
-    runner = make_method("rdskd", digits_teacher)
-    assert runner.student_trainer.source is runner.pool
+@pytest.mark.parametrize("refresh", [0, 16])
+def test_rdskd_pool_mode_trains_the_student_on_the_filled_pool(digits_teacher, refresh):
+    runner = make_method("rdskd", digits_teacher, pool_refresh=refresh)
+    assert runner.student_trainer.source.pool is runner.pool
     student_stage = runner.stages()[-1]
     student_stage.begin()
     assert runner.pool.full and runner.pool.size == TINY["rdskd"]["pool_size"]
     before = runner.pool.added
     student_stage.step(0)
-    assert runner.pool.added == before  # the student draws from the pool; nothing is generated per step
+    # the student draws from the pool; per step only the refresh is generated
+    assert runner.pool.added == before + refresh
 
 
 def test_synthesis_terms_are_logged_on_every_step(digits_teacher, tmp_path):
