@@ -227,10 +227,10 @@ def test_a_tiny_teachers_student_stage_runs_in_fp32_even_under_bf16(digits_teach
             student(x)
     student(x)
     assert seen == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
-    cfg = RDSKDConfig(gen_batch=16, student_batch=16, student_data="pool", pool_size=32)
+    cfg = RDSKDConfig(gen_batch=16, student_batch=16, student_data="pool", pool_size=32, student_precision="auto")
     assert RDSKD(cfg, setup).student_trainer.stage([], []).autocast is False  # digits_cnn: well under 5M
-    forced = cfg.model_copy(update={"student_precision": "engine"})
-    assert RDSKD(forced, setup).student_trainer.stage([], []).autocast is True
+    assert RDSKD(cfg.model_copy(update={"student_precision": "engine"}), setup).student_trainer.stage(
+        [], []).autocast is True
 
 
 def test_a_generator_ensemble_gives_each_member_its_own_chunk_of_the_batch():

@@ -29,7 +29,7 @@ from dfkt.training import make_optimizer
 if TYPE_CHECKING:
     from dfkt.dfkd.base import DistillMethod
 
-# Below this many multiply-adds per image (LeNet-5: 0.4M) a CPU runs the student stage faster in fp32.
+# Below this many multiply-adds per image (LeNet-5: 0.4M) bf16 casts may cost a CPU more than they save.
 TINY_MULTIPLY_ADDS = 5_000_000
 
 # student_loss(student_logits, teacher_logits, images) -> named terms including "loss".
@@ -50,10 +50,10 @@ class StudentTrainingConfig(StrictModel):
     lr_milestones: list[int] = Field([], description="epochs at which the student lr is multiplied by lr_gamma")
     lr_gamma: float = Field(0.1, gt=0)
     temperature: float = Field(10.0, gt=0)
-    student_precision: Literal["auto", "engine", "32"] = Field(
-        "auto", description="precision of the student stage: engine (the run's), 32 (fp32), or auto: fp32 on a CPU "
-                            f"when the teacher costs under {TINY_MULTIPLY_ADDS // 10**6}M multiply-adds per image (bf16 "
-                            "casts cost more than they save on networks that small), else the run's")
+    student_precision: Literal["engine", "32", "auto"] = Field(
+        "engine", description="precision of the student's own steps (synthesis keeps the run's): engine (the run's), "
+                              "32 (fp32), or auto: fp32 on a CPU when the teacher costs under "
+                              f"{TINY_MULTIPLY_ADDS // 10**6}M multiply-adds per image, else the run's")
     augment: list[Literal["shift", "flip", "rotate", "scale", "mixup", "cutmix"]] = Field(
         [], description="augmentations of the student's batches, relabelled by the teacher: shift, flip (mirror-safe "
                         "data only), rotate, scale, mixup, cutmix; true = shift + flip")
@@ -132,7 +132,7 @@ class StudentTrainer:
 
     def step(self, i: int) -> dict[str, Tensor | float]:
         if self.synthesize_every and i % self.synthesize_every == 0:
-            with self.method.engine.timed("synthesis"):
+            with self.method.engine.timed("synthesis"), self.method.engine.autocast():
                 terms = self.source.synthesize()
             self.last_synthesis = {k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()}
         values = dict(self.last_synthesis)  # logged on every step, whichever steps the log falls on
