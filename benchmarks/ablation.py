@@ -18,7 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import (accuracy_at, command_line, engine_settings, machine, mean_std, positive_int, precisions,
+from common import (accuracy_at, command_line, engine_settings, finished, machine, mean_std, positive_int, precisions,
                     run_in_parallel, run_logged, set_flags, write)
 from dfkd_compare import BENCHES, budgets, prior_off
 
@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
                              "one dfkd_compare.py trained)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
     parser.add_argument("--name", help="report name (default: ablation_BENCH_METHOD)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the finished runs; runs not finished count as not run")
     args = parser.parse_args()
     args.budget = args.budget or BENCHES[args.bench].budget
     args.variants = [parse_variant(v) for v in args.variants]
@@ -71,6 +73,8 @@ def main() -> None:
         folder = args.work / name / f"seed{seed}"
         flags = [*engine_settings(seed, args.threads_per_run), f"eval_every={bench.eval_every}",
                  f"eval_seconds={bench.eval_seconds:g}", *prior_off(bench, args.method), *args.base, *settings[name]]
+        if args.report_only and finished(folder) is None:
+            return {"failed": "not run"}
         command = [sys.executable, "-m", "dfkt.cli", "distill", "--method", args.method, "--teacher",
                    str(args.work / "teacher"), "--student", bench.student, "--preset", "cpu", "--max-seconds",
                    f"{args.budget:g}", "--out", str(folder), "--resume", *set_flags(flags)]
