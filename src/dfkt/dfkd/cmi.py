@@ -49,7 +49,8 @@ class CMI(GeneratorPoolMethod):
     presets = {
         # CIFAR-10 in the authors' scripts: 200 generator steps per batch of 256, 2,000 student steps
         # (batch 128, SGD 0.1, x0.1 at epochs 25/30/35) per batch, 40 epochs.
-        "paper": {"lr_milestones": [25, 30, 35], "student_epochs": 40, "student_steps_per_epoch": 2000},
+        "paper": {"lr_milestones": [25, 30, 35], "student_epochs": 40, "student_steps_per_epoch": 2000,
+                  "gen_output": "pixels"},
         # 2 cores: 30 generator steps per batch of 128, 100 student steps per batch. The student uses
         # Adam as the other cpu presets do: SGD 0.1 on a τ²=400-scaled loss kills a BatchNorm-free student.
         "cpu": {"synthesis_batch": 128, "synthesis_iterations": 30, "student_batch": 256,

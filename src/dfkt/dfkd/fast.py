@@ -31,7 +31,7 @@ class FastConfig(GeneratorPoolConfig):
     student_batch: int = Field(256, ge=1)
 
 
-PAPER = {"student_epochs": 220, "student_steps_per_epoch": 400}
+PAPER = {"student_epochs": 220, "student_steps_per_epoch": 400, "gen_output": "pixels"}
 
 
 @METHODS.register("fast")
