@@ -148,7 +148,7 @@ def test_pool_refresh_replaces_images_and_mining_keeps_the_hardest(digits_teache
     pool = method.student_trainer.source
     candidates = torch.randn(32, 1, 8, 8)
     method.source.sample = lambda n, rng: (candidates[:n], None)
-    with torch.no_grad():
+    with torch.no_grad(), method.engine.eval_mode(method.student):  # as mining judges: running statistics
         gap = losses.kl_per_sample(method.teacher(candidates), method.student(candidates), cfg.temperature)
     pool.synthesize()
     newest = method.buffers["pool.images"][:8]  # the ring buffer wrapped: rows 0-7 were the oldest

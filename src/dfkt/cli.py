@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "or adapt a source model to a new domain without the source data.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="offline end-to-end run on scikit-learn digits (45-80 s on 2 cores)",
+    p = sub.add_parser("demo", help="offline end-to-end run on scikit-learn digits (about 70 s on 2 cores)",
                        description="Train a digits teacher, distil it with RDSKD without data, train the "
                                    "reference students, print a table and write a sample grid.")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
