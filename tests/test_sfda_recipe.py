@@ -14,6 +14,7 @@ from dfkt.errors import DfktError
 from dfkt.models import build_model
 from dfkt.registry import ADAPT_METHODS
 from dfkt.sfda.base import AdaptSetup, dropout_off
+from tests.test_sfda import run_steps
 
 SIZES = {"shot_lenet": 32, "shot_dtn": 8}  # shot_lenet: Dropout2d, BatchNorm1d only; shot_dtn: BatchNorm2d too
 
@@ -27,14 +28,6 @@ def make(method: str, model_name: str, preset: str = "cpu", n: int = 96, **param
     epochs = {"epochs": 1} if "epochs" in cls.Config.model_fields else {}
     cfg = cls.Config(**{**cls.presets[preset], **epochs, **params})
     return cls(cfg, AdaptSetup(model, torch.randn(n, 1, size, size), engine))
-
-
-def run_steps(runner, n: int) -> None:
-    """The first ``n`` steps of each stage, through the engine (which sets the modes)."""
-    for stage in runner.stages():
-        stage.steps = min(n, stage.steps)
-        stage.evaluate = False
-        runner.engine.run([stage], runner, {})
 
 
 def params_of(module) -> dict:
