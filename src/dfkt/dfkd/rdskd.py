@@ -144,9 +144,8 @@ class RefreshedPool:
     @torch.no_grad()
     def synthesize(self) -> dict[str, Tensor | float]:
         method = self.method
-        with method.engine.autocast():  # the generator's cost is where bf16 pays, whatever the stage's precision
-            images, _ = method.source.sample(self.refresh * self.mining, self.rng)
-            logits = method.teacher(images)
+        images, _ = method.source.sample(self.refresh * self.mining, self.rng)
+        logits = method.teacher(images)
         if self.mining == 1:
             self.pool.add(images, logits)
             return {}

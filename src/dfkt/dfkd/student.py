@@ -96,8 +96,8 @@ class StudentTrainer:
         setup = method.setup
         self.augmentations = [k for k in AUGMENTATIONS if k in cfg.augment and (k != "flip" or setup.mirror_safe)]
         # What a shifted or rotated image is padded with: black, in the teacher's normalised units.
-        self.fill = None if setup.mean is None else \
-            -torch.tensor(setup.mean, device=engine.device) / torch.tensor(setup.std, device=engine.device)
+        pixel_range = setup.pixel_range()
+        self.fill = None if pixel_range is None else pixel_range[0]
 
     @property
     def steps(self) -> int:
