@@ -86,6 +86,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--name", help="report name (default dfkd_compare_BENCH); e.g. for a run of some methods only")
     parser.add_argument("--analysis", type=Path, metavar="FILE",
                         help="text file appended to the report under '## Analysis'")
+    parser.add_argument("--no-references", dest="references", action="store_false",
+                        help="skip the students trained on real data (labels; KD): on the WRN pair they take "
+                             "about 15 minutes each; the report then says they were not run")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="extra 'dfkt distill --set' settings for every run, e.g. params.pool_size=10000")
     args = parser.parse_args()
@@ -140,7 +143,8 @@ def budgets(bench: Bench, budget: float) -> list[float]:
 
 
 def reference_students(work: Path, bench: Bench) -> dict:
-    """The students trained on real data (labels; KD, τ 4), alone on the machine before the runs."""
+    """The students trained on real data (labels; KD, τ 4), alone on the machine after the runs (an
+    interrupted benchmark has its method runs first)."""
     done = work / "references.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -266,6 +270,8 @@ def markdown(data: dict, bench: Bench, shown: dict, grids: str, analysis: str | 
     threads = m["threads_per_run"] or f"torch's default, {m['threads']}"
 
     def ref(name: str) -> str:
+        if name not in refs:
+            return "not run (--no-references)"
         return f"{100 * refs[name]['student_acc']:.1f} ({refs[name]['seconds']:.0f} s)"
 
     lines = [f"# {bench.title}: DFKD methods compared, cpu preset", "", f"`{data['command']}`", "",
@@ -278,7 +284,7 @@ def markdown(data: dict, bench: Bench, shown: dict, grids: str, analysis: str | 
              f"Test accuracy every {bench.eval_every} student steps or {bench.eval_seconds:g} training seconds, "
              "whichever comes first; seeds "
              f"{' '.join(map(str, data['bench']['seeds']))}. The reference students (Adam, 15 epochs; KD at "
-             "τ 4) were trained before the runs, alone on the machine, with torch's default threads."
+             "τ 4) were trained after the runs, alone on the machine, with torch's default threads."
              + ("" if bench.teacher_has_batchnorm else " The teacher has no BatchNorm layers, so the methods built "
                 "on its statistics (" + ", ".join(m for m in data["runs"] if prior_off(bench, m)) + ") run with "
                 "`params.w_bn=0`: without their main prior."), "",
@@ -336,8 +342,9 @@ def main() -> None:
     analysis = args.analysis.read_text() if args.analysis else None  # read first: a typo fails before the runs
     teacher = finished(args.work / "teacher") or api.train_teacher(
         bench.teacher, bench.data, bench.teacher_epochs, out=args.work / "teacher", resume=True)
-    references = reference_students(args.work, bench)
-    data = results(args, bench, teacher, references, run_all(args, bench))
+    runs = run_all(args, bench)
+    references = reference_students(args.work, bench) if args.references else {}
+    data = results(args, bench, teacher, references, runs)
     name = args.name or f"dfkd_compare_{args.bench}"
     shown = copy_grids(data, args.work, args.out / name)
     report = markdown(data, bench, shown, name, analysis)
