@@ -35,22 +35,28 @@ def test_multiply_adds_of_the_dafl_generator_counted_by_hand():
     assert multiply_adds(build_generator("dafl", 100, 1, 32, width=32), torch.zeros(1, 100)) == narrow  # 7.4M, 15x cheaper
 
 
-def test_pixel_output_stays_inside_the_teachers_input_range():
+@pytest.mark.parametrize("output", ["pixels", "clamped"])
+def test_in_range_outputs_stay_inside_the_teachers_input_range(output):
     torch.manual_seed(0)
     low, high = -FMNIST_MEAN[0] / FMNIST_STD[0], (1 - FMNIST_MEAN[0]) / FMNIST_STD[0]
-    pixels = build_generator("dafl", 16, 1, 32, width=16, output="pixels", mean=FMNIST_MEAN, std=FMNIST_STD)
+    in_range = build_generator("dafl", 16, 1, 32, width=16, output=output, mean=FMNIST_MEAN, std=FMNIST_STD)
     authors = build_generator("dafl", 16, 1, 32, width=16)
+    in_range.load_state_dict(authors.state_dict(), strict=False)  # pixels: all but the last BatchNorm
     z = torch.randn(256, 16) * 5
-    x = pixels(z)
+    x = in_range(z)
     assert x.min() >= low - 1e-5 and x.max() <= high + 1e-5
     assert x.max() - x.min() > 0.1 * (high - low)  # not a constant image
     y = authors(z)  # the authors' tanh + BatchNorm standardises: far outside the real range
     assert y.min() < low - 1 or y.max() > high + 1
+    if output == "clamped":  # the authors' image wherever it was already in range
+        inside = (y >= low) & (y <= high)
+        assert torch.equal(x[inside], y[inside]) and inside.float().mean() > 0.5
 
 
-def test_pixel_output_needs_the_normalisation():
+@pytest.mark.parametrize("output", ["pixels", "clamped"])
+def test_in_range_outputs_need_the_normalisation(output):
     with pytest.raises(ConfigError, match="mean and std"):
-        build_generator("dafl", 16, 1, 32, output="pixels")
+        build_generator("dafl", 16, 1, 32, output=output)
 
 
 def test_augmentations_pad_with_black_and_mix_within_range():

@@ -60,9 +60,10 @@ class GeneratorFields(StrictModel):
                                   "architecture's own, 128 for dafl); the cost per image grows with its square")
     generators: int = Field(1, ge=1, description="independent generators sharing each batch (an ensemble): more "
                                                   "modes per class, less dependence on one initialisation")
-    gen_output: Literal["bn", "pixels"] = Field(
-        "bn", description="bn: tanh + affine-free BatchNorm (the DAFL authors'); pixels: sigmoid in pixel space, "
-                          "then the teacher's normalisation (samples inside the range of real inputs)")
+    gen_output: Literal["bn", "clamped", "pixels"] = Field(
+        "bn", description="bn: tanh + affine-free BatchNorm (the DAFL authors'); clamped: that, clamped into the "
+                          "range of real inputs; pixels: sigmoid in pixel space, then the teacher's normalisation "
+                          "(inside that range, starting as flat grey)")
 
 
 def build_method_generator(cfg: GeneratorFields, nz: int, setup: DistillSetup) -> nn.Module:

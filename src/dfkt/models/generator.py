@@ -27,22 +27,25 @@ from dfkt.registry import GENERATORS
 
 
 MAX_LINEAR_WEIGHTS = 50_000_000  # past this (e.g. nz 1000 at 224x224: 401M) the deep generator is the fit
-GeneratorOutput = Literal["bn", "pixels"]
+GeneratorOutput = Literal["bn", "pixels", "clamped"]
 
 
 class ToImage(nn.Module):
-    """The last layer: tanh + affine-free BatchNorm ("bn", the DAFL authors'), or a sigmoid in pixel
-    space then the teacher's normalisation ("pixels": inside the range of real inputs)."""
+    """The last layer: tanh + affine-free BatchNorm ("bn", the DAFL authors'), that then clamped into
+    the range of real inputs ("clamped": the authors' layer, whose samples span about ±4.8 in normalised
+    space, kept inside the teacher's input domain), or a sigmoid in pixel space then the teacher's
+    normalisation ("pixels": inside that range too, but it starts as flat grey)."""
 
     def __init__(self, channels: int, output: GeneratorOutput, mean: Sequence[float] | None,
                  std: Sequence[float] | None):
         super().__init__()
         self.output = output
-        if output == "bn":
+        if output != "pixels":
             self.squash = nn.Sequential(nn.Tanh(), nn.BatchNorm2d(channels, affine=False))
-            return
+            if output == "bn":
+                return
         if mean is None or std is None:
-            raise ConfigError("generator output 'pixels' needs the teacher's normalisation mean and std")
+            raise ConfigError(f"generator output '{output}' needs the teacher's normalisation mean and std")
         if len(mean) not in (1, channels) or len(std) not in (1, channels):
             raise ConfigError(f"normalisation for {channels} channels, got mean {list(mean)} and std {list(std)}")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).expand(
@@ -53,6 +56,8 @@ class ToImage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.output == "bn":
             return self.squash(x)
+        if self.output == "clamped":  # pixel values 0 and 1, normalised
+            return torch.maximum(torch.minimum(self.squash(x), (1 - self.mean) / self.std), -self.mean / self.std)
         return (torch.sigmoid(x) - self.mean) / self.std
 
 
