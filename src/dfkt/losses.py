@@ -20,7 +20,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
     """
     t = teacher_logits.float() / temperature
     s = student_logits.float() / temperature
-    kl = F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), reduction=reduction, log_target=True)
+    kl = F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), reduction="batchmean", log_target=True)
+    if reduction == "mean":  # written out: torch warns its "mean" may come to mean "batchmean"
+        kl = kl / s.shape[1]
     return kl * temperature**2
 
 
