@@ -53,9 +53,10 @@ class CMI(GeneratorPoolMethod):
         # CIFAR-10 in the authors' scripts: 200 generator steps per batch of 256 on cropped and flipped views,
         # 2,000 student steps (batch 128, SGD 0.1, momentum 0.9, weight decay 1e-4) per batch, 40 epochs. Their
         # scripts pass milestones 25/30/35, but their training code anneals the lr on a cosine over the epochs.
+        # Their projection head outputs 256 dimensions.
         "paper": {"student_epochs": 40, "student_steps_per_epoch": 2000, "gen_output": "pixels",
                   "student_optimizer": "sgd", "student_lr": 0.1, "student_weight_decay": 1e-4,
-                  "lr_schedule": "cosine", "synthesis_augment": True},
+                  "lr_schedule": "cosine", "synthesis_augment": True, "head_dim": 256},
         # 2 cores: 30 generator steps per batch of 128, 100 student steps per batch. Unlike the authors, and as
         # this preset always ran: Adam 2e-3 without weight decay at a constant lr for the student (SGD 0.1 on a
         # τ²=400-scaled loss killed a BatchNorm-free student), and no crop/flip of the generated images before
