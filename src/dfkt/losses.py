@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+            reduction: Literal["batchmean", "mean"] = "batchmean") -> Tensor:
     """Knowledge distillation (Hinton et al., 2015).
 
-    τ² · KL(softmax(t/τ) ‖ softmax(s/τ)), averaged over the batch ("batchmean").
+    τ² · KL(softmax(t/τ) ‖ softmax(s/τ)), averaged over the batch ("batchmean"), or with "mean" over the
+    batch and the K classes (torch's elementwise mean, 1/K of the KL: what ZSKT's authors' code computes).
     The τ² factor keeps gradient magnitudes comparable across temperatures.
     """
     t = teacher_logits.float() / temperature
     s = student_logits.float() / temperature
     kl = F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), reduction="batchmean", log_target=True)
+    if reduction == "mean":  # written out: torch warns its "mean" may come to mean "batchmean"
+        kl = kl / s.shape[1]
     return kl * temperature**2
 
 

@@ -12,6 +12,15 @@ def shift_and_flip(images: Tensor, rng: torch.Generator, max_shift: int | None =
     return _shift_flip(images, rng, max_shift if max_shift is not None else max(1, images.shape[3] // 16), True)
 
 
+def crop_and_flip(images: Tensor, rng: torch.Generator, padding: int, flip: bool, fill: Tensor | None = None) -> Tensor:
+    """Per sample, a random crop of the image padded by ``padding`` pixels on each side (filled with
+    ``fill``, per channel; default 0), back at its own size, and with ``flip`` a horizontal flip of half
+    the samples: torchvision's/kornia's RandomCrop(size, padding) + RandomHorizontalFlip."""
+    fill = torch.zeros(1, images.shape[1], 1, 1, device=images.device, dtype=images.dtype) if fill is None else \
+        fill.to(images.device, images.dtype).view(1, -1, 1, 1)
+    return _shift_flip(images - fill, rng, padding, flip) + fill
+
+
 # Datasets whose classes survive a horizontal flip (clothes, objects); digits and letters do not.
 MIRROR_SAFE = frozenset({"fmnist", "cifar10", "cifar100"})
 AUGMENTATIONS = ("shift", "flip", "rotate", "scale", "mixup", "cutmix")

@@ -5,6 +5,11 @@ A generator (trained afresh per batch, dfkt.synthesis.generator_inversion) minim
 so images match the teacher's BatchNorm statistics, are classified as their target class, and
 sit where the student still disagrees with the teacher.
 
+As in both authors' codes, the teacher (and the student, for the adversarial term) judge a random
+crop (padded by 1/8 of the width, 4 pixels at 32×32) and horizontal flip of the generator's output
+(``synthesis_augment``; the flip only on mirror-safe data, never digits); the pool keeps the images
+themselves. Their students learn by SGD (momentum 0.9, weight decay 1e-4) with a cosine lr.
+
 The authors' generators end in a sigmoid in pixel space, normalised after: the ``paper`` presets set
 ``gen_output: pixels``. The ``cpu`` presets keep tanh + BatchNorm: with their few generator steps
 per batch the sigmoid output starts flat grey and Fast collapsed on B2 (90% of samples in two
@@ -20,7 +25,8 @@ from pydantic import Field
 from torch import Tensor
 
 from dfkt import losses
-from dfkt.dfkd.base import GeneratorFields
+from dfkt.data.augment import crop_and_flip
+from dfkt.dfkd.base import DistillSetup, GeneratorFields
 from dfkt.dfkd.pooled import PooledConfig, PooledMethod
 from dfkt.synthesis import BNStatsPrior, forward_with_prior
 
@@ -35,15 +41,39 @@ class GeneratorPoolConfig(PooledConfig, GeneratorFields):
     student_optimizer: Literal["adam", "sgd"] = "sgd"
     student_lr: float = Field(0.1, gt=0)
     student_batch: int = Field(128, ge=1)
+    student_weight_decay: float = Field(1e-4, ge=0, description="the authors': 1e-4 (with SGD)")
+    lr_schedule: Literal["step", "cosine"] = Field("cosine", description="step: multiply by lr_gamma at "
+                                                   "lr_milestones; cosine: anneal to lr_min over the student stage "
+                                                   "(the authors')")
+    synthesis_augment: bool = Field(
+        True, description="the teacher and the student judge a random crop (padded by 1/8 of the width) and flip "
+                          "(mirror-safe data only) of each generated image, as the authors' codes do; the pool keeps "
+                          "the images themselves")
 
 
 class GeneratorPoolMethod(PooledMethod):
     prior: BNStatsPrior | None
     needs_teacher_features = True
 
+    def __init__(self, cfg: GeneratorPoolConfig, setup: DistillSetup):
+        super().__init__(cfg, setup)
+        self.augment_rng = self.engine.noise_generator(offset=7)
+        self.rngs["synthesis_augment"] = self.augment_rng
+
+    def judged_view(self, images: Tensor) -> Tensor:
+        """What the teacher and the student see of generated images: with ``synthesis_augment`` a random crop
+        (padding 1/8 of the width, black fill) and, on mirror-safe data, a random flip."""
+        if not self.cfg.synthesis_augment:
+            return images
+        pixel_range = self.setup.pixel_range()
+        return crop_and_flip(images, self.augment_rng, max(1, images.shape[-1] // 8), self.setup.mirror_safe,
+                             None if pixel_range is None else pixel_range[0])
+
     def shared_objective(self, images: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """The shared terms, and the teacher's penultimate features (CMI's contrastive term uses them)."""
+        """The shared terms on the judged view of ``images``, and the teacher's penultimate features of that view
+        (CMI's contrastive term uses them as the global view)."""
         cfg = self.cfg
+        images = self.judged_view(images)
         features, l_bn = forward_with_prior(self.prior, self.teacher.forward_features, images)
         logits = self.teacher.classify(features)
         ce = F.cross_entropy(logits.float(), targets)

@@ -223,8 +223,10 @@ class Engine:
             self.sections[section] = self.sections.get(section, 0.0) + time.perf_counter() - started
 
     # -- optimisation -----------------------------------------------------------------------
-    def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, what: str = "loss") -> None:
-        """Backward, step, zero grads; refuse to train on inf/NaN."""
+    def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, what: str = "loss",
+                 clip_norm: float | None = None) -> None:
+        """Backward, step, zero grads; refuse to train on inf/NaN. With ``clip_norm`` the gradients of the
+        optimizer's parameters are rescaled to at most that total L2 norm before the step."""
         if not torch.isfinite(loss.detach()):
             raise TrainingDivergedError(
                 f"{what} became {loss.item()} ; lower the learning rate or use --set engine.precision=32-true")
@@ -237,6 +239,11 @@ class Engine:
         if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
             raise TrainingDivergedError(f"{what} gave inf/NaN gradients (weights left untouched); lower the "
                                         "learning rate or use --set engine.precision=32-true")
+        if clip_norm is not None and grads:
+            # Fabric's wrapper hides the optimizer a mixed-precision scaler tracks: unscale the one inside.
+            self.fabric.strategy.precision.unscale_gradients(getattr(optimizer, "optimizer", optimizer))
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]
+                                            if p.grad is not None], clip_norm)
         optimizer.step()
 
     def fingerprint(self) -> dict[str, Any]:
