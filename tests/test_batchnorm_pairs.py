@@ -141,3 +141,38 @@ def test_a_foreign_batchnorm_teacher_distils_exactly_like_the_native_one(digits_
         state = load_file(str(tmp_path / name / "student.safetensors"))
         digests.append(hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest())
     assert digests[0] == digests[1]
+
+
+def _bn_loss(net: nn.Module, x: torch.Tensor, distance: str) -> torch.Tensor:
+    prior = BNStatsPrior(net, "test", distance=distance)
+    try:
+        with prior.record(), torch.no_grad():
+            net(x)
+        return prior.loss()
+    finally:
+        prior.remove()
+
+
+def test_standardised_bn_distance_is_the_formula_and_ignores_activation_scale():
+    """Cause found on the WRN-16-2 teacher: raw norms weigh a layer by its activation scale (its last
+    BatchNorm held half the loss). Standardised, a layer scaled by k (weights, running mean ×k, running
+    variance ×k²) reads the same; raw, it reads k times more."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval()
+    net[1].running_mean.copy_(torch.randn(4))
+    net[1].running_var.copy_(torch.rand(4) + 0.5)
+    x = torch.randn(8, 1, 6, 6)
+    h = net[0](x).detach()
+    mean, var = h.mean(dim=(0, 2, 3)), h.var(dim=(0, 2, 3), unbiased=False)
+    scale = net[1].running_var + net[1].eps
+    by_hand = ((mean - net[1].running_mean) / scale.sqrt()).norm() + ((var - net[1].running_var) / scale).norm()
+    assert torch.allclose(_bn_loss(net, x, "standardised"), by_hand, rtol=1e-5)
+    k = 10.0
+    scaled = copy.deepcopy(net)
+    with torch.no_grad():
+        scaled[0].weight.mul_(k), scaled[0].bias.mul_(k)
+        scaled[1].running_mean.mul_(k), scaled[1].running_var.mul_(k * k)
+    scaled[1].eps = net[1].eps * k * k  # so the scaled layer is exactly the same function
+    assert torch.allclose(_bn_loss(scaled, x, "standardised"), _bn_loss(net, x, "standardised"), rtol=1e-4)
+    raw, raw_scaled = _bn_loss(net, x, "raw"), _bn_loss(scaled, x, "raw")
+    assert raw_scaled > 5 * raw  # mean term ×k, variance term ×k²

@@ -66,6 +66,15 @@ class GeneratorFields(StrictModel):
                           "(inside that range, starting as flat grey)")
 
 
+class BNPriorFields(StrictModel):
+    """The setting every method with the BatchNorm-statistics prior shares (dfkt.synthesis.bn_prior)."""
+
+    bn_distance: Literal["raw", "standardised"] = Field(
+        "raw", description="raw: the papers' norms of the statistics' differences; standardised: each layer's "
+                           "differences in units of its running statistics, so no layer's activation scale drowns "
+                           "the others (dfkt's)")
+
+
 def build_method_generator(cfg: GeneratorFields, nz: int, setup: DistillSetup) -> nn.Module:
     """The generator ``cfg`` describes, shaped for the teacher's input."""
     members = [build_generator(cfg.generator, nz, setup.channels, setup.image_size, width=cfg.gen_width,

@@ -68,7 +68,7 @@ class CMI(GeneratorPoolMethod):
     }
 
     def make_source(self, cfg: CMIConfig, setup) -> GeneratorInversion:
-        self.prior = bn_prior_or_none(self.teacher, "cmi", cfg.w_bn)
+        self.prior = bn_prior_or_none(self.teacher, "cmi", cfg.w_bn, distance=cfg.bn_distance)
         features = self.teacher.feature_dim
         head = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, cfg.head_dim))
         self.head = self.engine.prepare(head, trainable=True)

@@ -15,12 +15,13 @@ from torch import Tensor
 import torch.nn.functional as F
 
 from dfkt import losses
+from dfkt.dfkd.base import BNPriorFields
 from dfkt.dfkd.pooled import PooledConfig, PooledMethod
 from dfkt.registry import METHODS
 from dfkt.synthesis import PixelInversion, bn_prior_or_none, forward_with_prior
 
 
-class DeepInversionConfig(PooledConfig):
+class DeepInversionConfig(PooledConfig, BNPriorFields):
     clamp: bool = Field(True, description="clamp pixels into the teacher's input range after every step (as the "
                                           "authors' code does); false leaves them unbounded")
     lr: float = Field(0.1, gt=0, description="Adam lr on the pixels")
@@ -52,7 +53,8 @@ class DeepInversion(PooledMethod):
     }
 
     def make_source(self, cfg: DeepInversionConfig, setup) -> PixelInversion:
-        self.prior = bn_prior_or_none(self.teacher, "deepinversion", cfg.w_bn, cfg.first_bn_multiplier)
+        self.prior = bn_prior_or_none(self.teacher, "deepinversion", cfg.w_bn, cfg.first_bn_multiplier,
+                                       distance=cfg.bn_distance)
         return PixelInversion(self, self.engine, self.teacher, self.pool, self.objective, self.random_labels,
                               (setup.channels, setup.image_size, setup.image_size), cfg.synthesis_batch,
                               cfg.synthesis_iterations, cfg.lr, cfg.betas, cfg.max_shift,

@@ -61,7 +61,8 @@ class Fast(GeneratorPoolMethod):
     }
 
     def make_source(self, cfg: FastConfig, setup) -> GeneratorInversion:
-        self.prior = bn_prior_or_none(self.teacher, "fast", cfg.w_bn, momentum=cfg.bn_momentum)
+        self.prior = bn_prior_or_none(self.teacher, "fast", cfg.w_bn, momentum=cfg.bn_momentum,
+                                       distance=cfg.bn_distance)
         return GeneratorInversion(self, self.engine, self.teacher, self.pool, self.objective, setup.num_classes,
                                   build_method_generator(cfg, cfg.nz, setup), cfg.nz, cfg.synthesis_batch, cfg.synthesis_iterations, cfg.gen_lr, cfg.z_lr,
                                   (0.5, 0.999), meta=True, on_round_end=self.update_bn_ema)

@@ -26,12 +26,12 @@ from torch import Tensor
 
 from dfkt import losses
 from dfkt.data.augment import crop_and_flip
-from dfkt.dfkd.base import DistillSetup, GeneratorFields
+from dfkt.dfkd.base import BNPriorFields, DistillSetup, GeneratorFields
 from dfkt.dfkd.pooled import PooledConfig, PooledMethod
 from dfkt.synthesis import BNStatsPrior, forward_with_prior
 
 
-class GeneratorPoolConfig(PooledConfig, GeneratorFields):
+class GeneratorPoolConfig(PooledConfig, GeneratorFields, BNPriorFields):
     nz: int = Field(256, ge=1)
     gen_lr: float = Field(1e-3, gt=0)
     z_lr: float = Field(1e-3, gt=0, description="lr of the input noise, optimised with the generator")
