@@ -176,3 +176,32 @@ def test_standardised_bn_distance_is_the_formula_and_ignores_activation_scale():
     assert torch.allclose(_bn_loss(scaled, x, "standardised"), _bn_loss(net, x, "standardised"), rtol=1e-4)
     raw, raw_scaled = _bn_loss(net, x, "raw"), _bn_loss(scaled, x, "raw")
     assert raw_scaled > 5 * raw  # mean term ×k, variance term ×k²
+
+
+def test_samples_unlike_the_teachers_data_are_warned_about_and_its_own_data_is_not():
+    """The cause behind the WRN pair's 18-29% students without a collapse warning: samples far from what
+    the teacher's BatchNorm layers saw. Data like the teacher's reads under the limit; other data above."""
+    from dfkt.diagnostics import MAX_BN_STATISTICS_GAP, bn_statistics_gap, bn_statistics_warning
+    from dfkt.dfkd.deepinversion import DeepInversionConfig
+    from dfkt.dfkd.rdskd import RDSKDConfig
+
+    torch.manual_seed(0)
+    net = build_model("digits_cnn", 10, 1, 8)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average: the statistics of all it saw
+    training_like = torch.rand(512, 1, 8, 8) * torch.linspace(0, 2, 8)  # a brightness ramp
+    net.train()
+    with torch.no_grad():
+        net(training_like)
+    net.eval()
+    assert bn_statistics_gap(net, training_like[:256]) < MAX_BN_STATISTICS_GAP / 2
+    unlike = torch.randn(256, 1, 8, 8) * 3
+    gap = bn_statistics_gap(net, unlike)
+    assert gap > MAX_BN_STATISTICS_GAP
+    (rdskd,) = bn_statistics_warning(gap, "rdskd", RDSKDConfig())
+    assert "deepinversion" in rdskd and "unlike the teacher's training data" in rdskd
+    (prior,) = bn_statistics_warning(gap, "deepinversion", DeepInversionConfig())
+    assert "params.w_bn" in prior
+    assert not bn_statistics_warning(bn_statistics_gap(net, training_like[256:]), "rdskd", RDSKDConfig())
+    assert bn_statistics_gap(build_model("lenet5", 10, 1, 32).eval(), torch.rand(4, 1, 32, 32)) is None

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from dfkt.errors import DfktError
+from dfkt.errors import ConfigError, DfktError
+from dfkt.synthesis import BNStatsPrior
 
 # A collapse when the two commonest teacher-predicted classes hold this share of the samples
 # (with 10 classes an even spread puts 20% there), or when samples barely differ from each other.
@@ -18,6 +19,11 @@ MIN_RELATIVE_SPREAD = 0.05
 # images 0.057, 200 copies of one image with 1% noise 0.00001.
 MIN_WITHIN_CLASS_DIVERSITY = 0.005
 MIN_CLASS_COVERAGE = 0.5  # share of classes with at least one sample, with 5 or more classes
+# Mean over a teacher's BatchNorm layers of the standardised distance between the samples' statistics and
+# the stored ones (dfkt.synthesis.bn_prior). WRN-16-2 on Fashion-MNIST, 256 images: real train and test
+# batches 0.25 and 0.41; samples of the runs whose students stayed at 18-29% read 4.7-25.6
+# (benchmarks/analysis/batchnorm_pairs.md).
+MAX_BN_STATISTICS_GAP = 2.0
 
 
 @torch.no_grad()
@@ -41,6 +47,37 @@ def feature_diversity(teacher: nn.Module, images: Tensor, predicted: Tensor) -> 
               if int((predicted == c).sum()) > 1]
     return {"within_class": sum(within) / len(within) if within else None, "across": mean_off_diagonal(distance),
             "features": source}
+
+
+@torch.no_grad()
+def bn_statistics_gap(teacher: nn.Module, images: Tensor) -> float | None:
+    """How far ``images`` are from the teacher's training data as its BatchNorm layers remember it: the
+    mean over layers of the standardised distance of their statistics (None without such layers)."""
+    try:
+        prior = BNStatsPrior(teacher, "diagnostics", distance="standardised")
+    except ConfigError:
+        return None
+    try:
+        with prior.record():
+            teacher(images)
+        return torch.stack(list(prior.terms.values())).mean().item()
+    finally:
+        prior.remove()
+
+
+def bn_statistics_warning(gap: float | None, method: str, params: BaseModel) -> list[str]:
+    """A warning when the samples are far from what the teacher's BatchNorm layers saw in training: the
+    teacher's labels on them then teach the student little about real images."""
+    if gap is None or gap <= MAX_BN_STATISTICS_GAP:
+        return []
+    if hasattr(params, "w_bn"):
+        fix = (f"give the prior more weight or time (params.w_bn, now {params.w_bn:g}; more synthesis iterations "
+               "or a longer --max-seconds)")
+    else:
+        fix = "use a method that matches those statistics (deepinversion, cmi or fast), or give it more time"
+    return [f"samples unlike the teacher's training data: their statistics at its BatchNorm layers are {gap:.1f} "
+            f"(standardised, mean over layers) from the stored ones, where real data reads under "
+            f"{MAX_BN_STATISTICS_GAP:g}; the student may not carry over to real images; {fix}"]
 
 
 def collapse_fix(method: str, params: BaseModel) -> str:

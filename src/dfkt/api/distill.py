@@ -15,7 +15,7 @@ from dfkt.config import DistillConfig, dump_yaml, validate
 from dfkt.data import ImageData, load_dataset
 from dfkt.data.augment import mirror_safe
 from dfkt.dfkd.base import DistillSetup
-from dfkt.diagnostics import collapse_warnings, feature_diversity
+from dfkt.diagnostics import bn_statistics_gap, bn_statistics_warning, collapse_warnings, feature_diversity
 from dfkt.engine import Engine
 from dfkt.engine.distributed import gather_objects
 from dfkt.errors import ConfigError, DfktError
@@ -199,8 +199,11 @@ def _sample_diagnostics(runner, teacher, info: ModelInfo, method: str, method_cf
     histogram = torch.bincount(predicted.cpu(), minlength=info.num_classes).tolist()
     with engine.autocast():
         diversity = feature_diversity(teacher, images, predicted)
-    warnings = collapse_warnings(images, histogram, method, method_cfg, diversity)
+    with engine.autocast():
+        gap = bn_statistics_gap(teacher, images)
+    warnings = collapse_warnings(images, histogram, method, method_cfg, diversity) + \
+        bn_statistics_warning(gap, method, method_cfg)
     for warning in warnings:
         engine.metrics.write({"event": "warning", "message": warning})
     return {"class_histogram": histogram, "teacher_confidence": confidence.mean().item(), "diversity": diversity,
-            "grid": grid.name}, warnings
+            "bn_statistics_gap": gap, "grid": grid.name}, warnings
