@@ -196,11 +196,16 @@ def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
         for row in rows:
             print(f"{row['name']:<34}" + "".join(f"{_short(row[p]):<16}" for p in presets) + row["description"])
     elif args.command == "list":
-        from dfkt.registry import ADAPT_METHODS, METHODS
+        from dfkt.registry import ADAPT_METHODS, DATASETS, METHODS
 
         registry = {"methods": METHODS, "adapt-methods": ADAPT_METHODS}.get(args.kind)
         for name in api.list_names(args.kind):
-            summary = registry.get(name).summary if registry else ""
+            if registry:
+                summary = registry.get(name).summary
+            elif args.kind == "datasets":  # the loader's first docstring line: source, size, split
+                summary = (DATASETS.get(name).__doc__ or "").strip().splitlines()[0].replace("``", "")
+            else:
+                summary = ""
             print(f"{name:<18}{summary}".rstrip())
         if args.kind == "datasets":
             print("<name>-c:<corruption>:<severity>  a dataset under a corruption, e.g. fmnist-c:rotate:3")
