@@ -226,6 +226,16 @@ def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
         print(f"{s['method']} on {s['target']}: transductive {fmt(s['adapted']['transductive'])} "
               f"(source only {fmt(s['source_only']['transductive'])}), inductive {fmt(s['adapted']['inductive'])} "
               f"(source only {fmt(s['source_only']['inductive'])})")
+        sel = s["selected"]
+        epoch = "none: the final weights" if sel["epoch"] is None else f"{sel['epoch']:g}"
+        print(f"label-free selection (model_selected.safetensors, epoch {epoch}): transductive "
+              f"{fmt(sel['transductive'])}, inductive {fmt(sel['inductive'])}; score {sel['label_free_score']:.3f} "
+              f"(final {s['adapted']['label_free_score']:.3f}, source {s['source_only']['label_free_score']:.3f})")
+        if s["target_resized"]:
+            print(f"target images resized from {s['target_resized']['from']} px to the source model's "
+                  f"{s['target_resized']['to']} px")
+        for warning in s["warnings"] if is_main_process() else []:
+            print(f"dfkt: warning: {warning}", file=sys.stderr)
     elif args.command == "distill":
         s = api.distill(args.method, args.teacher, args.student, args.preset, args.data, args.data_root,
                         args.config, args.overrides, args.out, args.resume, args.max_seconds, args.references,
