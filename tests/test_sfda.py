@@ -113,8 +113,9 @@ def test_adaptation_resumes_exactly_with_its_banks(digits_source, tmp_path):
                       max_seconds=whole["seconds"]["adapt"] / 3)
     assert part["stopped_by_budget"]
     dfkt.adapt("nrc", digits_source, "digits-c:rotate:3", overrides=settings, out=tmp_path / "part", resume=True)
-    a, b = load_file(tmp_path / "whole/model.safetensors"), load_file(tmp_path / "part/model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("model", "model_selected"):  # the selection's state is in the checkpoint too
+        a, b = load_file(tmp_path / f"whole/{name}.safetensors"), load_file(tmp_path / f"part/{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def one_line_error(capsys, *args) -> str:
