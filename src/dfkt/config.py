@@ -101,7 +101,8 @@ class AdaptRunConfig(StrictModel):
     target: DataConfig = DataConfig()
     split_seed: int = Field(0, description="seed of the split of the target into the adapted and held-out halves")
     params: dict[str, Any] = {}
-    eval_every: int = Field(200, ge=1, description="adaptation steps between evaluations")
+    eval_every: int | None = Field(None, ge=1, description="adaptation steps between evaluations (label-free "
+                                   "score, selection, accuracy); default: one epoch (online methods: the pass)")
     eval_seconds: float | None = Field(None, gt=0, description="also evaluate after this many training seconds")
     max_seconds: float | None = Field(None, gt=0, description="wall-time budget for adapting")
     engine: EngineConfig = EngineConfig()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from dfkt.api.common import evaluation_data, layered, method_config, normalized
+from dfkt.api.common import layered, method_config, normalized
 from dfkt.config import AdaptRunConfig, DataConfig, dump_yaml, validate
+from dfkt.data import ImageData, fit_size, load_dataset
 from dfkt.data.corruptions import corrupt
 from dfkt.data.folder import load_image_folder
 from dfkt.data.shifted import parse_shift
@@ -19,6 +20,7 @@ from dfkt.errors import ConfigError, DfktError
 from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info, save_model
 from dfkt.registry import ADAPT_METHODS
 from dfkt.runs import make_run_dir, write_json
+from dfkt.selection import SCORE_CRITERION, SCORE_NAME, TargetScoreSelection
 from dfkt.sfda.base import AdaptSetup
 from dfkt.supervised import evaluate_model
 
@@ -29,26 +31,56 @@ def target_halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return order[: n // 2], order[n // 2:]
 
 
-def target_images(target: DataConfig, info: ModelInfo) -> tuple[str, torch.Tensor, torch.Tensor | None]:
-    """The images to adapt on and their labels (None when unlabelled): a folder of the user's
-    images, or a dataset's test split (e.g. a shifted one, fmnist-c:rotate:3)."""
+class TargetImages(NamedTuple):
+    name: str
+    images: torch.Tensor  # uint8 N×C×H×W at the source model's image size
+    labels: torch.Tensor | None  # None when unlabelled
+    resized: dict[str, Any] | None  # {"from": px, "to": px} when brought to the source model's size, else None
+
+
+def _target_dataset(target: DataConfig, name: str, info: ModelInfo) -> tuple[ImageData, dict[str, Any] | None]:
+    """Dataset ``name`` at the source model's image size. The model's own dataset loads at it
+    directly; another loads at its own default size first and, when that differs (e.g. 8×8
+    digits for a 32×32 model), again at the model's, the dataset's loader choosing how
+    (resampling or padding). ``target.image_size`` set by the user is taken as it is."""
+    own = name == info.dataset
+    size = target.image_size or (info.image_size if own else None)
+    dataset = load_dataset(name, target.root, target.download, size)
+    resized = None
+    if size is None and dataset.image_size != info.image_size:
+        resized = {"from": dataset.image_size, "to": info.image_size}
+        dataset = load_dataset(name, target.root, target.download, info.image_size)
+    info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}",
+                    "target.image_size")
+    return dataset, resized
+
+
+def target_images(target: DataConfig, info: ModelInfo) -> TargetImages:
+    """The images to adapt on, at the source model's image size, and their labels: a folder of the
+    user's images, or a dataset's test split (e.g. a shifted one, fmnist-c:rotate:3). Images of
+    another size than the model's input are resized to it (``resized`` says from what), unless
+    ``target.image_size`` is set; classes and channels must fit as they are."""
     folder = Path(target.name)
     if folder.is_dir():
         images, labels = load_image_folder(folder, info.in_channels, target.image_size)
+        resized = None
+        if target.image_size is None and images.shape[2] != info.image_size:
+            resized = {"from": int(images.shape[2]), "to": info.image_size}
+            images = fit_size(images, info.image_size, "resize")
         info.check_fits(info.num_classes if labels is None else max(info.num_classes, int(labels.max()) + 1),
                         images.shape[1], images.shape[2], f"target folder {folder}", size_key="target.image_size")
-        return str(folder), images, labels
+        return TargetImages(str(folder), images, labels, resized)
     if "/" in target.name or folder.exists():
         raise ConfigError(f"target folder {folder} does not exist (or is not a folder); name a folder of images "
                           "or a dataset such as fmnist-c:rotate:3")
     if ":" not in target.name:
-        dataset = evaluation_data(target, info, size_key="target.image_size")
-        return dataset.name, dataset.test_images, dataset.test_labels
-    # A shifted dataset: only its test split is needed, so only that split is corrupted.
+        dataset, resized = _target_dataset(target, target.name, info)
+        return TargetImages(dataset.name, dataset.test_images, dataset.test_labels, resized)
+    # A shifted dataset: only its test split is needed, so only that split is corrupted (after resizing).
     base_name, corruption, severity = parse_shift(target.name)
-    base = evaluation_data(target.model_copy(update={"name": base_name}), info, size_key="target.image_size")
-    return (f"{base_name}-c:{corruption}:{severity}", corrupt(base.test_images, corruption, severity, seed=2),
-            base.test_labels)
+    base, resized = _target_dataset(target, base_name, info)
+    return TargetImages(f"{base_name}-c:{corruption}:{severity}",
+                        corrupt(base.test_images, corruption, severity, seed=2), base.test_labels, resized)
 
 
 def adapt(method: str | None = None, source: str | Path | None = None, target: str | None = None,
@@ -57,10 +89,16 @@ def adapt(method: str | None = None, source: str | Path | None = None, target: s
           max_seconds: float | None = None) -> dict[str, Any]:
     """Adapt a source model to an unlabelled target without the source data. Returns the summary.
 
-    The target images (the test split of ``target``, e.g. ``fmnist-c:rotate:3``) are split in two
-    fixed halves: the method adapts on the first; accuracy is reported on it (transductive; for
-    online methods, of the predictions made as the stream went by) and on the second (inductive).
-    Labels are used only to score.
+    The target images (the test split of ``target``, e.g. ``fmnist-c:rotate:3``, brought to the source
+    model's image size) are split in two fixed halves: the method adapts on the first; accuracy is
+    reported on it (transductive; for online methods, of the predictions made as the stream went by)
+    and on the second (inductive). Labels are used only to score.
+
+    At every evaluation (by default after each epoch) the adapted model gets a label-free score on the
+    adapted half (``dfkt.selection.information_maximization_score``); the best-scoring weights are
+    written as ``model_selected.safetensors`` beside the final ``model.safetensors``, and a warning
+    (in ``summary["warnings"]``) says when the final or the selected model scores below the source
+    model.
     """
     raw = layered(config, {"method": method, "source": str(source) if source else None, "preset": preset,
                           "max_seconds": max_seconds, "target.name": target, "target.root": data_root}, overrides)
@@ -73,7 +111,7 @@ def adapt(method: str | None = None, source: str | Path | None = None, target: s
     method_cfg = method_config(method_cls, cfg.method, cfg.preset, cfg.params)
     source_path = model_path(cfg.source)
     info = read_info(source_path)
-    target_name, raw_images, labels = target_images(cfg.target, info)
+    target_name, raw_images, labels, resized = target_images(cfg.target, info)
     images = normalized(raw_images, info)
     if len(images) < 4:
         raise ConfigError(f"target {target_name} has {len(images)} image(s); adaptation needs at least 4 "
@@ -92,19 +130,25 @@ def adapt(method: str | None = None, source: str | Path | None = None, target: s
     except DfktError:
         engine.close()
         raise
+    selection = TargetScoreSelection(runner, model, setup.images, engine)
+    source_score = selection.score(source_model)
+    steps_per_epoch = runner.batches.steps_per_epoch
 
     def accuracy(net: nn.Module, index: torch.Tensor) -> float | None:
         if labels is None:  # an unlabelled folder: nothing to score
             return None
         return evaluate_model(net, images[index], labels[index], engine, info.num_classes)["accuracy"]
 
+    def on_eval() -> dict[str, Any]:
+        return {"label_free_score": selection.update(), "adapted_acc": accuracy(setup.model, adapted_half)}
+
     run_config = {"method": cfg.method, "method_params": method_cfg.model_dump(mode="json"), "target": target_name,
                   "split_seed": cfg.split_seed, "source_sha256": model_sha256(source_path), **engine.fingerprint()}
     scaling = engine.scaling({"batch_size": method_cfg.batch_size})
     started = time.perf_counter()
-    on_eval = None if labels is None else lambda: {"adapted_acc": accuracy(setup.model, adapted_half)}
-    result = engine.run(runner.stages(), runner, run_config, on_eval, cfg.eval_every, cfg.max_seconds, resume,
-                        on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"), eval_seconds=cfg.eval_seconds)
+    result = engine.run(runner.stages(), runner, run_config, on_eval, cfg.eval_every or steps_per_epoch,
+                        cfg.max_seconds, resume, on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"),
+                        eval_seconds=cfg.eval_seconds)
     scored = len(adapted_half)
     if runner.online:  # scored on the predictions made as the stream went by
         # Several processes split the stream evenly, so up to world size - 1 images go unseen.
@@ -115,16 +159,51 @@ def adapt(method: str | None = None, source: str | Path | None = None, target: s
             (predictions[seen] == labels[adapted_half][seen]).float().mean().item())
     else:
         transductive = accuracy(setup.model, adapted_half)
+    curve = [{**e, "epoch": e["step"] / steps_per_epoch} for e in result.evaluations]
+    final_score = curve[-1]["label_free_score"] if curve else selection.score(model)
+    # No evaluation (source_only, or a budget spent before the first): the final weights are the choice.
+    selected = model if selection.chosen is None else selection.chosen
+    chosen = None if selection.chosen_at is None else curve[selection.chosen_at]
     summary = {"method": cfg.method, "online": runner.online, "source": str(source_path), "target": target_name,
+               "target_resized": resized,
                "images": {"adapted": len(adapted_half), "scored_transductive": scored, "held_out": len(held_out)},
                "source_only": {"transductive": accuracy(source_model, adapted_half),
-                               "inductive": accuracy(source_model, held_out)},
-               "adapted": {"transductive": transductive, "inductive": accuracy(setup.model, held_out)},
+                               "inductive": accuracy(source_model, held_out), "label_free_score": source_score},
+               "adapted": {"transductive": transductive, "inductive": accuracy(setup.model, held_out),
+                           "label_free_score": final_score},
+               "selected": {"transductive": accuracy(selected, adapted_half),
+                            "inductive": accuracy(selected, held_out),
+                            "label_free_score": final_score if chosen is None else selection.best_score,
+                            "step": None if chosen is None else chosen["step"],
+                            "epoch": None if chosen is None else chosen["epoch"]},
+               "selection": {"score": SCORE_NAME, "criterion": SCORE_CRITERION,
+                             "file": "model_selected.safetensors",
+                             "note": "the evaluation (by default each epoch) with the highest score; the final "
+                                     "weights when there was none"},
+               "warnings": adaptation_warnings(source_score, final_score,
+                                               final_score if chosen is None else selection.best_score),
                "seconds": {"adapt": sum(result.seconds.values()), "wall": time.perf_counter() - started},
-               "stopped_by_budget": result.stopped_by_budget, "curve": result.evaluations,
+               "stopped_by_budget": result.stopped_by_budget, "curve": curve,
                "distributed": {**scaling, "replica_sha256": result.replica_sha256}}
+    for warning in summary["warnings"]:
+        engine.metrics.write({"event": "warning", "message": warning})
     if engine.is_main:
         save_model(model, info, run_dir / "model.safetensors")
+        save_model(selected, info, run_dir / "model_selected.safetensors")
         write_json(run_dir / "summary.json", summary)
     engine.close()
     return summary
+
+
+def adaptation_warnings(source_score: float, final_score: float, selected_score: float) -> list[str]:
+    """At most one line: when the label-free score says the adapted model (final, or also the selected
+    one) is worse than the source model."""
+    if final_score >= source_score and selected_score >= source_score:
+        return []
+    if selected_score < source_score:
+        return [f"the label-free score ({SCORE_NAME}) says adapting made the model worse than the source model "
+                f"(source {source_score:.3f}, final {final_score:.3f}, best epoch {selected_score:.3f}): keep the "
+                "source model, or try another method or setting"]
+    return [f"the label-free score ({SCORE_NAME}) says the final adapted model is worse than the source model "
+            f"(source {source_score:.3f}, final {final_score:.3f}); model_selected.safetensors scores "
+            f"{selected_score:.3f}: use it"]

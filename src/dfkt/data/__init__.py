@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dfkt.data import digits, idx, torchvision_sets  # noqa: F401  (importing registers the loaders)
+from dfkt.data import digits, idx, mnist5k, torchvision_sets  # noqa: F401  (importing registers the loaders)
 from dfkt.data.base import ImageData, denormalize, fit_size, normalize
 from dfkt.data.folder import folder_dataset
 from dfkt.data.shifted import load_shifted

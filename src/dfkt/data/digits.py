@@ -11,7 +11,7 @@ from dfkt.registry import DATASETS
 
 @DATASETS.register("digits")
 def load_digits(root: str | None, download: bool, image_size: int | None) -> ImageData:
-    """The 1,797 8×8 digits of ``sklearn.datasets.load_digits``, 10 classes.
+    """scikit-learn's 1,797 8×8 digits (UCI); split 1,347 / 450, stratified, seed 0.
 
     Split: ``train_test_split(test_size=0.25, stratify=y, random_state=0)``, i.e. a fixed
     stratified split of 1,347 train / 450 test images. Pixel values 0..16 are scaled to

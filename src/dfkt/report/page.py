@@ -51,11 +51,13 @@ def _curve_figures(run: Path, summary: dict, out: Path, tag: str) -> list[tuple[
             x = [e["train_seconds"] for e in curve]
             key = "test_acc" if "test_acc" in curve[0] else "adapted_acc"
             ax.plot(x, [e[key] for e in curve], marker=".", label=f"{key} (test labels: for the report only)")
-            agreement = [e.get("teacher_agreement") for e in curve]
-            if any(a is not None for a in agreement):
-                ax.plot([xi for xi, a in zip(x, agreement) if a is not None], [a for a in agreement if a is not None],
-                        marker=".", label="teacher agreement on held-out synthetic images (label-free)")
-            ax.set_xlabel("training seconds"), ax.set_ylabel("accuracy"), ax.legend(fontsize=7)
+            for name, what in (("teacher_agreement", "teacher agreement on held-out synthetic images (label-free)"),
+                               ("label_free_score", "information maximisation on the target (label-free)")):
+                values = [e.get(name) for e in curve]
+                if any(v is not None for v in values):
+                    ax.plot([xi for xi, v in zip(x, values) if v is not None], [v for v in values if v is not None],
+                            marker=".", label=what)
+            ax.set_xlabel("training seconds"), ax.set_ylabel("accuracy, score"), ax.legend(fontsize=7)
         figures.append(("Accuracy over training time", _figure(out / f"{tag}-accuracy.png", accuracy)))
     records = [r for r in read_metrics(run / "metrics.jsonl") if "stage" in r and "step" in r and "event" not in r]
     for stage in dict.fromkeys(r["stage"] for r in records):
@@ -113,6 +115,12 @@ def run_section(run: Path, out: Path, tag: str) -> Section:
                            f"{pct(summary['adapted']['transductive'])} / {pct(summary['source_only']['transductive'])}"),
                           ("inductive: adapted / source only",
                            f"{pct(summary['adapted']['inductive'])} / {pct(summary['source_only']['inductive'])}")]
+        selected = summary.get("selected")
+        if selected is not None:  # runs from before the label-free selection have none
+            epoch = "final weights" if selected["epoch"] is None else f"epoch {selected['epoch']:g}"
+            section.facts.append((f"label-free selection ({epoch}): transductive / inductive",
+                                  f"{pct(selected['transductive'])} / {pct(selected['inductive'])}"))
+        section.warnings = summary.get("warnings", [])
     section.figures[:0] = _curve_figures(run, summary, out, tag)
     if (run / "config.yaml").is_file():
         section.blocks.append(("config.yaml", (run / "config.yaml").read_text()))
