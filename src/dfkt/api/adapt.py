@@ -120,7 +120,8 @@ def adapt(method: str | None = None, source: str | Path | None = None, target: s
                "source_only": {"transductive": accuracy(source_model, adapted_half),
                                "inductive": accuracy(source_model, held_out)},
                "adapted": {"transductive": transductive, "inductive": accuracy(setup.model, held_out)},
-               "seconds": {"adapt": sum(result.seconds.values()), "wall": time.perf_counter() - started},
+               "seconds": {"adapt": sum(result.seconds.values()), "evaluation": result.evaluation_seconds,
+                           "wall": time.perf_counter() - started},
                "stopped_by_budget": result.stopped_by_budget, "curve": result.evaluations,
                "distributed": {**scaling, "replica_sha256": result.replica_sha256}}
     if engine.is_main:
