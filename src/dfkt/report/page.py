@@ -77,7 +77,8 @@ def _curve_figures(run: Path, summary: dict, out: Path, tag: str) -> list[tuple[
             if x[-1] > x[0]:
                 ax.set_xlim(x[0], x[-1])
             ax.set_ylim(*accuracy_limits(shown))
-            ax.set_xlabel("training seconds"), ax.set_ylabel("accuracy"), ax.legend(fontsize=7)
+            ax.set_xlabel("training seconds"), ax.set_ylabel("accuracy")
+            ax.legend(fontsize=7, loc="lower right")  # the curve rises at the left
         figures.append(("Accuracy over training time", _figure(out / f"{tag}-accuracy.png", accuracy)))
     records = [r for r in read_metrics(run / "metrics.jsonl") if "stage" in r and "step" in r and "event" not in r]
     for stage in dict.fromkeys(r["stage"] for r in records):
