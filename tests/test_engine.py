@@ -116,3 +116,58 @@ def test_slow_steps_are_evaluated_by_time_as_well_as_by_step_count():
     steps = [e["step"] for e in result.evaluations]
     assert len(steps) >= 3 and steps[-1] == 8  # about every third step, and at the end
     assert all(b - a >= 2 for a, b in zip(steps, steps[1:]))
+
+
+class FakeClock:
+    """The engine's clock, moved only by the test: a training step and an evaluation each take a set
+    number of seconds, so the evaluation schedule is checked by counting, not by timing."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def clocked_run(monkeypatch, steps, step_seconds, eval_seconds_each, **run):
+    from types import SimpleNamespace
+
+    import dfkt.engine.engine as engine_module
+
+    clock = FakeClock()
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+
+    def step(i):
+        clock.now += step_seconds
+        return {}
+
+    def on_eval():
+        clock.now += eval_seconds_each
+        return {"acc": 0.0}
+
+    engine = Engine(EngineConfig(precision="32-true", progress=False, checkpoint_seconds=1e9))
+    return engine.run([Stage("student", steps, step, evaluate=True)], None, {}, on_eval=on_eval, **run)
+
+
+def test_a_stage_gets_about_twenty_evaluations_from_its_steps_or_its_budget(monkeypatch):
+    from dfkt.engine.engine import EVAL_POINTS
+
+    by_steps = clocked_run(monkeypatch, 200, 1.0, 0.0)
+    steps = [e["step"] for e in by_steps.evaluations]
+    assert steps == list(range(0, 201, 200 // EVAL_POINTS))  # the stage's start, evenly between, its end
+    by_budget = clocked_run(monkeypatch, 10**6, 1.0, 0.0, max_seconds=100.0)  # the budget ends it first
+    seconds = [e["train_seconds"] for e in by_budget.evaluations]
+    assert EVAL_POINTS - 1 <= len(seconds) <= EVAL_POINTS + 2 and seconds[0] == 0 and seconds[-1] == 100
+    assert by_budget.evaluation_seconds == 0.0
+
+
+def test_costly_evaluations_are_spaced_to_a_small_share_of_the_training_time(monkeypatch):
+    from dfkt.engine.engine import EVAL_SHARE
+
+    result = clocked_run(monkeypatch, 200, 1.0, 2.0)  # each evaluation costs 2 steps: 20 would take 20%
+    inside = result.evaluations[1:-1]  # the stage's start and end are always scored
+    assert 4 <= len(inside) and len(inside) * 2.0 <= EVAL_SHARE * 200
+    assert result.evaluation_seconds == 2.0 * len(result.evaluations)
+    assert [e["train_seconds"] for e in result.evaluations][-1] == 200  # evaluation is not training time
+    explicit = clocked_run(monkeypatch, 200, 1.0, 2.0, eval_every=10)  # a set interval is kept as set
+    assert [e["step"] for e in explicit.evaluations] == list(range(0, 201, 10))

@@ -24,7 +24,8 @@ def test_readme_starts_with_the_demo_and_test_commands():
     assert demo.endswith("dfkt demo") and "torch==2.14.1 torchvision==0.29.1" in demo
     assert "pytest" in tests
     # The data the tests read is installed by the test command itself, not by CI alone.
-    assert "dataset-fashion-mnist" in tests and "chromium" in tests
+    assert "dataset-fashion-mnist" in tests and "chromium" in tests and "postgresql" in tests.split("&&")[1]
+    assert "'.[test]'" in tests  # whose extras include the postgres driver (pyproject.toml)
 
 
 def test_ci_runs_the_readme_commands_and_installs_nothing_else():

@@ -68,3 +68,28 @@ def test_report_of_a_sweep_has_a_box_plot(run_and_sweep, tmp_path):
 def test_report_refuses_a_folder_without_results(tmp_path):
     with pytest.raises(DfktError, match="summary.json or sweep.json"):
         dfkt.report([tmp_path], tmp_path / "out")
+
+
+def test_a_short_run_has_an_accuracy_curve_at_a_small_cost(digits_teacher, tmp_path):
+    """No evaluation settings: the student stage is scored from its start to its end, at least 10
+    times, and evaluating stays a small share of its time (the engine's schedule itself is counted
+    on a fake clock in test_engine)."""
+    steps = 400
+    overrides = [o for o in tiny_rdskd(student_steps_per_epoch=steps) if not o.startswith("eval_")]
+    summary = dfkt.distill("rdskd", digits_teacher, overrides=overrides + ["engine.threads=1"], out=tmp_path / "run")
+    curve = summary["curve"]
+    assert len(curve) >= 10 and curve[0]["step"] == 0 and curve[-1]["step"] == steps, curve
+    seconds = summary["seconds"]
+    assert seconds["evaluation"] < 0.1 * seconds["by_stage"]["student"], seconds
+    dfkt.report([tmp_path / "run"], tmp_path / "report")
+    assert f"| evaluations (test set and teacher agreement) | {len(curve)}, " in \
+        (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_accuracy_axis_shows_the_curve_with_a_margin_and_no_zoom_into_noise():
+    from dfkt.report.page import accuracy_limits
+
+    low, high = accuracy_limits([0.9756, 0.9756, 0.9609, 0.9766, 0.9956])  # two points and the teacher
+    assert high - low >= 0.1 - 1e-9 and low < 0.9609 and 0.9956 < high <= 1.0
+    assert accuracy_limits([0.1, 0.6, 0.97]) == pytest.approx((0.0565, 1.0))
+    assert accuracy_limits([0.0, 0.02]) == (0.0, 0.1)

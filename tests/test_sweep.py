@@ -166,6 +166,108 @@ def test_a_storage_that_cannot_open_names_the_flag(tmp_path):
         open_storage("nosuchdialect://host/db")
 
 
+def test_a_missing_database_driver_is_one_line_naming_the_pip_command(monkeypatch, tmp_path, capsys):
+    from dfkt.cli import main
+    from dfkt.sweep import database_url, open_storage
+
+    assert database_url("postgresql://me@db:5432/sweeps") == "postgresql+psycopg://me@db:5432/sweeps"
+    assert database_url("postgresql+psycopg2://me@db/sweeps") == "postgresql+psycopg2://me@db/sweeps"
+    assert database_url("sqlite:///sweep.db") == "sqlite:///sweep.db"
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if `pip install 'dfkt[postgres]'` had not run
+    with pytest.raises(DfktError, match=r"pip install 'dfkt\[postgres\]'"):
+        open_storage("postgresql://me:secret@127.0.0.1:1/sweeps")
+    code = main(["sweep", "--method", "rdskd", "--teacher", "t.safetensors", "--out", str(tmp_path / "sweep"),
+                 "--storage", "postgresql://me:secret@127.0.0.1:1/sweeps"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "pip install 'dfkt[postgres]'" in err, err
+    assert "secret" not in err and "Traceback" not in err
+
+
+def postgres_program(name: str) -> str | None:
+    """A PostgreSQL server program: on the PATH, or where Debian's postgresql package puts it."""
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    versions = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                      key=lambda p: int(p.split("/")[-3]) if p.split("/")[-3].isdigit() else 0)
+    return found or (versions[-1] if versions else None)
+
+
+def missing(reason: str):
+    """A system dependency the README's test command installs: CI must have it, elsewhere skip."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def postgres_url(request):
+    """A throwaway PostgreSQL cluster in a temporary folder on a free local port, stopped and deleted
+    afterwards; its URL (the driver of the postgres extra, trust authentication, local only)."""
+    import shutil
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    initdb, pg_ctl = postgres_program("initdb"), postgres_program("pg_ctl")
+    if not (initdb and pg_ctl):
+        missing("the PostgreSQL sweep test needs a PostgreSQL server: apt-get install -y postgresql")
+    folder = Path(tempfile.mkdtemp(prefix="dfkt-postgres-"))
+    request.addfinalizer(lambda: shutil.rmtree(folder, ignore_errors=True))
+    as_user = {}
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: Debian's package makes a postgres user
+        import pwd
+
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            missing("the PostgreSQL sweep test runs as root and needs the postgres user: apt-get install -y "
+                    "postgresql")
+        os.chown(folder, account.pw_uid, account.pw_gid)
+        as_user = {"user": "postgres", "group": account.pw_gid}
+    data = folder / "data"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def run(*args):
+        done = subprocess.run(args, cwd=folder, capture_output=True, text=True, timeout=120, **as_user)
+        assert done.returncode == 0, f"{args[0]}: {done.stdout}{done.stderr}"
+
+    run(initdb, "-D", str(data), "-U", "dfkt", "--auth=trust", "-E", "UTF8", "--no-sync")
+    request.addfinalizer(lambda: subprocess.run([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
+                                                cwd=folder, capture_output=True, timeout=120, **as_user))
+    run(pg_ctl, "-D", str(data), "-l", str(folder / "server.log"), "-w", "-t", "60", "-o",
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    return f"postgresql://dfkt@127.0.0.1:{port}/postgres"
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_on_a_postgresql_server(tmp_path, digits_teacher, postgres_url):
+    import optuna
+
+    from dfkt.sweep import database_url
+
+    grid, out = spec(tmp_path, digits_teacher, grid={"params.gen_lr": [0.01]}), tmp_path / "sweep"  # 2 seeds
+    workers = [subprocess.Popen(sweep_command(grid, out, "--storage", postgres_url), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        logs = [w.communicate(timeout=900)[1] for w in workers]
+    finally:  # never leave a worker behind (the server stops after the test)
+        for w in workers:
+            w.kill()
+    assert all(w.returncode == 0 for w in workers), logs
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["storage"] == postgres_url and not (out / "study.journal").exists()
+    assert result["trials_finished"] == 2 and len({t["key"] for t in result["trials"]}) == 2
+    assert len({t["worker"] for t in result["trials"]}) == 2  # one each
+    assert sum(log.count("dfkt sweep: trial") for log in logs) == 2  # and no trial twice
+    study = optuna.load_study(study_name="dfkt-sweep", storage=database_url(postgres_url))
+    assert sorted(t.user_attrs["trial"]["key"] for t in study.trials if t.state.name == "COMPLETE") == \
+        sorted(t["key"] for t in result["trials"])  # kept in the server
+
+
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_repeating_finished_trials(tmp_path, digits_teacher):
     grid, out = spec(tmp_path, digits_teacher), tmp_path / "sweep"

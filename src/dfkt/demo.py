@@ -21,7 +21,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 1, precision: str | None
     teacher = api.train_teacher("digits_cnn", "digits", TEACHER_EPOCHS, overrides=engine_flags,
                                 out=out / "teacher", resume=True)
     student = api.distill("rdskd", teacher["model_file"], "digits_cnn_half", "cpu",
-                          overrides=engine_flags + RDSKD_PARAMS + ["eval_every=1000"], out=out / "rdskd",
+                          overrides=engine_flags + RDSKD_PARAMS, out=out / "rdskd",
                           resume=True, references=True)
     summary = {"teacher": teacher, "rdskd": student}
     write_json(out / "summary.json", {

@@ -91,7 +91,7 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, engine: Eng
                    num_classes: int, batch_size: int = 1000) -> dict:
     """Accuracy, per-class accuracy and confusion matrix (rows: true class) on normalised images."""
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    with engine.eval_mode(model), engine.autocast():
+    with torch.no_grad(), engine.eval_mode(model), engine.autocast():
         for start in range(0, len(images), batch_size):
             x = engine.to_device(images[start:start + batch_size])
             predicted = model(x).argmax(dim=1).cpu()

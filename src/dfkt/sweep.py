@@ -114,6 +114,17 @@ def open_storage(url: str):
     return optuna.storages.JournalStorage(JournalFileBackend(url))
 
 
+POSTGRES_DRIVER = "psycopg"  # what `pip install 'dfkt[postgres]'` installs (psycopg 3)
+
+
+def database_url(url: str) -> str:
+    """The URL SQLAlchemy opens: a PostgreSQL URL without a driver (postgresql://...) gets psycopg 3,
+    the driver of the ``postgres`` extra, whichever default the installed SQLAlchemy has (psycopg2
+    before 2.1); a URL naming its driver (postgresql+psycopg2://...) is left as it is."""
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql+{POSTGRES_DRIVER}://{rest}" if sep and scheme == "postgresql" else url
+
+
 def _database(optuna, url: str, attempts: int = 5):
     """Workers started together race to create the schema (the loser gets an IntegrityError on
     Optuna's version row); retrying finds the schema made. SQLite writers wait up to a minute for
@@ -121,9 +132,16 @@ def _database(optuna, url: str, attempts: int = 5):
     import sqlalchemy.exc
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    scheme = url.partition("://")[0]
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            return optuna.storages.RDBStorage(database_url(url), engine_kwargs=engine_kwargs)
+        except ImportError as exc:  # the database's driver is not installed
+            fix = "pip install 'dfkt[postgres]'" if scheme.startswith("postgresql") else \
+                "install the Python driver SQLAlchemy names for it"
+            missing = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc  # Optuna rewords it
+            raise DfktError(f"the sweep storage {scheme}://... needs a database driver that is not installed "
+                            f"({missing}): {fix}") from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as exc:
             error = exc
             time.sleep(0.2 * (attempt + 1))

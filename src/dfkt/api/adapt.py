@@ -182,7 +182,8 @@ def adapt(method: str | None = None, source: str | Path | None = None, target: s
                                      "weights when there was none"},
                "warnings": adaptation_warnings(source_score, final_score,
                                                final_score if chosen is None else selection.best_score),
-               "seconds": {"adapt": sum(result.seconds.values()), "wall": time.perf_counter() - started},
+               "seconds": {"adapt": sum(result.seconds.values()), "evaluation": result.evaluation_seconds,
+                           "wall": time.perf_counter() - started},
                "stopped_by_budget": result.stopped_by_budget, "curve": curve,
                "distributed": {**scaling, "replica_sha256": result.replica_sha256}}
     for warning in summary["warnings"]:

@@ -130,6 +130,7 @@ def distill(method: str | None = None, teacher: str | Path | None = None, studen
         "seconds": {"synthesis": sum(s for name, s in result.seconds.items() if name != "student") + in_student,
                     "student": result.seconds.get("student", 0.0) - in_student,
                     "total": sum(result.seconds.values()),
+                    "evaluation": result.evaluation_seconds,  # test set and teacher agreement, not training
                     "wall": time.perf_counter() - started, "by_stage": result.seconds},
         "generator_multiply_adds_per_image": _generator_cost(runner),
         "stopped_by_budget": result.stopped_by_budget,

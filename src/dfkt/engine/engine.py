@@ -25,6 +25,11 @@ from dfkt.engine.metrics import MetricsLog, environment
 from dfkt.errors import DfktError, TrainingDivergedError
 
 CHECKPOINT = "checkpoint.pt"
+# Unless a run sets its evaluation interval, a stage marked ``evaluate`` is scored about EVAL_POINTS
+# times (over its planned steps, or with a budget over the time it can have, whichever ends first),
+# and never more often than keeps the evaluations under EVAL_SHARE of its training time.
+EVAL_POINTS = 20
+EVAL_SHARE = 0.05
 FABRIC_LOGGERS = ("lightning_fabric", "lightning.fabric")  # set to WARNING by Engine(), not at import
 
 
@@ -63,6 +68,7 @@ class RunResult:
     evaluations: list[dict[str, Any]]
     sections: dict[str, float] = field(default_factory=dict)  # timed() parts inside stages
     replica_sha256: list[str] = field(default_factory=list)  # per rank: the trained weights' digest
+    evaluation_seconds: float = 0.0  # spent in on_eval, outside the training time
 
 
 class Engine:
@@ -252,7 +258,7 @@ class Engine:
                 "channels_last": self.cfg.channels_last}
 
     def run(self, stages: list[Stage], state: Stateful, run_config: dict[str, Any],
-            on_eval: Callable[[], dict[str, float]] | None = None, eval_every: int = 0,
+            on_eval: Callable[[], dict[str, float]] | None = None, eval_every: int | None = None,
             max_seconds: float | None = None, resume: bool = False,
             on_start: Callable[[], None] | None = None, eval_seconds: float | None = None) -> RunResult:
         """Run ``stages`` in order with checkpoints, metrics, progress and an optional time budget.
@@ -260,14 +266,18 @@ class Engine:
         ``run_config`` holds the settings that determine the result (with ``fingerprint()``);
         a resume refuses a checkpoint whose settings differ.
 
-        ``on_eval`` (a test-set evaluation) runs every ``eval_every`` steps of stages marked
-        ``evaluate``, also once ``eval_seconds`` of training time have passed since the last one (so
-        slow steps still give a curve), and at their end; its time, like checkpoint writing, is
-        not training time.
+        ``on_eval`` (a test-set evaluation) runs at the start and end of stages marked ``evaluate``
+        and in between every ``eval_every`` steps, also once ``eval_seconds`` of training time have
+        passed since the last one (so slow steps still give a curve). With neither given, the interval
+        is the stage's: about ``EVAL_POINTS`` evaluations over its planned steps or, with a budget, over
+        the time it can have, whichever comes first, and spaced so that the evaluations in between
+        (each timed as it runs) take at most ``EVAL_SHARE`` of the training time. Evaluation time, like checkpoint
+        writing, is not training time; ``RunResult.evaluation_seconds`` totals it.
         ``on_start`` runs once the checkpoint (if any) has been accepted, e.g. to record the config.
         """
         progress = _Progress(self.cfg.progress, self.is_main)
-        position = {"stage": 0, "step": 0, "seconds": {}, "sections": {}, "evaluations": [], "budget_hit": False}
+        position = {"stage": 0, "step": 0, "seconds": {}, "sections": {}, "evaluations": [], "budget_hit": False,
+                    "evaluation_seconds": 0.0}
         ckpt_path = self.run_dir / CHECKPOINT if self.run_dir else None
         if resume and ckpt_path is not None and ckpt_path.is_file():
             position = self._restore(ckpt_path, state, run_config)
@@ -280,6 +290,22 @@ class Engine:
         if on_start is not None and self.is_main:
             on_start()
         last_saved = time.perf_counter()
+        derived = eval_every is None and eval_seconds is None
+        position.setdefault("evaluation_seconds", 0.0)
+        eval_cost = 0.0  # how long the last evaluation within a stage took (its start's may include one-off work)
+
+        def evaluate(stage: Stage, done: int, total: float) -> None:
+            nonlocal eval_cost
+            began = time.perf_counter()
+            result = {"stage": stage.name, "step": done, "train_seconds": round(total, 3), **on_eval()}
+            position["evaluations"].append(result)
+            self.metrics.write({"event": "eval", **result})
+            for module in stage.train:  # evaluation may have switched modes
+                module.train()
+            took = time.perf_counter() - began
+            position["evaluation_seconds"] += took
+            if done > 0:
+                eval_cost = took
 
         for index, stage in enumerate(stages):
             if index < position["stage"] or position["budget_hit"]:
@@ -303,6 +329,13 @@ class Engine:
             if allowed is not None and stage.budget_share is not None:
                 allowed = min(allowed, stage.budget_share * max_seconds)
             self.stage_progress = first / stage.steps
+            scored = stage.evaluate and on_eval is not None
+            if scored and first == 0 and spent == 0.0:  # where the stage starts from: the curve's first point
+                evaluate(stage, 0, sum(position["seconds"].values()))
+            every, every_seconds = eval_every, eval_seconds
+            if derived:
+                every = max(1, round(stage.steps / EVAL_POINTS))
+                every_seconds = allowed / EVAL_POINTS if allowed is not None and allowed > 0 else None
             bar = progress.bar(stage.name, stage.steps, first)
             started = time.perf_counter() - spent
             for i in range(first, stage.steps):
@@ -317,22 +350,25 @@ class Engine:
                 bar.update(1)
                 elapsed = time.perf_counter() - started
                 total = elapsed + sum(s for n, s in position["seconds"].items() if n != stage.name)
-                since_eval = total - (position["evaluations"][-1]["train_seconds"] if position["evaluations"] else 0.0)
+                previous = position["evaluations"][-1] if position["evaluations"] else None
+                since_eval = total - (previous["train_seconds"] if previous else 0.0)
+                if derived:  # steps since this stage's last evaluation, and cheap enough by now
+                    since_step = done - (previous["step"] if previous and previous["stage"] == stage.name else 0)
+                    due = (since_step >= every or bool(every_seconds) and since_eval >= every_seconds) and \
+                        since_eval * EVAL_SHARE >= eval_cost * (1 - EVAL_SHARE)
+                else:
+                    due = bool(eval_every) and done % eval_every == 0 or \
+                        bool(eval_seconds) and since_eval >= eval_seconds
                 share_used = max_seconds is not None and stage.budget_share is not None and \
                     elapsed >= stage.budget_share * max_seconds
-                over_budget, eval_time, save_time, share_used = distributed.agree([
-                    max_seconds is not None and total >= max_seconds, bool(eval_seconds) and since_eval >= eval_seconds,
+                over_budget, due, save_time, share_used = distributed.agree([
+                    max_seconds is not None and total >= max_seconds, due,
                     time.perf_counter() - last_saved >= self.cfg.checkpoint_seconds, share_used])
                 stage_over = done == stage.steps or share_used
                 last = stage_over or over_budget
-                due = (eval_every and done % eval_every == 0) or eval_time
-                if stage.evaluate and on_eval is not None and (due or last):
+                if scored and (due or last):
                     paused = time.perf_counter()
-                    result = {"stage": stage.name, "step": done, "train_seconds": round(total, 3), **on_eval()}
-                    position["evaluations"].append(result)
-                    self.metrics.write({"event": "eval", **result})
-                    for module in stage.train:  # evaluation may have switched modes
-                        module.train()
+                    evaluate(stage, done, total)
                     started += time.perf_counter() - paused
                     elapsed = time.perf_counter() - started
                 position["seconds"][stage.name] = elapsed
@@ -354,7 +390,7 @@ class Engine:
                     break
             bar.close()
         return RunResult(dict(position["seconds"]), position["budget_hit"], position["evaluations"],
-                         dict(self.sections), self._check_replicas())
+                         dict(self.sections), self._check_replicas(), position["evaluation_seconds"])
 
     def _check_replicas(self) -> list[str]:
         """Each rank's digest of its replicas; ranks that drifted apart are an error, not a result."""

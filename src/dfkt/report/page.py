@@ -43,21 +43,44 @@ def _figure(path: Path, draw) -> Path:
     return path
 
 
+def accuracy_limits(values: list[float], least_span: float = 0.1) -> tuple[float, float]:
+    """The accuracy axis: every value with a margin, inside [0, 1], and at least ``least_span`` tall so
+    that a flat stretch of the curve looks flat rather than filling the plot with noise."""
+    low, high = min(values), max(values)
+    margin = max(0.01, 0.05 * (high - low))
+    low, high = max(0.0, low - margin), min(1.0, high + margin)
+    if high - low < least_span:
+        low = max(0.0, high - least_span)
+        high = min(1.0, low + least_span)
+    return low, high
+
+
 def _curve_figures(run: Path, summary: dict, out: Path, tag: str) -> list[tuple[str, Path]]:
     figures = []
     curve = [e for e in summary.get("curve", []) if e.get("test_acc") is not None or e.get("adapted_acc") is not None]
     if curve:
         def accuracy(ax):
+            # The evaluated stage from its start (the run's first evaluation) to its end.
             x = [e["train_seconds"] for e in curve]
             key = "test_acc" if "test_acc" in curve[0] else "adapted_acc"
-            ax.plot(x, [e[key] for e in curve], marker=".", label=f"{key} (test labels: for the report only)")
+            shown = [e[key] for e in curve]
+            ax.plot(x, shown, marker=".", label=f"{key} (test labels: for the report only)")
             for name, what in (("teacher_agreement", "teacher agreement on held-out synthetic images (label-free)"),
                                ("label_free_score", "information maximisation on the target (label-free)")):
                 values = [e.get(name) for e in curve]
                 if any(v is not None for v in values):
                     ax.plot([xi for xi, v in zip(x, values) if v is not None], [v for v in values if v is not None],
                             marker=".", label=what)
-            ax.set_xlabel("training seconds"), ax.set_ylabel("accuracy, score"), ax.legend(fontsize=7)
+                    shown += [v for v in values if v is not None]
+            if summary.get("teacher_acc") is not None:
+                ax.axhline(summary["teacher_acc"], color="gray", linestyle="--", linewidth=1,
+                           label=f"teacher ({pct(summary['teacher_acc'])})")
+                shown.append(summary["teacher_acc"])
+            if x[-1] > x[0]:
+                ax.set_xlim(x[0], x[-1])
+            ax.set_ylim(*accuracy_limits(shown))
+            ax.set_xlabel("training seconds"), ax.set_ylabel("accuracy, score")
+            ax.legend(fontsize=7, loc="lower right")  # the curve rises at the left
         figures.append(("Accuracy over training time", _figure(out / f"{tag}-accuracy.png", accuracy)))
     records = [r for r in read_metrics(run / "metrics.jsonl") if "stage" in r and "step" in r and "event" not in r]
     for stage in dict.fromkeys(r["stage"] for r in records):
@@ -92,6 +115,11 @@ def run_section(run: Path, out: Path, tag: str) -> Section:
                           ("student (best on test, oracle)", pct(summary["student_best_on_test_acc"])),
                           ("seconds: synthesis / student / total",
                            " / ".join(f"{summary['seconds'][k]:.0f}" for k in ("synthesis", "student", "total")))]
+        if "evaluation" in summary["seconds"]:
+            section.facts.append(("evaluations (test set and teacher agreement)",
+                                  f"{len(summary.get('curve', []))}, {summary['seconds']['evaluation']:.1f} s "
+                                  f"({summary['seconds']['evaluation'] / max(summary['seconds']['total'], 1e-9):.1%} "
+                                  "of the training time)"))
         samples = summary.get("samples", {})
         diversity = samples.get("diversity") or {}
         section.facts += [("teacher confidence on samples", f"{samples.get('teacher_confidence', 0):.3f}"),
