@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -133,3 +134,19 @@ def make_image_data(
     """Build an :class:`ImageData`, computing mean/std from the train images."""
     mean, std = channel_stats(train[0])
     return ImageData(name, train[0], train[1], test[0], test[1], num_classes, mean, std)
+
+
+def stratified_split(name: str, images: np.ndarray, labels: np.ndarray, test_size: float | int, seed: int,
+                     size: int) -> ImageData:
+    """A fixed stratified train/test split of N×H×W uint8 ``images`` (scikit-learn's
+    ``train_test_split(test_size, stratify=labels, random_state=seed)``), resized to ``size``."""
+    from sklearn.model_selection import train_test_split  # slow to import; only these loaders need it
+
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels,
+                                           random_state=seed)
+    images_t, labels_t = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    return make_image_data(name, (fit_size(images_t[train_idx], size, "resize"), labels_t[train_idx]),
+                           (fit_size(images_t[test_idx], size, "resize"), labels_t[test_idx]),
+                           num_classes=len(np.unique(labels)))
+

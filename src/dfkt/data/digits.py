@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from dfkt.data.base import ImageData, fit_size, make_image_data
+from dfkt.data.base import ImageData, stratified_split
 from dfkt.registry import DATASETS
 
 
@@ -20,21 +19,8 @@ def load_digits(root: str | None, download: bool, image_size: int | None) -> Ima
     """
     # Imported here: scikit-learn is slow to import and only this loader needs it.
     from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = sklearn_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
     labels = bunch.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(
-        np.arange(len(labels)), test_size=0.25, stratify=labels, random_state=0
-    )
-    images_t = torch.from_numpy(images).unsqueeze(1)
-    labels_t = torch.from_numpy(labels)
-    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    size = 8 if image_size is None else image_size
-    return make_image_data(
-        "digits",
-        (fit_size(images_t[train_idx], size, "resize"), labels_t[train_idx]),
-        (fit_size(images_t[test_idx], size, "resize"), labels_t[test_idx]),
-        num_classes=10,
-    )
+    return stratified_split("digits", images, labels, 0.25, 0, 8 if image_size is None else image_size)

