@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,8 @@ def export_onnx(net: torch.nn.Module, info: ModelInfo, out: str | Path) -> Path:
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
         program.save(str(out))
     except Exception as exc:  # the exporter raises many kinds, with pages of detail
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split("Next steps")[0]
+        first = (text.strip().splitlines() or [""])[0][:200]
         raise DfktError(f"the model ({info.arch}) cannot be exported to ONNX: {exc.__class__.__name__}: {first}") \
             from None
     proto = onnx.load(str(out))

@@ -66,12 +66,14 @@ def quantize_onnx(fp32: Path, out: Path, images: Tensor, method: str, percentile
 
 
 def session(path: Path, threads: int | None = None):
+    """A CPU inference session using ``threads`` threads (default: as many as torch uses, so
+    OMP_NUM_THREADS=1 or torch.set_num_threads(1) holds ONNX Runtime to one core too)."""
     import onnxruntime
+    import torch
 
     options = onnxruntime.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
