@@ -33,6 +33,7 @@ from common import command_line, machine, write
 
 from dfkt import api
 from dfkt.api.export import export_onnx
+from dfkt.data import load_dataset, normalize
 from dfkt.models.files import load_model
 from dfkt.quantize import backend
 from dfkt.quantize.sources import batchnorm_layers
@@ -44,10 +45,9 @@ def latency(paths: dict[str, Path], batch: int, shape: tuple[int, ...], threads:
     x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for s in sessions.values():  # warm-up
-        for _ in range(3):
-            s.run(None, {"image": x})
+        s.run(None, {"image": x})
     started = time.perf_counter()
-    while time.perf_counter() - started < seconds or min(len(t) for t in times.values()) < 10:
+    while time.perf_counter() - started < seconds or min(len(t) for t in times.values()) < 5:
         for name, s in sessions.items():
             t = time.perf_counter()
             s.run(None, {"image": x})
@@ -70,26 +70,53 @@ def lscpu_flags() -> str:
     return " ".join(keep)
 
 
-def one_model(name: str, path: str, args, work: Path, generator_runs: list[str]) -> dict:
+class TestSet:
+    """The model's real test images (normalised) and labels, the first ``limit`` of them when set, scored
+    in ONNX Runtime with the benchmark's threads."""
+
+    def __init__(self, info, limit: int | None, threads: int):
+        data = load_dataset(info.dataset, None, False, info.image_size)
+        n = len(data.test_labels) if limit is None else min(limit, len(data.test_labels))
+        self.images = normalize(data.test_images[:n], info.mean, info.std)
+        self.labels = data.test_labels[:n].numpy()
+        self.threads = threads
+
+    def accuracy(self, onnx_file: Path) -> float:
+        predicted = backend.logits(backend.session(onnx_file, self.threads), self.images).argmax(1)
+        return float((predicted == self.labels).mean())
+
+
+def one_model(name: str, spec: str, args, work: Path, generator_runs: list[str]) -> dict:
+    path, *options = spec.split(",")
+    options = dict(o.split("=", 1) for o in options)  # a lighter protocol for one model, e.g. seeds=1,test=500
+    seeds = [int(s) for s in options.pop("seeds").split("+")] if "seeds" in options else args.seeds
+    limit = int(options.pop("test")) if "test" in options else None
+    args = argparse.Namespace(**vars(args))
+    for key, value in options.items():  # any other option: a global setting for this model only
+        setattr(args, key, type(getattr(args, key))(value))
     net, info = load_model(path)
     has_bn = bool(batchnorm_layers(net))
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
-    fp32_onnx = export_onnx(net.eval(), info, folder / "fp32.onnx")
-    result: dict = {"model": path, "arch": info.arch, "dataset": info.dataset, "batchnorm": has_bn,
-                    "fp32_acc": api.evaluate(path)["accuracy"], "fp32_onnx_acc": api.evaluate(fp32_onnx)["accuracy"],
+    fp32_onnx = export_onnx(net.eval(), info, folder / "fp32.onnx", optimize=False)
+    test = TestSet(info, limit, args.threads)
+    result: dict = {"model": path, "arch": info.arch, "dataset": info.dataset, "batchnorm": has_bn, "seeds": seeds,
+                    "settings": {k: getattr(args, k) for k in ("calibration_images", "check_images", "bn_iterations",
+                                                               "bn_batch", "generator_steps", "generator_batch",
+                                                               "generator_width")},
+                    "test_images": len(test.labels), "fp32_acc": test.accuracy(fp32_onnx),
                     "bytes": {"fp32": fp32_onnx.stat().st_size}, "sources": {}}
-    print(f"{name}: fp32 {result['fp32_acc']:.4f} (ONNX {result['fp32_onnx_acc']:.4f})", flush=True)
+    print(f"{name}: fp32 ONNX {result['fp32_acc']:.4f} on {len(test.labels)} test images", flush=True)
     budget = {"calibration_images": args.calibration_images, "check_images": args.check_images,
               "calibrate_method": args.calibrate_method, "min_agreement": 0.0}
     params = {"bn-inversion": [f"params.iterations={args.bn_iterations}", f"params.batch={args.bn_batch}"],
               "generator": [f"params.steps={args.generator_steps}", f"params.batch={args.generator_batch}",
                             f"params.width={args.generator_width}"],
               "gaussian": [], "real": []}
-    plan = [(s, seed, None) for s in ("bn-inversion", "generator", "gaussian") for seed in args.seeds
+    plan = [(s, seed, None) for s in ("bn-inversion", "generator", "gaussian") for seed in seeds
             if s != "bn-inversion" or has_bn]
-    plan += [("generator (distill run)", seed, run) for seed, run in zip(args.seeds, generator_runs)]
-    plan += [("real", args.seeds[0], None)]
+    plan += [("generator (distill run)", seed, run) for seed, run in zip(seeds, generator_runs)]
+    plan += [("real", seeds[0], None)]
     int8_file = None
     for label, seed, run in plan:
         source = "generator" if run else label
@@ -99,7 +126,7 @@ def one_model(name: str, path: str, args, work: Path, generator_runs: list[str])
         started = time.perf_counter()
         r = api.quantize(path, source, out, seed=seed, overrides=overrides, **budget)
         seconds = time.perf_counter() - started
-        acc = api.evaluate(out)["accuracy"]
+        acc = test.accuracy(out)
         print(f"{name} {label} seed {seed}: int8 {acc:.4f}, agreement {r['top1_agreement_with_fp32']:.3f}, "
               f"{r['seconds']['synthesis']:.1f} s synthesis, {seconds:.1f} s total", flush=True)
         row = result["sources"].setdefault(label, {"runs": []})
@@ -132,7 +159,9 @@ def markdown(data: dict) -> str:
              f"int8/fp32 top-1 agreement on {data['settings']['check_images']} held-out images of the same source.", ""]
     for name, r in data["models"].items():
         lines += [f"## {name}: {r['arch']} on {r['dataset']}" + (" (BatchNorm)" if r["batchnorm"] else " (no BatchNorm)"),
-                  "", f"fp32: {100 * r['fp32_acc']:.2f} (PyTorch), {100 * r['fp32_onnx_acc']:.2f} (ONNX Runtime)", "",
+                  "", f"fp32 (ONNX Runtime): {100 * r['fp32_acc']:.2f} on {r['test_images']} test images; seeds "
+                  f"{', '.join(map(str, r['seeds']))}; settings: "
+                  + ", ".join(f"{k} {v}" for k, v in r["settings"].items()), "",
                   "| calibration | int8 accuracy | vs fp32 | per seed | agreement | synthesis s |",
                   "|---|---|---|---|---|---|"]
         for label, row in r["sources"].items():
@@ -154,7 +183,8 @@ def markdown(data: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH")
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH[,seeds=1+2][,test=N]",
+                        help="a model file; seeds= and test= give it fewer seeds or only the first N test images")
     parser.add_argument("--generator-runs", action="append", default=[], metavar="NAME=RUN1,RUN2,...")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--threads", type=int, default=1)

@@ -163,6 +163,10 @@ def test_a_model_onnx_cannot_export_is_a_one_line_error(tmp_path, capsys, monkey
     monkeypatch.syspath_prepend(str(tmp_path))
     from odd_nets import build
 
+    from dfkt.quantize.sources import Gaussian
+
+    monkeypatch.setattr(Gaussian, "images", lambda self, n: pytest.fail("synthesised before exporting"))
+
     save_file(build().state_dict(), str(tmp_path / "odd.safetensors"))
     out = tmp_path / "out" / "odd.onnx"
     assert quantize("odd_nets:build", "gaussian", out, "--model-weights", str(tmp_path / "odd.safetensors"),

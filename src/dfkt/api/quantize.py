@@ -71,11 +71,14 @@ def quantize(model: str | Path | None = None, calibration: str | None = None, ou
     out = Path(cfg.out)
     placeholder = _claim(out)  # an unwritable --out fails now, before minutes of synthesis
     try:
-        with _callers_global_state_kept(), _threads(cfg.threads):
+        with _callers_global_state_kept(), _threads(cfg.threads), \
+                tempfile.TemporaryDirectory(prefix="dfkt-quantize-") as work:
             net, info, run_dir, name = load_quantize_model(cfg)
             net = net.cpu().float().eval().requires_grad_(False)
             ctx = CalibrationContext(net, info, cfg.seed, cfg.data, run_dir, cfg.progress)
-            source = CALIBRATION_SOURCES.get(cfg.calibration)(params, ctx)
+            source = CALIBRATION_SOURCES.get(cfg.calibration)(params, ctx)  # refuses what it cannot serve
+            work = Path(work)
+            fp32 = export_onnx(net, info, work / "fp32.onnx", optimize=False)  # a model ONNX cannot take fails before synthesis
             torch.manual_seed(cfg.seed)
             started = time.perf_counter()
             images = source.images(cfg.calibration_images + cfg.check_images).float().cpu().contiguous()
@@ -84,24 +87,21 @@ def quantize(model: str | Path | None = None, calibration: str | None = None, ou
                 raise DfktError(f"calibration source {cfg.calibration} made images with inf/NaN values; "
                                 "change its settings (--set params.NAME=VALUE)")
             calib, held_out = images[:cfg.calibration_images], images[cfg.calibration_images:]
-            with tempfile.TemporaryDirectory(prefix="dfkt-quantize-") as work:
-                work = Path(work)
-                fp32 = export_onnx(net, info, work / "fp32.onnx")
-                fp32_session = backend.session(fp32)
-                fp32_logits = backend.logits(fp32_session, held_out)
-                with torch.no_grad():
-                    torch_logits = net(held_out).numpy()
-                difference = float(np.abs(fp32_logits - torch_logits).max())
-                if difference > TOLERANCE * max(float(np.abs(torch_logits).max()), 1.0):
-                    raise DfktError(f"the fp32 ONNX export differs from PyTorch by up to {difference:.2g}; "
-                                    "nothing was quantized")
-                started = time.perf_counter()
-                record = backend.quantize_onnx(fp32, placeholder, calib, cfg.calibrate_method, cfg.percentile,
-                                               cfg.per_channel, cfg.activation_type, work)
-                quantize_seconds = time.perf_counter() - started
-                int8_logits = backend.logits(backend.session(placeholder), held_out)
-                agreement = float((int8_logits.argmax(1) == fp32_logits.argmax(1)).mean())
-                fp32_bytes = fp32.stat().st_size
+            fp32_session = backend.session(fp32)
+            fp32_logits = backend.logits(fp32_session, held_out)
+            with torch.no_grad():
+                torch_logits = net(held_out).numpy()
+            difference = float(np.abs(fp32_logits - torch_logits).max())
+            if difference > TOLERANCE * max(float(np.abs(torch_logits).max()), 1.0):
+                raise DfktError(f"the fp32 ONNX export differs from PyTorch by up to {difference:.2g}; "
+                                "nothing was quantized")
+            started = time.perf_counter()
+            record = backend.quantize_onnx(fp32, placeholder, calib, cfg.calibrate_method, cfg.percentile,
+                                           cfg.per_channel, cfg.activation_type, work)
+            quantize_seconds = time.perf_counter() - started
+            int8_logits = backend.logits(backend.session(placeholder), held_out)
+            agreement = float((int8_logits.argmax(1) == fp32_logits.argmax(1)).mean())
+            fp32_bytes = fp32.stat().st_size
             if agreement < cfg.min_agreement:
                 raise DfktError(f"the int8 model agrees with fp32 on only {agreement:.1%} of {len(held_out)} held-out "
                                 f"{cfg.calibration} images (min_agreement {cfg.min_agreement:g}); nothing written to "
