@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import statistics
 import subprocess
 import sys
@@ -153,10 +154,11 @@ def markdown(data: dict) -> str:
     lines = [f"# B6 — data-free int8 quantization ({data['date']})", "",
              f"`{data['command']}`", "",
              f"Machine: {m['cpu']}, {m['cores']} cores ({m['flags']}), torch {m['torch']}, onnxruntime "
-             f"{data['onnxruntime']}, {data['threads']} thread(s). Test accuracy (%) on the real test set; int8 "
-             f"rows mean ± std over seeds {', '.join(map(str, data['seeds']))} (real: one seed). Calibration: "
-             f"{data['settings']['calibration_images']} images, {data['settings']['calibrate_method']}; agreement = "
-             f"int8/fp32 top-1 agreement on {data['settings']['check_images']} held-out images of the same source.", ""]
+             f"{data['onnxruntime']}, {data['threads']} thread(s). Test accuracy (%) on the real test set (or its "
+             "first N images, as noted per model), fp32 and int8 both in ONNX Runtime; int8 rows: mean ± std over "
+             "the model's seeds (real: its first seed only). Calibration method "
+             f"{data['settings']['calibrate_method']}; per-model image counts and synthesis settings below; "
+             "agreement = int8/fp32 top-1 agreement on the source's held-out images (check_images).", ""]
     for name, r in data["models"].items():
         lines += [f"## {name}: {r['arch']} on {r['dataset']}" + (" (BatchNorm)" if r["batchnorm"] else " (no BatchNorm)"),
                   "", f"fp32 (ONNX Runtime): {100 * r['fp32_acc']:.2f} on {r['test_images']} test images; seeds "
@@ -225,3 +227,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def rerender(json_file: Path) -> str:
+    """The markdown of a finished run's JSON, as this script renders it now."""
+    return markdown(json.loads(json_file.read_text()))
