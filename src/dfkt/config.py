@@ -229,3 +229,33 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
 def dump_yaml(cfg: BaseModel | dict, path: str | Path) -> None:
     data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+class QuantizeConfig(StrictModel):
+    """``dfkt quantize``: int8 post-training quantization through ONNX Runtime, calibrated on synthetic
+    images (or real ones, as a reference); the calibration source's own settings live under ``params``."""
+
+    model: str = Field("", description="a dfkt model file, a run folder (a distill run's student by default), "
+                                       "or any teacher 'dfkt distill --teacher' accepts")
+    model_weights: str | None = Field(None, description="state-dict file of a torchvision:NAME or module:function model")
+    model_info: DeclaredInfo = DeclaredInfo()
+    run_model: Literal["student", "selected", "teacher"] = Field(
+        "student", description="for a distill run folder: its last student, its label-free selected student, "
+                               "or its teacher")
+    data: DataConfig = DataConfig()
+    out: str = Field("", description="the int8 ONNX file to write")
+    calibration: str = Field("bn-inversion", description="calibration source (see 'dfkt list calibration-sources')")
+    calibration_images: int = Field(256, ge=1, description="images fed to the calibrator")
+    check_images: int = Field(128, ge=1, description="held-out images of the same source on which int8 and fp32 "
+                                                      "top-1 predictions are compared before writing")
+    min_agreement: float = Field(0.9, ge=0, le=1, description="refuse to write when int8 agrees with fp32 on fewer "
+                                                              "held-out images than this share")
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = Field(99.999, gt=0, le=100, description="percentile calibration: the activation range kept")
+    per_channel: bool = Field(True, description="one weight scale per output channel")
+    activation_type: Literal["uint8", "int8"] = Field(
+        "uint8", description="activations: uint8 (with int8 weights, the fast U8S8 kernels on x86) or int8")
+    params: dict[str, Any] = {}
+    seed: int = 1
+    threads: int | None = Field(None, ge=1, description="CPU threads for synthesis; None keeps torch's default")
+    progress: bool | None = Field(None, description="progress bar on synthesis; None shows it on a terminal")

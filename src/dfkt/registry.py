@@ -1,4 +1,4 @@
-"""One registry class for everything that is chosen by name: methods, models, datasets."""
+"""One registry class for everything that is chosen by name: methods, models, datasets, calibration sources."""
 
 from __future__ import annotations
 
@@ -49,3 +49,4 @@ MODELS: Registry = Registry("model")
 DATASETS: Registry = Registry("dataset")
 GENERATORS: Registry = Registry("generator")
 ADAPT_METHODS: Registry = Registry("adaptation method")
+CALIBRATION_SOURCES: Registry = Registry("calibration source")

@@ -12,11 +12,12 @@ from dfkt.data import ImageData, load_dataset, normalize
 from dfkt.engine import Engine
 from dfkt.errors import ConfigError
 from dfkt.models.files import ModelInfo
-from dfkt.registry import ADAPT_METHODS, DATASETS, METHODS, MODELS
+from dfkt.registry import ADAPT_METHODS, CALIBRATION_SOURCES, DATASETS, METHODS, MODELS
 
 
 def list_names(kind: str) -> list[str]:
-    registries = {"methods": METHODS, "adapt-methods": ADAPT_METHODS, "models": MODELS, "datasets": DATASETS}
+    registries = {"methods": METHODS, "adapt-methods": ADAPT_METHODS, "models": MODELS, "datasets": DATASETS,
+                  "calibration-sources": CALIBRATION_SOURCES}
     if kind not in registries:
         raise ConfigError(f"unknown list {kind!r}; choose one of: {', '.join(registries)}")
     return registries[kind].names()

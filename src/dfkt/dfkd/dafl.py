@@ -11,7 +11,7 @@ from __future__ import annotations
 
 
 from pydantic import Field, model_validator
-from torch import Tensor
+from torch import Tensor, nn
 
 from dfkt import losses
 from dfkt.dfkd.joint import JointConfig, JointMethod
@@ -64,11 +64,16 @@ class DAFL(JointMethod):
     }
 
     def objective(self, images: Tensor, z: Tensor) -> dict[str, Tensor]:
-        cfg = self.cfg
-        features = self.teacher.forward_features(images)
-        logits = self.teacher.classify(features)
-        l_oh = losses.one_hot_loss(logits)
-        l_a = losses.activation_loss(features)
-        l_ie = losses.class_balance_loss(logits, log_base=10)
-        return {"loss": cfg.w_oh * l_oh + cfg.w_a * l_a + cfg.w_ie * l_ie, "oh": l_oh, "a": l_a, "ie": l_ie,
-                "teacher_logits": logits}
+        return generator_objective(self.teacher, images, self.cfg.w_oh, self.cfg.w_a, self.cfg.w_ie)
+
+
+def generator_objective(teacher: nn.Module, images: Tensor, w_oh: float, w_a: float, w_ie: float) -> dict[str, Tensor]:
+    """DAFL's generator loss on one batch; ``teacher`` has ``forward_features`` and ``classify``. Also used
+    without a student, to train a calibration generator (``dfkt.quantize``)."""
+    features = teacher.forward_features(images)
+    logits = teacher.classify(features)
+    l_oh = losses.one_hot_loss(logits)
+    l_a = losses.activation_loss(features)
+    l_ie = losses.class_balance_loss(logits, log_base=10)
+    return {"loss": w_oh * l_oh + w_a * l_a + w_ie * l_ie, "oh": l_oh, "a": l_a, "ie": l_ie,
+            "teacher_logits": logits}

@@ -48,6 +48,21 @@ class RDSKDConfig(StudentTrainingConfig, GeneratorFields):
                                       "(or its steps, if sooner), so the student always gets the rest")
 
 
+def generator_losses(images: Tensor, logits: Tensor, references: Tensor | None,
+                     max_exponent: float) -> dict[str, Tensor]:
+    """The RDSKD generator objective on one batch: exp(L_oh − r_oh) + exp(L_ie − r_ie) + L_ds.
+    ``references=None`` takes this batch's own loss values as the references (the authors' reset step).
+    Also used without a student, to train a calibration generator (``dfkt.quantize``)."""
+    l_oh = losses.one_hot_loss(logits)
+    l_ie = losses.class_balance_loss(logits)
+    l_ds = losses.pairwise_diversity_loss(images, logits)
+    refs = torch.stack([l_oh, l_ie]).detach() if references is None else references
+    w_oh, clamp_oh = losses.exp_penalty(l_oh, refs[0], max_exponent)
+    w_ie, clamp_ie = losses.exp_penalty(l_ie, refs[1], max_exponent)
+    return {"loss": w_oh + w_ie + l_ds, "oh": l_oh, "ie": l_ie, "ds": l_ds, "exp_oh": w_oh, "exp_ie": w_ie,
+            "references": refs, "clamped": (clamp_oh | clamp_ie).float()}
+
+
 @METHODS.register("rdskd")
 class RDSKD(DistillMethod):
     Config = RDSKDConfig
@@ -83,16 +98,8 @@ class RDSKD(DistillMethod):
         self.student_trainer = StudentTrainer(self, cfg, student_source, synthesize_every=int(cfg.pool_refresh > 0))
 
     def generator_losses(self, images: Tensor, logits: Tensor, references: Tensor | None) -> dict[str, Tensor]:
-        """The RDSKD generator objective on one batch. ``references=None`` takes this batch's own
-        loss values as the references (the authors' reset step)."""
-        l_oh = losses.one_hot_loss(logits)
-        l_ie = losses.class_balance_loss(logits)
-        l_ds = losses.pairwise_diversity_loss(images, logits)
-        refs = torch.stack([l_oh, l_ie]).detach() if references is None else references
-        w_oh, clamp_oh = losses.exp_penalty(l_oh, refs[0], self.cfg.max_exponent)
-        w_ie, clamp_ie = losses.exp_penalty(l_ie, refs[1], self.cfg.max_exponent)
-        return {"loss": w_oh + w_ie + l_ds, "oh": l_oh, "ie": l_ie, "ds": l_ds, "exp_oh": w_oh, "exp_ie": w_ie,
-                "references": refs, "clamped": (clamp_oh | clamp_ie).float()}
+        """The RDSKD generator objective on one batch (see ``generator_losses``)."""
+        return generator_losses(images, logits, references, self.cfg.max_exponent)
 
     def objective(self, images: Tensor, z: Tensor) -> dict[str, Tensor]:
         references = None if self.reset_references else self.buffers["references"]
