@@ -301,7 +301,7 @@ def test_model_selected_and_a_warning_when_adapting_makes_the_model_worse(clean_
     summary = json.loads((out / "summary.json").read_text())
     assert len(warnings) == 1 and summary["warnings"] == [warnings[0].removeprefix("dfkt: warning: ")]
     assert "worse than the source model" in warnings[0]
-    assert [e["epoch"] for e in summary["curve"]] == [1, 2, 3]  # scored after every epoch
+    assert [e["epoch"] for e in summary["curve"]] == [0, 1, 2, 3]  # the start, then after every epoch
     final, source = summary["adapted"], summary["source_only"]
     assert final["label_free_score"] < 0.05 < source["label_free_score"]  # collapsed onto class 0
     assert final["inductive"] < source["inductive"] - 0.3

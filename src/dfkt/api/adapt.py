@@ -140,7 +140,11 @@ def adapt(method: str | None = None, source: str | Path | None = None, target: s
         return evaluate_model(net, images[index], labels[index], engine, info.num_classes)["accuracy"]
 
     def on_eval() -> dict[str, Any]:
-        return {"label_free_score": selection.update(), "adapted_acc": accuracy(setup.model, adapted_half)}
+        # The engine's first point is the stage's start: the source model itself, scored for the curve but
+        # not a candidate (the warning compares the candidates with the source).
+        at_start = engine.stage_progress == 0.0
+        score = selection.score(setup.model) if at_start else selection.update()
+        return {"label_free_score": score, "adapted_acc": accuracy(setup.model, adapted_half)}
 
     run_config = {"method": cfg.method, "method_params": method_cfg.model_dump(mode="json"), "target": target_name,
                   "split_seed": cfg.split_seed, "source_sha256": model_sha256(source_path), **engine.fingerprint()}
@@ -163,7 +167,8 @@ def adapt(method: str | None = None, source: str | Path | None = None, target: s
     final_score = curve[-1]["label_free_score"] if curve else selection.score(model)
     # No evaluation (source_only, or a budget spent before the first): the final weights are the choice.
     selected = model if selection.chosen is None else selection.chosen
-    chosen = None if selection.chosen_at is None else curve[selection.chosen_at]
+    starts = sum(1 for e in curve if e["step"] == 0)  # scored, never chosen
+    chosen = None if selection.chosen_at is None else curve[selection.chosen_at + starts]
     summary = {"method": cfg.method, "online": runner.online, "source": str(source_path), "target": target_name,
                "target_resized": resized,
                "images": {"adapted": len(adapted_half), "scored_transductive": scored, "held_out": len(held_out)},
