@@ -170,6 +170,22 @@ def test_collapse_warnings_for_missing_classes_and_for_near_copies_in_the_teache
     assert collapse_warnings(images, [4] * 10, "rdskd", RDSKDConfig(), {"within_class": 0.06}) == []
 
 
+def test_collapse_warning_on_a_batchnorm_teacher_does_not_send_the_user_to_rdskd():
+    # RDSKD collapsed on the WRN-16-2 teacher too (issue 13), so the advice there is the method's own settings.
+    from dfkt.diagnostics import collapse_warnings
+    from dfkt.dfkd.fast import FastConfig
+
+    images = torch.rand(40, 1, 8, 8)
+    histogram = [300, 200] + [0] * 8
+    (plain,) = collapse_warnings(images, histogram, "fast", FastConfig(), teacher_has_batchnorm=False)
+    assert "use rdskd" in plain and "bn_distance" not in plain
+    (with_bn,) = collapse_warnings(images, histogram, "fast", FastConfig(), teacher_has_batchnorm=True)
+    assert "use rdskd" not in with_bn and "params.bn_distance=standardised" in with_bn
+    (standardised,) = collapse_warnings(images, histogram, "fast", FastConfig(bn_distance="standardised"),
+                                        teacher_has_batchnorm=True)
+    assert "bn_distance" not in standardised and "use rdskd" not in standardised
+
+
 def test_feature_diversity_is_zero_for_copies_and_positive_for_distinct_images():
     from dfkt.diagnostics import feature_diversity
 

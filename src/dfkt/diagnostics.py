@@ -80,8 +80,10 @@ def bn_statistics_warning(gap: float | None, method: str, params: BaseModel) -> 
             f"{MAX_BN_STATISTICS_GAP:g}; the student may not carry over to real images; {fix}"]
 
 
-def collapse_fix(method: str, params: BaseModel) -> str:
-    """The remedy for ``method``, in terms of the settings it has (never "use rdskd" to an RDSKD run)."""
+def collapse_fix(method: str, params: BaseModel, teacher_has_batchnorm: bool = False) -> str:
+    """The remedy for ``method``, in terms of the settings it has. "Use rdskd" only to another method on a
+    teacher without BatchNorm: on a BatchNorm teacher (WRN-16-2) RDSKD collapsed too and no method swap
+    was measured to help (benchmarks/analysis/batchnorm_pairs.md)."""
     fixes = []
     if method == "rdskd":  # its loss has no weights; an undertrained generator is the usual cause
         fixes.append(f"give the generator more steps (--set params.gen_epochs=..., now {params.gen_epochs}; with "
@@ -93,16 +95,20 @@ def collapse_fix(method: str, params: BaseModel) -> str:
         fixes.append(f"raise the class-diversity weight (params.w_ie, now {params.w_ie:g})")
     if hasattr(params, "synthesis_iterations"):
         fixes.append(f"optimise each batch longer (params.synthesis_iterations, now {params.synthesis_iterations})")
-    if method != "rdskd":
+    if getattr(params, "bn_distance", None) == "raw" and teacher_has_batchnorm:
+        fixes.append("weigh every BatchNorm layer alike (params.bn_distance=standardised; the raw distance is "
+                     "dominated by the last layer)")
+    if method != "rdskd" and not teacher_has_batchnorm:
         fixes.append("or use rdskd, whose loss seeks class and sample diversity without weights to tune")
     return "; ".join(fixes)
 
 
 def collapse_warnings(images: Tensor, histogram: list[int], method: str, params: BaseModel,
-                      diversity: dict | None = None) -> list[str]:
+                      diversity: dict | None = None, teacher_has_batchnorm: bool = False) -> list[str]:
     """Warnings for mode collapse: samples concentrated in one or two teacher classes, classes left
     out, or samples nearly identical (in pixels, or in the teacher's features within a class)."""
     warnings = []
+    fix = collapse_fix(method, params, teacher_has_batchnorm)
     total = sum(histogram)
     covered = sum(1 for count in histogram if count)
     if len(histogram) >= 5 and total:
@@ -111,18 +117,18 @@ def collapse_warnings(images: Tensor, histogram: list[int], method: str, params:
         if share >= TOP2_SHARE:
             where = f"class {top[0]}" if len(top) == 1 else f"classes {top[0]} and {top[1]}"
             warnings.append(f"mode collapse: {100 * share:.0f}% of {total} generated samples fall in teacher {where}, "
-                            f"so the student sees little of the others; {collapse_fix(method, params)}")
+                            f"so the student sees little of the others; {fix}")
         elif covered / len(histogram) < MIN_CLASS_COVERAGE:  # spread over a few classes, the rest missing
             warnings.append(f"mode collapse: the generated samples cover only {covered} of {len(histogram)} teacher "
-                            f"classes; {collapse_fix(method, params)}")
+                            f"classes; {fix}")
     flat = images.float().flatten(1)
     if flat.shape[0] > 1:
         spread = flat.std(dim=0).mean() / flat.std().clamp_min(1e-12)
         if spread < MIN_RELATIVE_SPREAD:
             warnings.append(f"mode collapse: the generated samples are nearly identical (spread across samples "
-                            f"{spread:.3f} of the pixel spread); {collapse_fix(method, params)}")
+                            f"{spread:.3f} of the pixel spread); {fix}")
     within = (diversity or {}).get("within_class")
     if within is not None and within < MIN_WITHIN_CLASS_DIVERSITY:
         warnings.append(f"mode collapse: samples the teacher puts in one class are nearly the same to it (mean "
-                        f"feature distance {within:.4f}, below {MIN_WITHIN_CLASS_DIVERSITY}); {collapse_fix(method, params)}")
+                        f"feature distance {within:.4f}, below {MIN_WITHIN_CLASS_DIVERSITY}); {fix}")
     return warnings

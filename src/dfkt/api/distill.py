@@ -202,7 +202,7 @@ def _sample_diagnostics(runner, teacher, info: ModelInfo, method: str, method_cf
         diversity = feature_diversity(teacher, images, predicted)
     with engine.autocast():
         gap = bn_statistics_gap(teacher, images)
-    warnings = collapse_warnings(images, histogram, method, method_cfg, diversity) + \
+    warnings = collapse_warnings(images, histogram, method, method_cfg, diversity, gap is not None) + \
         bn_statistics_warning(gap, method, method_cfg)
     for warning in warnings:
         engine.metrics.write({"event": "warning", "message": warning})
