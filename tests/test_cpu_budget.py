@@ -146,6 +146,31 @@ def test_a_budget_shorter_than_the_generator_stage_still_yields_a_student(digits
         build_generator("dafl", 100, 1, 8, width=32), torch.zeros(1, 100))
 
 
+def test_the_pool_is_drawn_within_its_share_of_the_budget_left(digits_teacher, monkeypatch):
+    """A fake clock, one second per reading: with 10 s left the pool may take 2.5 s. The first chunk is drawn
+    whatever the time; the clock then reads 1 and 2 (two more chunks), then 3: three of four chunks."""
+    from dfkt.dfkd import rdskd
+
+    clock = itertools.count()
+    monkeypatch.setattr(rdskd.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(rdskd, "POOL_CHUNK", 16)  # small chunks keep the test quick
+    assert rdskd.POOL_FILL_SHARE == 0.25
+    cfg = RDSKDConfig(gen_width=32, student_data="pool", pool_size=4 * rdskd.POOL_CHUNK)
+    method = RDSKD(cfg, _setup(digits_teacher, mirror=False))
+    method.engine.budget_left = 10.0
+    method.fill_pool()
+    assert method.pool.size == 3 * rdskd.POOL_CHUNK
+    method.fill_pool()  # as a resume does: the checkpoint's pool stays as it was drawn
+    assert method.pool.size == 3 * rdskd.POOL_CHUNK
+    images, _ = method.pool.sample(8, torch.Generator().manual_seed(0))
+    assert images.shape == (8, 1, 8, 8)
+
+    unbudgeted = RDSKD(cfg, _setup(digits_teacher, mirror=False))
+    unbudgeted.engine.budget_left = None
+    unbudgeted.fill_pool()
+    assert unbudgeted.pool.full
+
+
 def test_pool_refresh_replaces_images_and_mining_keeps_the_hardest(digits_teacher):
     cfg = RDSKDConfig(gen_batch=16, gen_epochs=1, gen_steps_per_epoch=2, student_batch=16, student_data="pool",
                       pool_size=64, pool_refresh=8, pool_mining=4)

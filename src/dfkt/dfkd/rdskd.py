@@ -11,6 +11,7 @@ previous iteration's values instead.
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 import torch
@@ -25,6 +26,10 @@ from dfkt.registry import METHODS
 from dfkt.synthesis import GeneratorSynthesizer, ImagePool
 
 POOL_CHUNK = 1024
+# With a time budget, drawing the pool may take at most this share of the time left, so a slow generator
+# or teacher (a WRN-16-2 pair overran a 2-minute budget by 50 s here) leaves the student its steps; the
+# pool then holds what was drawn (at least one chunk).
+POOL_FILL_SHARE = 0.25
 
 
 class RDSKDConfig(StudentTrainingConfig, GeneratorFields):
@@ -119,13 +124,22 @@ class RDSKD(DistillMethod):
 
     @torch.no_grad()
     def fill_pool(self) -> None:
-        """Draw the pool once from the frozen generator (kept in the checkpoint, so a resume reuses it)."""
+        """Draw the pool once from the frozen generator (kept in the checkpoint, so a resume reuses it),
+        within ``POOL_FILL_SHARE`` of the budget left."""
         assert self.pool is not None
+        if "pool_drawn" in self.buffers:  # a resume: the checkpoint holds the pool as it was drawn
+            return
         rng = self.engine.noise_generator(offset=3)
+        left = self.engine.budget_left
+        deadline = None if left is None else time.perf_counter() + POOL_FILL_SHARE * left
         with self.engine.autocast():
-            while not self.pool.full:
+            while not self.pool.full and (self.pool.size == 0 or deadline is None or time.perf_counter() < deadline):
                 images, _ = self.source.sample(min(POOL_CHUNK, self.cfg.pool_size - self.pool.size), rng)
                 self.pool.add(images, self.teacher(images))
+        self.buffers["pool_drawn"] = torch.tensor(self.pool.size)
+        if not self.pool.full:
+            self.engine.metrics.write({"event": f"pool drawn: {self.pool.size} of {self.cfg.pool_size} images, within "
+                                                f"{POOL_FILL_SHARE:g} of the {left:.0f} s of budget left"})
 
     def stages(self) -> list[Stage]:
         gen_stage = Stage("generator", self.cfg.gen_epochs * self.cfg.gen_steps_per_epoch,

@@ -102,6 +102,9 @@ class Engine:
         # How far the running stage is, 0..1: its steps, or with a budget its share of the time it
         # can have, whichever is further (read by time-aware schedules such as a cosine student lr).
         self.stage_progress = 0.0
+        # Training seconds of the budget left when the running stage's begin() started (None: no budget),
+        # so one-off work such as filling a pool can size itself to the time there is.
+        self.budget_left: float | None = None
         # Every rank writes into rank 0's folder (its default name carries rank 0's clock).
         self.run_dir = self.fabric.broadcast(run_dir, 0) if several else run_dir
         log_path = None
@@ -316,6 +319,8 @@ class Engine:
             for module in stage.train:
                 module.train()
             if stage.begin is not None:  # e.g. filling a pool: timed apart, but inside the budget
+                self.budget_left = None if max_seconds is None else \
+                    max(0.0, max_seconds - sum(position["seconds"].values()))
                 begun = time.perf_counter()
                 stage.begin()
                 key = f"{stage.name}.begin"
