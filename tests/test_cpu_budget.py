@@ -171,6 +171,37 @@ def test_the_pool_is_drawn_within_its_share_of_the_budget_left(digits_teacher, m
     assert unbudgeted.pool.full
 
 
+def test_a_generator_that_keeps_training_refreshes_the_pool_with_its_own_batches(digits_teacher):
+    cfg = RDSKDConfig(gen_batch=16, gen_epochs=1, gen_steps_per_epoch=2, student_batch=16, student_data="pool",
+                      pool_size=64, gen_train_every=2, gen_width=32)
+    method = RDSKD(cfg, _setup(digits_teacher, mirror=False))
+    generator_stage, student_stage = method.stages()
+    assert method.generator in student_stage.train and method.generator not in student_stage.frozen
+    for module in student_stage.train:
+        module.train()
+    student_stage.begin()
+    assert method.pool.added == 64
+    before = [p.detach().clone() for p in method.generator.parameters()]
+    steps_seen = []
+    original_step = method.generator_step
+    method.generator_step = lambda i: steps_seen.append(i) or original_step(i)
+    for i in range(4):  # generator steps at student steps 0 and 2
+        student_stage.step(i)
+    assert steps_seen == [2, 3]  # the generator stage's two steps, counted on
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.generator.parameters()))
+    latest_images, latest_logits = method.source.latest
+    assert method.pool.added == 64 + 2 * 16
+    assert torch.equal(method.buffers["pool.images"][16:32], latest_images.float())  # ring: rows 0-31 replaced
+    assert torch.allclose(method.buffers["pool.logits"][16:32], method.teacher(latest_images).float(), atol=1e-5)
+
+
+def test_a_training_generator_needs_a_pool_without_other_refresh(digits_teacher):
+    with pytest.raises(ConfigError, match="gen_train_every needs params.student_data=pool"):
+        RDSKD(RDSKDConfig(gen_train_every=2), _setup(digits_teacher, mirror=False))
+    with pytest.raises(ConfigError, match="pool_refresh=0"):
+        RDSKD(RDSKDConfig(gen_train_every=2, student_data="pool", pool_refresh=8), _setup(digits_teacher, mirror=False))
+
+
 def test_pool_refresh_replaces_images_and_mining_keeps_the_hardest(digits_teacher):
     cfg = RDSKDConfig(gen_batch=16, gen_epochs=1, gen_steps_per_epoch=2, student_batch=16, student_data="pool",
                       pool_size=64, pool_refresh=8, pool_mining=4)

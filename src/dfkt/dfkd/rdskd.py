@@ -22,6 +22,7 @@ from dfkt import losses
 from dfkt.dfkd.base import DistillMethod, DistillSetup, EvenBatch, GeneratorFields, build_method_generator
 from dfkt.dfkd.student import StudentTrainer, StudentTrainingConfig
 from dfkt.engine import Stage
+from dfkt.errors import ConfigError
 from dfkt.registry import METHODS
 from dfkt.synthesis import GeneratorSynthesizer, ImagePool
 
@@ -48,6 +49,10 @@ class RDSKDConfig(StudentTrainingConfig, GeneratorFields):
     pool_mining: int = Field(1, ge=1, description="pool_refresh only: candidates drawn per image kept; the kept "
                                                  "ones are those where the student disagrees most with the teacher "
                                                  "(KL), so the pool fills with what the student has yet to learn")
+    gen_train_every: int = Field(0, ge=0, description="pool only: keep training the generator in the student stage "
+                                                     "(RDSKD's loss, the teacher alone), one step every this many "
+                                                     "student steps, its batch replacing the oldest pool images "
+                                                     "(0: the generator is frozen after its stage)")
     gen_budget_share: float | None = Field(
         None, gt=0, lt=1, description="with --max-seconds, the generator stage ends after this share of the budget "
                                       "(or its steps, if sooner), so the student always gets the rest")
@@ -101,9 +106,17 @@ class RDSKD(DistillMethod):
         self.buffers["references"] = torch.zeros(2, device=self.engine.device)  # r_oh, r_ie
         self.reset_references = False
         self.pool = ImagePool(self, cfg.pool_size) if cfg.student_data == "pool" else None
-        student_source = self.source if self.pool is None else \
-            RefreshedPool(self, self.pool, cfg.pool_refresh, cfg.pool_mining)
-        self.student_trainer = StudentTrainer(self, cfg, student_source, synthesize_every=int(cfg.pool_refresh > 0))
+        if cfg.gen_train_every and (self.pool is None or cfg.pool_refresh):
+            raise ConfigError("params.gen_train_every needs params.student_data=pool and params.pool_refresh=0: the "
+                              "generator's own batches refresh the pool")
+        if self.pool is None:
+            student_source, every = self.source, 0
+        elif cfg.gen_train_every:
+            student_source, every = TrainedPool(self, self.pool), cfg.gen_train_every
+        else:
+            student_source, every = RefreshedPool(self, self.pool, cfg.pool_refresh, cfg.pool_mining), \
+                int(cfg.pool_refresh > 0)
+        self.student_trainer = StudentTrainer(self, cfg, student_source, synthesize_every=every)
 
     def generator_losses(self, images: Tensor, logits: Tensor, references: Tensor | None) -> dict[str, Tensor]:
         """The RDSKD generator objective on one batch (see ``generator_losses``)."""
@@ -111,7 +124,8 @@ class RDSKD(DistillMethod):
 
     def objective(self, images: Tensor, z: Tensor) -> dict[str, Tensor]:
         references = None if self.reset_references else self.buffers["references"]
-        return self.generator_losses(images, self.teacher(images), references)
+        logits = self.teacher(images)
+        return {**self.generator_losses(images, logits, references), "teacher_logits": logits}
 
     def generator_step(self, i: int) -> dict[str, Tensor | float]:
         per_epoch = self.cfg.reference == "epoch"
@@ -132,7 +146,7 @@ class RDSKD(DistillMethod):
         rng = self.engine.noise_generator(offset=3)
         left = self.engine.budget_left
         deadline = None if left is None else time.perf_counter() + POOL_FILL_SHARE * left
-        with self.engine.autocast():
+        with self.engine.autocast(), self.engine.eval_mode(self.generator):  # it may train in this stage
             while not self.pool.full and (self.pool.size == 0 or deadline is None or time.perf_counter() < deadline):
                 images, _ = self.source.sample(min(POOL_CHUNK, self.cfg.pool_size - self.pool.size), rng)
                 self.pool.add(images, self.teacher(images))
@@ -145,9 +159,33 @@ class RDSKD(DistillMethod):
         gen_stage = Stage("generator", self.cfg.gen_epochs * self.cfg.gen_steps_per_epoch,
                           self.generator_step, train=[self.generator], frozen=[self.teacher],
                           budget_share=self.cfg.gen_budget_share)
-        # Stage 3 samples the *frozen* generator: eval mode, no gradients.
-        return [gen_stage, self.student_trainer.stage(train=[], frozen=[self.teacher, self.generator],
+        # Stage 3 samples the *frozen* generator (eval mode, no gradients), unless it keeps training.
+        generator = [self.generator]
+        return [gen_stage, self.student_trainer.stage(train=generator if self.cfg.gen_train_every else [],
+                                                      frozen=[self.teacher, *([] if self.cfg.gen_train_every else generator)],
                                                       begin=None if self.pool is None else self.fill_pool)]
+
+
+class TrainedPool:
+    """The student's view of RDSKD's pool while the generator keeps training: ``synthesize()`` takes one more
+    generator step (the steps continue the generator stage's count, so its reference resets carry on) and
+    puts that step's batch, with the teacher's logits on it, in place of the oldest pool images."""
+
+    def __init__(self, method: RDSKD, pool: ImagePool):
+        self.method, self.pool = method, pool
+
+    def synthesize(self) -> dict[str, Tensor | float]:
+        method = self.method
+        steps = method.buffers.setdefault("generator_steps", torch.tensor(method.cfg.gen_epochs *
+                                                                          method.cfg.gen_steps_per_epoch))
+        terms = method.generator_step(int(steps))
+        steps += 1
+        images, logits = method.source.latest
+        self.pool.add(images, logits)
+        return terms
+
+    def sample(self, n: int, rng: torch.Generator):
+        return self.pool.sample(n, rng)
 
 
 class RefreshedPool:
