@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
-from common import (accuracy_at, command_line, engine_settings, finished, machine, mean_std, positive_int, precisions,
-                    run_in_parallel, run_logged, set_flags, write)
-from dfkd_compare import BENCHES, budgets, prior_off
+from dfkd_compare import BENCHES, budgets, describe, distill_run
+from flags import add_pool_arguments, add_report_arguments
+from report import accuracy_at, command_line, machine, machine_line, mean_std, precisions, write
+from runner import run_pool
 
 from dfkt import api
 from dfkt.registry import METHODS
@@ -34,15 +34,12 @@ def parse_args() -> argparse.Namespace:
                         help="a variant: its name, a colon, then space-separated KEY=VALUE settings")
     parser.add_argument("--base", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings every variant shares (before its own)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], metavar="SEED")
+    add_pool_arguments(parser, seeds_help="seeds per variant (default: 1 2 3)")
     parser.add_argument("--budget", type=float, metavar="SECONDS", help="training seconds per run (default: the bench's)")
-    parser.add_argument("--parallel", type=positive_int, default=1, metavar="N")
-    parser.add_argument("--threads-per-run", type=positive_int, metavar="T")
     parser.add_argument("--work", type=Path, required=True, metavar="DIR",
                         help="folder for the runs; a teacher is read from DIR/teacher (e.g. a link to the "
                              "one dfkd_compare.py trained)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR")
-    parser.add_argument("--name", help="report name (default: ablation_BENCH_METHOD)")
+    add_report_arguments(parser, "report name (default: ablation_BENCH_METHOD)", analysis=False)
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the finished runs; runs not finished count as not run")
     args = parser.parse_args()
@@ -66,25 +63,14 @@ def main() -> None:
         raise SystemExit(f"no teacher at {args.work / 'teacher'}; train one (dfkt train-teacher --model "
                          f"{bench.teacher} --data {bench.data} --epochs {bench.teacher_epochs}) or link it there")
     settings = dict(args.variants)
-    jobs = [(name, seed) for seed in args.seeds for name in settings]
-
-    def one(job: tuple[str, int]) -> dict:
-        name, seed = job
-        folder = args.work / name / f"seed{seed}"
-        flags = [*engine_settings(seed, args.threads_per_run), f"eval_every={bench.eval_every}",
-                 f"eval_seconds={bench.eval_seconds:g}", *prior_off(bench, args.method), *args.base, *settings[name]]
-        if args.report_only and finished(folder) is None:
-            return {"failed": "not run"}
-        command = [sys.executable, "-m", "dfkt.cli", "distill", "--method", args.method, "--teacher",
-                   str(args.work / "teacher"), "--student", bench.student, "--preset", "cpu", "--max-seconds",
-                   f"{args.budget:g}", "--out", str(folder), "--resume", *set_flags(flags)]
-        return run_logged(command, folder, lambda s: f"student {s['student_acc']:.4f}")
-
-    done = run_in_parallel(jobs, one, args.parallel)
+    runs = {(name, seed): distill_run(args, bench, args.method, seed, [*args.base, *settings[name]],
+                                      args.work / name / f"seed{seed}")
+            for seed in args.seeds for name in settings}
+    done = run_pool(runs, args.parallel, describe, args.report_only)
     shown = budgets(bench, args.budget)
     rows, data = [], {"command": command_line(), "machine": machine(), "bench": args.bench, "method": args.method,
                       "budget": args.budget, "base": args.base, "variants": {}}
-    data["precision"] = precisions(args.work / name / f"seed{s}" for name, s in jobs)
+    data["precision"] = precisions(run.folder for run in runs.values())
     for name, extra in args.variants:
         runs = [done[name, s] for s in args.seeds]
         ok = [r for r in runs if "failed" not in r]
@@ -101,8 +87,7 @@ def main() -> None:
     markdown = "\n".join([
         f"# Ablation: {args.method} on {bench.title}", "",
         f"`{data['command']}`", "",
-        f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores, torch {data['machine']['torch']}, "
-        f"precision {', '.join(data['precision'])}; {args.parallel} run(s) side by side"
+        f"Machine: {machine_line(data['machine'], data['precision'])}; {args.parallel} run(s) side by side"
         + (f", {args.threads_per_run} thread(s) each" if args.threads_per_run else "") + ".",
         f"Every run: `--preset cpu --max-seconds {args.budget:g}`" + (f" and `{' '.join(args.base)}`" if args.base else "")
         + f"; seeds {', '.join(map(str, args.seeds))}. Accuracy is final test accuracy (mean ± std); *min* is the "

@@ -16,8 +16,6 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,8 +24,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
-from common import (accuracy_at, command_line, engine_settings, finished, machine, mean_std,  # noqa: E402
-                    positive_int, precisions, run_in_parallel, run_logged, set_flags, time_to_reach, write)
+from flags import add_pool_arguments, add_report_arguments, add_settings_argument  # noqa: E402
+from report import (accuracy_at, analysis_section, command_line, heading, mean_std, pool_machine,  # noqa: E402
+                    threads_per_run, time_to_reach, today, write)
+from runner import Run, dfkt_command, engine_settings, finished, run_pool  # noqa: E402
 
 from dfkt import api  # noqa: E402
 from dfkt.config import EngineConfig, RealTrainingConfig  # noqa: E402
@@ -70,27 +70,17 @@ def parse_args() -> argparse.Namespace:
                              "b2-wrn: Fashion-MNIST WRN pair (600 s)")
     parser.add_argument("--methods", nargs="+", choices=methods, default=methods, metavar="METHOD",
                         help=f"methods to compare (default: every registered one: {', '.join(methods)})")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], metavar="SEED",
-                        help="seeds per method (default: 1 2 3)")
+    add_pool_arguments(parser)
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help="wall-clock training seconds per run (default: the bench's); accuracy is also "
                              "reported at the bench's shorter budgets")
-    parser.add_argument("--parallel", type=positive_int, default=1, metavar="N",
-                        help="runs side by side (default 1); they share the cores, which the report states")
-    parser.add_argument("--threads-per-run", type=positive_int, metavar="T",
-                        help="CPU threads of each run (engine.threads; default: torch's default)")
     parser.add_argument("--work", type=Path, metavar="DIR",
                         help="folder for the teacher and the runs (default: runs/bench-dfkd-compare-BENCH)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR",
-                        help="folder for the report (default: benchmarks/results)")
-    parser.add_argument("--name", help="report name (default dfkd_compare_BENCH); e.g. for a run of some methods only")
-    parser.add_argument("--analysis", type=Path, metavar="FILE",
-                        help="text file appended to the report under '## Analysis'")
+    add_report_arguments(parser, "report name (default dfkd_compare_BENCH); e.g. for a run of some methods only")
     parser.add_argument("--no-references", dest="references", action="store_false",
                         help="skip the students trained on real data (labels; KD): on the WRN pair they take "
                              "about 15 minutes each; the report then says they were not run")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="extra 'dfkt distill --set' settings for every run, e.g. params.pool_size=10000")
+    add_settings_argument(parser, "distill", "params.pool_size=10000")
     args = parser.parse_args()
     bench = BENCHES[args.bench]
     args.budget = args.budget or bench.budget
@@ -102,15 +92,15 @@ def run_dir(work: Path, method: str, seed: int) -> Path:
     return work / method / f"seed{seed}"
 
 
-def distill_command(args: argparse.Namespace, bench: Bench, method: str, seed: int) -> list[str]:
-    """The `dfkt distill` call of one run; --resume makes a run killed midway continue."""
+def distill_run(args: argparse.Namespace, bench: Bench, method: str, seed: int, settings: list[str],
+                folder: Path) -> Run:
+    """One `dfkt distill` run with the teacher in WORK/teacher: the method's cpu preset for --budget
+    seconds, the bench's evaluations, then ``settings``; --resume makes a run killed midway continue."""
     settings = [*engine_settings(seed, args.threads_per_run), f"eval_every={bench.eval_every}",
-                f"eval_seconds={bench.eval_seconds:g}",
-                *prior_off(bench, method), *args.overrides]
-    return [sys.executable, "-m", "dfkt.cli", "distill", "--method", method, "--teacher", str(args.work / "teacher"),
-            "--student", bench.student, "--preset", "cpu", "--max-seconds", f"{args.budget:g}",
-            "--out", str(run_dir(args.work, method, seed)), "--resume",
-            *set_flags(settings)]
+                f"eval_seconds={bench.eval_seconds:g}", *prior_off(bench, method), *settings]
+    return Run(dfkt_command("distill", "--method", method, "--teacher", str(args.work / "teacher"),
+                            "--student", bench.student, "--preset", "cpu", "--max-seconds", f"{args.budget:g}",
+                            "--out", str(folder), "--resume", settings=settings), folder)
 
 
 def prior_off(bench: Bench, method: str) -> list[str]:
@@ -119,21 +109,16 @@ def prior_off(bench: Bench, method: str) -> list[str]:
     return [] if bench.teacher_has_batchnorm or not uses_prior else ["params.w_bn=0"]
 
 
-def run(command: list[str], folder: Path) -> dict:
-    """One run's summary, reused if finished, else run now; a failure gives {"failed": ...}."""
-    return run_logged(command, folder, lambda summary: f"student {summary['student_acc']:.4f}")
+def describe(summary: dict) -> str:
+    return f"student {summary['student_acc']:.4f}"
 
 
 def run_all(args: argparse.Namespace, bench: Bench) -> dict[str, dict[int, dict]]:
     """Every (method, seed) run, --parallel at a time, seed by seed: an interrupted benchmark has
     every method at its first seeds rather than some methods at all seeds."""
-    jobs = [(m, s) for s in args.seeds for m in args.methods]
-
-    def one(job: tuple[str, int]) -> dict:
-        method, seed = job
-        return run(distill_command(args, bench, method, seed), run_dir(args.work, method, seed))
-
-    done = run_in_parallel(jobs, one, args.parallel)
+    runs = {(m, s): distill_run(args, bench, m, s, args.overrides, run_dir(args.work, m, s))
+            for s in args.seeds for m in args.methods}
+    done = run_pool(runs, args.parallel, describe)
     return {m: {s: done[m, s] for s in args.seeds} for m in args.methods}
 
 
@@ -163,10 +148,9 @@ def results(args: argparse.Namespace, bench: Bench, teacher: dict, references: d
             runs: dict[str, dict[int, dict]]) -> dict:
     """Everything the report shows, as written to the JSON file. A failed run counts as None."""
     return {
-        "command": command_line(), "date": time.strftime("%Y-%m-%d"),
-        "machine": {**machine(), "threads_per_run": args.threads_per_run, "parallel": args.parallel,
-                    "precision": precisions(run_dir(args.work, m, s) for m, seeds in runs.items()
-                                             for s in seeds)},
+        "command": command_line(), "date": today(),
+        "machine": pool_machine(args.parallel, args.threads_per_run,
+                                (run_dir(args.work, m, s) for m, seeds in runs.items() for s in seeds)),
         "bench": {"name": args.bench, **asdict(bench), "budget": args.budget, "seeds": args.seeds,
                   "methods": args.methods, "overrides": args.overrides, "work": str(args.work)},
         "teacher": teacher,
@@ -267,18 +251,15 @@ def method_sections(data: dict, shown: dict[str, tuple[int, dict]], grids: str) 
 
 def markdown(data: dict, bench: Bench, shown: dict, grids: str, analysis: str | None) -> str:
     m, refs, teacher = data["machine"], data["references"], data["teacher"]
-    threads = m["threads_per_run"] or f"torch's default, {m['threads']}"
 
     def ref(name: str) -> str:
         if name not in refs:
             return "not run (--no-references)"
         return f"{100 * refs[name]['student_acc']:.1f} ({refs[name]['seconds']:.0f} s)"
 
-    lines = [f"# {bench.title}: DFKD methods compared, cpu preset", "", f"`{data['command']}`", "",
-             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, precision {', '.join(m['precision']) or 'n/a'}, "
-             f"{data['date']}.", "",
+    lines = [*heading(f"{bench.title}: DFKD methods compared, cpu preset", data),
              f"Each run is a `dfkt distill` subprocess. Runs side by side: {m['parallel']}; threads per run: "
-             f"{threads}. "
+             f"{threads_per_run(m)}. "
              "Budgets are wall-clock training seconds per run (evaluation and checkpoint writing excluded), so "
              "runs sharing the cores get less compute per second: compare methods within this report only. "
              f"Test accuracy every {bench.eval_every} student steps or {bench.eval_seconds:g} training seconds, "
@@ -296,9 +277,7 @@ def markdown(data: dict, bench: Bench, shown: dict, grids: str, analysis: str | 
              "student stage had not started); 'k of n runs': the mean is over the runs that had a value. "
              "best-on-test is an oracle (picked on the test set), not a deployable result.", "",
              *method_table(data), "", "## Best at each budget", "", *best_at(data), "",
-             "## Methods", "", *method_sections(data, shown, grids)]
-    if analysis is not None:
-        lines += ["## Analysis", "", analysis.strip(), ""]
+             "## Methods", "", *method_sections(data, shown, grids), *analysis_section(analysis)]
     return "\n".join(lines)
 
 
@@ -339,7 +318,6 @@ def plot(data: dict, bench: Bench, path: Path) -> None:
 def main() -> None:
     args = parse_args()
     bench = BENCHES[args.bench]
-    analysis = args.analysis.read_text() if args.analysis else None  # read first: a typo fails before the runs
     teacher = finished(args.work / "teacher") or api.train_teacher(
         bench.teacher, bench.data, bench.teacher_epochs, out=args.work / "teacher", resume=True)
     runs = run_all(args, bench)
@@ -347,7 +325,7 @@ def main() -> None:
     data = results(args, bench, teacher, references, runs)
     name = args.name or f"dfkd_compare_{args.bench}"
     shown = copy_grids(data, args.work, args.out / name)
-    report = markdown(data, bench, shown, name, analysis)
+    report = markdown(data, bench, shown, name, args.analysis)
     write(args.out, name, data, report)
     plot(data, bench, args.out / f"{name}.png")
     print(report)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, write
+from report import machine, write
 
 from dfkt import losses
 from dfkt.engine.engine import cpu_has_native_bf16

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import command_line, machine, write
+from report import command_line, machine, write
 
 from dfkt import api
 from dfkt.api.export import export_onnx

