@@ -63,14 +63,14 @@ def main() -> None:
         raise SystemExit(f"no teacher at {args.work / 'teacher'}; train one (dfkt train-teacher --model "
                          f"{bench.teacher} --data {bench.data} --epochs {bench.teacher_epochs}) or link it there")
     settings = dict(args.variants)
-    runs = {(name, seed): distill_run(args, bench, args.method, seed, [*args.base, *settings[name]],
-                                      args.work / name / f"seed{seed}")
-            for seed in args.seeds for name in settings}
-    done = run_pool(runs, args.parallel, describe, args.report_only)
+    planned = {(name, seed): distill_run(args, bench, args.method, seed, [*args.base, *settings[name]],
+                                         args.work / name / f"seed{seed}")
+               for seed in args.seeds for name in settings}
+    done = run_pool(planned, args.parallel, describe, args.report_only)
     shown = budgets(bench, args.budget)
     rows, data = [], {"command": command_line(), "machine": machine(), "bench": args.bench, "method": args.method,
                       "budget": args.budget, "base": args.base, "variants": {}}
-    data["precision"] = precisions(run.folder for run in runs.values())
+    data["precision"] = precisions(run.folder for run in planned.values())
     for name, extra in args.variants:
         runs = [done[name, s] for s in args.seeds]
         ok = [r for r in runs if "failed" not in r]
