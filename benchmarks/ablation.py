@@ -79,8 +79,8 @@ def main() -> None:
         at = [mean_std([accuracy_at(r["curve"], b) if "failed" not in r else None for r in runs]) for b in shown[:-1]]
         seconds = {k: statistics.mean(r["seconds"][k] for r in ok) if ok else None for k in ("synthesis", "student")}
         data["variants"][name] = {"settings": extra, "runs": runs}
-        rows.append(f"| {name} | {' '.join(extra) or '(preset)'} | " + " | ".join(at) +
-                    f" | {mean_std(finals)} | {min((f for f in finals if f is not None), default=0) * 100:.1f} | "
+        rows.append(f"| {name} | {' '.join(extra) or '(preset)'} | " + "".join(f"{a} | " for a in at) +
+                    f"{mean_std(finals)} | {min((f for f in finals if f is not None), default=0) * 100:.1f} | "
                     f"{mean_std(selected)} | "
                     + " | ".join("—" if v is None else f"{v:.0f}" for v in seconds.values()) + " |")
     head = " | ".join(f"at {b:g} s" for b in shown[:-1])
