@@ -63,14 +63,14 @@ def main() -> None:
         raise SystemExit(f"no teacher at {args.work / 'teacher'}; train one (dfkt train-teacher --model "
                          f"{bench.teacher} --data {bench.data} --epochs {bench.teacher_epochs}) or link it there")
     settings = dict(args.variants)
-    runs = {(name, seed): distill_run(args, bench, args.method, seed, [*args.base, *settings[name]],
-                                      args.work / name / f"seed{seed}")
-            for seed in args.seeds for name in settings}
-    done = run_pool(runs, args.parallel, describe, args.report_only)
+    planned = {(name, seed): distill_run(args, bench, args.method, seed, [*args.base, *settings[name]],
+                                         args.work / name / f"seed{seed}")
+               for seed in args.seeds for name in settings}
+    done = run_pool(planned, args.parallel, describe, args.report_only)
     shown = budgets(bench, args.budget)
     rows, data = [], {"command": command_line(), "machine": machine(), "bench": args.bench, "method": args.method,
                       "budget": args.budget, "base": args.base, "variants": {}}
-    data["precision"] = precisions(run.folder for run in runs.values())
+    data["precision"] = precisions(run.folder for run in planned.values())
     for name, extra in args.variants:
         runs = [done[name, s] for s in args.seeds]
         ok = [r for r in runs if "failed" not in r]
@@ -79,8 +79,8 @@ def main() -> None:
         at = [mean_std([accuracy_at(r["curve"], b) if "failed" not in r else None for r in runs]) for b in shown[:-1]]
         seconds = {k: statistics.mean(r["seconds"][k] for r in ok) if ok else None for k in ("synthesis", "student")}
         data["variants"][name] = {"settings": extra, "runs": runs}
-        rows.append(f"| {name} | {' '.join(extra) or '(preset)'} | " + " | ".join(at) +
-                    f" | {mean_std(finals)} | {min((f for f in finals if f is not None), default=0) * 100:.1f} | "
+        rows.append(f"| {name} | {' '.join(extra) or '(preset)'} | " + "".join(f"{a} | " for a in at) +
+                    f"{mean_std(finals)} | {min((f for f in finals if f is not None), default=0) * 100:.1f} | "
                     f"{mean_std(selected)} | "
                     + " | ".join("—" if v is None else f"{v:.0f}" for v in seconds.values()) + " |")
     head = " | ".join(f"at {b:g} s" for b in shown[:-1])
