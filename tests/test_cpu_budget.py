@@ -105,7 +105,7 @@ def test_old_augment_switch_still_reads():
     assert RDSKDConfig(augment=True).augment == ["shift", "flip"]
     assert RDSKDConfig(augment=False).augment == []
     assert RDSKDConfig(augment="rotate, cutmix").augment == ["rotate", "cutmix"]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="augment.0\n.*'shift', 'flip', 'rotate'.*input_value='blur'"):
         RDSKDConfig(augment=["blur"])
 
 

@@ -148,9 +148,9 @@ def test_fit_size_pad_and_resize():
     assert resized.dtype == torch.uint8 and resized.shape == (2, 3, 32, 32)
     assert resized.eq(77).all()  # a constant image stays constant
     assert fit_size(images, 28, "pad") is images
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="cannot pad 28×28 images down to 16"):
         fit_size(images, 16, "pad")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="unknown resize mode 'stretch'"):
         fit_size(images, 32, "stretch")
 
 

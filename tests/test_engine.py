@@ -6,6 +6,7 @@ from dfkt.engine import Engine, Stage
 from dfkt.engine.checkpoint import load, save_atomic
 from dfkt.engine.state import TrainState
 from dfkt.errors import DfktError, TrainingDivergedError
+from tests.conftest import fake_clock
 
 
 class Quadratic(TrainState):
@@ -75,23 +76,25 @@ def test_checkpoint_write_is_atomic_and_damage_is_reported(tmp_path):
         load(path)
 
 
-def test_budget_stops_the_run(tmp_path):
+def test_budget_stops_the_run(monkeypatch, tmp_path):
+    clock = fake_clock(monkeypatch)
     engine = Engine(EngineConfig(precision="32-true", progress=False), tmp_path)
     task = Quadratic(engine)
-    result = engine.run([Stage("fit", 10**7, task.step)], task, {}, max_seconds=0.5)
-    assert result.stopped_by_budget and result.seconds["fit"] >= 0.5
+    steps = []
+    result = engine.run([Stage("fit", 10**7, clock.ticking(0.125, task.step, steps))], task, {}, max_seconds=0.5)
+    assert result.stopped_by_budget and result.seconds == {"fit": 0.5}
+    assert steps == [0, 1, 2, 3]  # the step that reaches the budget is the last one
 
 
-def test_stage_setup_time_is_recorded_and_counts_toward_the_budget(tmp_path):
-    import time
-
+def test_stage_setup_time_is_recorded_and_counts_toward_the_budget(monkeypatch, tmp_path):
+    clock = fake_clock(monkeypatch)
     engine = Engine(EngineConfig(precision="32-true", progress=False), tmp_path)
     task = Quadratic(engine)
-    stage = Stage("fit", 10**7, task.step, begin=lambda: time.sleep(0.3))
+    steps = []
+    stage = Stage("fit", 10**7, clock.ticking(0.125, task.step, steps), begin=lambda: clock.advance(0.25))
     result = engine.run([stage], task, {}, max_seconds=0.5)
-    assert result.seconds["fit.begin"] >= 0.3
-    assert result.seconds["fit.begin"] + result.seconds["fit"] >= 0.5
-    assert result.seconds["fit"] < result.seconds["fit.begin"] + result.seconds["fit"]  # begin() counted
+    assert result.seconds == {"fit.begin": 0.25, "fit": 0.25}
+    assert steps == [0, 1]  # begin() took half the budget: two steps, not four
 
 
 def test_evaluation_uses_eval_mode_and_restores_training_mode():
@@ -107,35 +110,17 @@ def test_evaluation_uses_eval_mode_and_restores_training_mode():
     assert model[1].num_batches_tracked.item() == 0  # running statistics untouched
 
 
-def test_slow_steps_are_evaluated_by_time_as_well_as_by_step_count():
-    import time
-
+def test_slow_steps_are_evaluated_by_time_as_well_as_by_step_count(monkeypatch):
+    clock = fake_clock(monkeypatch)
     engine = Engine(EngineConfig(precision="32-true", progress=False))
-    stage = Stage("s", 8, lambda i: time.sleep(0.05) or {}, evaluate=True)
-    result = engine.run([stage], None, {}, on_eval=lambda: {"acc": 0.0}, eval_every=1000, eval_seconds=0.12)
-    steps = [e["step"] for e in result.evaluations]
-    assert len(steps) >= 3 and steps[-1] == 8  # about every third step, and at the end
-    assert all(b - a >= 2 for a, b in zip(steps, steps[1:]))
-
-
-class FakeClock:
-    """The engine's clock, moved only by the test: a training step and an evaluation each take a set
-    number of seconds, so the evaluation schedule is checked by counting, not by timing."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self):
-        return self.now
+    stage = Stage("s", 8, clock.ticking(0.25, lambda i: {}), evaluate=True)
+    result = engine.run([stage], None, {}, on_eval=lambda: {"acc": 0.0}, eval_every=1000, eval_seconds=0.6)
+    # 0.6 s of training between evaluations is every third 0.25 s step; the start and the end are always scored.
+    assert [e["step"] for e in result.evaluations] == [0, 3, 6, 8]
 
 
 def clocked_run(monkeypatch, steps, step_seconds, eval_seconds_each, **run):
-    from types import SimpleNamespace
-
-    import dfkt.engine.engine as engine_module
-
-    clock = FakeClock()
-    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    clock = fake_clock(monkeypatch)
 
     def step(i):
         clock.now += step_seconds

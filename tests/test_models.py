@@ -99,7 +99,7 @@ def test_lenet5_rejects_28():
 
 
 def test_too_small_image_raises():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="resnet18 needs image_size >= 8, got 4"):
         build_model("resnet18", 10, 3, 4)
 
 

@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -49,12 +50,20 @@ def test_step_reference_uses_previous_iteration(digits_teacher):
 
 
 def test_generator_loss_is_weight_free_sum(digits_teacher):
+    """Each term from its formula (Han et al., ICASSP 2021), not from the values the method returns."""
     method = make_method(digits_teacher)
-    images = torch.randn(8, 1, 8, 8)
-    logits = torch.randn(8, 10)
+    images = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    logits = 3 * torch.randn(8, 10, generator=torch.Generator().manual_seed(1))
+    p = torch.softmax(logits, dim=1)
+    oh = -torch.log(p.max(dim=1).values).mean()  # cross-entropy to each sample's own argmax
+    mean_p = p.mean(dim=0)
+    ie = (mean_p * torch.log(mean_p)).sum()  # minus the entropy of the batch's mean prediction, natural log
+    ds = (p[4:] - p[:4]).pow(2).sum().sqrt() / (images[4:] - images[:4]).pow(2).sum().sqrt()  # halves paired
     terms = method.generator_losses(images, logits, torch.tensor([0.5, -1.0]))
-    expected = torch.exp(terms["oh"] - 0.5) + torch.exp(terms["ie"] + 1.0) + terms["ds"]
-    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert [terms[k].item() for k in ("oh", "ie", "ds")] == pytest.approx([oh.item(), ie.item(), ds.item()],
+                                                                         rel=1e-5)
+    expected = math.exp(oh.item() - 0.5) + math.exp(ie.item() + 1.0) + ds.item()
+    assert terms["loss"].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_stages_train_the_right_modules_without_nan(digits_teacher):

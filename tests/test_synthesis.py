@@ -66,7 +66,7 @@ def test_bn_prior_matches_hand_computed_statistics():
     prior = BNStatsPrior(net, "test", first_multiplier=2.0)
     x = torch.tensor([0.0, 2.0, 4.0, 6.0]).view(1, 1, 2, 2)  # both BN channels see mean 3, variance 5
     net(x)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="no teacher forward was recorded"):
         prior.loss()  # nothing recorded outside record()
     with prior.record():
         net(x)
