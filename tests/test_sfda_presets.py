@@ -1,0 +1,125 @@
+"""Presets that are the authors' recipes (issue 14): SHOT's object recipe, AaD's Office-31 schedule, the
+source recipe of SHOT's digit code, and B4's corruptions at MNIST-C's parameters. Untrained models on
+random images, and small image batches: seconds."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dfkt.config import EngineConfig, validate
+from dfkt.engine import Engine
+from dfkt.models import build_model
+from dfkt.registry import ADAPT_METHODS
+from dfkt.sfda.base import AdaptSetup
+
+DROPOUT = nn.modules.dropout._DropoutNd
+
+
+def make(method: str, preset: str, n: int = 96, size: int = 32, **params):
+    torch.manual_seed(0)
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    model = engine.prepare(build_model("shot_lenet", 10, 1, size), trainable=True)
+    cls = ADAPT_METHODS.get(method)
+    cfg = validate(cls.Config, {**cls.presets[preset], **params})
+    return cls(cfg, AdaptSetup(model, torch.randn(n, 1, size, size), engine))
+
+
+def run_steps(runner, n: int) -> None:
+    """The first ``n`` steps, through the engine (which sets the modes)."""
+    for stage in runner.stages():
+        stage.steps = min(n, stage.steps)
+        stage.evaluate = False
+        runner.engine.run([stage], runner, {})
+
+
+# (a) SHOT's object recipe -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["shot", "shot_im"])
+def test_paper_objects_is_the_authors_object_recipe(method):
+    runner = make(method, "paper-objects", epochs=2)
+    cfg = runner.cfg
+    assert (cfg.beta, cfg.lr, cfg.batch_size) == ((0.3 if method == "shot" else 0.0), 0.01, 64)
+    assert validate(runner.Config, runner.presets["paper-objects"]).epochs == 15
+    assert cfg.bottleneck_dropout is False and cfg.lr_decay is True
+    lrs = {g["name"]: g["lr"] for g in runner.optimizers["model"].param_groups}
+    assert lrs == pytest.approx({"backbone": 0.001, "bottleneck": 0.01})  # the head stays frozen
+    # The digit recipe ('paper') keeps one lr and the bottleneck's dropout.
+    digits = make(method, "paper", epochs=2)
+    assert digits.cfg.bottleneck_dropout is True
+    assert {g["name"]: g["lr"] for g in digits.optimizers["model"].param_groups} == pytest.approx(
+        {"backbone": 0.01, "bottleneck": 0.01})
+
+
+@pytest.mark.parametrize("preset, bottleneck_drops", [("paper-objects", False), ("paper", True)])
+def test_object_recipe_turns_the_bottleneck_dropout_off_in_the_training_step(preset, bottleneck_drops):
+    runner = make("shot", preset, epochs=1)
+    model = runner.model
+    bottleneck, extractor = model.backbone.dropout, model.backbone.extractor[4]
+    assert isinstance(bottleneck, nn.Dropout) and isinstance(extractor, nn.Dropout2d)
+    seen = []
+    for name, layer in (("bottleneck", bottleneck), ("extractor", extractor)):
+        layer.register_forward_hook(lambda m, i, o, name=name: seen.append((name, m.training, len(i[0]))))
+    run_steps(runner, 2)
+    step = [(name, training) for name, training, n in seen if n < 96]  # not the clustering pass over all 96
+    assert ("bottleneck", bottleneck_drops) in step and ("bottleneck", not bottleneck_drops) not in step
+    assert ("extractor", True) in step and ("extractor", False) not in step  # the extractor's dropout: SHOT's LeNet
+    assert bottleneck.training and extractor.training  # modes as they were after the step
+
+
+# (c) AaD's schedule -------------------------------------------------------------------------------
+
+def dispersion_weights(runner, steps: int) -> list[float]:
+    """λ_t of AaD's loss at each of the first ``steps`` steps, read back from the loss it optimises."""
+    weights = []
+    original = runner.loss
+
+    def spy(i, index, features, logits):
+        terms = original(i, index, features, logits)
+        weights.append(((terms["loss"] - terms["attract"]) / terms["disperse"]).item())
+        return terms
+
+    runner.loss = spy
+    run_steps(runner, steps)
+    return weights
+
+
+def test_aad_presets_keep_the_authors_schedules_and_cpu_is_unchanged():
+    cls = ADAPT_METHODS.get("aad")
+    office = validate(cls.Config, cls.presets["paper-office31"])
+    assert (office.k, office.alpha, office.beta, office.epochs, office.lr, office.weight_decay) == \
+        (3, 1.0, 1.0, 50, 1e-3, 5e-4)
+    assert (office.backbone_lr_mult, office.bottleneck_lr_mult, office.head_lr_mult, office.lr_decay) == \
+        (0.1, 1.0, 1.0, False)
+    visda = validate(cls.Config, cls.presets["paper"])
+    assert (visda.k, visda.alpha, visda.beta, visda.lr, visda.backbone_lr_mult) == (5, 1.0, 5.0, 1e-3, 0.1)
+    cpu, ablation = (validate(cls.Config, cls.presets[p]) for p in ("cpu", "cpu-office31"))
+    assert (cpu.k, cpu.beta) == (5, 5.0)  # the cpu preset is not changed without a measurement
+    # The ablation differs from cpu in the neighbours and the schedule only.
+    differ = {k for k in cls.Config.model_fields if getattr(cpu, k) != getattr(ablation, k)}
+    assert differ == {"k", "beta"} and (ablation.k, ablation.beta) == (3, 1.0)
+
+
+@pytest.mark.parametrize("preset, beta", [("cpu", 5.0), ("cpu-office31", 1.0)])
+def test_aad_dispersion_weight_follows_its_schedule(preset, beta):
+    runner = make("aad", preset, n=192, epochs=1)  # 3 steps at batch 64
+    total = runner.total_steps
+    assert total == 3
+    weights = dispersion_weights(runner, total)
+    expected = [(1 + 10 * t / total) ** -beta for t in range(total)]
+    assert weights == pytest.approx(expected, rel=1e-4)
+
+
+def test_office31_recipe_keeps_the_lr_constant_and_the_default_decays():
+    constant = make("aad", "paper-office31", n=192, epochs=2)
+    decaying = make("aad", "paper", n=192, epochs=2)
+    lrs = {}
+    for name, runner in (("constant", constant), ("decaying", decaying)):
+        first = [g["lr"] for g in runner.optimizers["model"].param_groups]
+        run_steps(runner, 4)
+        lrs[name] = (first, [g["lr"] for g in runner.optimizers["model"].param_groups])
+    assert lrs["constant"][0] == pytest.approx([1e-4, 1e-3, 1e-3]) and lrs["constant"][1] == lrs["constant"][0]
+    start, after = lrs["decaying"]
+    assert after == pytest.approx([lr * (1 + 10 * 4 / 6) ** -0.75 for lr in start])
+
