@@ -123,3 +123,87 @@ def test_office31_recipe_keeps_the_lr_constant_and_the_default_decays():
     start, after = lrs["decaying"]
     assert after == pytest.approx([lr * (1 + 10 * 4 / 6) ** -0.75 for lr in start])
 
+
+# (b) The source recipe ----------------------------------------------------------------------------
+
+def test_source_presets_are_shots_digit_recipe_and_the_run_wins():
+    from dfkt.config import SourceConfig
+
+    cpu = validate(SourceConfig, {})
+    assert (cpu.preset, cpu.batch_size, cpu.epochs, cpu.augment) == ("cpu", 128, 15, False)
+    paper = validate(SourceConfig, {"preset": "paper"})
+    assert (paper.batch_size, paper.epochs, paper.augment) == (64, 30, False)
+    augmented = validate(SourceConfig, {"preset": "paper-augment"})
+    assert (augmented.batch_size, augmented.epochs, augmented.augment) == (64, 30, "crop_rotate")
+    # SHOT's optimisation, the same in every preset: SGD lr 0.01 with its decay, label smoothing, wd 1e-3.
+    for cfg in (cpu, paper, augmented):
+        assert (cfg.optimizer, cfg.lr, cfg.lr_schedule, cfg.label_smoothing, cfg.weight_decay) == \
+            ("sgd", 0.01, "shot", 0.1, 1e-3)
+    mine = validate(SourceConfig, {"preset": "paper-augment", "epochs": 3, "augment": False})
+    assert (mine.batch_size, mine.epochs, mine.augment) == (64, 3, False)
+    with pytest.raises(Exception, match="paper-augment"):
+        validate(SourceConfig, {"preset": "papr"})
+
+
+def test_crop_and_rotate_shifts_within_the_padding_and_fills():
+    from dfkt.data.augment import crop_and_rotate
+
+    torch.manual_seed(0)
+    images = torch.rand(64, 1, 12, 12) + 1.0  # every pixel > the fill
+    fill = torch.tensor([-0.5])
+    out = crop_and_rotate(images, torch.Generator().manual_seed(0), padding=2, max_degrees=0.0, fill=fill)
+    padded = torch.nn.functional.pad(images, [2] * 4, value=-0.5)
+    shifts = set()
+    for k in range(len(images)):
+        found = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if torch.allclose(out[k], padded[k, :, dy:dy + 12, dx:dx + 12], atol=1e-6)]
+        assert found, k  # a crop of the padded image, filled with the fill
+        shifts.add(found[0])
+    assert len(shifts) > 10  # shifts vary over the ±2 px both ways
+
+
+def line_angle(image: torch.Tensor) -> float:
+    """The angle in degrees (image x right, y down) of the line of bright pixels through the centre."""
+    ys, xs = torch.nonzero(image[0] > 0.5, as_tuple=True)
+    centre = (image.shape[-1] - 1) / 2
+    dx, dy = xs.float() - centre, ys.float() - centre
+    far = (dx ** 2 + dy ** 2).argmax()
+    return math.degrees(math.atan2(dy[far].item(), dx[far].item()))
+
+
+def test_crop_and_rotate_rotates_by_up_to_max_degrees_at_the_nearest_pixel():
+    from dfkt.data.augment import crop_and_rotate
+
+    image = torch.zeros(1, 1, 41, 41)
+    image[0, 0, 20, 20:] = 1.0  # a line from the centre to the right edge: angle 0
+    images = image.repeat(200, 1, 1, 1)
+    out = crop_and_rotate(images, torch.Generator().manual_seed(1), padding=0, max_degrees=10.0)
+    assert set(out.unique().tolist()) <= {0.0, 1.0}  # nearest pixel: no value is interpolated
+    angles = [line_angle(o) for o in out]
+    assert max(abs(a) for a in angles) <= 10.0 + 2.0  # within ±10 degrees, to a pixel's precision at radius 20
+    assert min(angles) < -6 and max(angles) > 6  # both ways, spread over the range
+
+
+def test_source_training_with_crop_rotate_uses_shots_augmentation(monkeypatch):
+    import dfkt.supervised as supervised
+    from dfkt.config import SourceConfig
+
+    calls = []
+
+    def spy(images, rng, padding, max_degrees, fill=None):
+        calls.append((images.shape[-1], padding, max_degrees, fill.tolist()))
+        return images
+
+    monkeypatch.setattr(supervised, "crop_and_rotate", spy)
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    images = torch.rand(40, 1, 32, 32) * 2 - 0.4  # darkest value -0.4 (black, once normalised)
+    images[0, 0, 0, 0] = -0.4
+    labels = torch.arange(40) % 10
+    for preset, expected in (("paper-augment", [(32, 5, 10.0, [pytest.approx(-0.4)])] * 2), ("paper", [])):
+        calls.clear()
+        cfg = validate(SourceConfig, {"preset": preset, "epochs": 1, "batch_size": 20, "holdout": 0})
+        task = supervised.RealDataTraining(engine, build_model("shot_lenet", 10, 1, 32), images, labels, cfg)
+        for i in range(2):
+            task.step(i)
+        assert calls == expected, preset
+
