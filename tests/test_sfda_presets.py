@@ -207,3 +207,99 @@ def test_source_training_with_crop_rotate_uses_shots_augmentation(monkeypatch):
             task.step(i)
         assert calls == expected, preset
 
+
+# (d) B4's corruptions at MNIST-C's parameters -----------------------------------------------------
+
+def blob(side: int, dx: int, dy: int, n: int = 16) -> torch.Tensor:
+    """uint8 images of a 3×3 white square (dx, dy) px from the pixel left of and above the centre."""
+    x = torch.zeros(n, 1, side, side, dtype=torch.uint8)
+    c = (side - 1) // 2
+    x[:, 0, c + dy - 1:c + dy + 2, c + dx - 1:c + dx + 2] = 255
+    return x
+
+
+def centroid(image: torch.Tensor) -> tuple[float, float]:
+    """The intensity centroid (x right, y down) relative to the image centre, (side − 1)/2."""
+    w = image[0].double()
+    side = w.shape[-1]
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return ((w * xs).sum() / w.sum() - (side - 1) / 2).item(), ((w * ys).sum() / w.sum() - (side - 1) / 2).item()
+
+
+def test_mnist_c_scale_moves_pixels_by_mnist_cs_parameters():
+    from dfkt.data.corruptions import MNIST_C_SEVERITY, corrupt
+
+    assert (MNIST_C_SEVERITY["rotate"], MNIST_C_SEVERITY["translate"]) == (2, 3)  # MNIST-C's data: ±23°, 3 px
+    # rotate: ±0.2 ... 1.0 rad, exactly, both signs.
+    for severity, radians in ((2, 0.4), (5, 1.0)):
+        angles = [math.atan2(*centroid(o)[::-1]) for o in corrupt(blob(41, 15, 0), "rotate", severity)]
+        assert [abs(a) for a in angles] == pytest.approx([radians] * 16, abs=0.01), severity
+        assert min(angles) < 0 < max(angles)
+    # translate: 1 ... 5 px along each axis per 28 px of side, each sign random.
+    for side in (28, 56):
+        moves = [centroid(o) for o in corrupt(blob(side, 0, 0), "translate", 3)]
+        start = centroid(blob(side, 0, 0)[0])
+        assert all(abs(abs(x - start[0]) - 3 * side / 28) < 0.01 and abs(abs(y - start[1]) - 3 * side / 28) < 0.01
+                   for x, y in moves), side
+    # scale: to 0.7 at severity 3; shear: (x, y) -> (x − sin(c)·y, cos(c)·y) back to the input, c = ±0.4.
+    assert [centroid(o)[0] for o in corrupt(blob(41, 10, 0), "scale", 3)] == pytest.approx([7.0] * 16, abs=0.05)
+    sheared = [centroid(o) for o in corrupt(blob(41, 0, 10), "shear", 2)]
+    assert [abs(x) for x, _ in sheared] == pytest.approx([10 * math.tan(0.4)] * 16, abs=0.1)
+    assert [y for _, y in sheared] == pytest.approx([10 / math.cos(0.4)] * 16, abs=0.1)
+    assert min(x for x, _ in sheared) < 0 < max(x for x, _ in sheared)
+
+
+def test_mnist_c_scale_blurs_stripes_and_inverts_as_mnist_c():
+    from dfkt.data.corruptions import corrupt
+
+    point = torch.zeros(8, 1, 29, 29, dtype=torch.uint8)
+    point[:, 0, 14, 14] = 255
+    # gaussian_blur: σ = 1, 2, 3, 4, 6 px (the horizontal variance of a point's blur ≈ σ², less the uint8 tails).
+    for severity, sigma in ((1, 1.0), (2, 2.0)):
+        profile = corrupt(point, "gaussian_blur", severity)[0, 0].double().sum(0)
+        variance = (profile * (torch.arange(29) - 14.0) ** 2).sum() / profile.sum()
+        assert 0.75 * sigma ** 2 < variance < 1.05 * sigma ** 2, severity
+    # motion_blur: ImageMagick's one-sided smear, radius 10 and σ 3 px at severity 1, within ±45° of horizontal.
+    for smear in corrupt(point, "motion_blur", 1):
+        ys, xs = torch.nonzero(smear[0], as_tuple=True)
+        dx, dy = xs - 14, ys - 14
+        assert (dx <= 0).all() and (dy.abs() <= dx.abs() + 1).all()  # from the point, one way, near horizontal
+        assert 7 <= (dx ** 2 + dy ** 2).double().sqrt().max() <= 10
+    # stripe: the outer 7 of 28 columns on each side inverted, the rest untouched; inversion: 255 − x.
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    striped = corrupt(images, "stripe", 3)
+    assert torch.equal(striped[..., 7:21], images[..., 7:21])
+    assert torch.equal(striped[..., :7], 255 - images[..., :7]) and torch.equal(striped[..., 21:], 255 - images[..., 21:])
+    assert torch.equal(corrupt(images, "inversion", 1), 255 - images)
+
+
+def test_the_projects_scale_stays_available_and_names_choose_it():
+    from dfkt.data import load_dataset
+    from dfkt.data.corruptions import corrupt
+    from dfkt.errors import ConfigError
+
+    base = load_dataset("digits")
+    default, explicit, project = (load_dataset(f"digits-c:rotate:3{s}") for s in ("", ":mnist-c", ":dfkt"))
+    assert default.name == explicit.name == "digits-c:rotate:3" and project.name == "digits-c:rotate:3:dfkt"
+    assert torch.equal(default.test_images, corrupt(base.test_images, "rotate", 3, seed=2, scale="mnist-c"))
+    assert torch.equal(project.test_images, corrupt(base.test_images, "rotate", 3, seed=2, scale="dfkt"))
+    assert not torch.equal(default.test_images, project.test_images)
+    # Where MNIST-C's tables are the project's (noise, contrast, brightness), both scales give the same images.
+    for name in ("gaussian_noise:3", "contrast:2", "brightness:4"):
+        assert torch.equal(load_dataset(f"digits-c:{name}").test_images, load_dataset(f"digits-c:{name}:dfkt").test_images)
+    with pytest.raises(ConfigError, match="unknown corruption scale 'mnistc'.*mnist-c, dfkt"):
+        load_dataset("digits-c:rotate:3:mnistc")
+
+
+def test_an_adapt_target_keeps_its_scale():
+    from dfkt.api import target_images
+    from dfkt.config import DataConfig
+    from dfkt.data import load_dataset
+    from dfkt.models.files import ModelInfo
+
+    base = load_dataset("digits")
+    info = ModelInfo("shot_dtn", 10, 1, 8, base.mean, base.std, "digits")
+    for suffix, scale in (("", "mnist-c"), (":dfkt", "dfkt")):
+        target = target_images(DataConfig(name=f"digits-c:translate:2{suffix}"), info)
+        assert target.name == f"digits-c:translate:2{suffix}"
+        assert torch.equal(target.images, load_dataset(f"digits-c:translate:2:{scale}").test_images)
