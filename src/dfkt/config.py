@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dfkt.errors import ConfigError
 
@@ -62,7 +62,10 @@ class RealTrainingConfig(StrictModel):
     momentum: float = 0.9
     weight_decay: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    augment: bool = False
+    augment: bool | Literal["crop_rotate"] = Field(
+        False, description="true: a random shift (up to 1/16 of the side) and horizontal flip; crop_rotate: SHOT's "
+        "USPS->MNIST source augmentation, a random crop of the image padded by 4 px (per 28 px of side) then a "
+        "rotation by up to ±10 degrees (nearest pixel), filled with the images' darkest value")
     temperature: float | None = Field(None, gt=0, description="KD temperature of the KD-on-real-data "
                                                                  "reference; default: the method's")
     lr_schedule: Literal["cosine", "shot"] = Field("cosine", description="shot: lr·(1 + 10t/T)^-0.75")
@@ -78,9 +81,31 @@ class TeacherConfig(RealTrainingConfig):
     engine: EngineConfig = EngineConfig()
 
 
-class SourceConfig(TeacherConfig):
-    """``dfkt train-source``: a source model for adaptation, SHOT's recipe by default."""
+# ``dfkt train-source``'s presets: settings a preset fills in unless the run sets them itself.
+# SHOT's digit code (tim-learn/SHOT, digit/uda_digit.py) trains its sources for 30 epochs at batch 64,
+# lr 0.01 with its decay, label smoothing 0.1, weight decay 1e-3 (the SourceConfig defaults); only the
+# USPS source of USPS->MNIST is augmented (RandomCrop(28, padding=4), RandomRotation(10)), the MNIST and
+# SVHN sources are not.
+SOURCE_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {},
+    "paper": {"batch_size": 64, "epochs": 30},
+    "paper-augment": {"batch_size": 64, "epochs": 30, "augment": "crop_rotate"},
+}
 
+
+class SourceConfig(TeacherConfig):
+    """``dfkt train-source``: a source model for adaptation, SHOT's recipe by default.
+
+    ``preset`` (``--set preset=NAME``): ``cpu`` (the default: batch 128, 15 epochs, no augmentation),
+    ``paper`` (SHOT's digit sources: batch 64, 30 epochs, as for MNIST->USPS and SVHN->MNIST) or
+    ``paper-augment`` (``paper`` with SHOT's USPS->MNIST augmentation, for a source of other digits that
+    is adapted to MNIST-like images, e.g. digits -> mnist5k). Settings given in the run win over the
+    preset's. The epoch is chosen on held-out training images (``holdout``), where SHOT's code chose it
+    on the source test split."""
+
+    preset: Literal["cpu", "paper", "paper-augment"] = Field(
+        "cpu", description="cpu: batch 128, 15 epochs; paper: SHOT's digit sources, batch 64, 30 epochs; "
+        "paper-augment: paper plus SHOT's USPS->MNIST crop and rotation (augment=crop_rotate)")
     model: str = "shot_lenet"
     data: DataConfig = DataConfig(name="fmnist")
     optimizer: Literal["adam", "sgd"] = "sgd"
@@ -90,6 +115,14 @@ class SourceConfig(TeacherConfig):
     lr_schedule: Literal["cosine", "shot"] = "shot"
     holdout: float = Field(0.1, ge=0, lt=1, description="share of the source training images kept apart to "
                                                           "choose the epoch (never the test set)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_in_the_preset(cls, data: Any) -> Any:
+        """The preset's settings under the ones the run gives (an unknown preset is left to the field)."""
+        if isinstance(data, dict) and data.get("preset", "cpu") in SOURCE_PRESETS:
+            return {**SOURCE_PRESETS[data.get("preset", "cpu")], **data}
+        return data
 
 
 class AdaptRunConfig(StrictModel):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from dfkt import losses
 from dfkt.config import RealTrainingConfig
-from dfkt.data.augment import shift_and_flip
+from dfkt.data.augment import crop_and_rotate, shift_and_flip
 from dfkt.engine import Engine, Stage
 from dfkt.engine.state import TrainState
 from dfkt.training import EpochBatches, make_optimizer, shot_decay
@@ -40,6 +40,8 @@ class RealDataTraining(TrainState):
                              nesterov=True)
         self.optimizer = self.optimizers["model"] = engine.prepare_optimizer(opt)
         self.batches = EpochBatches(self, engine, len(self.images), cfg.batch_size, rng_offset=10)
+        # crop_rotate fills with black, before normalisation as in torchvision: the images' darkest value.
+        self.fill = self.images.amin(dim=(0, 2, 3)) if cfg.augment == "crop_rotate" else None
         self.steps_per_epoch = self.batches.steps_per_epoch
         total = cfg.epochs * self.steps_per_epoch
         self.schedulers["model"] = (
@@ -52,7 +54,10 @@ class RealDataTraining(TrainState):
     def step(self, i: int) -> dict[str, Tensor]:
         index = self.batches(i)
         images = self.images[index]
-        if self.cfg.augment:
+        if self.cfg.augment == "crop_rotate":  # SHOT's USPS->MNIST source: 4 px of 28, ±10 degrees
+            images = crop_and_rotate(images, self.rngs["order"], max(1, round(images.shape[3] * 4 / 28)), 10.0,
+                                     self.fill)
+        elif self.cfg.augment:
             images = shift_and_flip(images, self.rngs["order"])
         logits = self.model(images)
         if self.teacher is None:

@@ -12,7 +12,6 @@ from torch import nn
 from dfkt.api.common import layered, method_config, normalized
 from dfkt.config import AdaptRunConfig, DataConfig, dump_yaml, validate
 from dfkt.data import ImageData, fit_size, load_dataset
-from dfkt.data.corruptions import corrupt
 from dfkt.data.folder import load_image_folder
 from dfkt.data.shifted import parse_shift
 from dfkt.engine import Engine
@@ -77,10 +76,9 @@ def target_images(target: DataConfig, info: ModelInfo) -> TargetImages:
         dataset, resized = _target_dataset(target, target.name, info)
         return TargetImages(dataset.name, dataset.test_images, dataset.test_labels, resized)
     # A shifted dataset: only its test split is needed, so only that split is corrupted (after resizing).
-    base_name, corruption, severity = parse_shift(target.name)
-    base, resized = _target_dataset(target, base_name, info)
-    return TargetImages(f"{base_name}-c:{corruption}:{severity}",
-                        corrupt(base.test_images, corruption, severity, seed=2), base.test_labels, resized)
+    shift = parse_shift(target.name)
+    base, resized = _target_dataset(target, shift.base, info)
+    return TargetImages(shift.name, shift.apply(base.test_images, seed=2), base.test_labels, resized)
 
 
 def adapt(method: str | None = None, source: str | Path | None = None, target: str | None = None,

@@ -21,6 +21,26 @@ def crop_and_flip(images: Tensor, rng: torch.Generator, padding: int, flip: bool
     return _shift_flip(images - fill, rng, padding, flip) + fill
 
 
+def crop_and_rotate(images: Tensor, rng: torch.Generator, padding: int, max_degrees: float,
+                    fill: Tensor | None = None) -> Tensor:
+    """Per sample, torchvision's RandomCrop(size, padding) then RandomRotation(``max_degrees``): a random
+    crop of the image padded by ``padding`` pixels on each side, back at its own size, then a rotation
+    about the centre by an angle uniform in ±``max_degrees``, resampled at the nearest pixel (torchvision's
+    default). Pixels from outside take ``fill`` (per channel; default 0). SHOT's USPS->MNIST source
+    augmentation is padding 4 and 10 degrees on 28x28 images."""
+    n, c, _, _ = images.shape
+    fill = torch.zeros(1, c, 1, 1, device=images.device, dtype=images.dtype) if fill is None else \
+        fill.to(images.device, images.dtype).view(1, -1, 1, 1)
+    out = _shift_flip(images - fill, rng, padding, False)
+    angle = (torch.rand(n, device=images.device, generator=rng) * 2 - 1) * max_degrees * (torch.pi / 180)
+    cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(out.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(out.float(), grid, mode="nearest", padding_mode="zeros",
+                                          align_corners=False).to(images.dtype)
+    return out + fill
+
+
 # Datasets whose classes survive a horizontal flip (clothes, objects); digits and letters do not.
 MIRROR_SAFE = frozenset({"fmnist", "cifar10", "cifar100"})
 AUGMENTATIONS = ("shift", "flip", "rotate", "scale", "mixup", "cutmix")

@@ -47,6 +47,8 @@ class OfflineConfig(StrictModel):
                                     "(NRC/AaD/SHOT-objects authors: 0.1)")
     bottleneck_lr_mult: float = Field(1.0, ge=0, description="lr multiplier of the bottleneck (Linear, BatchNorm1d)")
     head_lr_mult: float = Field(1.0, ge=0, description="lr multiplier of the classifier head, when it trains")
+    lr_decay: bool = Field(True, description="SHOT's decay lr·(1 + 10t/T)^-0.75 over the run; false keeps the lr "
+                           "constant (AaD's Office-31 code)")
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(1e-3, ge=0)
@@ -109,6 +111,15 @@ def parameter_groups(model: nn.Module, params: list[nn.Parameter], lr: float,
         if chosen:
             groups.append({"params": chosen, "lr": lr * multipliers[part], "name": part})
     return groups
+
+
+def bottleneck_modules(model: nn.Module) -> list[nn.Module]:
+    """The bottleneck's modules (``model_parts``' ``bottleneck``): the children of ``backbone`` other
+    than ``backbone.extractor``; none when the backbone has no separate extractor."""
+    extractor = getattr(model.backbone, "extractor", None)
+    if extractor is None:
+        return []
+    return [m for m in model.backbone.children() if m is not extractor]
 
 
 @contextlib.contextmanager

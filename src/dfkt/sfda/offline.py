@@ -13,23 +13,30 @@ from dfkt import losses
 from dfkt.engine import Stage
 from dfkt.errors import ConfigError
 from dfkt.registry import ADAPT_METHODS
-from dfkt.sfda.base import AdaptMethod, AdaptSetup, OfflineConfig, OnlineConfig, dropout_off, parameter_groups
+from dfkt.sfda.base import (AdaptMethod, AdaptSetup, OfflineConfig, OnlineConfig, bottleneck_modules, dropout_off,
+                             parameter_groups)
 from dfkt.sfda.clustering import shot_pseudo_labels
 from dfkt.training import shot_decay
 
 CHUNK = 1000
 
 
+def _constant(step: int) -> float:
+    """The lr factor of a run without decay (a named function: a scheduler with it can be saved)."""
+    return 1.0
+
+
 class OfflineMethod(AdaptMethod):
-    """Trains ``trainable_parameters()`` with SHOT's lr decay for ``epochs`` passes over the target,
-    in param groups ``backbone`` (the feature extractor), ``bottleneck`` and ``head``, each at
-    ``lr`` × its ``*_lr_mult``."""
+    """Trains ``trainable_parameters()`` for ``epochs`` passes over the target with SHOT's lr decay
+    (or a constant lr, ``lr_decay`` false), in param groups ``backbone`` (the feature extractor),
+    ``bottleneck`` and ``head``, each at ``lr`` × its ``*_lr_mult``."""
 
     def __init__(self, cfg: OfflineConfig, setup: AdaptSetup):
         super().__init__(cfg, setup)
         self.total_steps = cfg.epochs * self.batches.steps_per_epoch
         optimizer = self.optimizers["model"] = self.optimizer(self.parameter_groups())
-        self.schedulers["model"] = shot_decay(optimizer, self.total_steps)
+        self.schedulers["model"] = shot_decay(optimizer, self.total_steps) if cfg.lr_decay else \
+            torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.parameters())
@@ -85,23 +92,42 @@ class OfflineMethod(AdaptMethod):
         return [Stage("adapt", self.total_steps, self.step, train=[self.model], begin=self.begin, evaluate=True)]
 
 
-class SHOTConfig(OfflineConfig):
+class SHOTBaseConfig(OfflineConfig):
+    bottleneck_dropout: bool = Field(True, description="the bottleneck's dropout layers stay on in the training "
+                                     "step (SHOT's digit code); false turns them off, as in its object code, whose "
+                                     "bottleneck applies no dropout")
+
+
+class SHOTConfig(SHOTBaseConfig):
     beta: float = Field(0.1, ge=0, description="pseudo-label weight: 0.1 digits, 0.3 objects; 0 is SHOT-IM")
 
 
-class SHOTIMConfig(OfflineConfig):
+class SHOTIMConfig(SHOTBaseConfig):
     beta: float = Field(0.0, ge=0, le=0, description="SHOT-IM has no pseudo-label term")
+
+
+# SHOT's object recipe (tim-learn/SHOT, object/image_target.py and object/network.py, for Office-31 and
+# Office-Home): cls_par 0.3, 15 epochs, batch 64, lr 1e-2 with the backbone at 0.1x and the bottleneck at
+# 1x, pseudo-labels refreshed once per epoch, and a bottleneck (Linear, BatchNorm1d) whose forward
+# applies no dropout. Its VisDA-C runs use lr 1e-3 (--set params.lr=1e-3).
+SHOT_OBJECTS = {"beta": 0.3, "epochs": 15, "lr": 0.01, "backbone_lr_mult": 0.1, "bottleneck_lr_mult": 1.0,
+                "bottleneck_dropout": False}
 
 
 @ADAPT_METHODS.register("shot")
 class SHOT(OfflineMethod):
     """SHOT: the head (hypothesis) stays frozen; the backbone learns
-    L = mean H(p_i) − H(p̄) + β·CE(p_i, ŷ_i), ŷ refreshed by clustering at every epoch's start."""
+    L = mean H(p_i) − H(p̄) + β·CE(p_i, ŷ_i), ŷ refreshed by clustering at every epoch's start.
+
+    Presets: ``paper`` is the authors' digit recipe (β 0.1, 30 epochs, batch 64, lr 0.01 for the
+    extractor and the bottleneck, bottleneck dropout on); ``paper-objects`` their object recipe
+    (``SHOT_OBJECTS``). The models' bottleneck keeps its Dropout layer, so the object recipe turns it
+    off in the training step (``bottleneck_dropout``); a source model trained with it still saw it."""
 
     Config = SHOTConfig
     name = "shot"
     summary = "offline: frozen head; information maximisation + clustered pseudo-labels"
-    presets = {"paper": {}, "paper-objects": {"beta": 0.3}, "cpu": {"epochs": 5}}
+    presets = {"paper": {}, "paper-objects": SHOT_OBJECTS, "cpu": {"epochs": 5}}
 
     def __init__(self, cfg: SHOTConfig, setup: AdaptSetup):
         super().__init__(cfg, setup)
@@ -110,6 +136,12 @@ class SHOT(OfflineMethod):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.backbone.parameters())
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        if self.cfg.bottleneck_dropout:
+            return super().forward(images)
+        with dropout_off(*bottleneck_modules(self.model)):
+            return super().forward(images)
 
     def before_step(self, i: int) -> None:
         if self.cfg.beta > 0 and i % self.batches.steps_per_epoch == 0:
@@ -128,7 +160,8 @@ class SHOTIM(SHOT):
     Config = SHOTIMConfig
     name = "shot_im"
     summary = "offline: frozen head; information maximisation only"
-    presets = {"paper": {}, "cpu": {"epochs": 5}}
+    presets = {"paper": {}, "paper-objects": {k: v for k, v in SHOT_OBJECTS.items() if k != "beta"},
+               "cpu": {"epochs": 5}}
 
 
 class NRCConfig(OfflineConfig):
@@ -140,8 +173,16 @@ class NRCConfig(OfflineConfig):
 
 class AaDConfig(OfflineConfig):
     k: int = Field(5, ge=1, description="nearest neighbours in the feature bank")
-    alpha: float = Field(1.0, ge=0)
-    beta: float = Field(5.0, ge=0)
+    alpha: float = Field(1.0, ge=0, description="dispersion weight at the start: λ_t = α(1 + 10t/T)^-β")
+    beta: float = Field(5.0, ge=0, description="decay of the dispersion weight: 5 VisDA, 1 Office-31, 0 (none) "
+                        "Office-Home")
+
+
+# AaD's Office-31 recipe (Albert0147/AaD_SFDA, office-home/office31_tar.py and office31_tar.sh): K 3,
+# β 1 (α 1), 50 epochs, batch 64, SGD lr 1e-3 (nesterov, momentum 0.9, weight decay 5e-4) with the
+# backbone at 0.1x and the bottleneck and head at 1x, and no lr decay (its scheduler call is commented out).
+AAD_OFFICE31 = {"k": 3, "alpha": 1.0, "beta": 1.0, "epochs": 50, "lr": 1e-3, "backbone_lr_mult": 0.1,
+                "bottleneck_lr_mult": 1.0, "head_lr_mult": 1.0, "weight_decay": 5e-4, "lr_decay": False}
 
 
 class NeighbourMethod(OfflineMethod):
@@ -221,12 +262,19 @@ class NRC(NeighbourMethod):
 class AaD(NeighbourMethod):
     """AaD, attracting and dispersing (Yang et al., NeurIPS 2022):
     L = −Σ_{k∈N_K(i)} S_kᵀp_i + λ_t·Σ_{j≠i in batch} p_iᵀp_j,  λ_t = α(1 + 10t/T)^−β.
-    The classifier trains too."""
+    The classifier trains too.
+
+    Presets: ``paper`` is the VisDA setting (K 5, α 1, β 5, lr 1e-3, backbone 0.1×); ``paper-office31``
+    the authors' Office-31 recipe (``AAD_OFFICE31``); ``cpu-office31`` the ``cpu`` preset with only
+    the Office-31 neighbours and schedule (K 3, β 1), to ablate the schedule on its own. Over a run of
+    T steps β 5 leaves λ below 0.05 after 8% of it (then AaD is attraction only), β 1 keeps it above
+    1/11 ≈ 0.09 to the end."""
 
     Config = AaDConfig
     name = "aad"
     summary = "offline: attract neighbours' predictions, disperse the batch's"
-    presets = {"paper": {"lr": 1e-3, "backbone_lr_mult": 0.1}, "cpu": {"epochs": 5}}
+    presets = {"paper": {"lr": 1e-3, "backbone_lr_mult": 0.1}, "paper-office31": AAD_OFFICE31,
+               "cpu": {"epochs": 5}, "cpu-office31": {"epochs": 5, "k": 3, "beta": 1.0}}
 
     def loss(self, i: int, index: Tensor, features: Tensor, logits: Tensor) -> dict[str, Tensor]:
         probs = F.softmax(logits.float(), dim=1)
