@@ -7,26 +7,57 @@ import contextlib
 import io
 import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
+from dfkt.commands import ADAPT, COMMANDS, DISTILL, QUANTIZE, SWEEP, Command, Setting
 from dfkt.errors import DfktError, disk_full_error, is_disk_full
 
 EPILOG = "Errors print one line and exit 2. A run interrupted or killed continues with --resume --out DIR."
 
 
-def _common_run_flags(p: argparse.ArgumentParser) -> None:
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """How a training command runs, beside what it runs (its settings)."""
     p.add_argument("--config", help="YAML file with settings (flags and --set override it)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set engine.precision=32-true (repeatable)")
     p.add_argument("--out", help="run folder (default: runs/<kind>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--data-root", help="folder holding the dataset files")
-    p.add_argument("--devices", type=int, metavar="N",
-                   help="processes on this machine, trained data-parallel (one per GPU; on a CPU they split the "
-                        "cores); started here, or by torchrun/SLURM with the same N. Each process uses the batch "
-                        "size given, so the effective batch is N x it; see --set engine.lr_scaling=linear")
-    p.add_argument("--num-nodes", type=int, metavar="M", help="machines of --devices processes each (torchrun or "
-                                                              "SLURM starts them; --out on a shared folder)")
+
+
+def _setting_flags(p: argparse.ArgumentParser, command: Command) -> None:
+    """A flag for every setting of ``command`` but its sections (those take --set or --config), made
+    from its config's fields: the type, the choices, and the description as help."""
+    for keyword, setting in command.settings().items():
+        if setting.value is None:
+            continue
+        value = setting.value
+        if value.type is bool:  # --x and --no-x; unset, the layers below decide
+            options = {"action": argparse.BooleanOptionalAction}
+        else:
+            options = {"type": value.type, "choices": value.choices, "metavar": "N" if value.type is int else None}
+            if value.many:
+                options["nargs"] = "+"
+        if keyword == command.argument:
+            p.add_argument(keyword, nargs="?", help=_help(setting), **options)
+        else:
+            p.add_argument("--" + keyword.replace("_", "-"), help=_help(setting), **options)
+
+
+def _help(setting: Setting) -> str:
+    """The setting's description, and its default unless the description gives it or there is none."""
+    text = setting.description.replace("%", "%%")  # argparse formats help with %
+    default = setting.default
+    if setting.value.type is bool:
+        return text + ("; on by default" if default else "")
+    if "default" in text or default is None or default == "" or default == []:
+        return text
+    return f"{text}; default {' '.join(map(str, default)) if isinstance(default, list) else default}"
+
+
+def _settings(args: argparse.Namespace, command: Command) -> dict[str, Any]:
+    """The settings as the command line gave them (None where a flag was not given)."""
+    return {keyword: getattr(args, keyword) for keyword, setting in command.settings().items()
+            if setting.value is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,47 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default=None,
                    help="default bf16-mixed on CPU")
 
-    for name, default_model, default_data, what in (
-            ("train-teacher", "digits_cnn", "digits", "train a classifier (a teacher) on real labelled data"),
-            ("train-source", "shot_lenet", "fmnist", "train a source model for adaptation (SHOT's recipe: label "
-                                                     "smoothing, epoch chosen on held-out source images)")):
+    for name, what in (
+            ("train-teacher", "train a classifier (a teacher) on real labelled data"),
+            ("train-source", "train a source model for adaptation (SHOT's recipe: label smoothing, epoch chosen on "
+                             "held-out source images)")):
         p = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".", epilog=EPILOG)
-        p.add_argument("--model", help=f"architecture (see 'dfkt list models'); default {default_model}")
-        p.add_argument("--data", help=f"dataset (see 'dfkt list datasets'); default {default_data}")
-        p.add_argument("--epochs", type=int)
-        p.add_argument("--download", action="store_true", default=None, help="allow torchvision to download data")
-        _common_run_flags(p)
+        _setting_flags(p, COMMANDS[name])
+        _run_flags(p)
 
     p = sub.add_parser("distill", help="distil a teacher into a student without data", epilog=EPILOG)
-    p.add_argument("--method", help="DFKD method (see 'dfkt list methods'); default rdskd")
-    p.add_argument("--teacher", help="the teacher: a model.safetensors from 'dfkt train-teacher', a TorchScript "
-                                     "file, torchvision:NAME (e.g. torchvision:resnet18) or package.module:function "
-                                     "(called with no arguments, returns the nn.Module); the last two need "
-                                     "--teacher-weights and --data. Declare what cannot be inferred with --set "
-                                     "teacher_info.mean=[...] teacher_info.std=[...] (default: the data's)")
-    p.add_argument("--teacher-weights", help="state dict (.pt/.pth from torch.save, or .safetensors) of a "
-                                             "torchvision:NAME or module:function teacher")
-    p.add_argument("--student", help="student architecture; default: the teacher's half-width partner")
-    p.add_argument("--preset", help="method preset: 'cpu' (default, 2-core laptop scale) or 'paper'; some methods "
-                                    "have more (e.g. deepinversion: cpu-adi); a wrong name lists them")
-    p.add_argument("--data", help="evaluation dataset; default: the one the teacher was trained on")
-    p.add_argument("--max-seconds", type=float, help="wall-time budget for training")
-    p.add_argument("--references", action="store_true", default=None,
-                   help="also train the KD-on-real-data and labels-trained students for comparison")
-    _common_run_flags(p)
+    _setting_flags(p, DISTILL)
+    _run_flags(p)
 
     p = sub.add_parser("adapt", help="adapt a source model to an unlabelled target domain, without source data",
                        description="Source-free domain adaptation. The target's test images are split in two "
                                    "fixed halves: the method adapts on one, and accuracy is reported on it "
                                    "(transductive) and on the other (inductive), beside the source model's.",
                        epilog=EPILOG)
-    p.add_argument("--method", help="adaptation method (see 'dfkt list adapt-methods'); default shot")
-    p.add_argument("--source", help="source model.safetensors written by 'dfkt train-source'")
-    p.add_argument("--target", help="target dataset, e.g. fmnist-c:rotate:3 or digits-c:contrast:5")
-    p.add_argument("--preset", help="method preset: 'cpu' (default, 2 cores) or 'paper'; some methods have "
-                                    "more (e.g. shot: paper-objects); a wrong name lists them")
-    p.add_argument("--max-seconds", type=float, help="wall-time budget for adapting")
-    _common_run_flags(p)
+    _setting_flags(p, ADAPT)
+    _run_flags(p)
 
     p = sub.add_parser("sweep", help="one method over a grid or random space of settings, several seeds each",
                        description="A robustness study: every setting x seed is a normal distill run folder in "
@@ -97,11 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "'random: {params.gen_lr: {low: 1e-4, high: 1e-1, log: true}}' with "
                                   "'random_trials: N'; may also set method, teacher, preset, seeds, max_seconds, "
                                   "overrides")
-    p.add_argument("--method", help="DFKD method (see 'dfkt list methods'); default rdskd")
-    p.add_argument("--teacher", help="teacher model file (as for distill)")
-    p.add_argument("--preset", help="method preset of every trial; default cpu")
-    p.add_argument("--seeds", type=int, nargs="+", help="engine seeds of each setting; default 1 2 3")
-    p.add_argument("--max-seconds", type=float, help="wall-time budget of each trial")
+    _setting_flags(p, SWEEP)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting shared by every trial, e.g. --set engine.precision=32-true (repeatable)")
     p.add_argument("--out", default="runs/sweep", help="sweep folder (default: runs/sweep)")
@@ -146,27 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "images, a reference). The int8 model is compared with fp32 (top-1) on held-out "
                                    "images of the same source before it is written; 'dfkt evaluate FILE.onnx' "
                                    "measures its accuracy. Needs: pip install 'dfkt[onnx]'.", epilog=EPILOG)
-    p.add_argument("model", nargs="?", help="a dfkt model file, a run folder (a distill run's student; see "
-                                            "--run-model), or any teacher 'dfkt distill --teacher' accepts")
-    p.add_argument("--calibration", help="calibration source (see 'dfkt list calibration-sources'); default "
-                                         "bn-inversion")
-    p.add_argument("--calibration-images", type=int, metavar="N", help="images fed to the calibrator; default 256")
-    p.add_argument("--calibrate-method", choices=["minmax", "entropy", "percentile"], help="default minmax")
-    p.add_argument("--check-images", type=int, metavar="N", help="held-out images of the same source on which "
-                                                                 "int8 and fp32 are compared; default 128")
-    p.add_argument("--min-agreement", type=float, help="refuse to write below this int8/fp32 top-1 agreement on "
-                                                       "the held-out images; default 0.9")
-    p.add_argument("--run-model", choices=["student", "selected", "teacher"],
-                   help="for a distill run folder: which of its models; default student")
-    p.add_argument("--model-weights", help="state dict of a torchvision:NAME or module:function model")
-    p.add_argument("--data", help="dataset: for the 'real' source, and for a foreign model's shape and normalisation")
-    p.add_argument("--data-root", help="folder holding the dataset files")
-    p.add_argument("--seed", type=int, help="seed of the calibration images; default 1")
+    _setting_flags(p, QUANTIZE)
     p.add_argument("--config", help="YAML file with settings (flags and --set override it)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set params.iterations=100 (the source's settings) or "
                         "--set activation_type=int8 (repeatable)")
-    p.add_argument("--out", help="the int8 ONNX file to write, e.g. model.int8.onnx")
 
     p = sub.add_parser("list", help="list registered methods, adaptation methods, models or datasets, or the "
                                     "settings of one method ('dfkt list params rdskd')")
@@ -206,9 +195,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     from dfkt.demo import run_demo, format_table
     from dfkt.engine.distributed import is_main_process
 
-    for flag, key in (("devices", "engine.devices"), ("num_nodes", "engine.num_nodes")):
-        if getattr(args, flag, None) is not None:
-            args.overrides.append(f"{key}={getattr(args, flag)}")
     printed = io.StringIO()  # results are printed once, by rank 0, when the run is over
     with contextlib.redirect_stdout(printed):
         code = _run(args, api, run_demo, format_table)
@@ -247,13 +233,13 @@ def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
     elif args.command in ("train-teacher", "train-source"):
         kind = args.command.split("-")[1]
         train = api.train_teacher if kind == "teacher" else api.train_source
-        summary = train(args.model, args.data, args.epochs, args.data_root, args.download, args.config,
-                        args.overrides, args.out, args.resume)
+        summary = train(config=args.config, overrides=args.overrides, out=args.out, resume=args.resume,
+                        **_settings(args, COMMANDS[args.command]))
         print(f"{kind} {summary['model']} on {summary['dataset']}: test accuracy {summary[kind + '_acc']:.4f}"
               f" -> {summary['model_file']}")
     elif args.command == "adapt":
-        s = api.adapt(args.method, args.source, args.target, args.preset, args.data_root, args.config,
-                      args.overrides, args.out, args.resume, args.max_seconds)
+        s = api.adapt(config=args.config, overrides=args.overrides, out=args.out, resume=args.resume,
+                      **_settings(args, ADAPT))
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         print(f"{s['method']} on {s['target']}: transductive {fmt(s['adapted']['transductive'])} "
               f"(source only {fmt(s['source_only']['transductive'])}), inductive {fmt(s['adapted']['inductive'])} "
@@ -269,9 +255,8 @@ def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
         for warning in s["warnings"] if is_main_process() else []:
             print(f"dfkt: warning: {warning}", file=sys.stderr)
     elif args.command == "distill":
-        s = api.distill(args.method, args.teacher, args.student, args.preset, args.data, args.data_root,
-                        args.config, args.overrides, args.out, args.resume, args.max_seconds, args.references,
-                        args.teacher_weights)
+        s = api.distill(config=args.config, overrides=args.overrides, out=args.out, resume=args.resume,
+                        **_settings(args, DISTILL))
         print(f"{s['method']}: student {s['student_acc']:.4f} (teacher {s['teacher_acc']:.4f}); "
               f"synthesis {s['seconds']['synthesis']:.0f}s, student {s['seconds']['student']:.0f}s")
         for name, ref in s.get("references", {}).items():
@@ -281,8 +266,9 @@ def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
     elif args.command == "sweep":
         from dfkt.sweep import markdown
 
-        print(markdown(api.sweep(args.grid, args.method, args.teacher, args.preset, args.seeds, args.max_seconds,
-                                 args.overrides, args.out, args.storage, args.workers, args.retry_failed)), end="")
+        print(markdown(api.sweep(args.grid, overrides=args.overrides, out=args.out, storage=args.storage,
+                                 workers=args.workers, retry_failed=args.retry_failed, **_settings(args, SWEEP))),
+              end="")
     elif args.command == "report":
         r = api.report(args.runs, args.out)
         print(f"wrote {r['html']} and {r['markdown']} ({r['runs']} run(s), {r['sweeps']} sweep(s))")
@@ -298,9 +284,7 @@ def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
             for row in r["confusion"]:
                 print("  " + " ".join(f"{v:5d}" for v in row))
     elif args.command == "quantize":
-        r = api.quantize(args.model, args.calibration, args.out, args.calibration_images, args.calibrate_method,
-                         args.check_images, args.min_agreement, args.run_model, args.model_weights, args.data,
-                         args.data_root, args.seed, args.config, args.overrides)
+        r = api.quantize(config=args.config, overrides=args.overrides, **_settings(args, QUANTIZE))
         q = r["quantization"]
         print(f"wrote {r['file']}: int8 {q['format']}, {'per-channel' if q['per_channel'] else 'per-tensor'} "
               f"weights, {r['bytes']['int8'] / 1024:.1f} KB ({r['bytes']['fp32'] / max(1, r['bytes']['int8']):.1f}x "

@@ -26,9 +26,12 @@ class StrictModel(BaseModel):
 
 class EngineConfig(StrictModel):
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    devices: int = Field(1, ge=1, description="processes per machine (one per GPU; on a CPU, cores are split "
-                                              "between them); several train data-parallel")
-    num_nodes: int = Field(1, ge=1, description="machines, each running `devices` processes (torchrun or SLURM)")
+    devices: int = Field(1, ge=1, description="processes on this machine, trained data-parallel (one per GPU; on a "
+                                              "CPU they split the cores); started here, or by torchrun/SLURM with "
+                                              "the same number. Each process uses the batch size given, so the "
+                                              "effective batch is devices x it; see --set engine.lr_scaling=linear")
+    num_nodes: int = Field(1, ge=1, description="machines of `devices` processes each (torchrun or SLURM starts "
+                                                "them; the run folder on a shared disk)")
     lr_scaling: Literal["none", "linear"] = Field(
         "none", description="with several processes the effective batch is world size x batch: 'linear' "
                             "multiplies every learning rate by the world size, 'none' keeps them")
@@ -47,28 +50,28 @@ class EngineConfig(StrictModel):
 
 class DataConfig(StrictModel):
     name: str | None = Field(None, description="dataset; for distill/evaluate, default: the teacher's")
-    root: str | None = None
-    download: bool = False
+    root: str | None = Field(None, description="folder holding the dataset files")
+    download: bool = Field(False, description="allow torchvision to download data")
     image_size: int | None = Field(None, ge=4)
 
 
 class RealTrainingConfig(StrictModel):
     """Training on real images: the teacher, and the reference students beside DFKD."""
 
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(128, ge=1)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    momentum: float = 0.9
-    weight_decay: float = Field(0.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    epochs: int = Field(15, ge=1, description="passes over the training images")
+    batch_size: int = Field(128, ge=1, description="images per step")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam, or sgd with Nesterov momentum")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    momentum: float = Field(0.9, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay (L2)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
     augment: bool | Literal["crop_rotate"] = Field(
         False, description="true: a random shift (up to 1/16 of the side) and horizontal flip; crop_rotate: SHOT's "
         "USPS->MNIST source augmentation, a random crop of the image padded by 4 px (per 28 px of side) then a "
         "rotation by up to ±10 degrees (nearest pixel), filled with the images' darkest value")
-    temperature: float | None = Field(None, gt=0, description="KD temperature of the KD-on-real-data "
-                                                                 "reference; default: the method's")
-    lr_schedule: Literal["cosine", "shot"] = Field("cosine", description="shot: lr·(1 + 10t/T)^-0.75")
+    temperature: float | None = Field(None, gt=0, description="KD temperature, used only by distill's "
+                                                                 "KD-on-real-data reference; default: the method's")
+    lr_schedule: Literal["cosine", "shot"] = Field("cosine", description="cosine annealing, or shot: lr·(1 + 10t/T)^-0.75")
     holdout: float = Field(0.0, ge=0, lt=1, description="share of the training images kept apart to choose "
                                                           "the best epoch; 0 keeps the last")
 
@@ -76,7 +79,7 @@ class RealTrainingConfig(StrictModel):
 class TeacherConfig(RealTrainingConfig):
     """``dfkt train-teacher``: supervised training on real labelled data."""
 
-    model: str = "digits_cnn"
+    model: str = Field("digits_cnn", description="architecture (see 'dfkt list models')")
     data: DataConfig = DataConfig(name="digits")
     engine: EngineConfig = EngineConfig()
 
@@ -128,9 +131,10 @@ class SourceConfig(TeacherConfig):
 class AdaptRunConfig(StrictModel):
     """``dfkt adapt``: a method's own settings live under ``params``."""
 
-    method: str = "shot"
-    preset: str | None = "cpu"
-    source: str = ""
+    method: str = Field("shot", description="adaptation method (see 'dfkt list adapt-methods')")
+    preset: str | None = Field("cpu", description="method preset: 'cpu' (default, 2 cores) or 'paper'; some methods "
+                                                  "have more (e.g. shot: paper-objects); a wrong name lists them")
+    source: str = Field("", description="source model.safetensors written by 'dfkt train-source'")
     target: DataConfig = DataConfig()
     split_seed: int = Field(0, description="seed of the split of the target into the adapted and held-out halves")
     params: dict[str, Any] = {}
@@ -155,13 +159,20 @@ class DeclaredInfo(StrictModel):
 class DistillConfig(StrictModel):
     """``dfkt distill``: a method's own settings live under ``params``."""
 
-    method: str = "rdskd"
-    preset: str | None = "cpu"
-    teacher: str = Field("", description="a dfkt model file, torchvision:NAME, a TorchScript file or module:function")
-    teacher_weights: str | None = Field(None, description="state-dict file of a torchvision:NAME or module:function "
-                                                          "teacher")
+    method: str = Field("rdskd", description="DFKD method (see 'dfkt list methods')")
+    preset: str | None = Field("cpu", description="method preset: 'cpu' (default, 2-core laptop scale) or 'paper'; "
+                                                  "some methods have more (e.g. deepinversion: cpu-adi); a wrong name "
+                                                  "lists them")
+    teacher: str = Field("", description="the teacher: a model.safetensors from 'dfkt train-teacher', a TorchScript "
+                                         "file, torchvision:NAME (e.g. torchvision:resnet18) or package.module:function "
+                                         "(called with no arguments, returns the nn.Module); the last two need "
+                                         "--teacher-weights and --data. Declare what cannot be inferred with --set "
+                                         "teacher_info.mean=[...] teacher_info.std=[...] (default: the data's)")
+    teacher_weights: str | None = Field(None, description="state dict (.pt/.pth from torch.save, or .safetensors) of "
+                                                          "a torchvision:NAME or module:function teacher")
     teacher_info: DeclaredInfo = DeclaredInfo()
-    student: str | None = Field(None, description="default: the teacher's half-width partner")
+    student: str | None = Field(None, description="student architecture; default: the teacher's half-width "
+                                                  "partner")
     data: DataConfig = DataConfig()
     params: dict[str, Any] = {}
     eval_every: int | None = Field(None, ge=1, description="student steps between test-set evaluations (default, "
@@ -169,7 +180,8 @@ class DistillConfig(StrictModel):
                                                            "stage, under 5% of its time)")
     eval_seconds: float | None = Field(None, gt=0, description="also evaluate after this many training seconds")
     max_seconds: float | None = Field(None, gt=0, description="wall-time budget for training")
-    references: bool = Field(False, description="also train the KD-on-real-data and labels students")
+    references: bool = Field(False, description="also train the KD-on-real-data and labels-trained students for "
+                                                "comparison")
     reference: RealTrainingConfig = RealTrainingConfig()
     engine: EngineConfig = EngineConfig()
 
@@ -268,27 +280,28 @@ class QuantizeConfig(StrictModel):
     """``dfkt quantize``: int8 post-training quantization through ONNX Runtime, calibrated on synthetic
     images (or real ones, as a reference); the calibration source's own settings live under ``params``."""
 
-    model: str = Field("", description="a dfkt model file, a run folder (a distill run's student by default), "
-                                       "or any teacher 'dfkt distill --teacher' accepts")
+    model: str = Field("", description="a dfkt model file, a run folder (a distill run's student; see "
+                                       "run_model), or any teacher 'dfkt distill --teacher' accepts")
     model_weights: str | None = Field(None, description="state-dict file of a torchvision:NAME or module:function model")
     model_info: DeclaredInfo = DeclaredInfo()
     run_model: Literal["student", "selected", "teacher"] = Field(
         "student", description="for a distill run folder: its last student, its label-free selected student, "
                                "or its teacher")
     data: DataConfig = DataConfig()
-    out: str = Field("", description="the int8 ONNX file to write")
+    out: str = Field("", description="the int8 ONNX file to write, e.g. model.int8.onnx")
     calibration: str = Field("bn-inversion", description="calibration source (see 'dfkt list calibration-sources')")
     calibration_images: int = Field(256, ge=1, description="images fed to the calibrator")
     check_images: int = Field(128, ge=1, description="held-out images of the same source on which int8 and fp32 "
                                                       "top-1 predictions are compared before writing")
     min_agreement: float = Field(0.9, ge=0, le=1, description="refuse to write when int8 agrees with fp32 on fewer "
                                                               "held-out images than this share")
-    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="how ONNX Runtime sets the activation ranges from the calibration images")
     percentile: float = Field(99.999, gt=0, le=100, description="percentile calibration: the activation range kept")
     per_channel: bool = Field(True, description="one weight scale per output channel")
     activation_type: Literal["uint8", "int8"] = Field(
         "uint8", description="activations: uint8 (with int8 weights, the fast U8S8 kernels on x86) or int8")
     params: dict[str, Any] = {}
-    seed: int = 1
-    threads: int | None = Field(None, ge=1, description="CPU threads for synthesis; None keeps torch's default")
-    progress: bool | None = Field(None, description="progress bar on synthesis; None shows it on a terminal")
+    seed: int = Field(1, description="seed of the calibration images")
+    threads: int | None = Field(None, ge=1, description="CPU threads for synthesis; unset: torch's default")
+    progress: bool | None = Field(None, description="progress bar on synthesis; unset: shown on a terminal")

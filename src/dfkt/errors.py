@@ -16,6 +16,11 @@ class ConfigError(DfktError):
     """A config file, preset or override is invalid."""
 
 
+class ArgumentError(ConfigError, TypeError):
+    """A Python call gave a command a setting it does not have, or one setting twice (a TypeError,
+    as Python's own for an unexpected keyword)."""
+
+
 class UnknownNameError(DfktError, KeyError):
     """A method, model or dataset name is not registered."""
 

@@ -50,18 +50,18 @@ class RandomRange(StrictModel):
 class SweepConfig(StrictModel):
     """``dfkt sweep``: what to run and over which settings."""
 
-    method: str = "rdskd"
-    teacher: str = ""
-    preset: str | None = "cpu"
-    seeds: list[int] = Field([1, 2, 3], min_length=1)
+    method: str = Field("rdskd", description="DFKD method (see 'dfkt list methods')")
+    teacher: str = Field("", description="teacher model file (as for distill)")
+    preset: str | None = Field("cpu", description="method preset of every trial")
+    seeds: list[int] = Field([1, 2, 3], min_length=1, description="engine seeds of each setting")
     max_seconds: float | None = Field(None, gt=0, description="wall-time budget of each trial")
     grid: dict[str, list[Any]] = Field({}, description="setting -> values; every combination is a trial")
     points: list[dict[str, Any]] = Field([], description="explicit settings after the grid's, e.g. one loss "
                                                          "weight changed at a time")
     random: dict[str, RandomRange | list[Any]] = Field({}, description="setting -> range or choices, drawn "
                                                                       "random_trials times (seeded)")
-    random_trials: int = Field(0, ge=0)
-    random_seed: int = 0
+    random_trials: int = Field(0, ge=0, description="settings drawn from the random space")
+    random_seed: int = Field(0, description="seed of the random draws")
     overrides: list[str] = Field([], description="--set settings shared by every trial")
 
     def settings(self) -> list[dict[str, Any]]:

@@ -9,8 +9,9 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from dfkt.api.common import layered, method_config, normalized
-from dfkt.config import AdaptRunConfig, DataConfig, dump_yaml, validate
+from dfkt.api.common import method_config, normalized
+from dfkt.commands import ADAPT
+from dfkt.config import AdaptRunConfig, DataConfig, dump_yaml
 from dfkt.data import ImageData, fit_size, load_dataset
 from dfkt.data.folder import load_image_folder
 from dfkt.data.shifted import parse_shift
@@ -81,11 +82,26 @@ def target_images(target: DataConfig, info: ModelInfo) -> TargetImages:
     return TargetImages(shift.name, shift.apply(base.test_images, seed=2), base.test_labels, resized)
 
 
-def adapt(method: str | None = None, source: str | Path | None = None, target: str | None = None,
-          preset: str | None = None, data_root: str | None = None, config: str | Path | dict | None = None,
-          overrides: Sequence[str] = (), out: str | Path | None = None, resume: bool = False,
-          max_seconds: float | None = None) -> dict[str, Any]:
+def resolve_adapt_config(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+                         **settings: Any) -> tuple[AdaptRunConfig, Any]:
+    """The validated run config and the method's own validated config (preset <- params), from the
+    arguments ``adapt`` takes."""
+    cfg = ADAPT.resolve(args, settings, config, overrides)
+    if not cfg.source:
+        raise ConfigError("no source model given; pass --source FILE (a model.safetensors from 'dfkt train-source')")
+    if not cfg.target.name:
+        raise ConfigError("no target given; pass --target NAME, e.g. fmnist-c:rotate:3 (see 'dfkt list datasets')")
+    return cfg, method_config(ADAPT_METHODS.get(cfg.method), cfg.method, cfg.preset, cfg.params)
+
+
+def adapt(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+          out: str | Path | None = None, resume: bool = False, **settings: Any) -> dict[str, Any]:
     """Adapt a source model to an unlabelled target without the source data. Returns the summary.
+
+    The settings are those of ``dfkt adapt --help``, by keyword (``max_seconds=60``; a section as a
+    mapping, e.g. ``params={"epochs": 2}``) or the first ones by position: method, source, target. They
+    resolve in layers: defaults <- ``config`` (a YAML file or a dict) <- settings <- ``overrides``
+    (``"engine.seed=2"``). The run folder is ``out``; ``resume`` continues the run in it.
 
     The target images (the test split of ``target``, e.g. ``fmnist-c:rotate:3``, brought to the source
     model's image size) are split in two fixed halves: the method adapts on the first; accuracy is
@@ -98,15 +114,8 @@ def adapt(method: str | None = None, source: str | Path | None = None, target: s
     (in ``summary["warnings"]``) says when the final or the selected model scores below the source
     model.
     """
-    raw = layered(config, {"method": method, "source": str(source) if source else None, "preset": preset,
-                          "max_seconds": max_seconds, "target.name": target, "target.root": data_root}, overrides)
-    cfg = validate(AdaptRunConfig, raw)
-    if not cfg.source:
-        raise ConfigError("no source model given; pass --source FILE (a model.safetensors from 'dfkt train-source')")
-    if not cfg.target.name:
-        raise ConfigError("no target given; pass --target NAME, e.g. fmnist-c:rotate:3 (see 'dfkt list datasets')")
+    cfg, method_cfg = resolve_adapt_config(*args, config=config, overrides=overrides, **settings)
     method_cls = ADAPT_METHODS.get(cfg.method)
-    method_cfg = method_config(method_cls, cfg.method, cfg.preset, cfg.params)
     source_path = model_path(cfg.source)
     info = read_info(source_path)
     target_name, raw_images, labels, resized = target_images(cfg.target, info)

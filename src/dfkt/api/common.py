@@ -1,13 +1,12 @@
-"""Pieces the public functions share: layered settings, result-affecting settings, test data, method configs."""
+"""Pieces the public functions share: result-affecting settings, test data, method configs."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from dfkt.config import DataConfig, DistillConfig, TeacherConfig, apply_overrides, load_yaml, merge, validate
+from dfkt.config import DataConfig, DistillConfig, TeacherConfig, merge, validate
 from dfkt.data import ImageData, load_dataset, normalize
 from dfkt.engine import Engine
 from dfkt.errors import ConfigError
@@ -37,16 +36,6 @@ def method_params(method: str | None) -> list[dict[str, Any]]:
         row.update({preset: values.get(name, default) for preset, values in cls.presets.items()})
         rows.append({**row, "description": field.description or ""})
     return rows
-
-
-def layered(config: str | Path | dict | None, flags: dict[str, Any], overrides: Sequence[str]) -> dict:
-    """defaults <- YAML file <- command-line flags <- --set overrides."""
-    raw = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
-    for key, value in flags.items():
-        if value is not None:
-            node, *rest = key.split(".")
-            raw = merge(raw, {node: {rest[0]: value}} if rest else {node: value})
-    return apply_overrides(raw, overrides)
 
 
 # Settings that change neither numbers nor weights: a resume may alter them freely.

@@ -9,9 +9,10 @@ from typing import Any, Sequence
 
 import torch
 
-from dfkt.api.common import evaluation_data, layered, method_config, normalized, result_settings
+from dfkt.api.common import evaluation_data, method_config, normalized, result_settings
 from dfkt.api.train import train_references
-from dfkt.config import DistillConfig, dump_yaml, validate
+from dfkt.commands import DISTILL
+from dfkt.config import DistillConfig, dump_yaml
 from dfkt.data import ImageData, load_dataset
 from dfkt.data.augment import mirror_safe
 from dfkt.dfkd.base import DistillSetup
@@ -35,32 +36,27 @@ DEFAULT_STUDENT = {"lenet5": "lenet5_half", "digits_cnn": "digits_cnn_half", "re
 GRID_SAMPLES = 500  # at 32x32; fewer for larger images (memory), never under 50
 
 
-def resolve_distill_config(method: str | None = None, teacher: str | Path | None = None,
-                           student: str | None = None, preset: str | None = None, data: str | None = None,
-                           data_root: str | None = None, config: str | Path | dict | None = None,
-                           overrides: Sequence[str] = (), max_seconds: float | None = None,
-                           references: bool | None = None,
-                           teacher_weights: str | Path | None = None) -> tuple[DistillConfig, Any]:
-    """The validated run config and the method's own validated config (preset <- params)."""
-    raw = layered(config, {"method": method, "teacher": str(teacher) if teacher else None, "student": student,
-                          "preset": preset, "max_seconds": max_seconds, "references": references,
-                          "teacher_weights": str(teacher_weights) if teacher_weights else None,
-                          "data.name": data, "data.root": data_root}, overrides)
-    cfg = validate(DistillConfig, raw)
+def resolve_distill_config(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+                           **settings: Any) -> tuple[DistillConfig, Any]:
+    """The validated run config and the method's own validated config (preset <- params), from the
+    arguments ``distill`` takes."""
+    cfg = DISTILL.resolve(args, settings, config, overrides)
     if not cfg.teacher:
         raise ConfigError("no teacher given; pass --teacher FILE (a model.safetensors from 'dfkt train-teacher', a "
                           "TorchScript file), or torchvision:NAME or module:function with --teacher-weights FILE")
     return cfg, method_config(METHODS.get(cfg.method), cfg.method, cfg.preset, cfg.params)
 
 
-def distill(method: str | None = None, teacher: str | Path | None = None, student: str | None = None,
-            preset: str | None = None, data: str | None = None, data_root: str | None = None,
-            config: str | Path | dict | None = None, overrides: Sequence[str] = (),
-            out: str | Path | None = None, resume: bool = False, max_seconds: float | None = None,
-            references: bool | None = None, teacher_weights: str | Path | None = None) -> dict[str, Any]:
-    """Distil ``teacher`` into a student without its training data. Returns the summary."""
-    cfg, method_cfg = resolve_distill_config(method, teacher, student, preset, data, data_root, config,
-                                             overrides, max_seconds, references, teacher_weights)
+def distill(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+            out: str | Path | None = None, resume: bool = False, **settings: Any) -> dict[str, Any]:
+    """Distil a teacher into a student without its training data. Returns the summary.
+
+    The settings are those of ``dfkt distill --help``, by keyword (``max_seconds=60``; a section as a
+    mapping, e.g. ``engine={"seed": 2}``) or the first ones by position: method, teacher, student, preset.
+    They resolve in layers: defaults <- ``config`` (a YAML file or a dict) <- settings <- ``overrides``
+    (``"params.gen_lr=1e-3"``). The run folder is ``out``; ``resume`` continues the run in it.
+    """
+    cfg, method_cfg = resolve_distill_config(*args, config=config, overrides=overrides, **settings)
     loaded = load_teacher(cfg)
     info, dataset = loaded.info, loaded.dataset
     student_arch = cfg.student or DEFAULT_STUDENT.get(info.arch)

@@ -32,11 +32,11 @@ def evaluate(target: str | Path, data: str | None = None, data_root: str | None 
     with _callers_global_state_kept():
         model, info = load_model(path)
         dataset = evaluation_data(DataConfig(name=data, root=data_root), info)
-        engine = Engine(EngineConfig(progress=False, precision=_run_precision(target)))
-        model = engine.prepare(model, trainable=False)
-        result = {"model": str(path), "arch": info.arch, "dataset": dataset.name,
-                  **evaluate_model(model, normalized(dataset.test_images, info), dataset.test_labels, engine,
-                                   info.num_classes)}
+        with Engine(EngineConfig(progress=False, precision=_run_precision(target))) as engine:
+            model = engine.prepare(model, trainable=False)
+            result = {"model": str(path), "arch": info.arch, "dataset": dataset.name,
+                      **evaluate_model(model, normalized(dataset.test_images, info), dataset.test_labels, engine,
+                                       info.num_classes)}
     if Path(target).is_dir():
         write_json(Path(target) / "evaluation.json", result)
     return result

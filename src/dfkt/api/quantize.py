@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import yaml
 
-from dfkt.api.common import layered
 from dfkt.api.evaluate import _callers_global_state_kept
 from dfkt.api.export import TOLERANCE, export_onnx, onnx_metadata, require_onnx
-from dfkt.config import DeclaredInfo, DistillConfig, QuantizeConfig, validate
+from dfkt.commands import QUANTIZE
+from dfkt.config import DeclaredInfo, DistillConfig, QuantizeConfig
 from dfkt.errors import ConfigError, DfktError, disk_full_error, is_disk_full
 from dfkt.models.files import ModelInfo, load_model, model_path
 from dfkt.registry import CALIBRATION_SOURCES
@@ -28,21 +28,10 @@ from dfkt.registry import CALIBRATION_SOURCES
 RUN_MODEL_FILES = {"student": "student.safetensors", "selected": "student_selected.safetensors"}
 
 
-def resolve_quantize_config(model: str | Path | None = None, calibration: str | None = None,
-                            out: str | Path | None = None, calibration_images: int | None = None,
-                            calibrate_method: str | None = None, check_images: int | None = None,
-                            min_agreement: float | None = None, run_model: str | None = None,
-                            model_weights: str | Path | None = None, data: str | None = None,
-                            data_root: str | None = None, seed: int | None = None,
-                            config: str | Path | dict | None = None, overrides: Sequence[str] = ()) -> QuantizeConfig:
-    """The validated config: defaults <- YAML file <- arguments <- ``--set`` overrides."""
-    raw = layered(config, {"model": str(model) if model else None, "calibration": calibration,
-                           "out": str(out) if out else None, "calibration_images": calibration_images,
-                           "calibrate_method": calibrate_method, "check_images": check_images,
-                           "min_agreement": min_agreement, "run_model": run_model,
-                           "model_weights": str(model_weights) if model_weights else None,
-                           "data.name": data, "data.root": data_root, "seed": seed}, overrides)
-    cfg = validate(QuantizeConfig, raw, where="quantize config")
+def resolve_quantize_config(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+                            **settings: Any) -> QuantizeConfig:
+    """The validated config, from the arguments ``quantize`` takes."""
+    cfg = QUANTIZE.resolve(args, settings, config, overrides)
     if not cfg.model:
         raise ConfigError("no model given; pass MODEL: a dfkt model file, a run folder, or a teacher as "
                           "'dfkt distill --teacher' takes it")
@@ -52,20 +41,19 @@ def resolve_quantize_config(model: str | Path | None = None, calibration: str | 
     return cfg
 
 
-def quantize(model: str | Path | None = None, calibration: str | None = None, out: str | Path | None = None,
-             calibration_images: int | None = None, calibrate_method: str | None = None,
-             check_images: int | None = None, min_agreement: float | None = None, run_model: str | None = None,
-             model_weights: str | Path | None = None, data: str | None = None, data_root: str | None = None,
-             seed: int | None = None, config: str | Path | dict | None = None,
-             overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Quantize ``model`` to int8 ONNX at ``out``, calibrated on images from ``calibration`` (a name in
+def quantize(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+             **settings: Any) -> dict[str, Any]:
+    """Quantize a model to int8 ONNX, calibrated on images from a calibration source (a name in
     ``dfkt list calibration-sources``). Returns what was done: sizes, calibration, the int8/fp32 top-1
-    agreement on held-out images of the same source."""
+    agreement on held-out images of the same source.
+
+    The settings are those of ``dfkt quantize --help``, by keyword (``check_images=64``) or the first
+    ones by position: model, calibration, out, calibration_images. They resolve in layers: defaults <-
+    ``config`` (a YAML file or a dict) <- settings <- ``overrides`` (``"params.iterations=100"``)."""
     from dfkt.quantize import backend
     from dfkt.quantize.sources import CalibrationContext, source_config
 
-    cfg = resolve_quantize_config(model, calibration, out, calibration_images, calibrate_method, check_images,
-                                  min_agreement, run_model, model_weights, data, data_root, seed, config, overrides)
+    cfg = resolve_quantize_config(*args, config=config, overrides=overrides, **settings)
     require_onnx("dfkt quantize")
     params = source_config(cfg.calibration, cfg.params)
     out = Path(cfg.out)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from dfkt.api.common import layered
+from dfkt.commands import SWEEP
 from dfkt.config import dump_yaml, validate
 from dfkt.errors import ConfigError
 from dfkt.registry import METHODS
@@ -17,14 +17,12 @@ from dfkt.sweep import SweepConfig, aggregate, markdown, open_storage, open_stud
 STUDY = "dfkt-sweep"
 
 
-def resolve_sweep_config(grid: str | Path | dict | None = None, method: str | None = None,
-                         teacher: str | Path | None = None, preset: str | None = None,
-                         seeds: Sequence[int] | None = None, max_seconds: float | None = None,
-                         overrides: Sequence[str] = ()) -> SweepConfig:
-    raw = layered(grid, {"method": method, "teacher": str(teacher) if teacher else None, "preset": preset,
-                         "seeds": list(seeds) if seeds else None, "max_seconds": max_seconds}, ())
+def resolve_sweep_config(grid: str | Path | dict | None = None, *args: Any, overrides: Sequence[str] = (),
+                         **settings: Any) -> SweepConfig:
+    """The validated sweep: the sweep file (or dict) ``grid`` <- settings; ``overrides`` join the file's."""
+    raw = SWEEP.layered(args, settings, grid)
     raw["overrides"] = [*raw.get("overrides", []), *overrides]
-    cfg = validate(SweepConfig, raw, where="sweep")
+    cfg = validate(SweepConfig, raw, where=SWEEP.where)
     METHODS.get(cfg.method)
     if not cfg.teacher:
         raise ConfigError("no teacher given; pass --teacher FILE (or teacher: in the sweep file)")
@@ -40,21 +38,20 @@ def _print(line: str) -> None:
     print(f"dfkt sweep: {line}", file=sys.stderr, flush=True)
 
 
-def sweep(grid: str | Path | dict | None = None, method: str | None = None, teacher: str | Path | None = None,
-          preset: str | None = None, seeds: Sequence[int] | None = None, max_seconds: float | None = None,
-          overrides: Sequence[str] = (), out: str | Path = "runs/sweep", storage: str | None = None,
-          workers: int = 1, retry_failed: bool = False) -> dict[str, Any]:
+def sweep(grid: str | Path | dict | None = None, *args: Any, overrides: Sequence[str] = (), out: str | Path = "runs/sweep",
+          storage: str | None = None, workers: int = 1, retry_failed: bool = False, **settings: Any) -> dict[str, Any]:
     """Run (or join, or resume) a sweep and return its aggregate.
 
     ``grid`` is a YAML file or dict with ``grid:`` (setting -> values, every combination),
     ``points:`` (a list of explicit settings) and/or ``random:`` (setting -> {low, high, log} or a list of choices) with ``random_trials:``; its other
-    keys (method, teacher, preset, seeds, max_seconds, overrides) are defaults for the flags.
+    keys are defaults for the settings (those of ``dfkt sweep --help``: by keyword, or method, teacher,
+    preset, seeds, max_seconds by position after ``grid``), and ``overrides`` (``--set``) join its own.
     Trials live in ``storage`` (default OUT/study.journal; a database URL such as
     sqlite:///sweep.db or postgresql://... works too), run folders in OUT/trials/KEY. ``workers``
     processes here share the study; more machines join it by running the same command with the
     same storage and a shared OUT. Trials whose runs failed are run again only with ``retry_failed``.
     """
-    cfg = resolve_sweep_config(grid, method, teacher, preset, seeds, max_seconds, overrides)
+    cfg = resolve_sweep_config(grid, *args, overrides=overrides, **settings)
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     out = Path(out)

@@ -9,8 +9,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from dfkt.api.common import layered, normalized, result_settings
-from dfkt.config import EngineConfig, RealTrainingConfig, SourceConfig, TeacherConfig, dump_yaml, validate
+from dfkt.api.common import normalized, result_settings
+from dfkt.commands import TRAIN_SOURCE, TRAIN_TEACHER
+from dfkt.config import EngineConfig, RealTrainingConfig, TeacherConfig, dump_yaml
 from dfkt.data import ImageData, load_dataset
 from dfkt.engine import Engine
 from dfkt.errors import ConfigError
@@ -21,23 +22,23 @@ from dfkt.runs import make_run_dir, write_json
 from dfkt.supervised import RealDataTraining, evaluate_model
 
 
-def train_teacher(model: str | None = None, data: str | None = None, epochs: int | None = None,
-                  data_root: str | None = None, download: bool | None = None,
-                  config: str | Path | dict | None = None, overrides: Sequence[str] = (),
-                  out: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Train a classifier on real labelled data; writes ``model.safetensors`` and ``summary.json``."""
-    return _train_on_labels(TeacherConfig, "teacher", model, data, epochs, data_root, download, config, overrides,
-                            out, resume)
+def train_teacher(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+                  out: str | Path | None = None, resume: bool = False, **settings: Any) -> dict[str, Any]:
+    """Train a classifier on real labelled data; writes ``model.safetensors`` and ``summary.json``.
+
+    The settings are those of ``dfkt train-teacher --help``, by keyword (``epochs=8``) or the first ones
+    by position: model, data, epochs. They resolve in layers: defaults <- ``config`` (a YAML file or a
+    dict) <- settings <- ``overrides`` (``"engine.seed=2"``). The run folder is ``out``; ``resume``
+    continues the run in it."""
+    return _train_on_labels(TRAIN_TEACHER.resolve(args, settings, config, overrides), "teacher", out, resume)
 
 
-def train_source(model: str | None = None, data: str | None = None, epochs: int | None = None,
-                 data_root: str | None = None, download: bool | None = None,
-                 config: str | Path | dict | None = None, overrides: Sequence[str] = (),
-                 out: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+def train_source(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+                 out: str | Path | None = None, resume: bool = False, **settings: Any) -> dict[str, Any]:
     """Train a source model for adaptation (SHOT's recipe: label smoothing, SGD with SHOT's decay,
-    the epoch chosen on held-out source images); writes ``model.safetensors`` and ``summary.json``."""
-    return _train_on_labels(SourceConfig, "source", model, data, epochs, data_root, download, config, overrides,
-                            out, resume)
+    the epoch chosen on held-out source images); writes ``model.safetensors`` and ``summary.json``.
+    Its arguments are those of ``train_teacher`` (``dfkt train-source --help``)."""
+    return _train_on_labels(TRAIN_SOURCE.resolve(args, settings, config, overrides), "source", out, resume)
 
 
 def _holdout_split(n: int, share: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,13 +48,7 @@ def _holdout_split(n: int, share: float) -> tuple[torch.Tensor, torch.Tensor]:
     return order[:keep], order[keep:]
 
 
-def _train_on_labels(config_cls: type[TeacherConfig], kind: str, model: str | None, data: str | None,
-                     epochs: int | None, data_root: str | None, download: bool | None,
-                     config: str | Path | dict | None, overrides: Sequence[str], out: str | Path | None,
-                     resume: bool) -> dict[str, Any]:
-    raw = layered(config, {"model": model, "data.name": data, "data.root": data_root,
-                          "data.download": download, "epochs": epochs}, overrides)
-    cfg = validate(config_cls, raw)
+def _train_on_labels(cfg: TeacherConfig, kind: str, out: str | Path | None, resume: bool) -> dict[str, Any]:
     MODELS.get(cfg.model)
     dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.image_size)
     run_dir = make_run_dir(out, f"{kind}-{cfg.model}-{cfg.data.name}", resume)

@@ -456,6 +456,13 @@ class Engine:
     def close(self) -> None:
         self.metrics.close()
 
+    # A run's engine is used as ``with Engine(...) as engine:``, so it closes however the run ends.
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with AMX or AVX512-BF16; elsewhere bf16 autocast is emulated and slow
