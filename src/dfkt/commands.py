@@ -138,6 +138,9 @@ def _value(annotation: Any) -> Value | None:
         kinds = [a for a in args if a is not type(None)]
         if len(kinds) == 1:
             return _value(kinds[0])
+        modes = [choice for kind in kinds if get_origin(kind) is Literal for choice in get_args(kind)]
+        if bool in kinds and len(kinds) == 1 + sum(get_origin(kind) is Literal for kind in kinds):
+            return Value(str, ("true", "false", *modes))  # a switch with named modes, e.g. augment=crop_rotate
     elif origin is Literal:
         return Value(type(args[0]), args)
     elif origin is list:
