@@ -208,6 +208,19 @@ def test_source_training_with_crop_rotate_uses_shots_augmentation(monkeypatch):
         assert calls == expected, preset
 
 
+def test_train_source_takes_the_preset_from_the_command_line(tmp_path, capsys):
+    import yaml
+
+    from dfkt.cli import main
+
+    out = tmp_path / "source"
+    assert main(["train-source", "--model", "shot_dtn", "--data", "digits", "--epochs", "1", "--set", "preset=paper-augment",
+                 "--set", "engine.precision=32-true", "--set", "engine.progress=false", "--out", str(out)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["preset"], saved["batch_size"], saved["augment"], saved["epochs"]) == ("paper-augment", 64, "crop_rotate", 1)
+    assert (out / "model.safetensors").is_file()
+
+
 # (d) B4's corruptions at MNIST-C's parameters -----------------------------------------------------
 
 def blob(side: int, dx: int, dy: int, n: int = 16) -> torch.Tensor:
