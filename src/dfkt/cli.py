@@ -33,6 +33,12 @@ def _setting_flags(p: argparse.ArgumentParser, command: Command) -> None:
         value = setting.value
         if value.type is bool:  # --x and --no-x; unset, the layers below decide
             options = {"action": argparse.BooleanOptionalAction}
+        elif value.switch:  # --x, --no-x, or --x MODE
+            flag = "--" + keyword.replace("_", "-")
+            p.add_argument("--no-" + flag[2:], dest=keyword, action="store_const", const="false", help=argparse.SUPPRESS)
+            p.add_argument(flag, nargs="?", const="true", choices=value.choices, help=_help(setting) + "; --no-"
+                           + flag[2:] + " turns it off")
+            continue
         else:
             options = {"type": value.type, "choices": value.choices, "metavar": "N" if value.type is int else None}
             if value.many:

@@ -40,6 +40,7 @@ class Value:
     type: type
     choices: tuple | None = None
     many: bool = False
+    switch: bool = False  # also a bare on/off flag: --x (true), --no-x (false), --x MODE
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def _value(annotation: Any) -> Value | None:
             return _value(kinds[0])
         modes = [choice for kind in kinds if get_origin(kind) is Literal for choice in get_args(kind)]
         if bool in kinds and len(kinds) == 1 + sum(get_origin(kind) is Literal for kind in kinds):
-            return Value(str, ("true", "false", *modes))  # a switch with named modes, e.g. augment=crop_rotate
+            return Value(str, ("true", "false", *modes), switch=True)  # a switch with named modes, e.g. augment
     elif origin is Literal:
         return Value(type(args[0]), args)
     elif origin is list:
