@@ -88,7 +88,7 @@ def capture(monkeypatch, name):
         raise Resolved(result[0] if isinstance(result, tuple) else result)
 
     if name in ("train-teacher", "train-source"):
-        monkeypatch.setattr(importlib.import_module("dfkt.api.train"), "_train_on_labels",
+        monkeypatch.setattr(importlib.import_module("dfkt.api.train"), "LabelTraining",
                             lambda cfg, *rest: stop_with(cfg))
     else:
         module = importlib.import_module(f"dfkt.api.{name}")

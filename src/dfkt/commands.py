@@ -166,8 +166,8 @@ ADAPT = Command("adapt", AdaptRunConfig, positional=("method", "source", "target
     "data_root": Inner("target.root"), **ENGINE})
 TRAIN_TEACHER, TRAIN_SOURCE = (
     Command(name, config, positional=("model", "data", "epochs"), inner={
-        "data": Inner("data.name", "dataset (see 'dfkt list datasets')"), "data_root": Inner("data.root"), "download": Inner("data.download"),
-        **ENGINE})
+        "data": Inner("data.name", "dataset (see 'dfkt list datasets')"), "data_root": Inner("data.root"),
+        "download": Inner("data.download"), **ENGINE})
     for name, config in (("train-teacher", TeacherConfig), ("train-source", SourceConfig)))
 QUANTIZE = Command("quantize", QuantizeConfig, positional=("model", "calibration", "out", "calibration_images"),
                    inner={"data": Inner("data.name", "dataset: for the 'real' source, and for a foreign model's "

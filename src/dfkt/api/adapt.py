@@ -9,17 +9,18 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from dfkt.api import pipeline
 from dfkt.api.common import method_config, normalized
+from dfkt.api.pipeline import Outcome, Training
 from dfkt.commands import ADAPT
-from dfkt.config import AdaptRunConfig, DataConfig, dump_yaml
+from dfkt.config import AdaptRunConfig, DataConfig
 from dfkt.data import ImageData, fit_size, load_dataset
 from dfkt.data.folder import load_image_folder
 from dfkt.data.shifted import parse_shift
-from dfkt.engine import Engine
-from dfkt.errors import ConfigError, DfktError
-from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info, save_model
+from dfkt.engine import Engine, RunResult
+from dfkt.errors import ConfigError
+from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info
 from dfkt.registry import ADAPT_METHODS
-from dfkt.runs import make_run_dir, write_json
 from dfkt.selection import SCORE_CRITERION, SCORE_NAME, TargetScoreSelection
 from dfkt.sfda.base import AdaptSetup
 from dfkt.supervised import evaluate_model
@@ -115,97 +116,107 @@ def adapt(*args: Any, config: str | Path | dict | None = None, overrides: Sequen
     model.
     """
     cfg, method_cfg = resolve_adapt_config(*args, config=config, overrides=overrides, **settings)
-    method_cls = ADAPT_METHODS.get(cfg.method)
-    source_path = model_path(cfg.source)
-    info = read_info(source_path)
-    target_name, raw_images, labels, resized = target_images(cfg.target, info)
-    images = normalized(raw_images, info)
-    if len(images) < 4:
-        raise ConfigError(f"target {target_name} has {len(images)} image(s); adaptation needs at least 4 "
-                          "(half to adapt on, half held out)")
-    adapted_half, held_out = target_halves(len(images), cfg.split_seed)
-    run_dir = make_run_dir(out, f"adapt-{cfg.method}", resume)
-    engine = Engine(cfg.engine, run_dir)
-    run_dir = engine.run_dir
-    resolved = cfg.model_copy(update={"preset": None, "params": method_cfg.model_dump(mode="json"),
-                                      "source": str(source_path)})
-    model = load_model(source_path)[0]
-    source_model = engine.prepare(load_model(source_path)[0], trainable=False)
-    setup = AdaptSetup(engine.prepare(model, trainable=True), engine.to_device(images[adapted_half]), engine)
-    try:
-        runner = method_cls(method_cfg, setup)
-    except DfktError:
-        engine.close()
-        raise
-    selection = TargetScoreSelection(runner, model, setup.images, engine)
-    source_score = selection.score(source_model)
-    steps_per_epoch = runner.batches.steps_per_epoch
+    return pipeline.run(Adaptation(cfg, method_cfg), out, resume)
 
-    def accuracy(net: nn.Module, index: torch.Tensor) -> float | None:
-        if labels is None:  # an unlabelled folder: nothing to score
+
+class Adaptation:
+    """``dfkt adapt`` as a job of the run pipeline. Made before anything is written: it reads the
+    source model's description and loads and splits the target images."""
+
+    def __init__(self, cfg: AdaptRunConfig, method_cfg: Any):
+        self.source_path = model_path(cfg.source)
+        self.info = read_info(self.source_path)
+        self.target_name, raw_images, self.labels, self.resized = target_images(cfg.target, self.info)
+        self.images = normalized(raw_images, self.info)
+        if len(self.images) < 4:
+            raise ConfigError(f"target {self.target_name} has {len(self.images)} image(s); adaptation needs at "
+                              "least 4 (half to adapt on, half held out)")
+        self.adapted_half, self.held_out = target_halves(len(self.images), cfg.split_seed)
+        self.cfg, self.method_cfg = cfg, method_cfg
+        self.kind, self.engine_config = f"adapt-{cfg.method}", cfg.engine
+        self.resolved = cfg.model_copy(update={"preset": None, "params": method_cfg.model_dump(mode="json"),
+                                               "source": str(self.source_path)})
+
+    def start(self, engine: Engine) -> Training:
+        cfg = self.cfg
+        self.model = load_model(self.source_path)[0]
+        self.source_model = engine.prepare(load_model(self.source_path)[0], trainable=False)
+        self.setup = AdaptSetup(engine.prepare(self.model, trainable=True),
+                                engine.to_device(self.images[self.adapted_half]), engine)
+        self.runner = ADAPT_METHODS.get(cfg.method)(self.method_cfg, self.setup)
+        self.selection = TargetScoreSelection(self.runner, self.model, self.setup.images, engine)
+        self.source_score = self.selection.score(self.source_model)
+        self.steps_per_epoch = self.runner.batches.steps_per_epoch
+
+        def on_eval() -> dict[str, Any]:
+            # The engine's first point is the stage's start: the source model itself, scored for the curve
+            # but not a candidate (the warning compares the candidates with the source).
+            at_start = engine.stage_progress == 0.0
+            score = self.selection.score(self.setup.model) if at_start else self.selection.update()
+            return {"label_free_score": score, "adapted_acc": self.accuracy(engine, self.setup.model,
+                                                                            self.adapted_half)}
+
+        settings = {"method": cfg.method, "method_params": self.method_cfg.model_dump(mode="json"),
+                    "target": self.target_name, "split_seed": cfg.split_seed,
+                    "source_sha256": model_sha256(self.source_path), **engine.fingerprint()}
+        self.scaling = engine.scaling({"batch_size": self.method_cfg.batch_size})
+        self.started = time.perf_counter()
+        return Training(self.runner, self.runner.stages(), settings, on_eval,
+                        cfg.eval_every or self.steps_per_epoch, cfg.eval_seconds, cfg.max_seconds)
+
+    def accuracy(self, engine: Engine, net: nn.Module, index: torch.Tensor) -> float | None:
+        if self.labels is None:  # an unlabelled folder: nothing to score
             return None
-        return evaluate_model(net, images[index], labels[index], engine, info.num_classes)["accuracy"]
+        return evaluate_model(net, self.images[index], self.labels[index], engine, self.info.num_classes)["accuracy"]
 
-    def on_eval() -> dict[str, Any]:
-        # The engine's first point is the stage's start: the source model itself, scored for the curve but
-        # not a candidate (the warning compares the candidates with the source).
-        at_start = engine.stage_progress == 0.0
-        score = selection.score(setup.model) if at_start else selection.update()
-        return {"label_free_score": score, "adapted_acc": accuracy(setup.model, adapted_half)}
-
-    run_config = {"method": cfg.method, "method_params": method_cfg.model_dump(mode="json"), "target": target_name,
-                  "split_seed": cfg.split_seed, "source_sha256": model_sha256(source_path), **engine.fingerprint()}
-    scaling = engine.scaling({"batch_size": method_cfg.batch_size})
-    started = time.perf_counter()
-    result = engine.run(runner.stages(), runner, run_config, on_eval, cfg.eval_every or steps_per_epoch,
-                        cfg.max_seconds, resume, on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"),
-                        eval_seconds=cfg.eval_seconds)
-    scored = len(adapted_half)
-    if runner.online:  # scored on the predictions made as the stream went by
-        # Several processes split the stream evenly, so up to world size - 1 images go unseen.
-        predictions = runner.buffers["online_predictions"].cpu()
-        seen = predictions >= 0
-        scored = int(seen.sum())
-        transductive = None if labels is None or not seen.any() else (
-            (predictions[seen] == labels[adapted_half][seen]).float().mean().item())
-    else:
-        transductive = accuracy(setup.model, adapted_half)
-    curve = [{**e, "epoch": e["step"] / steps_per_epoch} for e in result.evaluations]
-    final_score = curve[-1]["label_free_score"] if curve else selection.score(model)
-    # No evaluation (source_only, or a budget spent before the first): the final weights are the choice.
-    selected = model if selection.chosen is None else selection.chosen
-    starts = sum(1 for e in curve if e["step"] == 0)  # scored, never chosen
-    chosen = None if selection.chosen_at is None else curve[selection.chosen_at + starts]
-    summary = {"method": cfg.method, "online": runner.online, "source": str(source_path), "target": target_name,
-               "target_resized": resized,
-               "images": {"adapted": len(adapted_half), "scored_transductive": scored, "held_out": len(held_out)},
-               "source_only": {"transductive": accuracy(source_model, adapted_half),
-                               "inductive": accuracy(source_model, held_out), "label_free_score": source_score},
-               "adapted": {"transductive": transductive, "inductive": accuracy(setup.model, held_out),
-                           "label_free_score": final_score},
-               "selected": {"transductive": accuracy(selected, adapted_half),
-                            "inductive": accuracy(selected, held_out),
-                            "label_free_score": final_score if chosen is None else selection.best_score,
-                            "step": None if chosen is None else chosen["step"],
-                            "epoch": None if chosen is None else chosen["epoch"]},
-               "selection": {"score": SCORE_NAME, "criterion": SCORE_CRITERION,
-                             "file": "model_selected.safetensors",
-                             "note": "the evaluation (by default each epoch) with the highest score; the final "
-                                     "weights when there was none"},
-               "warnings": adaptation_warnings(source_score, final_score,
-                                               final_score if chosen is None else selection.best_score),
-               "seconds": {"adapt": sum(result.seconds.values()), "evaluation": result.evaluation_seconds,
-                           "wall": time.perf_counter() - started},
-               "stopped_by_budget": result.stopped_by_budget, "curve": curve,
-               "distributed": {**scaling, "replica_sha256": result.replica_sha256}}
-    for warning in summary["warnings"]:
-        engine.metrics.write({"event": "warning", "message": warning})
-    if engine.is_main:
-        save_model(model, info, run_dir / "model.safetensors")
-        save_model(selected, info, run_dir / "model_selected.safetensors")
-        write_json(run_dir / "summary.json", summary)
-    engine.close()
-    return summary
+    def summarize(self, engine: Engine, result: RunResult) -> Outcome:
+        runner, selection, model, labels = self.runner, self.selection, self.model, self.labels
+        adapted_half, held_out = self.adapted_half, self.held_out
+        scored = len(adapted_half)
+        if runner.online:  # scored on the predictions made as the stream went by
+            # Several processes split the stream evenly, so up to world size - 1 images go unseen.
+            predictions = runner.buffers["online_predictions"].cpu()
+            seen = predictions >= 0
+            scored = int(seen.sum())
+            transductive = None if labels is None or not seen.any() else (
+                (predictions[seen] == labels[adapted_half][seen]).float().mean().item())
+        else:
+            transductive = self.accuracy(engine, self.setup.model, adapted_half)
+        curve = [{**e, "epoch": e["step"] / self.steps_per_epoch} for e in result.evaluations]
+        final_score = curve[-1]["label_free_score"] if curve else selection.score(model)
+        # No evaluation (source_only, or a budget spent before the first): the final weights are the choice.
+        selected = model if selection.chosen is None else selection.chosen
+        starts = sum(1 for e in curve if e["step"] == 0)  # scored, never chosen
+        chosen = None if selection.chosen_at is None else curve[selection.chosen_at + starts]
+        selected_score = final_score if chosen is None else selection.best_score
+        summary = {"method": self.cfg.method, "online": runner.online, "source": str(self.source_path),
+                   "target": self.target_name, "target_resized": self.resized,
+                   "images": {"adapted": len(adapted_half), "scored_transductive": scored,
+                              "held_out": len(held_out)},
+                   "source_only": {"transductive": self.accuracy(engine, self.source_model, adapted_half),
+                                   "inductive": self.accuracy(engine, self.source_model, held_out),
+                                   "label_free_score": self.source_score},
+                   "adapted": {"transductive": transductive,
+                               "inductive": self.accuracy(engine, self.setup.model, held_out),
+                               "label_free_score": final_score},
+                   "selected": {"transductive": self.accuracy(engine, selected, adapted_half),
+                                "inductive": self.accuracy(engine, selected, held_out),
+                                "label_free_score": selected_score,
+                                "step": None if chosen is None else chosen["step"],
+                                "epoch": None if chosen is None else chosen["epoch"]},
+                   "selection": {"score": SCORE_NAME, "criterion": SCORE_CRITERION,
+                                 "file": "model_selected.safetensors",
+                                 "note": "the evaluation (by default each epoch) with the highest score; the final "
+                                         "weights when there was none"},
+                   "warnings": adaptation_warnings(self.source_score, final_score, selected_score),
+                   "seconds": {"adapt": sum(result.seconds.values()), "evaluation": result.evaluation_seconds,
+                               "wall": time.perf_counter() - self.started},
+                   "stopped_by_budget": result.stopped_by_budget, "curve": curve,
+                   "distributed": {**self.scaling, "replica_sha256": result.replica_sha256}}
+        for warning in summary["warnings"]:
+            engine.metrics.write({"event": "warning", "message": warning})
+        return Outcome(summary, {"model.safetensors": (model, self.info),
+                                 "model_selected.safetensors": (selected, self.info)})
 
 
 def adaptation_warnings(source_score: float, final_score: float, selected_score: float) -> list[str]:

@@ -9,24 +9,25 @@ from typing import Any, Sequence
 
 import torch
 
+from dfkt.api import pipeline
 from dfkt.api.common import evaluation_data, method_config, normalized, result_settings
+from dfkt.api.pipeline import Outcome, Training
 from dfkt.api.train import train_references
 from dfkt.commands import DISTILL
-from dfkt.config import DistillConfig, dump_yaml
+from dfkt.config import DistillConfig
 from dfkt.data import ImageData, load_dataset
 from dfkt.data.augment import mirror_safe
 from dfkt.dfkd.base import DistillSetup
 from dfkt.diagnostics import bn_statistics_gap, bn_statistics_warning, collapse_warnings, feature_diversity
-from dfkt.engine import Engine
+from dfkt.engine import Engine, RunResult
 from dfkt.engine.distributed import gather_objects
 from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
 from dfkt.models.cost import multiply_adds
-from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info, save_model
+from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info
 from dfkt.models.foreign import ForeignClassifier, foreign_kind, foreign_sha256, infer_info, load_foreign
 from dfkt.registry import METHODS, MODELS
 from dfkt.report.grid import save_class_grid
-from dfkt.runs import make_run_dir, write_json
 from dfkt.selection import VALIDATION_IMAGES, TeacherAgreementSelection
 from dfkt.supervised import evaluate_model
 
@@ -57,94 +58,108 @@ def distill(*args: Any, config: str | Path | dict | None = None, overrides: Sequ
     (``"params.gen_lr=1e-3"``). The run folder is ``out``; ``resume`` continues the run in it.
     """
     cfg, method_cfg = resolve_distill_config(*args, config=config, overrides=overrides, **settings)
-    loaded = load_teacher(cfg)
-    info, dataset = loaded.info, loaded.dataset
-    student_arch = cfg.student or DEFAULT_STUDENT.get(info.arch)
-    if student_arch is None:
-        raise ConfigError(f"no default student for a {info.arch} teacher; pass --student (see 'dfkt list models')")
-    MODELS.get(student_arch)
-    if METHODS.get(cfg.method).needs_teacher_features and isinstance(loaded.net, ForeignClassifier):
-        loaded.net.require_features()
-    if cfg.references and Path(dataset.name).is_dir():
-        raise ConfigError(f"--references trains students on real training images and {dataset.name} is a folder of "
-                          "test images; drop --references or pass a dataset with a train split")
-    run_dir = make_run_dir(out, f"distill-{cfg.method}", resume)
-    engine = Engine(cfg.engine, run_dir)
-    run_dir = engine.run_dir
-    # Saved in the shape --config reads, with the preset already folded into params.
-    resolved = cfg.model_copy(update={"preset": None, "params": method_cfg.model_dump(mode="json"),
-                                      "teacher": loaded.name, "student": student_arch})
-    teacher_net = engine.prepare(loaded.net, trainable=False)
-    student_net = build_model(student_arch, info.num_classes, info.in_channels, info.image_size)
-    setup = DistillSetup(teacher_net, engine.prepare(student_net, trainable=True), info.num_classes,
-                         info.in_channels, info.image_size, engine, tuple(info.mean), tuple(info.std),
-                         mirror_safe(info.dataset))
-    runner = METHODS.get(cfg.method)(method_cfg, setup)
-    selection = TeacherAgreementSelection(runner, student_net, teacher_net, engine, runner.validation_samples)
-    test_x, test_y = normalized(dataset.test_images, info), dataset.test_labels
+    return pipeline.run(Distillation(cfg, method_cfg, resume), out, resume)
 
-    def test_acc(model) -> float:
-        return evaluate_model(model, test_x, test_y, engine, info.num_classes)["accuracy"]
 
-    run_config = {**result_settings(cfg, engine), "student": student_arch, "data": dataset.name,
-                  "method_params": method_cfg.model_dump(mode="json"), "teacher_sha256": loaded.sha256}
-    scaling = engine.scaling({k: v for k, v in method_cfg.model_dump().items() if k.endswith("batch")})
-    started = time.perf_counter()
-    stages = runner.stages()
-    result = engine.run(stages, runner, run_config,
-                        lambda: {"test_acc": test_acc(setup.student), "teacher_agreement": selection.update()},
-                        cfg.eval_every, cfg.max_seconds, resume,
-                        on_start=lambda: dump_yaml(resolved, run_dir / "config.yaml"), eval_seconds=cfg.eval_seconds)
-    if result.stopped_by_budget and stages[-1].name not in result.seconds:
-        engine.close()
-        raise DfktError(f"the time budget ({cfg.max_seconds:g} s) ran out before the {stages[-1].name} stage "
-                        f"began; continue with --resume --out {run_dir} and a larger --max-seconds")
-    final = evaluate_model(setup.student, test_x, test_y, engine, info.num_classes)
-    selected = selection.chosen
-    student_info = ModelInfo(student_arch, info.num_classes, info.in_channels, info.image_size,
-                             info.mean, info.std, info.dataset)
-    if engine.is_main:
-        save_model(student_net, student_info, run_dir / "student.safetensors")
+class Distillation:
+    """``dfkt distill`` as a job of the run pipeline. Made before anything is written: it loads the
+    teacher and checks the student and the data."""
+
+    def __init__(self, cfg: DistillConfig, method_cfg: Any, resume: bool):
+        loaded = load_teacher(cfg)
+        info = loaded.info
+        student_arch = cfg.student or DEFAULT_STUDENT.get(info.arch)
+        if student_arch is None:
+            raise ConfigError(f"no default student for a {info.arch} teacher; pass --student (see 'dfkt list "
+                              "models')")
+        MODELS.get(student_arch)
+        if METHODS.get(cfg.method).needs_teacher_features and isinstance(loaded.net, ForeignClassifier):
+            loaded.net.require_features()
+        if cfg.references and Path(loaded.dataset.name).is_dir():
+            raise ConfigError(f"--references trains students on real training images and {loaded.dataset.name} is "
+                              "a folder of test images; drop --references or pass a dataset with a train split")
+        self.cfg, self.method_cfg, self.resume, self.loaded = cfg, method_cfg, resume, loaded
+        self.kind, self.engine_config = f"distill-{cfg.method}", cfg.engine
+        # Saved in the shape --config reads, with the preset already folded into params.
+        self.resolved = cfg.model_copy(update={"preset": None, "params": method_cfg.model_dump(mode="json"),
+                                               "teacher": loaded.name, "student": student_arch})
+        self.student_info = ModelInfo(student_arch, info.num_classes, info.in_channels, info.image_size,
+                                      info.mean, info.std, info.dataset)
+
+    def start(self, engine: Engine) -> Training:
+        cfg, loaded, info = self.cfg, self.loaded, self.loaded.info
+        self.teacher = engine.prepare(loaded.net, trainable=False)
+        self.student = build_model(self.student_info.arch, info.num_classes, info.in_channels, info.image_size)
+        self.setup = DistillSetup(self.teacher, engine.prepare(self.student, trainable=True), info.num_classes,
+                                  info.in_channels, info.image_size, engine, tuple(info.mean), tuple(info.std),
+                                  mirror_safe(info.dataset))
+        self.runner = METHODS.get(cfg.method)(self.method_cfg, self.setup)
+        self.selection = TeacherAgreementSelection(self.runner, self.student, self.teacher, engine,
+                                                   self.runner.validation_samples)
+        self.test_images = normalized(loaded.dataset.test_images, info)
+        settings = {**result_settings(cfg, engine), "student": self.student_info.arch, "data": loaded.dataset.name,
+                    "method_params": self.method_cfg.model_dump(mode="json"), "teacher_sha256": loaded.sha256}
+        self.scaling = engine.scaling({k: v for k, v in self.method_cfg.model_dump().items() if k.endswith("batch")})
+        self.started = time.perf_counter()
+        self.stages = self.runner.stages()
+        return Training(self.runner, self.stages, settings,
+                        lambda: {"test_acc": self.test_acc(engine, self.setup.student),
+                                 "teacher_agreement": self.selection.update()},
+                        cfg.eval_every, cfg.eval_seconds, cfg.max_seconds)
+
+    def evaluate(self, engine: Engine, model: torch.nn.Module) -> dict[str, Any]:
+        return evaluate_model(model, self.test_images, self.loaded.dataset.test_labels, engine,
+                              self.loaded.info.num_classes)
+
+    def test_acc(self, engine: Engine, model: torch.nn.Module) -> float:
+        return self.evaluate(engine, model)["accuracy"]
+
+    def summarize(self, engine: Engine, result: RunResult) -> Outcome:
+        cfg, loaded, runner, selection = self.cfg, self.loaded, self.runner, self.selection
+        if result.stopped_by_budget and self.stages[-1].name not in result.seconds:
+            raise DfktError(f"the time budget ({cfg.max_seconds:g} s) ran out before the {self.stages[-1].name} "
+                            f"stage began; continue with --resume --out {engine.run_dir} and a larger --max-seconds")
+        final = self.evaluate(engine, self.setup.student)
+        selected = selection.chosen
+        samples, warnings = _sample_diagnostics(runner, self.teacher, loaded.info, cfg.method, self.method_cfg,
+                                                engine.run_dir / "samples.png")
+        in_student = result.sections.get("synthesis", 0.0)  # synthesis interleaved with student steps
+        curve = [{k: e.get(k) for k in ("step", "train_seconds", "test_acc", "teacher_agreement")}
+                 for e in result.evaluations]
+        summary: dict[str, Any] = {
+            "method": cfg.method, "preset": cfg.preset, "dataset": loaded.dataset.name, "teacher": loaded.name,
+            "student": self.student_info.arch, "teacher_acc": self.test_acc(engine, self.teacher),
+            "student_acc": final["accuracy"],
+            "student_best_on_test_acc": max([e["test_acc"] for e in curve] + [final["accuracy"]]),
+            "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
+            "student_selected_acc": None if selected is None else self.test_acc(engine, selected),
+            "selection": {"criterion": f"agreement with the teacher on {VALIDATION_IMAGES} held-out synthetic "
+                                       "images (no labels); student_selected.safetensors",
+                          "step": None if selected is None else curve[selection.chosen_at]["step"],
+                          "teacher_agreement": selection.agreement},
+            "student_per_class_acc": final["per_class"],
+            "seconds": {"synthesis": sum(s for name, s in result.seconds.items() if name != "student") + in_student,
+                        "student": result.seconds.get("student", 0.0) - in_student,
+                        "total": sum(result.seconds.values()),
+                        "evaluation": result.evaluation_seconds,  # test set and teacher agreement, not training
+                        "wall": time.perf_counter() - self.started, "by_stage": result.seconds},
+            "generator_multiply_adds_per_image": _generator_cost(runner),
+            "stopped_by_budget": result.stopped_by_budget,
+            "warnings": warnings,
+            "samples": samples,
+            "curve": curve,
+            "distributed": {**self.scaling, "replica_sha256": result.replica_sha256,
+                            "first_batch_sha256": gather_objects(runner.student_trainer.first_batch_sha256)},
+        }
+        if cfg.references:
+            temperature = cfg.reference.temperature or getattr(self.method_cfg, "temperature", None)
+            training = cfg.reference.model_copy(update={"temperature": temperature})
+            summary["references"] = train_references(cfg.engine, training, loaded.info, loaded.dataset,
+                                                     self.student_info.arch, self.teacher, engine.run_dir, self.resume)
+        weights = {"student.safetensors": (self.student, self.student_info)}
         if selected is not None:
-            save_model(selected, student_info, run_dir / "student_selected.safetensors")
-    samples, warnings = _sample_diagnostics(runner, teacher_net, info, cfg.method, method_cfg,
-                                            run_dir / "samples.png")
-    in_student = result.sections.get("synthesis", 0.0)  # synthesis interleaved with student steps
-    curve = [{k: e.get(k) for k in ("step", "train_seconds", "test_acc", "teacher_agreement")}
-             for e in result.evaluations]
-    summary: dict[str, Any] = {
-        "method": cfg.method, "preset": cfg.preset, "dataset": dataset.name, "teacher": loaded.name,
-        "student": student_arch, "teacher_acc": test_acc(teacher_net), "student_acc": final["accuracy"],
-        "student_best_on_test_acc": max([e["test_acc"] for e in curve] + [final["accuracy"]]),
-        "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
-        "student_selected_acc": None if selected is None else test_acc(selected),
-        "selection": {"criterion": f"agreement with the teacher on {VALIDATION_IMAGES} held-out synthetic images "
-                                   "(no labels); student_selected.safetensors",
-                      "step": None if selected is None else curve[selection.chosen_at]["step"],
-                      "teacher_agreement": selection.agreement},
-        "student_per_class_acc": final["per_class"],
-        "seconds": {"synthesis": sum(s for name, s in result.seconds.items() if name != "student") + in_student,
-                    "student": result.seconds.get("student", 0.0) - in_student,
-                    "total": sum(result.seconds.values()),
-                    "evaluation": result.evaluation_seconds,  # test set and teacher agreement, not training
-                    "wall": time.perf_counter() - started, "by_stage": result.seconds},
-        "generator_multiply_adds_per_image": _generator_cost(runner),
-        "stopped_by_budget": result.stopped_by_budget,
-        "warnings": warnings,
-        "samples": samples,
-        "curve": curve,
-        "distributed": {**scaling, "replica_sha256": result.replica_sha256,
-                        "first_batch_sha256": gather_objects(runner.student_trainer.first_batch_sha256)},
-    }
-    engine.close()
-    if cfg.references:
-        temperature = cfg.reference.temperature or getattr(method_cfg, "temperature", None)
-        training = cfg.reference.model_copy(update={"temperature": temperature})
-        summary["references"] = train_references(cfg.engine, training, info, dataset, student_arch, teacher_net,
-                                                 run_dir, resume)
-    if engine.is_main:
-        write_json(run_dir / "summary.json", summary)
-    return summary
+            weights["student_selected.safetensors"] = (selected, self.student_info)
+        return Outcome(summary, weights)
 
 
 @dataclass(frozen=True)

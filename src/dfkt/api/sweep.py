@@ -38,8 +38,9 @@ def _print(line: str) -> None:
     print(f"dfkt sweep: {line}", file=sys.stderr, flush=True)
 
 
-def sweep(grid: str | Path | dict | None = None, *args: Any, overrides: Sequence[str] = (), out: str | Path = "runs/sweep",
-          storage: str | None = None, workers: int = 1, retry_failed: bool = False, **settings: Any) -> dict[str, Any]:
+def sweep(grid: str | Path | dict | None = None, *args: Any, overrides: Sequence[str] = (),
+          out: str | Path = "runs/sweep", storage: str | None = None, workers: int = 1, retry_failed: bool = False,
+          **settings: Any) -> dict[str, Any]:
     """Run (or join, or resume) a sweep and return its aggregate.
 
     ``grid`` is a YAML file or dict with ``grid:`` (setting -> values, every combination),

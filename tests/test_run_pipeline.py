@@ -1,0 +1,119 @@
+"""The one run pipeline of distill, adapt and the trainers (dfkt.api.pipeline): run folder, engine
+(closed however the run ends), method, run, summary, weights."""
+
+import json
+
+import pytest
+import torch
+
+import dfkt
+from dfkt.api import pipeline
+from dfkt.config import EngineConfig
+from dfkt.engine import Engine, Stage
+from dfkt.errors import DfktError
+from dfkt.models import build_model
+from dfkt.models.files import ModelInfo, save_model
+from dfkt.registry import ADAPT_METHODS, METHODS
+from tests.conftest import FAST_ENGINE
+
+DIGITS = ModelInfo("digits_cnn", 10, 1, 8, (0.3,), (0.4,), "digits")
+
+
+@pytest.fixture
+def engines(monkeypatch):
+    """Every engine made while the test runs."""
+    made = []
+    make = Engine.__init__
+
+    def recording(self, *args, **kwargs):
+        make(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(Engine, "__init__", recording)
+    return made
+
+
+def closed(engine: Engine) -> bool:
+    return engine.metrics._handle is None
+
+
+class Counter(torch.nn.Module):
+    """A stand-in method: one parameter, a step that adds one (or raises)."""
+
+    def __init__(self, fail_at: int | None = None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.fail_at = fail_at
+
+    def step(self, i: int) -> dict[str, float]:
+        if i == self.fail_at:
+            raise RuntimeError("the method broke")
+        with torch.no_grad():
+            self.weight += 1
+        return {"weight": self.weight.item()}
+
+
+class CountingJob:
+    kind = "count"
+    engine_config = EngineConfig(precision="32-true", progress=False)
+    resolved = EngineConfig(seed=5)  # any config: it is written as config.yaml
+
+    def __init__(self, fail_at: int | None = None):
+        self.counter = Counter(fail_at)
+
+    def start(self, engine):
+        return pipeline.Training(self.counter, [Stage("count", 3, self.counter.step)], {"kind": "count"})
+
+    def summarize(self, engine, result):
+        model = build_model("digits_cnn", 10, 1, 8)
+        return pipeline.Outcome({"weight": self.counter.weight.item(), "seconds": result.seconds},
+                                {"model.safetensors": (model, DIGITS)})
+
+
+def test_a_job_runs_in_its_folder_and_leaves_config_weights_and_summary(tmp_path, engines):
+    summary = pipeline.run(CountingJob(), tmp_path / "run", resume=False)
+    assert summary["weight"] == 3.0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert "seed: 5" in (tmp_path / "run" / "config.yaml").read_text()
+    assert len(engines) == 1 and closed(engines[0])
+
+
+def test_the_engine_closes_when_the_method_raises(tmp_path, engines):
+    with pytest.raises(RuntimeError, match="the method broke"):
+        pipeline.run(CountingJob(fail_at=1), tmp_path / "run", resume=False)
+    assert len(engines) == 1 and closed(engines[0])
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+class BrokenOnStart:
+    """A method whose construction fails, as a method refusing its model does."""
+
+    def __init__(self, *args, **kwargs):
+        raise DfktError("the method refuses this model")
+
+
+def broken(method: type) -> type:
+    """``method`` (its config, presets and flags) failing when made."""
+    return type(f"Broken{method.__name__}", (BrokenOnStart, method), {})
+
+
+@pytest.mark.parametrize("command", ["distill", "adapt", "train_teacher"])
+def test_each_training_command_closes_its_engine_when_its_method_fails(command, tmp_path, monkeypatch, engines):
+    """Through the public functions: the method (or trainer) is made on the open engine and raises."""
+    model = save_model(build_model("digits_cnn", 10, 1, 8), DIGITS, tmp_path / "model.safetensors")
+    if command == "distill":
+        monkeypatch.setitem(METHODS._entries, "rdskd", broken(METHODS.get("rdskd")))
+        call = lambda: dfkt.distill("rdskd", model, overrides=FAST_ENGINE, out=tmp_path / "run")  # noqa: E731
+    elif command == "adapt":
+        monkeypatch.setitem(ADAPT_METHODS._entries, "shot", broken(ADAPT_METHODS.get("shot")))
+        call = lambda: dfkt.adapt("shot", model, "digits-c:contrast:5", overrides=FAST_ENGINE,  # noqa: E731
+                                  out=tmp_path / "run")
+    else:
+        monkeypatch.setattr("dfkt.api.train.RealDataTraining", BrokenOnStart)
+        call = lambda: dfkt.train_teacher("digits_cnn", "digits", 1, overrides=FAST_ENGINE,  # noqa: E731
+                                          out=tmp_path / "run")
+    with pytest.raises(DfktError, match="the method refuses this model"):
+        call()
+    assert len(engines) == 1 and closed(engines[0])
+    assert (tmp_path / "run" / "env.json").is_file()  # the run had begun: folder and engine
