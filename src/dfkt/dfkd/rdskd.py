@@ -160,9 +160,11 @@ class RDSKD(DistillMethod):
                           self.generator_step, train=[self.generator], frozen=[self.teacher],
                           budget_share=self.cfg.gen_budget_share)
         # Stage 3 samples the *frozen* generator (eval mode, no gradients), unless it keeps training.
-        generator = [self.generator]
-        return [gen_stage, self.student_trainer.stage(train=generator if self.cfg.gen_train_every else [],
-                                                      frozen=[self.teacher, *([] if self.cfg.gen_train_every else generator)],
+        if self.cfg.gen_train_every:
+            train, frozen = [self.generator], [self.teacher]
+        else:
+            train, frozen = [], [self.teacher, self.generator]
+        return [gen_stage, self.student_trainer.stage(train=train, frozen=frozen,
                                                       begin=None if self.pool is None else self.fill_pool)]
 
 
