@@ -18,6 +18,8 @@ from dfkt.models.files import load_model
 
 
 def pool_fit(run: Path, images: int) -> dict:
+    if not (run / "summary.json").is_file() or not (run / "checkpoint.pt").is_file():
+        raise SystemExit(f"{run}: not a finished distill run (needs summary.json and checkpoint.pt)")
     summary = json.loads((run / "summary.json").read_text())
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["state"]
     if "pool.images" not in state["buffers"]:
@@ -37,9 +39,9 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN")
     parser.add_argument("--images", type=int, default=4000, help="pool images checked (the first N)")
     args = parser.parse_args()
+    rows = [pool_fit(run, args.images) for run in args.runs]
     print("| run | test accuracy | agreement on its pool | teacher confidence |\n|---|---|---|---|")
-    for run in args.runs:
-        r = pool_fit(run, args.images)
+    for r in rows:
         print(f"| {r['run']} | {100 * r['student_acc']:.1f} | {100 * r['pool_agreement']:.1f} | "
               f"{r['teacher_confidence']:.2f} |")
 

@@ -122,8 +122,11 @@ def test_a_stage_with_a_budget_share_hands_over_to_the_next(monkeypatch, tmp_pat
 
     engine = Engine(EngineConfig(precision="32-true", progress=False, checkpoint_every=1000), tmp_path)
     state = TrainState(engine.device)
-    stages = [Stage("generator", 100, slow, budget_share=0.3), Stage("student", 100, slow)]
+    left_at_begin = []  # what a stage's one-off work (RDSKD's pool) may size itself to
+    stages = [Stage("generator", 100, slow, budget_share=0.3),
+              Stage("student", 100, slow, begin=lambda: left_at_begin.append(engine.budget_left))]
     result = engine.run(stages, state, {}, max_seconds=20)
+    assert left_at_begin == [pytest.approx(20 - result.seconds["generator"])]
     assert result.seconds["generator"] == pytest.approx(6, abs=1)
     assert result.seconds["student"] == pytest.approx(14, abs=1)
     assert result.stopped_by_budget
