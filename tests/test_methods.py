@@ -39,14 +39,6 @@ def test_all_nine_methods_are_listed():
     assert dfkt.list_names("methods") == NINE
 
 
-@pytest.mark.parametrize("method", NINE)
-def test_every_method_has_valid_paper_and_cpu_presets(method):
-    cls = METHODS.get(method)
-    assert {"paper", "cpu"} <= set(cls.presets)
-    for preset in cls.presets.values():
-        validate(cls.Config, preset)
-
-
 @pytest.fixture(scope="module")
 def untrained_accuracy(digits_teacher):
     torch.manual_seed(0)
