@@ -9,14 +9,13 @@ import torch
 
 import dfkt
 from dfkt.config import EngineConfig, merge, validate
-from dfkt.data import load_dataset, normalize
 from dfkt.dfkd.base import DistillSetup
 from dfkt.engine import Engine
 from dfkt.models import build_model
 from dfkt.models.files import load_model
 from dfkt.registry import METHODS
-from dfkt.supervised import evaluate_model
 from tests.conftest import FAST_ENGINE
+from tests.noise_control import control_accuracy, student_settings
 
 NINE = ["cmi", "dafl", "deepinversion", "dfad", "fast", "mskd", "rdskd", "zskd", "zskt"]
 JOINT = {"gen_batch": 64, "student_batch": 64, "student_epochs": 1, "student_steps_per_epoch": 100}
@@ -39,24 +38,41 @@ def test_all_nine_methods_are_listed():
     assert dfkt.list_names("methods") == NINE
 
 
+# What each method's student must reach over a student taught on Gaussian noise in the same student steps
+# (tests/noise_control.py), on digits at the budgets above: the measured gap less 0.06 for other machines'
+# numerics. Measured (method, noise): cmi 0.951, 0.824; deepinversion 0.958, 0.824; zskd 0.816, 0.824;
+# fast 0.758, 0.824; mskd 0.740, 0.838; rdskd 0.660, 0.791; zskt 0.678, 0.838; dafl 0.656, 0.838;
+# dfad 0.602, 0.838. On 8x8 digits noise teaches well (the teacher's logits at T=10 on N(0, 1) images), and
+# at these budgets only CMI and DeepInversion beat it; the negative margins state how far below noise the
+# others may stay, so a method that falls further (a collapse, a broken loss) fails.
+MARGIN_OVER_NOISE = {"cmi": 0.07, "deepinversion": 0.07, "zskd": -0.06, "fast": -0.12, "mskd": -0.15,
+                     "rdskd": -0.19, "zskt": -0.22, "dafl": -0.24, "dfad": -0.29}
+
+
 @pytest.fixture(scope="module")
-def untrained_accuracy(digits_teacher):
-    torch.manual_seed(0)
-    data = load_dataset("digits", None, False, None)
-    student = build_model("digits_cnn_half", 10, 1, 8)
-    engine = Engine(EngineConfig(precision="32-true", progress=False))
-    return evaluate_model(student, normalize(data.test_images, data.mean, data.std), data.test_labels, engine,
-                          10)["accuracy"]
+def noise_control(digits_teacher, tmp_path_factory):
+    """The Gaussian-noise control's accuracy for a finished run's student settings (each set trained once)."""
+    accuracies: dict[str, float] = {}
+
+    def accuracy(run_dir) -> float:
+        settings = student_settings(run_dir)
+        key = json.dumps(settings, sort_keys=True)
+        if key not in accuracies:
+            accuracies[key] = control_accuracy(digits_teacher, settings, FAST_ENGINE + ["eval_every=30"],
+                                               tmp_path_factory.mktemp("noise"))
+        return accuracies[key]
+
+    return accuracy
 
 
 @pytest.mark.parametrize("method", NINE)
-def test_method_trains_the_student_above_the_untrained_one(method, digits_teacher, untrained_accuracy, tmp_path):
+def test_method_trains_the_student_against_a_gaussian_noise_control(method, digits_teacher, noise_control, tmp_path):
     summary = dfkt.distill(method, digits_teacher, preset="cpu", overrides=overrides(method), out=tmp_path)
-    assert summary["student_acc"] > untrained_accuracy + 0.2, summary["curve"]
+    noise = noise_control(tmp_path)
+    assert summary["student_acc"] >= noise + MARGIN_OVER_NOISE[method], (summary["student_acc"], noise)
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         assert all(math.isfinite(v) for v in record.values() if isinstance(v, float)), record
-    assert summary["seconds"]["synthesis"] > 0 and summary["seconds"]["student"] > 0
 
 
 def make_method(name: str, teacher_path: str, **params):
