@@ -24,14 +24,17 @@ def test_distill_writes_a_complete_run_folder(tiny_run):
                  "samples.png", "summary.json"):
         assert (out / name).is_file(), name
     assert summary == json.loads((out / "summary.json").read_text())
-    assert 0 <= summary["student_acc"] <= 1 and summary["teacher_acc"] > 0.9
+    # Tied to the teacher: 0.78 against its 0.99 when measured (a Gaussian-noise control of the same student
+    # steps reached 0.90 here, so on 8x8 digits this budget does not show RDSKD beating noise; see test_methods).
+    assert summary["teacher_acc"] > 0.9 and summary["student_acc"] >= 0.7 * summary["teacher_acc"]
     assert summary["student"] == "digits_cnn_half"  # the teacher's default partner
     assert set(summary["seconds"]) >= {"synthesis", "student", "total"}
     assert summary["student_best_on_test_acc"] >= summary["student_acc"]
     assert "oracle" in summary["best_on_test_note"]
     assert sum(summary["samples"]["class_histogram"]) == 500
     assert set(summary["references"]) == {"kd_real", "labels"}
-    assert summary["references"]["labels"]["student_acc"] > 0.5
+    for name in ("kd_real", "labels"):  # students trained on the real images come close to the teacher
+        assert summary["references"][name]["student_acc"] >= 0.9 * summary["teacher_acc"], name
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["params"]["gen_batch"] == 64 and saved["preset"] is None
     assert saved["params"]["student_data"] == "pool"  # folded in from the cpu preset
@@ -43,23 +46,6 @@ def test_saved_config_reproduces_the_run_settings(tiny_run):
     out, _ = tiny_run
     cfg, params = resolve_distill_config(config=out / "config.yaml")
     assert cfg.student == "digits_cnn_half" and params.gen_batch == 64 and params.pool_size == 512
-
-
-def test_student_beats_an_untrained_one(tiny_run):
-    """A few seconds of RDSKD put the student far above the same student untrained."""
-    import torch
-
-    from dfkt.data import load_dataset, normalize
-    from dfkt.models import build_model
-
-    torch.manual_seed(1)
-    untrained = build_model("digits_cnn_half", 10, 1, 8).eval()
-    data = load_dataset("digits")
-    with torch.no_grad():
-        logits = untrained(normalize(data.test_images, data.mean, data.std))
-    chance = (logits.argmax(1) == data.test_labels).float().mean().item()
-    _, summary = tiny_run
-    assert summary["student_acc"] > chance + 0.3
 
 
 def test_evaluate_agrees_with_the_summary(tiny_run, capsys):

@@ -15,6 +15,10 @@ from tests.conftest import FAST_ENGINE, tiny_rdskd
 
 pytestmark = pytest.mark.slow
 ONE_THREAD = ["engine.threads=1"]  # two processes on two cores
+# Accuracy on digits' 450 test images of a run on two processes against the same run on one process with the
+# same effective batch: other noise, the same learning. Measured gaps: 0.038 after 40 student steps (0.66 against
+# 0.62, still on the steep part of the curve), 0.011 after 400, 0.002 for a source model.
+TOLERANCE = 0.1
 
 
 def sets(settings: list[str]) -> list[str]:
@@ -55,7 +59,10 @@ def test_distill_on_two_processes_then_resume_on_one(tmp_path, digits_teacher):
     assert ranks["world_size"] == 2 and ranks["effective_batch"]["student_batch"] == 128
     assert len(ranks["replica_sha256"]) == 2 and len(set(ranks["replica_sha256"])) == 1
     assert len(set(ranks["first_batch_sha256"])) == 2  # each rank trained on its own images
-    assert summary["student_acc"] > 0.3
+    # Two ranks of 64 average their gradients: one process with batches of 128 learns as much.
+    one = dfkt.distill("rdskd", digits_teacher, out=tmp_path / "one",
+                       overrides=tiny_rdskd(gen_batch=128, student_batch=128, pool_size=1024))
+    assert summary["student_acc"] == pytest.approx(one["student_acc"], abs=TOLERANCE)
 
     # Killed in the student stage on two processes, finished on one.
     killed = tmp_path / "killed"
@@ -76,7 +83,10 @@ def test_distill_on_two_processes_then_resume_on_one(tmp_path, digits_teacher):
                                           *sets(longer)), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((killed / "summary.json").read_text())
-    assert summary["distributed"]["world_size"] == 1 and summary["student_acc"] > 0.3
+    uninterrupted = dfkt.distill("rdskd", digits_teacher, out=tmp_path / "uninterrupted",
+                                 overrides=[s for s in longer if s not in ONE_THREAD])
+    assert summary["distributed"]["world_size"] == 1
+    assert summary["student_acc"] == pytest.approx(uninterrupted["student_acc"], abs=TOLERANCE)
     log = metrics.read_text()
     assert '"event": "resume", "stage": 1' in log
     assert json.loads((killed / "env.json").read_text())["world_size"] == 1
@@ -91,7 +101,9 @@ def test_train_source_and_adapt_on_two_processes(tmp_path):
     summary = json.loads((tmp_path / "source" / "summary.json").read_text())
     assert summary["distributed"]["effective_batch"]["batch_size"] == 2 * summary["distributed"]["per_rank_batch"][
         "batch_size"] and len(set(summary["distributed"]["replica_sha256"])) == 1
-    assert summary["source_acc"] > 0.5
+    one = dfkt.train_source("shot_lenet", "digits", epochs=3, out=tmp_path / "one", overrides=FAST_ENGINE + [
+        "data.image_size=32", f"batch_size={summary['distributed']['effective_batch']['batch_size']}"])
+    assert summary["source_acc"] == pytest.approx(one["source_acc"], abs=TOLERANCE)
     source = summary["model_file"]
     for method in ("nrc", "tent"):
         out = tmp_path / method

@@ -9,14 +9,13 @@ import torch
 
 import dfkt
 from dfkt.config import EngineConfig, merge, validate
-from dfkt.data import load_dataset, normalize
 from dfkt.dfkd.base import DistillSetup
 from dfkt.engine import Engine
 from dfkt.models import build_model
 from dfkt.models.files import load_model
 from dfkt.registry import METHODS
-from dfkt.supervised import evaluate_model
-from tests.conftest import FAST_ENGINE
+from tests.conftest import FAST_ENGINE, fake_clock
+from tests.noise_control import control_accuracy, student_settings
 
 NINE = ["cmi", "dafl", "deepinversion", "dfad", "fast", "mskd", "rdskd", "zskd", "zskt"]
 JOINT = {"gen_batch": 64, "student_batch": 64, "student_epochs": 1, "student_steps_per_epoch": 100}
@@ -39,32 +38,41 @@ def test_all_nine_methods_are_listed():
     assert dfkt.list_names("methods") == NINE
 
 
-@pytest.mark.parametrize("method", NINE)
-def test_every_method_has_valid_paper_and_cpu_presets(method):
-    cls = METHODS.get(method)
-    assert {"paper", "cpu"} <= set(cls.presets)
-    for preset in cls.presets.values():
-        validate(cls.Config, preset)
+# What each method's student must reach over a student taught on Gaussian noise in the same student steps
+# (tests/noise_control.py), on digits at the budgets above: the measured gap less 0.06 for other machines'
+# numerics. Measured (method, noise): cmi 0.951, 0.824; deepinversion 0.958, 0.824; zskd 0.816, 0.824;
+# fast 0.758, 0.824; mskd 0.740, 0.838; rdskd 0.660, 0.791; zskt 0.678, 0.838; dafl 0.656, 0.838;
+# dfad 0.602, 0.838. On 8x8 digits noise teaches well (the teacher's logits at T=10 on N(0, 1) images), and
+# at these budgets only CMI and DeepInversion beat it; the negative margins state how far below noise the
+# others may stay, so a method that falls further (a collapse, a broken loss) fails.
+MARGIN_OVER_NOISE = {"cmi": 0.07, "deepinversion": 0.07, "zskd": -0.06, "fast": -0.12, "mskd": -0.15,
+                     "rdskd": -0.19, "zskt": -0.22, "dafl": -0.24, "dfad": -0.29}
 
 
 @pytest.fixture(scope="module")
-def untrained_accuracy(digits_teacher):
-    torch.manual_seed(0)
-    data = load_dataset("digits", None, False, None)
-    student = build_model("digits_cnn_half", 10, 1, 8)
-    engine = Engine(EngineConfig(precision="32-true", progress=False))
-    return evaluate_model(student, normalize(data.test_images, data.mean, data.std), data.test_labels, engine,
-                          10)["accuracy"]
+def noise_control(digits_teacher, tmp_path_factory):
+    """The Gaussian-noise control's accuracy for a finished run's student settings (each set trained once)."""
+    accuracies: dict[str, float] = {}
+
+    def accuracy(run_dir) -> float:
+        settings = student_settings(run_dir)
+        key = json.dumps(settings, sort_keys=True)
+        if key not in accuracies:
+            accuracies[key] = control_accuracy(digits_teacher, settings, FAST_ENGINE + ["eval_every=30"],
+                                               tmp_path_factory.mktemp("noise"))
+        return accuracies[key]
+
+    return accuracy
 
 
 @pytest.mark.parametrize("method", NINE)
-def test_method_trains_the_student_above_the_untrained_one(method, digits_teacher, untrained_accuracy, tmp_path):
+def test_method_trains_the_student_against_a_gaussian_noise_control(method, digits_teacher, noise_control, tmp_path):
     summary = dfkt.distill(method, digits_teacher, preset="cpu", overrides=overrides(method), out=tmp_path)
-    assert summary["student_acc"] > untrained_accuracy + 0.2, summary["curve"]
+    noise = noise_control(tmp_path)
+    assert summary["student_acc"] >= noise + MARGIN_OVER_NOISE[method], (summary["student_acc"], noise)
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         assert all(math.isfinite(v) for v in record.values() if isinstance(v, float)), record
-    assert summary["seconds"]["synthesis"] > 0 and summary["seconds"]["student"] > 0
 
 
 def make_method(name: str, teacher_path: str, **params):
@@ -108,10 +116,8 @@ def test_steps_change_the_trained_modules_and_never_the_teacher(method, digits_t
 
 
 @pytest.mark.parametrize("method", ["dfad", "zskt"])
-def test_adversarial_discrepancy_is_nonzero_and_the_student_is_not_the_teacher(method, digits_teacher):
+def test_adversarial_discrepancy_is_nonzero_and_the_generator_step_leaves_the_student_alone(method, digits_teacher):
     runner = make_method(method, digits_teacher)
-    assert runner.student is not runner.teacher
-    assert not any(p is q for p in runner.student.parameters() for q in runner.teacher.parameters())
     z = runner.source.noise(16, torch.Generator().manual_seed(0))
     images = runner.generator(z)
     terms = runner.objective(images, z)
@@ -140,16 +146,17 @@ def test_collapse_is_reported_with_the_fix(digits_teacher, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method", ["deepinversion", "fast"])
-def test_pool_and_bn_ema_resume_exactly(method, digits_teacher, tmp_path):
+def test_pool_and_bn_ema_resume_exactly(method, digits_teacher, tmp_path, monkeypatch):
     """Stopped by its time budget and resumed, a pool method ends bit-identical to an uninterrupted run:
     the pool (images that cannot be redrawn) and Fast's BatchNorm EMA come back from the checkpoint."""
     from safetensors.torch import load_file
 
     settings = overrides(method, student_steps_per_epoch=240) + ["engine.deterministic=true"]
+    fake_clock(monkeypatch, per_read=0.001)  # the budget falls on the same step whatever the machine's load
     whole = dfkt.distill(method, digits_teacher, preset="cpu", overrides=settings, out=tmp_path / "whole")
     part = dfkt.distill(method, digits_teacher, preset="cpu", overrides=settings, out=tmp_path / "part",
                         max_seconds=whole["seconds"]["total"] / 3)
-    assert part["stopped_by_budget"]
+    assert part["stopped_by_budget"] and 0 < part["curve"][-1]["step"] < 240  # inside the student stage
     resumed = dfkt.distill(method, digits_teacher, preset="cpu", overrides=settings, out=tmp_path / "part",
                            resume=True)
     assert not resumed["stopped_by_budget"] and resumed["student_acc"] == whole["student_acc"]
@@ -176,6 +183,21 @@ def test_synthesis_terms_are_logged_on_every_step(digits_teacher, tmp_path):
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if r.get("stage") == "student" and "event" not in r]
     assert steps and all("discrepancy" in r and "g_loss" in r and "s_loss" in r for r in steps)
+
+
+def test_synthesis_inside_the_student_stage_is_timed_as_synthesis(digits_teacher, tmp_path, monkeypatch):
+    """DFAD's generator steps run inside its student stage. On the engine's fake clock a generator step
+    takes 1 s and a student step 0.25 s: 20 syntheses in 100 steps must be 20 s of synthesis, 25 s of student."""
+    from dfkt.dfkd.student import StudentTrainer
+    from dfkt.synthesis import GeneratorSynthesizer
+
+    clock = fake_clock(monkeypatch)
+    synthesize, batch = GeneratorSynthesizer.synthesize, StudentTrainer.batch
+    monkeypatch.setattr(GeneratorSynthesizer, "synthesize", lambda self: clock.advance(1.0) or synthesize(self))
+    monkeypatch.setattr(StudentTrainer, "batch", lambda self: clock.advance(0.25) or batch(self))
+    summary = dfkt.distill("dfad", digits_teacher, preset="cpu", overrides=overrides("dfad"), out=tmp_path)
+    seconds = summary["seconds"]
+    assert (seconds["synthesis"], seconds["student"], seconds["total"]) == (20.0, 25.0, 45.0), seconds
 
 
 @pytest.mark.parametrize("method, extra", [("rdskd", {}), ("deepinversion", {"selection_holdout": 12})])

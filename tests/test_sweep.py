@@ -290,8 +290,28 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(tmp_path, digits
         assert (out / "trials" / key / "summary.json").stat().st_mtime_ns == mtime
     for key in finished(out):  # every trial's run finished once (a killed one resumed, not restarted)
         assert (out / "trials" / f"{key}.log").read_text().count("rdskd: student") == 1, key
-    acc = result["student_acc"]
-    assert acc["n"] == 4 and acc["min"] <= acc["mean"] <= acc["max"] and acc["std"] >= 0
+    assert_statistics_are_the_trials(out, result, seeds=2)
+
+
+def assert_statistics_are_the_trials(out, result: dict, seeds: int) -> None:
+    """The sweep's statistics, overall and per setting, recomputed from each trial's own summary.json."""
+    import statistics
+
+    accs = {key: json.loads((out / "trials" / key / "summary.json").read_text())["student_acc"]
+            for key in finished(out)}
+    assert {t["key"]: t["student_acc"] for t in result["trials"]} == accs
+
+    def assert_described(stats: dict, values: list[float]) -> None:
+        assert stats["n"] == len(values) and sorted(stats["values"]) == sorted(values), (stats, values)
+        assert stats["min"] == min(values) and stats["max"] == max(values)
+        assert stats["mean"] == pytest.approx(sum(values) / len(values))
+        assert stats["std"] == pytest.approx(statistics.stdev(values))
+
+    assert_described(result["student_acc"], list(accs.values()))
+    for setting in result["settings"]:
+        values = [accs[t["key"]] for t in result["trials"] if t["setting"] == setting["setting"]]
+        assert len(values) == seeds
+        assert_described(setting, values)
 
 
 @pytest.mark.slow
@@ -307,6 +327,7 @@ def test_two_workers_split_one_study(tmp_path, digits_teacher):
     by_worker = {t["worker"] for t in result["trials"]}
     assert len(by_worker) == 2  # each ran some
     assert sum(log.count("dfkt sweep: trial") for log in logs) == 4  # and no trial twice
+    assert_statistics_are_the_trials(out, result, seeds=2)
 
 
 def test_the_readme_sweep_space_is_valid():

@@ -1,0 +1,65 @@
+"""Every registered method and every preset of it, read from the registries: a new method or preset is
+validated and built here without adding it to a list. Untrained digit networks: mechanics, in seconds."""
+
+import pytest
+import torch
+
+import dfkt  # noqa: F401 - importing dfkt registers every method
+from dfkt.config import EngineConfig, validate
+from dfkt.dfkd.base import DistillSetup
+from dfkt.engine import Engine, Stage
+from dfkt.models import build_model
+from dfkt.registry import ADAPT_METHODS, METHODS
+from dfkt.sfda.base import AdaptSetup
+
+DISTILL_PRESETS = [(name, preset) for name in METHODS.names() for preset in METHODS.get(name).presets]
+ADAPT_PRESETS = [(name, preset) for name in ADAPT_METHODS.names() for preset in ADAPT_METHODS.get(name).presets]
+
+
+def test_the_registries_hold_the_methods_the_cli_lists():
+    assert len(DISTILL_PRESETS) >= 2 * len(METHODS.names()) and len(ADAPT_PRESETS) >= len(ADAPT_METHODS.names())
+    assert dfkt.list_names("methods") == METHODS.names() and dfkt.list_names("adapt-methods") == ADAPT_METHODS.names()
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_distillation_method_has_paper_and_cpu_presets_and_describes_itself(name):
+    cls = METHODS.get(name)
+    assert {"paper", "cpu"} <= set(cls.presets) and cls.summary, name
+
+
+@pytest.mark.parametrize("name", ADAPT_METHODS.names())
+def test_every_adaptation_method_has_paper_and_cpu_presets(name):
+    assert {"paper", "cpu"} <= set(ADAPT_METHODS.get(name).presets), name
+
+
+def well_formed(stages: list) -> bool:
+    return all(isinstance(s, Stage) and s.steps >= 1 and callable(s.step) for s in stages)
+
+
+@pytest.mark.parametrize("name, preset", DISTILL_PRESETS)
+def test_every_distillation_preset_validates_and_builds_the_method(name, preset):
+    cls = METHODS.get(name)
+    cfg = validate(cls.Config, cls.presets[preset], where=f"{name} preset {preset}")
+    torch.manual_seed(0)
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    size = 16  # the smallest the deep generator of the paper-imagenet presets builds
+    teacher = engine.prepare(build_model("digits_cnn", 10, 1, size), trainable=False)
+    student = engine.prepare(build_model("digits_cnn_half", 10, 1, size), trainable=True)
+    runner = cls(cfg, DistillSetup(teacher, student, 10, 1, size, engine, (0.3,), (0.4,)))
+    stages = runner.stages()
+    assert stages and well_formed(stages), stages
+    # The student learns last, scored by the engine; the teacher is never trained.
+    assert stages[-1].name == "student" and stages[-1].evaluate and student in stages[-1].train
+    assert all(teacher not in s.train for s in stages)
+    assert runner.student_trainer.steps == cfg.student_epochs * cfg.student_steps_per_epoch == stages[-1].steps
+
+
+@pytest.mark.parametrize("name, preset", ADAPT_PRESETS)
+def test_every_adaptation_preset_validates_and_builds_the_method(name, preset):
+    cls = ADAPT_METHODS.get(name)
+    cfg = validate(cls.Config, cls.presets[preset], where=f"{name} preset {preset}")
+    torch.manual_seed(0)
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    model = engine.prepare(build_model("shot_dtn", 10, 1, 8), trainable=True)  # BatchNorm2d and 1d, for Tent
+    runner = cls(cfg, AdaptSetup(model, torch.randn(16, 1, 8, 8), engine))
+    assert well_formed(runner.stages())  # none at all for source_only, which evaluates the model as it is
