@@ -722,7 +722,7 @@ def selection_lines(sel: dict) -> list[str]:
     for method, share in sel["by_method"].items():
         if share["runs"]:
             by_method.append(f"| {method} | {share['within']} of {share['runs']} |")
-    return [f"Over the offline runs (several evaluations each): the label-free choice is within 1 point of the "
+    return [f"Over the runs with several evaluations: the label-free choice is within 1 point of the "
             f"run's best epoch (transductive accuracy) in **{sel['all']['within']} of {sel['all']['runs']}** runs; "
             f"{sel['warned']} of them warned that the score finds the adapted model worse than the source model.",
             "", *by_method]
@@ -962,7 +962,7 @@ def selection_aim(data: dict) -> dict:
     share = data["selection"]["all"]
     verdict = NOT_MEASURED if not share["runs"] else MET if share["fraction"] > 0.5 else NOT_MET
     return aim("the label-free choice within 1 point of the best epoch in most runs", verdict,
-               f"{share['within']} of {share['runs']} offline runs")
+               f"{share['within']} of {share['runs']} runs with several evaluations")
 
 
 def b5_aims(data: dict) -> list[dict]:
