@@ -117,3 +117,26 @@ def test_report_prints_the_aims_and_puts_geometric_shifts_and_inversion_apart():
     assert "| rotate |" in stress and "| inversion |" in stress and "| contrast |" not in stress
     aims = report[report.index("## Aims of issue 14"):report.index("## Regression suite")]
     assert [line.split("**")[1] for line in aims.splitlines() if line.startswith("- ")] == verdicts(data)
+
+
+def b5_report_of(methods: dict[str, float], selected: float) -> dict:
+    """B5's results from made-up runs on digits -> mnist5k (source-only 50%, oracle 90%, one seed),
+    each run's curve reaching 80% at its best epoch."""
+    args = bench.parse_args(["--bench", "b5", "--pairs", "digits-mnist5k", "--models", "shot_lenet", "--methods",
+                             *methods, "--seeds", "1", "--work", "/nonexistent"])
+    task = "shot_lenet-digits-mnist5k"
+    runs = {task: {m: {1: {"adapted": result(acc), "source_only": result(0.5), "selected": result(selected),
+                           "curve": [{"adapted_acc": 0.7}, {"adapted_acc": 0.8}],
+                           "seconds": {"adapt": 1.0, "wall": 1.0}}} for m, acc in methods.items()}}
+    oracles = {task: {1: {"oracle": result(0.9), "source_only": result(0.5), "seconds": 1.0}}}
+    return bench.b5_results(args, {}, oracles, runs)
+
+
+def test_b5_aims_computed_from_the_results_and_printed():
+    data = b5_report_of({"shot": 0.75, "nrc": 0.6, "aad": 0.45}, selected=0.8)
+    # best 62.5% of the gap; shot and nrc above source-only, aad below; every choice at its best epoch
+    assert verdicts(data) == ["met", "met", "met", "not met", "met"]
+    assert verdicts(b5_report_of({"shot": 0.65}, selected=0.7)) == ["not met", "met", "not met"]  # 37.5%; 7 below
+    report = bench.b5_markdown(data, None)
+    aims = report[report.index("## Aims of issue 14 for B5"):report.index("Published anchor")]
+    assert [line.split("**")[1] for line in aims.splitlines() if line.startswith("- ")] == verdicts(data)
