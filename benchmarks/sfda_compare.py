@@ -567,15 +567,25 @@ def no_harm_aim(data: dict, level: int | str) -> dict:
                f"than {100 * NO_HARM_MARGIN:.0f} point below it", overall(verdicts), detail)
 
 
+def not_run(bench: dict, corruption: str, methods: list[str], every: bool) -> str | None:
+    """Why a recovery aim cannot be judged on ``corruption``, or None when what it needs was run."""
+    run = [m for m in methods if m in bench["methods"]]
+    if not run:
+        return "no method of the aim run"
+    if every and len(run) < len(methods):
+        return f"{', '.join(m for m in methods if m not in run)} not run"
+    return None if corruption in bench["corruptions"] else "not run"
+
+
 def recovery_aim(data: dict, level: int | str, methods: list[str], share: float, every: bool, text: str) -> dict:
     """On each of contrast and brightness, the best (every=False) or the worst (every=True) of
     ``methods`` recovers at least ``share`` of the source->oracle gap (inductive)."""
     bench, verdicts, parts = data["bench"], [], []
     run = [m for m in methods if m in bench["methods"]]
     for corruption in RECOVERY_TARGETS:
-        if corruption not in bench["corruptions"] or not run or (every and len(run) < len(methods)):
+        if missing := not_run(bench, corruption, methods, every):
             verdicts.append(NOT_MEASURED)
-            parts.append(f"{corruption} not measured")
+            parts.append(f"{corruption}: {missing}")
             continue
         gap = data["gap_recovered"][level_target(bench, corruption, level)]
         ratios = {m: gap["methods"].get(m) for m in run}
@@ -584,7 +594,7 @@ def recovery_aim(data: dict, level: int | str, methods: list[str], share: float,
             parts.append(f"{corruption}: {'no gap' if gap['no_gap'] else 'not measured'}")
             continue
         method = (min if every else max)(ratios, key=ratios.get)
-        verdicts.append(MET if ratios[method] >= share - 1e-9 else NOT_MET)  # a share of exactly 50% counts
+        verdicts.append(MET if ratios[method] >= share - 1e-9 else NOT_MET)  # a share at the bound counts, despite rounding
         parts.append(f"{corruption}: {'lowest' if every else 'best'} {method} {100 * ratios[method]:.0f}%")
     return aim(text, overall(verdicts), "; ".join(parts))
 
