@@ -626,9 +626,15 @@ def summary_level(levels: list[int | str]) -> int | str:
     return SUMMARY_SEVERITY if SUMMARY_SEVERITY in levels else levels[0]
 
 
+def level_name(level: int | str) -> str:
+    return "MNIST-C's levels" if level == MNIST_C_LEVELS else f"severity {level}"
+
+
 def level_title(level: int | str) -> str:
-    return "MNIST-C's levels (each corruption at its severity in MNIST-C's data set)" if level == MNIST_C_LEVELS \
-        else f"Severity {level}"
+    """A table's heading: the level, and what MNIST-C's levels are."""
+    if level == MNIST_C_LEVELS:
+        return f"{level_name(level)} (each corruption at its severity in MNIST-C's data set)"
+    return level_name(level).capitalize()
 
 
 def row_name(corruption: str, level: int | str | None = None) -> str:
@@ -811,7 +817,7 @@ def markdown(data: dict, analysis: str | None) -> str:
              "the source model near chance, where methods built on the cluster assumption cannot work; they are "
              "reported apart, as a stress test (issue 14).", "",
              "Accuracy (%), mean ± std over seeds; 'k of n runs': the mean is over the runs that finished.", "",
-             f"## Aims of issue 14 for B4 ({level_title(level).lower()}, {seeds} seed{'s' * (seeds != 1)}"
+             f"## Aims of issue 14 for B4 ({level_name(level)}, {seeds} seed{'s' * (seeds != 1)}"
              + (f"; the aims are stated over {AIM_SEEDS}" if seeds < AIM_SEEDS else "") + ")", "",
              "Computed from the inductive accuracies below (means over seeds).", "", *aim_lines(data["aims"]), ""]
     if regression:
@@ -822,7 +828,7 @@ def markdown(data: dict, analysis: str | None) -> str:
               "(method − source-only) / (oracle − source-only), of the mean accuracies over seeds. 'no gap': the "
               f"oracle is less than {100 * GAP_FLOOR:.0f} points above source-only, too little for a ratio.", "",
               *gap_table(data), "",
-              f"## Summary, {level_title(level).lower()}", "",
+              f"## Summary, {level_name(level)}", "",
               f"Methods recovering at least {100 * HALF:.0f}% of the gap (inductive), per corruption family, on "
               "the corruptions with a gap:", "", *family_summary(data, level), "",
               "## Label-free selection", "", *selection_lines(data["selection"]), "",
@@ -859,7 +865,7 @@ def plot(data: dict, path: Path) -> None:
     names = [row_name(c, level) + (" (stress)" if c in STRESS else "") for c in corruptions]
     ax.set_xticks(np.arange(len(corruptions)), names, rotation=30, ha="right")
     ax.set(ylabel="inductive accuracy (%), held-out half", ylim=(0, 100),
-           title=f"{bench['title']}, {level_title(level).split(' (')[0].lower()}, {bench['scale']} scale, cpu preset")
+           title=f"{bench['title']}, {level_name(level)}, {bench['scale']} scale, cpu preset")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=min(len(cols), 4), loc="upper center", bbox_to_anchor=(0.5, -0.22))
     fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight": keeps the legend below the axes
