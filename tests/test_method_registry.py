@@ -36,6 +36,12 @@ def well_formed(stages: list) -> bool:
     return all(isinstance(s, Stage) and s.steps >= 1 and callable(s.step) for s in stages)
 
 
+def streams_are_distinct(runner) -> bool:
+    """No two of the random streams the method keeps start alike: each has its own name and seed."""
+    states = [g.get_state() for g in runner.rngs.values()]
+    return all(not torch.equal(a, b) for i, a in enumerate(states) for b in states[i + 1:])
+
+
 @pytest.mark.parametrize("name, preset", DISTILL_PRESETS)
 def test_every_distillation_preset_validates_and_builds_the_method(name, preset):
     cls = METHODS.get(name)
@@ -52,6 +58,7 @@ def test_every_distillation_preset_validates_and_builds_the_method(name, preset)
     assert stages[-1].name == "student" and stages[-1].evaluate and student in stages[-1].train
     assert all(teacher not in s.train for s in stages)
     assert runner.student_trainer.steps == cfg.student_epochs * cfg.student_steps_per_epoch == stages[-1].steps
+    assert {"student"} <= set(runner.rngs) and streams_are_distinct(runner), sorted(runner.rngs)
 
 
 @pytest.mark.parametrize("name, preset", ADAPT_PRESETS)
@@ -63,3 +70,4 @@ def test_every_adaptation_preset_validates_and_builds_the_method(name, preset):
     model = engine.prepare(build_model("shot_dtn", 10, 1, 8), trainable=True)  # BatchNorm2d and 1d, for Tent
     runner = cls(cfg, AdaptSetup(model, torch.randn(16, 1, 8, 8), engine))
     assert well_formed(runner.stages())  # none at all for source_only, which evaluates the model as it is
+    assert {"order"} <= set(runner.rngs) and streams_are_distinct(runner), sorted(runner.rngs)

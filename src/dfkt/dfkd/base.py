@@ -86,7 +86,8 @@ class DistillMethod(TrainState):
     """Base class. Subclasses set ``Config``, ``presets`` (at least ``paper`` and ``cpu``), a
     ``source`` synthesizer, and implement ``stages``.
 
-    Everything a resume needs goes in the TrainState dicts (modules, optimizers, rngs, buffers).
+    The contract with the engine: random numbers come from named streams (``engine.rng("crops")``);
+    everything a resume needs is registered once with ``keep(name, module, optimizer, stream, tensor, ...)``.
     """
 
     Config: ClassVar[type[StrictModel]]
@@ -106,16 +107,16 @@ class DistillMethod(TrainState):
         self.engine = setup.engine
         self.teacher = setup.teacher
         self.student = setup.student
-        self.modules["student"] = setup.student
+        self.keep("student", setup.student)
 
     def stages(self) -> list[Stage]:
         raise NotImplementedError
 
     @torch.no_grad()
-    def samples(self, n: int, rng_offset: int = 99) -> Tensor:
+    def samples(self, n: int, stream: str = "samples") -> Tensor:
         """``n`` synthetic images in the teacher's input space, for grids and diagnostics: new
         images from a generator source, else draws from the pool."""
-        rng = self.engine.noise_generator(offset=rng_offset)
+        rng = self.engine.rng(stream)  # from its start on every call: the same images each time
         generator = self.modules.get("generator")
         if generator is None:
             return self.source.sample(n, rng)[0].float()
@@ -127,7 +128,7 @@ class DistillMethod(TrainState):
     def validation_samples(self, n: int) -> Tensor | None:
         """Synthetic images the student never trains on, for label-free selection (None while there are
         not yet enough): new draws from the generator; pool methods hold some of their batches out."""
-        return self.samples(n, rng_offset=98)
+        return self.samples(n, stream="validation_samples")
 
     @contextlib.contextmanager
     def student_as_judge(self, eval_mode: bool = True) -> Iterator[None]:

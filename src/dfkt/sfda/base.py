@@ -55,7 +55,11 @@ class OfflineConfig(StrictModel):
 
 
 class AdaptMethod(TrainState):
-    """Base class: ``Config``, ``name``, ``presets`` (``paper``, ``cpu``), ``online``, ``stages()``."""
+    """Base class: ``Config``, ``name``, ``presets`` (``paper``, ``cpu``), ``online``, ``stages()``.
+
+    The contract with the engine is a distillation method's (``dfkt.dfkd.base.DistillMethod``): named
+    random streams, and one ``keep(...)`` call per thing a resume needs.
+    """
 
     Config: ClassVar[type[StrictModel]]
     name: ClassVar[str]
@@ -68,11 +72,11 @@ class AdaptMethod(TrainState):
         self.cfg, self.setup, self.engine = cfg, setup, setup.engine
         self.model = setup.model
         self.images = setup.images
-        self.modules["model"] = self.model
-        self.batches = EpochBatches(self, self.engine, len(self.images), getattr(cfg, "batch_size", 1), 20)
+        self.keep("model", self.model)
+        self.batches = EpochBatches(self, self.engine, len(self.images), getattr(cfg, "batch_size", 1))
         # Online methods' predictions as the stream went by (-1: not seen yet).
-        self.buffers["online_predictions"] = torch.full((len(self.images),), -1, dtype=torch.long,
-                                                        device=self.engine.device)
+        self.keep("online_predictions",
+                  torch.full((len(self.images),), -1, dtype=torch.long, device=self.engine.device))
 
     def optimizer(self, params: list[nn.Parameter] | list[dict[str, Any]]) -> torch.optim.Optimizer:
         """The method's optimizer over ``params``: parameters, or param groups (dicts with their own lr)."""
