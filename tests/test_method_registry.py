@@ -11,6 +11,7 @@ from dfkt.engine import Engine, Stage
 from dfkt.models import build_model
 from dfkt.registry import ADAPT_METHODS, METHODS
 from dfkt.sfda.base import AdaptSetup
+from dfkt.synthesis import PixelInversion
 
 DISTILL_PRESETS = [(name, preset) for name in METHODS.names() for preset in METHODS.get(name).presets]
 ADAPT_PRESETS = [(name, preset) for name in ADAPT_METHODS.names() for preset in ADAPT_METHODS.get(name).presets]
@@ -59,6 +60,10 @@ def test_every_distillation_preset_validates_and_builds_the_method(name, preset)
     assert all(teacher not in s.train for s in stages)
     assert runner.student_trainer.steps == cfg.student_epochs * cfg.student_steps_per_epoch == stages[-1].steps
     assert {"student"} <= set(runner.rngs) and streams_are_distinct(runner), sorted(runner.rngs)
+    # Before any step: no batch seen yet; a generator's cost unless the method optimises pixels.
+    report = runner.report()
+    assert report.first_batch_sha256 is None
+    assert (report.generator_multiply_adds_per_image is None) == isinstance(runner.source, PixelInversion)
 
 
 @pytest.mark.parametrize("name, preset", ADAPT_PRESETS)
@@ -71,3 +76,5 @@ def test_every_adaptation_preset_validates_and_builds_the_method(name, preset):
     runner = cls(cfg, AdaptSetup(model, torch.randn(16, 1, 8, 8), engine))
     assert well_formed(runner.stages())  # none at all for source_only, which evaluates the model as it is
     assert {"order"} <= set(runner.rngs) and streams_are_distinct(runner), sorted(runner.rngs)
+    predictions = runner.report().stream_predictions
+    assert (predictions.tolist() == [-1] * 16) if cls.online else (predictions is None)  # online: none made yet

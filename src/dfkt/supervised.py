@@ -80,6 +80,11 @@ class RealDataTraining(TrainState):
             self.modules["best"].load_state_dict(self.modules["model"].state_dict())
         return accuracy
 
+    @property
+    def holdout_acc(self) -> float | None:
+        """The chosen epoch's accuracy on the holdout images (None without them)."""
+        return self.buffers["best_holdout_acc"].item() if self.holdout is not None else None
+
     def chosen(self) -> nn.Module:
         """The model to keep: the best epoch on the holdout images, else the last."""
         return self.modules["best"] if self.holdout is not None else self.modules["model"]

@@ -12,9 +12,11 @@ from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
 from dfkt.config import StrictModel
+from dfkt.dfkd.student import StudentTrainer
 from dfkt.engine import Engine, Stage
 from dfkt.engine.state import TrainState
 from dfkt.models import build_generator
+from dfkt.models.cost import multiply_adds
 from dfkt.models.generator import GeneratorEnsemble
 from dfkt.synthesis import Synthesizer
 
@@ -75,6 +77,15 @@ class BNPriorFields(StrictModel):
                            "the others (dfkt's)")
 
 
+@dataclass(frozen=True)
+class DistillReport:
+    """What a distillation method tells the API about its run, beside the student's weights: the API
+    reads this, never the method's parts."""
+
+    first_batch_sha256: str | None  # of the first batch this process trained the student on: ranks differ
+    generator_multiply_adds_per_image: int | None  # None for methods without a generator network
+
+
 def build_method_generator(cfg: GeneratorFields, nz: int, setup: DistillSetup) -> nn.Module:
     """The generator ``cfg`` describes, shaped for the teacher's input."""
     members = [build_generator(cfg.generator, nz, setup.channels, setup.image_size, width=cfg.gen_width,
@@ -84,10 +95,12 @@ def build_method_generator(cfg: GeneratorFields, nz: int, setup: DistillSetup) -
 
 class DistillMethod(TrainState):
     """Base class. Subclasses set ``Config``, ``presets`` (at least ``paper`` and ``cpu``), a
-    ``source`` synthesizer, and implement ``stages``.
+    ``source`` synthesizer and a ``student_trainer``, and implement ``stages``.
 
-    The contract with the engine: random numbers come from named streams (``engine.rng("crops")``);
-    everything a resume needs is registered once with ``keep(name, module, optimizer, stream, tensor, ...)``.
+    The contract with the engine and the API: random numbers come from named streams
+    (``engine.rng("crops")``); everything a resume needs is registered once with
+    ``keep(name, module, optimizer, stream, tensor, ...)``; the API reads ``stages()``, ``samples()``,
+    ``validation_samples()`` and, after the run, ``report()``.
     """
 
     Config: ClassVar[type[StrictModel]]
@@ -99,6 +112,7 @@ class DistillMethod(TrainState):
     # so diagnostics sample it that way too; a frozen generator (RDSKD) is sampled in eval mode.
     samples_in_train_mode: ClassVar[bool] = False
     source: Synthesizer
+    student_trainer: StudentTrainer
 
     def __init__(self, cfg: StrictModel, setup: DistillSetup):
         super().__init__(setup.engine.device)
@@ -111,6 +125,17 @@ class DistillMethod(TrainState):
 
     def stages(self) -> list[Stage]:
         raise NotImplementedError
+
+    def report(self) -> DistillReport:
+        return DistillReport(self.student_trainer.first_batch_sha256, self.generator_cost())
+
+    def generator_cost(self) -> int | None:
+        """Multiply-adds of one generated image (None for pixel methods, which have no generator)."""
+        generator = getattr(self.source, "generator", None)
+        nz = getattr(self.source, "nz", None)
+        if generator is None or nz is None:
+            return None
+        return multiply_adds(generator, torch.zeros(1, nz, device=self.engine.device))
 
     @torch.no_grad()
     def samples(self, n: int, stream: str = "samples") -> Tensor:

@@ -30,6 +30,16 @@ class AdaptSetup:
     engine: Engine
 
 
+@dataclass(frozen=True)
+class AdaptReport:
+    """What an adaptation method tells the API about its run, beside the adapted model: the API reads
+    this, never the method's parts."""
+
+    # Online methods: the class predicted for each adapted image as the stream went by (-1: not seen, as
+    # with several processes up to world size - 1 images are); None for offline methods.
+    stream_predictions: Tensor | None
+
+
 class OnlineConfig(StrictModel):
     batch_size: int = Field(200, ge=2)
 
@@ -57,8 +67,8 @@ class OfflineConfig(StrictModel):
 class AdaptMethod(TrainState):
     """Base class: ``Config``, ``name``, ``presets`` (``paper``, ``cpu``), ``online``, ``stages()``.
 
-    The contract with the engine is a distillation method's (``dfkt.dfkd.base.DistillMethod``): named
-    random streams, and one ``keep(...)`` call per thing a resume needs.
+    The contract with the engine and the API is a distillation method's (``dfkt.dfkd.base.DistillMethod``):
+    named random streams, one ``keep(...)`` call per thing a resume needs, and a ``report()`` the API reads.
     """
 
     Config: ClassVar[type[StrictModel]]
@@ -77,6 +87,14 @@ class AdaptMethod(TrainState):
         # Online methods' predictions as the stream went by (-1: not seen yet).
         self.keep("online_predictions",
                   torch.full((len(self.images),), -1, dtype=torch.long, device=self.engine.device))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of one pass over the images this process adapts on."""
+        return self.batches.steps_per_epoch
+
+    def report(self) -> AdaptReport:
+        return AdaptReport(self.buffers["online_predictions"].cpu() if self.online else None)
 
     def optimizer(self, params: list[nn.Parameter] | list[dict[str, Any]]) -> torch.optim.Optimizer:
         """The method's optimizer over ``params``: parameters, or param groups (dicts with their own lr)."""
