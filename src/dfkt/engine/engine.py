@@ -46,7 +46,7 @@ class Stage:
     ``step(i)`` does one step (asking the engine to optimise) and returns named values to log.
     ``train``/``frozen`` list the modules the engine puts in train/eval mode for this stage.
     ``begin`` runs when the stage starts or resumes; it must draw randomness only from its own
-    seeded generators so a resumed run matches an uninterrupted one.
+    named streams (``Engine.rng``) so a resumed run matches an uninterrupted one.
     ``budget_share``: with a run budget (``max_seconds``), the stage ends once it has trained for
     this share of it and the run moves on, so a later stage (the student) always gets its part.
     """
