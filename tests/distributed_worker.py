@@ -20,9 +20,9 @@ from dfkt.training import EpochBatches
 def main(out: Path, source: str) -> None:
     engine = Engine(EngineConfig(devices=2, precision="32-true", progress=False, threads=1))
     rank = engine.fabric.global_rank
-    noise = engine.noise_generator(offset=1)
-    shared = engine.noise_generator(offset=1, per_rank=False)
-    batches = EpochBatches(TrainState(), engine, 11, 3, rng_offset=10)
+    noise = engine.rng("noise")
+    shared = engine.rng("noise", per_rank=False)
+    batches = EpochBatches(TrainState(), engine, 11, 3)
     epoch = torch.cat([batches(i) for i in range(batches.steps_per_epoch)])
 
     # SHOT's clustering pass: each rank computes its share of the rows, all receive all of them.

@@ -11,6 +11,7 @@ from dfkt.engine import Engine, Stage
 from dfkt.models import build_model
 from dfkt.registry import ADAPT_METHODS, METHODS
 from dfkt.sfda.base import AdaptSetup
+from dfkt.synthesis import PixelInversion
 
 DISTILL_PRESETS = [(name, preset) for name in METHODS.names() for preset in METHODS.get(name).presets]
 ADAPT_PRESETS = [(name, preset) for name in ADAPT_METHODS.names() for preset in ADAPT_METHODS.get(name).presets]
@@ -36,6 +37,12 @@ def well_formed(stages: list) -> bool:
     return all(isinstance(s, Stage) and s.steps >= 1 and callable(s.step) for s in stages)
 
 
+def streams_are_distinct(runner) -> bool:
+    """No two of the random streams the method keeps start alike: each has its own name and seed."""
+    states = [g.get_state() for g in runner.rngs.values()]
+    return all(not torch.equal(a, b) for i, a in enumerate(states) for b in states[i + 1:])
+
+
 @pytest.mark.parametrize("name, preset", DISTILL_PRESETS)
 def test_every_distillation_preset_validates_and_builds_the_method(name, preset):
     cls = METHODS.get(name)
@@ -52,6 +59,11 @@ def test_every_distillation_preset_validates_and_builds_the_method(name, preset)
     assert stages[-1].name == "student" and stages[-1].evaluate and student in stages[-1].train
     assert all(teacher not in s.train for s in stages)
     assert runner.student_trainer.steps == cfg.student_epochs * cfg.student_steps_per_epoch == stages[-1].steps
+    assert {"student"} <= set(runner.rngs) and streams_are_distinct(runner), sorted(runner.rngs)
+    # Before any step: no batch seen yet; a generator's cost unless the method optimises pixels.
+    report = runner.report()
+    assert report.first_batch_sha256 is None
+    assert (report.generator_multiply_adds_per_image is None) == isinstance(runner.source, PixelInversion)
 
 
 @pytest.mark.parametrize("name, preset", ADAPT_PRESETS)
@@ -63,3 +75,6 @@ def test_every_adaptation_preset_validates_and_builds_the_method(name, preset):
     model = engine.prepare(build_model("shot_dtn", 10, 1, 8), trainable=True)  # BatchNorm2d and 1d, for Tent
     runner = cls(cfg, AdaptSetup(model, torch.randn(16, 1, 8, 8), engine))
     assert well_formed(runner.stages())  # none at all for source_only, which evaluates the model as it is
+    assert {"order"} <= set(runner.rngs) and streams_are_distinct(runner), sorted(runner.rngs)
+    predictions = runner.report().stream_predictions
+    assert (predictions.tolist() == [-1] * 16) if cls.online else (predictions is None)  # online: none made yet

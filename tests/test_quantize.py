@@ -19,7 +19,7 @@ from tests.conftest import FAST_ENGINE, tiny_rdskd
 
 # A few seconds per source on the digits teacher.
 TINY = {"bn-inversion": ["params.iterations=10", "params.batch=32"],
-        "generator": ["params.steps=10", "params.batch=32", "params.width=16"],
+        "generator": ["params.steps=30", "params.batch=32", "params.width=16"],
         "gaussian": [], "real": []}
 BUDGET = ["--calibration-images", "64", "--check-images", "64", "--set", "threads=1"]
 
@@ -74,9 +74,9 @@ def test_each_calibration_source_runs_end_to_end(digits_teacher, tmp_path, sourc
     assert result["calibration"] == source and result["calibration_images"] == 64
     assert result["top1_agreement_with_fp32"] >= 0.9
     assert result["bytes"]["fp32"] / result["bytes"]["int8"] >= 3
-    # A 10-step generator makes poor calibration images: real activations outgrow their ranges and are
-    # clipped (the held-out check sees only the source's own images). The full-size run is in B6.
-    assert api.evaluate(tmp_path / f"{source}.onnx")["accuracy"] > (0.5 if source == "generator" else 0.9)
+    # A 10-step generator made calibration images so poor that real activations outgrew their ranges and were
+    # clipped: 0.22-0.84 over seeds 1-6. With 30 steps the int8 model scored 0.97-0.99 on the same seeds.
+    assert api.evaluate(tmp_path / f"{source}.onnx")["accuracy"] > 0.9
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{source}.onnx"]  # no temporary left behind
 
 

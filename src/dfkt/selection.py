@@ -34,10 +34,10 @@ class TeacherAgreementSelection:
     def __init__(self, state: TrainState, student: nn.Module, teacher: nn.Module, engine: Engine,
                  held_out: Callable[[int], Tensor | None]):
         self.state, self.student, self.teacher, self.engine, self.held_out = state, student, teacher, engine, held_out
-        state.modules["selected_student"] = copy.deepcopy(student).requires_grad_(False)
-        state.buffers["selection.agreement"] = torch.tensor(-1.0)
-        state.buffers["selection.updates"] = torch.tensor(0)
-        state.buffers["selection.chosen"] = torch.tensor(-1)  # which update (evaluation) it was chosen at
+        state.keep("selected_student", copy.deepcopy(student).requires_grad_(False))
+        state.keep("selection.agreement", torch.tensor(-1.0))
+        state.keep("selection.updates", torch.tensor(0))
+        state.keep("selection.chosen", torch.tensor(-1))  # which update (evaluation) it was chosen at
 
     @torch.no_grad()
     def _predict(self, model: nn.Module, images: Tensor) -> Tensor:
@@ -50,8 +50,8 @@ class TeacherAgreementSelection:
             images = self.held_out(VALIDATION_IMAGES)
             if images is None:
                 return None
-            buffers["selection.images"] = images.detach().float()
-            buffers["selection.teacher"] = self._predict(self.teacher, buffers["selection.images"])
+            self.state.keep("selection.images", images.detach().float())
+            self.state.keep("selection.teacher", self._predict(self.teacher, buffers["selection.images"]))
         return buffers["selection.images"], buffers["selection.teacher"]
 
     def update(self) -> float | None:
@@ -130,10 +130,10 @@ class TargetScoreSelection:
 
     def __init__(self, state: TrainState, model: nn.Module, images: Tensor, engine: Engine):
         self.state, self.model, self.images, self.engine = state, model, images, engine
-        state.modules["selected_model"] = copy.deepcopy(model).requires_grad_(False)
-        state.buffers["selection.score"] = torch.tensor(-1.0, dtype=torch.float64)
-        state.buffers["selection.updates"] = torch.tensor(0)
-        state.buffers["selection.chosen"] = torch.tensor(-1)  # which update (evaluation) it was chosen at
+        state.keep("selected_model", copy.deepcopy(model).requires_grad_(False))
+        state.keep("selection.score", torch.tensor(-1.0, dtype=torch.float64))
+        state.keep("selection.updates", torch.tensor(0))
+        state.keep("selection.chosen", torch.tensor(-1))  # which update (evaluation) it was chosen at
 
     @torch.no_grad()
     def score(self, net: nn.Module) -> float:

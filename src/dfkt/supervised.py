@@ -35,21 +35,20 @@ class RealDataTraining(TrainState):
         self.images = engine.to_device(images)
         self.labels = labels.to(engine.device)
         self.model = engine.prepare(model, trainable=True)
-        self.modules["model"] = model
         opt = make_optimizer(list(self.model.parameters()), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
                              nesterov=True)
-        self.optimizer = self.optimizers["model"] = engine.prepare_optimizer(opt)
-        self.batches = EpochBatches(self, engine, len(self.images), cfg.batch_size, rng_offset=10)
+        self.optimizer = engine.prepare_optimizer(opt)
+        self.batches = EpochBatches(self, engine, len(self.images), cfg.batch_size)
         # crop_rotate fills with black, before normalisation as in torchvision: the images' darkest value.
         self.fill = self.images.amin(dim=(0, 2, 3)) if cfg.augment == "crop_rotate" else None
         self.steps_per_epoch = self.batches.steps_per_epoch
         total = cfg.epochs * self.steps_per_epoch
-        self.schedulers["model"] = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total) if cfg.lr_schedule == "cosine"
-            else shot_decay(self.optimizer, total))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total) \
+            if cfg.lr_schedule == "cosine" else shot_decay(self.optimizer, total)
+        self.keep("model", model, self.optimizer, scheduler)
         if holdout is not None:
-            self.modules["best"] = copy.deepcopy(model).requires_grad_(False)
-            self.buffers["best_holdout_acc"] = torch.tensor(-1.0)
+            self.keep("best", copy.deepcopy(model).requires_grad_(False))
+            self.keep("best_holdout_acc", torch.tensor(-1.0))
 
     def step(self, i: int) -> dict[str, Tensor]:
         index = self.batches(i)
@@ -80,6 +79,11 @@ class RealDataTraining(TrainState):
             self.buffers["best_holdout_acc"] = torch.tensor(accuracy)
             self.modules["best"].load_state_dict(self.modules["model"].state_dict())
         return accuracy
+
+    @property
+    def holdout_acc(self) -> float | None:
+        """The chosen epoch's accuracy on the holdout images (None without them)."""
+        return self.buffers["best_holdout_acc"].item() if self.holdout is not None else None
 
     def chosen(self) -> nn.Module:
         """The model to keep: the best epoch on the holdout images, else the last."""

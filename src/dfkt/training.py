@@ -24,8 +24,9 @@ def shot_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.opti
 
 
 class EpochBatches:
-    """Batch indices from a seeded permutation of ``n`` items, a new one every epoch. The order is a
-    buffer of ``state`` and the RNG one of its rngs, so a resumed run continues the same epoch.
+    """Batch indices from a seeded permutation of ``n`` items, a new one every epoch. The order and its
+    random stream (``order``, the same on every rank) are kept in ``state``, so a resumed run continues the
+    same epoch.
     A last batch of a single item joins the one before: BatchNorm cannot train on one sample.
 
     With several processes the permutation is the same on every rank and each takes an equal
@@ -33,14 +34,13 @@ class EpochBatches:
     same number of steps of equal batches.
     """
 
-    def __init__(self, state: TrainState, engine: Engine, n: int, batch_size: int, rng_offset: int):
+    def __init__(self, state: TrainState, engine: Engine, n: int, batch_size: int):
         self.state, self.engine, self.batch_size = state, engine, batch_size
         self.n, self.rank, self.world = n, engine.fabric.global_rank, engine.world_size
         self.share = n // self.world
         if self.share < 1:
             raise ConfigError(f"{n} item(s) cannot be split between {self.world} processes; use fewer processes")
-        state.rngs["order"] = engine.noise_generator(offset=rng_offset, per_rank=False)
-        state.buffers["order"] = torch.arange(n, device=engine.device)
+        state.keep("order", engine.rng("order", per_rank=False), torch.arange(n, device=engine.device))
         full, rest = divmod(self.share, batch_size)
         self.steps_per_epoch = max(1, full + (rest > 1))
 

@@ -146,7 +146,7 @@ class Adaptation:
         self.runner = ADAPT_METHODS.get(cfg.method)(self.method_cfg, self.setup)
         self.selection = TargetScoreSelection(self.runner, self.model, self.setup.images, engine)
         self.source_score = self.selection.score(self.source_model)
-        self.steps_per_epoch = self.runner.batches.steps_per_epoch
+        self.steps_per_epoch = self.runner.steps_per_epoch
 
         def on_eval() -> dict[str, Any]:
             # The engine's first point is the stage's start: the source model itself, scored for the curve
@@ -170,12 +170,11 @@ class Adaptation:
         return evaluate_model(net, self.images[index], self.labels[index], engine, self.info.num_classes)["accuracy"]
 
     def summarize(self, engine: Engine, result: RunResult) -> Outcome:
-        runner, selection, model, labels = self.runner, self.selection, self.model, self.labels
+        selection, model, labels = self.selection, self.model, self.labels
         adapted_half, held_out = self.adapted_half, self.held_out
         scored = len(adapted_half)
-        if runner.online:  # scored on the predictions made as the stream went by
-            # Several processes split the stream evenly, so up to world size - 1 images go unseen.
-            predictions = runner.buffers["online_predictions"].cpu()
+        predictions = self.runner.report().stream_predictions
+        if predictions is not None:  # an online method: scored on the predictions made as the stream went by
             seen = predictions >= 0
             scored = int(seen.sum())
             transductive = None if labels is None or not seen.any() else (
@@ -189,7 +188,7 @@ class Adaptation:
         starts = sum(1 for e in curve if e["step"] == 0)  # scored, never chosen
         chosen = None if selection.chosen_at is None else curve[selection.chosen_at + starts]
         selected_score = final_score if chosen is None else selection.best_score
-        summary = {"method": self.cfg.method, "online": runner.online, "source": str(self.source_path),
+        summary = {"method": self.cfg.method, "online": self.runner.online, "source": str(self.source_path),
                    "target": self.target_name, "target_resized": self.resized,
                    "images": {"adapted": len(adapted_half), "scored_transductive": scored,
                               "held_out": len(held_out)},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -23,7 +23,6 @@ from dfkt.engine import Engine, RunResult
 from dfkt.engine.distributed import gather_objects
 from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
-from dfkt.models.cost import multiply_adds
 from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info
 from dfkt.models.foreign import ForeignClassifier, foreign_kind, foreign_sha256, infer_info, load_foreign
 from dfkt.registry import METHODS, MODELS
@@ -115,14 +114,15 @@ class Distillation:
         return self.evaluate(engine, model)["accuracy"]
 
     def summarize(self, engine: Engine, result: RunResult) -> Outcome:
-        cfg, loaded, runner, selection = self.cfg, self.loaded, self.runner, self.selection
+        cfg, loaded, selection = self.cfg, self.loaded, self.selection
         if result.stopped_by_budget and self.stages[-1].name not in result.seconds:
             raise DfktError(f"the time budget ({cfg.max_seconds:g} s) ran out before the {self.stages[-1].name} "
                             f"stage began; continue with --resume --out {engine.run_dir} and a larger --max-seconds")
         final = self.evaluate(engine, self.setup.student)
         selected = selection.chosen
-        samples, warnings = _sample_diagnostics(runner, self.teacher, loaded.info, cfg.method, self.method_cfg,
-                                                engine.run_dir / "samples.png")
+        report = self.runner.report()
+        samples, warnings = _sample_diagnostics(engine, self.runner.samples, self.teacher, loaded.info, cfg.method,
+                                                self.method_cfg, engine.run_dir / "samples.png")
         in_student = result.sections.get("synthesis", 0.0)  # synthesis interleaved with student steps
         curve = [{k: e.get(k) for k in ("step", "train_seconds", "test_acc", "teacher_agreement")}
                  for e in result.evaluations]
@@ -143,13 +143,13 @@ class Distillation:
                         "total": sum(result.seconds.values()),
                         "evaluation": result.evaluation_seconds,  # test set and teacher agreement, not training
                         "wall": time.perf_counter() - self.started, "by_stage": result.seconds},
-            "generator_multiply_adds_per_image": _generator_cost(runner),
+            "generator_multiply_adds_per_image": report.generator_multiply_adds_per_image,
             "stopped_by_budget": result.stopped_by_budget,
             "warnings": warnings,
             "samples": samples,
             "curve": curve,
             "distributed": {**self.scaling, "replica_sha256": result.replica_sha256,
-                            "first_batch_sha256": gather_objects(runner.student_trainer.first_batch_sha256)},
+                            "first_batch_sha256": gather_objects(report.first_batch_sha256)},
         }
         if cfg.references:
             temperature = cfg.reference.temperature or getattr(self.method_cfg, "temperature", None)
@@ -189,20 +189,11 @@ def load_teacher(cfg: DistillConfig) -> Teacher:
     return Teacher(net, info, foreign_sha256(cfg.teacher, cfg.teacher_weights), dataset, cfg.teacher)
 
 
-def _generator_cost(runner) -> int | None:
-    """Multiply-adds of one generated image (None for pixel methods, which have no generator)."""
-    generator = getattr(runner.source, "generator", None)
-    nz = getattr(runner.source, "nz", None)
-    if generator is None or nz is None:
-        return None
-    return multiply_adds(generator, torch.zeros(1, nz, device=runner.engine.device))
-
-
-def _sample_diagnostics(runner, teacher, info: ModelInfo, method: str, method_cfg, grid: Path) -> tuple[dict[str, Any], list[str]]:
-    """Synthetic samples judged by the teacher: class histogram, mean confidence, feature diversity and
-    collapse warnings (also logged), and their grid PNG (rank 0 writes it)."""
-    engine = runner.engine
-    images = runner.samples(max(50, min(GRID_SAMPLES, GRID_SAMPLES * 32 * 32 // info.image_size**2)))
+def _sample_diagnostics(engine: Engine, samples: Callable[[int], torch.Tensor], teacher, info: ModelInfo, method: str,
+                        method_cfg, grid: Path) -> tuple[dict[str, Any], list[str]]:
+    """The method's synthetic ``samples`` judged by the teacher: class histogram, mean confidence, feature
+    diversity and collapse warnings (also logged), and their grid PNG (rank 0 writes it)."""
+    images = samples(max(50, min(GRID_SAMPLES, GRID_SAMPLES * 32 * 32 // info.image_size**2)))
     with torch.no_grad(), engine.autocast():
         probs = torch.softmax(teacher(images).float(), dim=1)
     confidence, predicted = probs.max(dim=1)

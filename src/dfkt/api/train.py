@@ -98,7 +98,7 @@ class LabelTraining:
                    "model_file": str(engine.run_dir / "model.safetensors"),
                    "distributed": {**self.scaling, "replica_sha256": result.replica_sha256}}
         if self.held is not None:
-            summary["holdout_acc"] = self.task.buffers["best_holdout_acc"].item()
+            summary["holdout_acc"] = self.task.holdout_acc
             summary["selection"] = f"epoch with the best accuracy on {len(self.held)} held-out training images"
         return Outcome(summary, {"model.safetensors": (chosen, self.info)})
 

@@ -12,9 +12,11 @@ from pydantic import AfterValidator, Field
 from torch import Tensor, nn
 
 from dfkt.config import StrictModel
+from dfkt.dfkd.student import StudentTrainer
 from dfkt.engine import Engine, Stage
 from dfkt.engine.state import TrainState
 from dfkt.models import build_generator
+from dfkt.models.cost import multiply_adds
 from dfkt.models.generator import GeneratorEnsemble
 from dfkt.synthesis import Synthesizer
 
@@ -75,6 +77,15 @@ class BNPriorFields(StrictModel):
                            "the others (dfkt's)")
 
 
+@dataclass(frozen=True)
+class DistillReport:
+    """What a distillation method tells the API about its run, beside the student's weights: the API
+    reads this, never the method's parts."""
+
+    first_batch_sha256: str | None  # of the first batch this process trained the student on: ranks differ
+    generator_multiply_adds_per_image: int | None  # None for methods without a generator network
+
+
 def build_method_generator(cfg: GeneratorFields, nz: int, setup: DistillSetup) -> nn.Module:
     """The generator ``cfg`` describes, shaped for the teacher's input."""
     members = [build_generator(cfg.generator, nz, setup.channels, setup.image_size, width=cfg.gen_width,
@@ -84,9 +95,12 @@ def build_method_generator(cfg: GeneratorFields, nz: int, setup: DistillSetup) -
 
 class DistillMethod(TrainState):
     """Base class. Subclasses set ``Config``, ``presets`` (at least ``paper`` and ``cpu``), a
-    ``source`` synthesizer, and implement ``stages``.
+    ``source`` synthesizer and a ``student_trainer``, and implement ``stages``.
 
-    Everything a resume needs goes in the TrainState dicts (modules, optimizers, rngs, buffers).
+    The contract with the engine and the API: random numbers come from named streams
+    (``engine.rng("crops")``); everything a resume needs is registered once with
+    ``keep(name, module, optimizer, stream, tensor, ...)``; the API reads ``stages()``, ``samples()``,
+    ``validation_samples()`` and, after the run, ``report()``.
     """
 
     Config: ClassVar[type[StrictModel]]
@@ -98,6 +112,7 @@ class DistillMethod(TrainState):
     # so diagnostics sample it that way too; a frozen generator (RDSKD) is sampled in eval mode.
     samples_in_train_mode: ClassVar[bool] = False
     source: Synthesizer
+    student_trainer: StudentTrainer
 
     def __init__(self, cfg: StrictModel, setup: DistillSetup):
         super().__init__(setup.engine.device)
@@ -106,16 +121,27 @@ class DistillMethod(TrainState):
         self.engine = setup.engine
         self.teacher = setup.teacher
         self.student = setup.student
-        self.modules["student"] = setup.student
+        self.keep("student", setup.student)
 
     def stages(self) -> list[Stage]:
         raise NotImplementedError
 
+    def report(self) -> DistillReport:
+        return DistillReport(self.student_trainer.first_batch_sha256, self.generator_cost())
+
+    def generator_cost(self) -> int | None:
+        """Multiply-adds of one generated image (None for pixel methods, which have no generator)."""
+        generator = getattr(self.source, "generator", None)
+        nz = getattr(self.source, "nz", None)
+        if generator is None or nz is None:
+            return None
+        return multiply_adds(generator, torch.zeros(1, nz, device=self.engine.device))
+
     @torch.no_grad()
-    def samples(self, n: int, rng_offset: int = 99) -> Tensor:
+    def samples(self, n: int, stream: str = "samples") -> Tensor:
         """``n`` synthetic images in the teacher's input space, for grids and diagnostics: new
         images from a generator source, else draws from the pool."""
-        rng = self.engine.noise_generator(offset=rng_offset)
+        rng = self.engine.rng(stream)  # from its start on every call: the same images each time
         generator = self.modules.get("generator")
         if generator is None:
             return self.source.sample(n, rng)[0].float()
@@ -127,7 +153,7 @@ class DistillMethod(TrainState):
     def validation_samples(self, n: int) -> Tensor | None:
         """Synthetic images the student never trains on, for label-free selection (None while there are
         not yet enough): new draws from the generator; pool methods hold some of their batches out."""
-        return self.samples(n, rng_offset=98)
+        return self.samples(n, stream="validation_samples")
 
     @contextlib.contextmanager
     def student_as_judge(self, eval_mode: bool = True) -> Iterator[None]:

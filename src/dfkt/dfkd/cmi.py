@@ -72,9 +72,9 @@ class CMI(GeneratorPoolMethod):
         features = self.teacher.feature_dim
         head = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, cfg.head_dim))
         self.head = self.engine.prepare(head, trainable=True)
-        self.modules["head"] = self.head
-        self.crop_rng = self.engine.noise_generator(offset=6)
-        self.rngs["crops"] = self.crop_rng
+        self.crop_rng = self.engine.rng("crops")
+        self.keep("head", self.head)
+        self.keep("crops", self.crop_rng)
         return GeneratorInversion(self, self.engine, self.teacher, self.pool, self.objective, setup.num_classes,
                                   build_method_generator(cfg, cfg.nz, setup), cfg.nz, cfg.synthesis_batch, cfg.synthesis_iterations, cfg.gen_lr, cfg.z_lr,
                                   (0.5, 0.999), extra_params=list(self.head.parameters()))

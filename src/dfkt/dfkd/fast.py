@@ -63,6 +63,8 @@ class Fast(GeneratorPoolMethod):
     def make_source(self, cfg: FastConfig, setup) -> GeneratorInversion:
         self.prior = bn_prior_or_none(self.teacher, "fast", cfg.w_bn, momentum=cfg.bn_momentum,
                                        distance=cfg.bn_distance)
+        if self.prior is not None:  # its EMA of synthetic statistics (empty until the first round ends)
+            self.keep("bn_ema", self.prior.ema_state())
         return GeneratorInversion(self, self.engine, self.teacher, self.pool, self.objective, setup.num_classes,
                                   build_method_generator(cfg, cfg.nz, setup), cfg.nz, cfg.synthesis_batch, cfg.synthesis_iterations, cfg.gen_lr, cfg.z_lr,
                                   (0.5, 0.999), meta=True, on_round_end=self.update_bn_ema)
@@ -77,7 +79,7 @@ class Fast(GeneratorPoolMethod):
 
     def restore_bn_ema(self) -> None:
         """On a resume the checkpointed EMA goes back into the prior."""
-        if self.prior is not None and "bn_ema" in self.buffers:
+        if self.prior is not None:
             self.prior.load_ema_state(self.buffers["bn_ema"])
 
     def stages(self) -> list[Stage]:

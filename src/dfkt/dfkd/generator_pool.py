@@ -57,8 +57,8 @@ class GeneratorPoolMethod(PooledMethod):
 
     def __init__(self, cfg: GeneratorPoolConfig, setup: DistillSetup):
         super().__init__(cfg, setup)
-        self.augment_rng = self.engine.noise_generator(offset=7)
-        self.rngs["synthesis_augment"] = self.augment_rng
+        self.augment_rng = self.engine.rng("synthesis_augment")
+        self.keep("synthesis_augment", self.augment_rng)
 
     def judged_view(self, images: Tensor) -> Tensor:
         """What the teacher and the student see of generated images: with ``synthesis_augment`` a random crop

@@ -103,7 +103,7 @@ class RDSKD(DistillMethod):
         self.source = GeneratorSynthesizer(self, self.engine, build_method_generator(cfg, cfg.nz, setup), cfg.nz,
                                            cfg.gen_lr, cfg.gen_batch, self.objective)
         self.generator = self.source.generator
-        self.buffers["references"] = torch.zeros(2, device=self.engine.device)  # r_oh, r_ie
+        self.keep("references", torch.zeros(2, device=self.engine.device))  # r_oh, r_ie
         self.reset_references = False
         self.pool = ImagePool(self, cfg.pool_size) if cfg.student_data == "pool" else None
         if cfg.gen_train_every and (self.pool is None or cfg.pool_refresh):
@@ -143,14 +143,14 @@ class RDSKD(DistillMethod):
         assert self.pool is not None
         if "pool_drawn" in self.buffers:  # a resume: the checkpoint holds the pool as it was drawn
             return
-        rng = self.engine.noise_generator(offset=3)
+        rng = self.engine.rng("pool_fill")
         left = self.engine.budget_left
         deadline = None if left is None else time.perf_counter() + POOL_FILL_SHARE * left
         with self.engine.autocast(), self.engine.eval_mode(self.generator):  # it may train in this stage
             while not self.pool.full and (self.pool.size == 0 or deadline is None or time.perf_counter() < deadline):
                 images, _ = self.source.sample(min(POOL_CHUNK, self.cfg.pool_size - self.pool.size), rng)
                 self.pool.add(images, self.teacher(images))
-        self.buffers["pool_drawn"] = torch.tensor(self.pool.size)
+        self.keep("pool_drawn", torch.tensor(self.pool.size))
         if not self.pool.full:
             self.engine.metrics.write({"event": f"pool drawn: {self.pool.size} of {self.cfg.pool_size} images, within "
                                                 f"{POOL_FILL_SHARE:g} of the {left:.0f} s of budget left"})
@@ -175,11 +175,11 @@ class TrainedPool:
 
     def __init__(self, method: RDSKD, pool: ImagePool):
         self.method, self.pool = method, pool
+        method.keep("generator_steps", torch.tensor(method.cfg.gen_epochs * method.cfg.gen_steps_per_epoch))
 
     def synthesize(self) -> dict[str, Tensor | float]:
         method = self.method
-        steps = method.buffers.setdefault("generator_steps", torch.tensor(method.cfg.gen_epochs *
-                                                                          method.cfg.gen_steps_per_epoch))
+        steps = method.buffers["generator_steps"]
         terms = method.generator_step(int(steps))
         steps += 1
         images, logits = method.source.latest
@@ -202,8 +202,8 @@ class RefreshedPool:
 
     def __init__(self, method: RDSKD, pool: ImagePool, refresh: int, mining: int = 1):
         self.method, self.pool, self.refresh, self.mining = method, pool, refresh, mining
-        self.rng = method.engine.noise_generator(offset=7)
-        method.rngs["pool_refresh"] = self.rng
+        self.rng = method.engine.rng("pool_refresh")
+        method.keep("pool_refresh", self.rng)
 
     @torch.no_grad()
     def synthesize(self) -> dict[str, Tensor | float]:

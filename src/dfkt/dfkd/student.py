@@ -100,9 +100,7 @@ class StudentTrainer:
         else:
             milestones = [m * cfg.student_steps_per_epoch for m in cfg.lr_milestones]
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, cfg.lr_gamma)
-        method.optimizers["student"] = self.optimizer
-        method.schedulers["student"] = self.scheduler
-        method.rngs["student"] = engine.noise_generator(offset=2)
+        method.keep("student", self.optimizer, self.scheduler, engine.rng("student"))
         self.last_synthesis: dict[str, Tensor | float] = {}
         # Of the first batch this process trains on: ranks must each see their own data.
         self.first_batch_sha256: str | None = None

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from dfkt.config import EngineConfig
 from dfkt.engine import checkpoint, distributed
 from dfkt.engine.metrics import MetricsLog, environment
+from dfkt.engine.streams import stream_seed
 from dfkt.errors import DfktError, TrainingDivergedError
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,7 +46,7 @@ class Stage:
     ``step(i)`` does one step (asking the engine to optimise) and returns named values to log.
     ``train``/``frozen`` list the modules the engine puts in train/eval mode for this stage.
     ``begin`` runs when the stage starts or resumes; it must draw randomness only from its own
-    seeded generators so a resumed run matches an uninterrupted one.
+    named streams (``Engine.rng``) so a resumed run matches an uninterrupted one.
     ``budget_share``: with a run budget (``max_seconds``), the stage ends once it has trained for
     this share of it and the run moves on, so a later stage (the student) always gets its part.
     """
@@ -213,11 +214,13 @@ class Engine:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def noise_generator(self, offset: int = 0, per_rank: bool = True) -> torch.Generator:
-        """A private seeded, checkpointable RNG: different on every rank (synthesis noise), or with
-        ``per_rank=False`` the same on all (e.g. the order of a dataset the ranks split)."""
+    def rng(self, name: str, per_rank: bool = True) -> torch.Generator:
+        """A new generator for the random stream ``name``, seeded from the run's seed and the name alone
+        (``dfkt.engine.streams``): different on every rank (synthesis noise), or with ``per_rank=False``
+        the same on all (e.g. the order of a dataset the ranks split). A stream drawn from while training
+        goes in the method's checkpoint (``TrainState.keep``), so a resumed run continues it exactly."""
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.cfg.seed * 1_000_003 + offset * 7919 + (self.fabric.global_rank if per_rank else 0))
+        gen.manual_seed(stream_seed(self.cfg.seed, name, self.fabric.global_rank if per_rank else None))
         if per_rank:
             self.per_rank_rngs.append(gen)
         return gen

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dfkt.config import DataConfig, EngineConfig, StrictModel, validate
+from dfkt.engine.streams import stream_seed
 from dfkt.errors import ConfigError, DfktError
 from dfkt.models.files import ModelInfo
 from dfkt.registry import CALIBRATION_SOURCES
@@ -54,8 +55,10 @@ class CalibrationContext:
     def shape(self) -> tuple[int, int, int]:
         return self.info.in_channels, self.info.image_size, self.info.image_size
 
-    def rng(self, offset: int = 0) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
+    def rng(self, name: str) -> torch.Generator:
+        """A new generator for the random stream ``name`` of this calibration, seeded from the seed and the
+        name alone (``dfkt.engine.streams``)."""
+        return torch.Generator().manual_seed(stream_seed(self.seed, name))
 
 
 class CalibrationSource:
@@ -88,7 +91,7 @@ class Gaussian(CalibrationSource):
     summary = "N(0, 1) noise in normalised units (baseline)"
 
     def images(self, n: int) -> Tensor:
-        return torch.randn((n, *self.ctx.shape), generator=self.ctx.rng(1))
+        return torch.randn((n, *self.ctx.shape), generator=self.ctx.rng("gaussian"))
 
 
 @CALIBRATION_SOURCES.register("real")
@@ -107,7 +110,7 @@ class Real(CalibrationSource):
         if n > available:
             raise ConfigError(f"calibration source real: {n} images asked (calibration + check images) but "
                               f"{dataset.name} has {available} training images; lower --calibration-images")
-        index = torch.randperm(available, generator=self.ctx.rng(2))[:n]
+        index = torch.randperm(available, generator=self.ctx.rng("real_images"))[:n]
         return normalize(dataset.train_images[index], info.mean, info.std)
 
 
@@ -135,7 +138,7 @@ class BNInversion(CalibrationSource):
     def images(self, n: int) -> Tensor:
         cfg, ctx = self.cfg, self.ctx
         prior = BNStatsPrior(ctx.model, "bn-inversion")
-        rng = ctx.rng(3)
+        rng = ctx.rng("bn_inversion")
         low = high = None
         if cfg.clamp:
             mean = torch.tensor(ctx.info.mean).view(1, -1, 1, 1)
@@ -200,7 +203,7 @@ class GeneratorSource(CalibrationSource):
         if run is not None:
             return _from_run(Path(run), n, ctx)
         generator, train_mode = self._train()
-        return _sample(generator, cfg.nz, n, train_mode, ctx.rng(5))
+        return _sample(generator, cfg.nz, n, train_mode, ctx.rng("generator_samples"))
 
     def _train(self) -> tuple[nn.Module, bool]:
         from dfkt.dfkd import dafl, rdskd
@@ -278,7 +281,7 @@ def _from_run(run: Path, n: int, ctx: CalibrationContext) -> Tensor:
         setup = _Shape(info.in_channels, info.image_size, info.mean, info.std)
         net = build_method_generator(cfg, cfg.nz, setup)  # type: ignore[arg-type]
         net.load_state_dict(weights)
-        return _sample(net, cfg.nz, n, cls.samples_in_train_mode, ctx.rng(6))
+        return _sample(net, cfg.nz, n, cls.samples_in_train_mode, ctx.rng("run_generator_samples"))
     pool = buffers.get("pool.images")
     if pool is None:
         raise ConfigError(f"the {method} run {run} has neither a generator nor a pool of images to calibrate with")
@@ -286,7 +289,7 @@ def _from_run(run: Path, n: int, ctx: CalibrationContext) -> Tensor:
     if size < n:
         raise ConfigError(f"the pool of {run} holds {size} images and {n} are needed (calibration + check images); "
                           "lower --calibration-images or params.check_images")
-    index = torch.randperm(size, generator=ctx.rng(7))[:n]
+    index = torch.randperm(size, generator=ctx.rng("run_pool"))[:n]
     return pool[index].float()
 
 

@@ -30,6 +30,16 @@ class AdaptSetup:
     engine: Engine
 
 
+@dataclass(frozen=True)
+class AdaptReport:
+    """What an adaptation method tells the API about its run, beside the adapted model: the API reads
+    this, never the method's parts."""
+
+    # Online methods: the class predicted for each adapted image as the stream went by (-1: not seen, as
+    # with several processes up to world size - 1 images are); None for offline methods.
+    stream_predictions: Tensor | None
+
+
 class OnlineConfig(StrictModel):
     batch_size: int = Field(200, ge=2)
 
@@ -55,7 +65,11 @@ class OfflineConfig(StrictModel):
 
 
 class AdaptMethod(TrainState):
-    """Base class: ``Config``, ``name``, ``presets`` (``paper``, ``cpu``), ``online``, ``stages()``."""
+    """Base class: ``Config``, ``name``, ``presets`` (``paper``, ``cpu``), ``online``, ``stages()``.
+
+    The contract with the engine and the API is a distillation method's (``dfkt.dfkd.base.DistillMethod``):
+    named random streams, one ``keep(...)`` call per thing a resume needs, and a ``report()`` the API reads.
+    """
 
     Config: ClassVar[type[StrictModel]]
     name: ClassVar[str]
@@ -68,11 +82,19 @@ class AdaptMethod(TrainState):
         self.cfg, self.setup, self.engine = cfg, setup, setup.engine
         self.model = setup.model
         self.images = setup.images
-        self.modules["model"] = self.model
-        self.batches = EpochBatches(self, self.engine, len(self.images), getattr(cfg, "batch_size", 1), 20)
+        self.keep("model", self.model)
+        self.batches = EpochBatches(self, self.engine, len(self.images), getattr(cfg, "batch_size", 1))
         # Online methods' predictions as the stream went by (-1: not seen yet).
-        self.buffers["online_predictions"] = torch.full((len(self.images),), -1, dtype=torch.long,
-                                                        device=self.engine.device)
+        self.keep("online_predictions",
+                  torch.full((len(self.images),), -1, dtype=torch.long, device=self.engine.device))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of one pass over the images this process adapts on."""
+        return self.batches.steps_per_epoch
+
+    def report(self) -> AdaptReport:
+        return AdaptReport(self.buffers["online_predictions"].cpu() if self.online else None)
 
     def optimizer(self, params: list[nn.Parameter] | list[dict[str, Any]]) -> torch.optim.Optimizer:
         """The method's optimizer over ``params``: parameters, or param groups (dicts with their own lr)."""

@@ -34,9 +34,9 @@ class OfflineMethod(AdaptMethod):
     def __init__(self, cfg: OfflineConfig, setup: AdaptSetup):
         super().__init__(cfg, setup)
         self.total_steps = cfg.epochs * self.batches.steps_per_epoch
-        optimizer = self.optimizers["model"] = self.optimizer(self.parameter_groups())
-        self.schedulers["model"] = shot_decay(optimizer, self.total_steps) if cfg.lr_decay else \
-            torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
+        optimizer = self.optimizer(self.parameter_groups())
+        self.keep("model", optimizer, shot_decay(optimizer, self.total_steps) if cfg.lr_decay else
+                  torch.optim.lr_scheduler.LambdaLR(optimizer, _constant))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.parameters())
@@ -132,7 +132,7 @@ class SHOT(OfflineMethod):
     def __init__(self, cfg: SHOTConfig, setup: AdaptSetup):
         super().__init__(cfg, setup)
         self.model.head.requires_grad_(False)
-        self.buffers["pseudo_labels"] = torch.zeros(len(self.images), dtype=torch.long, device=self.engine.device)
+        self.keep("pseudo_labels", torch.zeros(len(self.images), dtype=torch.long, device=self.engine.device))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.backbone.parameters())
@@ -209,7 +209,8 @@ class NeighbourMethod(OfflineMethod):
     def begin(self) -> None:
         if "feature_bank" not in self.buffers:
             features, probs = self.features_and_probs()
-            self.buffers["feature_bank"], self.buffers["score_bank"] = F.normalize(features, dim=1), probs
+            self.keep("feature_bank", F.normalize(features, dim=1))
+            self.keep("score_bank", probs)
 
     @torch.no_grad()
     def update_banks(self, index: Tensor, features: Tensor, probs: Tensor) -> Tensor:

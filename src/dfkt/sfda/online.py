@@ -80,7 +80,7 @@ class Tent(BNAdapt):
                               "none; use bn_adapt")
         for p in params:
             p.requires_grad_(True)
-        self.optimizers["model"] = self.optimizer(params)
+        self.keep("model", self.optimizer(params))
 
     def step(self, i: int) -> dict[str, Tensor | float]:
         loss = losses.entropy(self.predict(i))

@@ -43,10 +43,8 @@ class GeneratorSynthesizer:
         self.generator = engine.prepare(generator, trainable=True)
         self.optimizer = engine.prepare_optimizer(torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas))
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.rng = engine.noise_generator(offset=1)
-        state.modules["generator"] = self.generator
-        state.optimizers["generator"] = self.optimizer
-        state.rngs["generator"] = self.rng
+        self.rng = engine.rng("generator")
+        state.keep("generator", self.generator, self.optimizer, self.rng)
         self.latest: Batch | None = None
 
     def noise(self, n: int, rng: torch.Generator) -> Tensor:

@@ -44,13 +44,12 @@ class GeneratorInversion:
         self.on_round_end = on_round_end
         self.extra_params = list(extra_params)  # trained with each round's generator (CMI's head)
         self.generator = generator.to(engine.device)
-        self.rng = engine.noise_generator(offset=5)
-        state.rngs["inversion"] = self.rng
+        self.rng = engine.rng("inversion")
+        state.keep("inversion", self.rng)
         if meta:  # Fast: the meta-initialisation and its optimizer are trained state
             self.initial = copy.deepcopy(self.generator)
             self.meta_optimizer = torch.optim.Adam(self.initial.parameters(), lr=lr * iterations, betas=betas)
-            state.modules["meta_generator"] = self.initial
-            state.optimizers["meta_generator"] = self.meta_optimizer
+            state.keep("meta_generator", self.initial, self.meta_optimizer)
 
     def _start(self) -> None:
         if not self.meta:

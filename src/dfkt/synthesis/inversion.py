@@ -42,8 +42,8 @@ class PixelInversion:
         self.shape, self.batch, self.iterations = shape, batch, iterations
         self.lr, self.betas, self.max_shift, self.flip = lr, betas, max_shift, flip
         self.pixel_range = pixel_range
-        self.rng = engine.noise_generator(offset=4)
-        state.rngs["inversion"] = self.rng
+        self.rng = engine.rng("inversion")
+        state.keep("inversion", self.rng)
 
     def synthesize(self) -> dict[str, Tensor | float]:
         device = self.engine.device

@@ -12,7 +12,7 @@ from dfkt.synthesis.base import Batch
 class ImagePool:
     """A ring buffer: once full, each new batch overwrites the oldest images.
 
-    The tensors live in the owner's ``TrainState.buffers``, so the checkpoint carries the pool and
+    The tensors are kept in the owner's ``TrainState`` (``keep``), so the checkpoint carries the pool and
     a resumed run continues with exactly the images it had (pixel-inverted images cannot be redrawn).
 
     With ``holdout``, a tenth of each batch added goes to a separate ``validation`` pool until it
@@ -47,10 +47,10 @@ class ImagePool:
             images, logits = images[:kept], logits[:kept]
         images, logits = images.detach().float()[: self.capacity], logits.detach().float()[: self.capacity]
         images_key, logits_key, count_key = self.keys
-        if count_key not in self.state.buffers:
-            self.state.buffers[images_key] = images.new_zeros((self.capacity, *images.shape[1:]))
-            self.state.buffers[logits_key] = logits.new_zeros((self.capacity, *logits.shape[1:]))
-            self.state.buffers[count_key] = torch.zeros((), dtype=torch.long)
+        if count_key not in self.state.buffers:  # the first batch gives the shapes (a resume loads them)
+            self.state.keep(images_key, images.new_zeros((self.capacity, *images.shape[1:])))
+            self.state.keep(logits_key, logits.new_zeros((self.capacity, *logits.shape[1:])))
+            self.state.keep(count_key, torch.zeros((), dtype=torch.long))
         start = self.added % self.capacity
         rows = (torch.arange(images.shape[0], device=images.device) + start) % self.capacity
         self.state.buffers[images_key][rows] = images
