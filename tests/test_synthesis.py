@@ -8,6 +8,7 @@ from torch import nn
 
 from dfkt.config import EngineConfig
 from dfkt.engine import Engine
+from dfkt.errors import ConfigError
 from dfkt.engine.state import TrainState
 from dfkt.synthesis import BNStatsPrior, GeneratorInversion, ImagePool, PixelInversion
 from dfkt.models import build_generator
@@ -108,6 +109,35 @@ def test_pixel_inversion_lowers_its_objective_and_fills_the_pool():
     assert last < 0.5 * first and pool.size == 16
     images, logits = inversion.sample(4, torch.Generator().manual_seed(1))
     assert torch.allclose(logits, teacher(images), atol=1e-5)  # the pool caches the teacher's view
+
+
+def test_pixel_inversion_can_start_dark_and_optimise_smooth_low_resolution_images():
+    eng, state = engine(), TrainState()
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval().requires_grad_(False)
+    low, high = torch.full((1, 1, 1, 1), -0.8), torch.full((1, 1, 1, 1), 2.0)
+    seen = []
+
+    def objective(x, y):
+        seen.append(x.detach().clone())
+        return {"loss": nn.functional.cross_entropy(teacher(x), y)}
+
+    inversion = PixelInversion(state, eng, teacher, ImagePool(state, 16), objective,
+                               lambda n, rng: torch.zeros(n, dtype=torch.long), (1, 8, 8), batch=4, iterations=3,
+                               lr=0.1, betas=(0.5, 0.99), max_shift=0, flip=False, pixel_range=(low, high),
+                               start="dark", resolution=2)
+    inversion.synthesize()
+    first = seen[0]
+    assert first.shape == (4, 1, 8, 8)
+    assert first.mean().item() == pytest.approx(-0.8, abs=0.1)  # black plus small noise, not N(0, 1)
+    images = state.buffers["pool.images"][:4]
+    # Every image is the bilinear upsampling of some 2x2 image: it lies in the span of the 4 upsampled basis images.
+    basis = nn.functional.interpolate(torch.eye(4).view(4, 1, 2, 2), size=8, mode="bilinear", align_corners=False)
+    coarse = torch.linalg.lstsq(basis.view(4, 64).T, images.view(4, 64).T).solution
+    assert torch.allclose((basis.view(4, 64).T @ coarse).T, images.view(4, 64), atol=1e-5)
+    assert images.min() >= -0.8 - 1e-6 and images.max() <= 2.0 + 1e-6
+    with pytest.raises(ConfigError, match="start=dark"):
+        PixelInversion(state, eng, teacher, ImagePool(state, 16), objective, lambda n, rng: None, (1, 8, 8), 4, 1,
+                       0.1, (0.5, 0.99), 0, False, start="dark")
 
 
 def test_generator_inversion_reinitialises_or_meta_learns():

@@ -19,6 +19,7 @@ from dfkt.dfkd.base import BNPriorFields
 from dfkt.dfkd.pooled import PooledConfig, PooledMethod
 from dfkt.registry import METHODS
 from dfkt.synthesis import PixelInversion, bn_prior_or_none, forward_with_prior
+from dfkt.synthesis.inversion import Start
 
 
 class DeepInversionConfig(PooledConfig, BNPriorFields):
@@ -32,6 +33,10 @@ class DeepInversionConfig(PooledConfig, BNPriorFields):
     w_l2: float = Field(0.0, ge=0)
     w_adi: float = Field(0.0, ge=0, description="competition weight; > 0 is Adaptive DeepInversion")
     max_shift: int = Field(2, ge=0, description="random jitter in pixels")
+    start: Start = Field("noise", description="noise: pixels start as N(0, 1), the authors'; dark: at black plus "
+                                              "N(0, 0.1²) noise (needs clamp)")
+    resolution: int | None = Field(None, ge=1, description="optimise images of this side, bilinearly upsampled to "
+                                                           "the teacher's (smooth images); none: the teacher's side")
     flip: bool = Field(True, description="random horizontal flips while inverting (only on mirror-safe data: never digits)")
 
 
@@ -59,7 +64,7 @@ class DeepInversion(PooledMethod):
                               (setup.channels, setup.image_size, setup.image_size), cfg.synthesis_batch,
                               cfg.synthesis_iterations, cfg.lr, cfg.betas, cfg.max_shift,
                               cfg.flip and setup.mirror_safe,
-                              setup.pixel_range() if cfg.clamp else None)
+                              setup.pixel_range() if cfg.clamp else None, cfg.start, cfg.resolution)
 
     def random_labels(self, n: int, rng: torch.Generator) -> Tensor:
         return torch.randint(0, self.setup.num_classes, (n,), generator=rng, device=rng.device)
