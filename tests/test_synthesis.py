@@ -138,6 +138,9 @@ def test_pixel_inversion_can_start_dark_and_optimise_smooth_low_resolution_image
     with pytest.raises(ConfigError, match="start=dark"):
         PixelInversion(state, eng, teacher, ImagePool(state, 16), objective, lambda n, rng: None, (1, 8, 8), 4, 1,
                        0.1, (0.5, 0.99), 0, False, start="dark")
+    with pytest.raises(ConfigError, match="resolution"):
+        PixelInversion(state, eng, teacher, ImagePool(state, 16), objective, lambda n, rng: None, (1, 8, 8), 4, 1,
+                       0.1, (0.5, 0.99), 0, False, resolution=9)
 
 
 def test_generator_inversion_reinitialises_or_meta_learns():
