@@ -4,6 +4,7 @@ metrics and progress bars. Methods describe *what* to optimise as stages; the en
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -94,6 +95,8 @@ class Engine:
                              strategy=distributed.ReplicaStrategy() if several else "auto", precision=self.precision)
         if several:  # starts the other local ranks (or joins torchrun's / SLURM's); later engines join the group
             self.fabric.launch()
+            # Python API runs and scripts end the group too, not only the CLI (see distributed.shutdown).
+            atexit.register(distributed.shutdown)
         if cfg.threads is not None:  # after launch, which divides the cores between local ranks
             torch.set_num_threads(cfg.threads)
         self.seed_everything(cfg.seed)
