@@ -31,6 +31,7 @@ from dfkt.data import load_dataset
 from dfkt.models import build_model
 from dfkt.models.files import load_model, read_info
 from dfkt.synthesis.bn_prior import BNStatsPrior
+from dfkt.synthesis.inversion import standardise_batch
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,6 +40,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--student", default="wrn16_1")
     parser.add_argument("--start", choices=("noise", "dark"), default="noise")
     parser.add_argument("--resolution", type=int, default=None, help="optimised side (default: the teacher's)")
+    parser.add_argument("--input-prior", type=float, default=0.0,
+                        help="weight of the input-statistics term: normalised pixels of mean 0 and variance 1")
+    parser.add_argument("--standardise", choices=("none", "end", "step"), default="none",
+                        help="rescale each batch to pixel mean 0, variance 1 (then clamp): after synthesis or every step")
+    parser.add_argument("--lr", type=float, default=0.1, help="Adam lr on the pixels")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--batches", type=int, default=20)
@@ -48,6 +54,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args()
+
+
+def input_statistics_gap(images: Tensor) -> Tensor:
+    """‖μ_c‖₂ + ‖σ²_c − 1‖₂ over channels: the normalisation makes real pixels mean 0, variance 1."""
+    dims = [0, 2, 3]
+    return (torch.linalg.vector_norm(images.mean(dim=dims))
+            + torch.linalg.vector_norm(images.var(dim=dims, unbiased=False) - 1))
 
 
 class Probe:
@@ -84,18 +97,24 @@ class Probe:
             noise = torch.randn(a.batch, self.channels, side, side, generator=self.rng)
             latent = (noise if a.start == "noise" else self.low + 0.1 * noise).requires_grad_(True)
             targets = torch.randint(0, self.data.num_classes, (a.batch,), generator=self.rng)
-            optimizer = torch.optim.Adam([latent], lr=0.1, betas=(0.5, 0.99))
+            optimizer = torch.optim.Adam([latent], lr=a.lr, betas=(0.5, 0.99))
             for _ in range(a.iters):
                 images = F.interpolate(latent, size=self.side, mode="bilinear") if side != self.side else latent
                 with prior.record(), self.autocast():
                     logits = self.teacher(self.shift_and_flip(images).contiguous(memory_format=torch.channels_last))
                 loss = F.cross_entropy(logits.float(), targets) + prior.loss()
+                if a.input_prior:
+                    loss = loss + a.input_prior * input_statistics_gap(images)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
+                    if a.standardise == "step":
+                        latent.copy_(standardise_batch(latent))
                     latent.copy_(torch.maximum(torch.minimum(latent, self.high), self.low))
             images = (F.interpolate(latent, size=self.side, mode="bilinear") if side != self.side else latent).detach()
+            if a.standardise == "end":
+                images = torch.maximum(torch.minimum(standardise_batch(images), self.high), self.low)
             with prior.record():
                 self.logits(self.teacher, images)
             gaps.append(prior.loss().item() / len(prior.layers))
@@ -104,6 +123,7 @@ class Probe:
         pool = torch.cat(batches)
         classes = torch.bincount(self.logits(self.teacher, pool).argmax(1), minlength=self.data.num_classes)
         return pool, {"synthesis_s": round(time.time() - start), "bn_gap": round(sum(gaps) / len(gaps), 2),
+                      "pixel_mean": round(pool.mean().item(), 2), "pixel_std": round(pool.std().item(), 2),
                       "classes": classes.tolist()}
 
     def train_student(self, draw) -> nn.Module:

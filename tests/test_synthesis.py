@@ -143,6 +143,34 @@ def test_pixel_inversion_can_start_dark_and_optimise_smooth_low_resolution_image
                        0.1, (0.5, 0.99), 0, False, resolution=9)
 
 
+def test_pixel_inversion_can_standardise_finished_batches_to_the_input_normalisation():
+    eng = engine()
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(2 * 64, 3)).eval().requires_grad_(False)
+    wide = torch.full((1, 2, 1, 1), -9.0), torch.full((1, 2, 1, 1), 9.0)
+
+    def objective(x, y):
+        return {"loss": nn.functional.cross_entropy(teacher(x), y)}
+
+    def invert(standardise, pixel_range=wide):
+        state = TrainState()
+        pool = ImagePool(state, 16)
+        PixelInversion(state, eng, teacher, pool, objective, lambda n, rng: torch.zeros(n, dtype=torch.long),
+                       (2, 8, 8), batch=16, iterations=5, lr=0.1, betas=(0.5, 0.99), max_shift=0, flip=False,
+                       pixel_range=pixel_range, start="dark" if pixel_range else "noise",
+                       standardise=standardise).synthesize()
+        return state.buffers["pool.images"], state.buffers["pool.logits"]
+
+    assert invert(False)[0].std().item() < 0.5  # dim: a few steps from black
+    images, logits = invert(True)
+    assert torch.allclose(images.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(images.var(dim=(0, 2, 3)), torch.ones(2), atol=1e-3)
+    assert torch.allclose(logits, teacher(images), atol=1e-5)  # labelled as rescaled
+    narrow, _ = invert(True, (torch.full((1, 2, 1, 1), -0.5), torch.full((1, 2, 1, 1), 1.0)))
+    assert narrow.min() >= -0.5 and narrow.max() <= 1.0  # clamped again after rescaling
+    with pytest.raises(ConfigError, match="standardise"):
+        invert(True, None)
+
+
 def test_generator_inversion_reinitialises_or_meta_learns():
     eng = engine()
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval().requires_grad_(False)

@@ -37,6 +37,9 @@ class DeepInversionConfig(PooledConfig, BNPriorFields):
                                               "N(0, 0.1²) noise (needs clamp)")
     resolution: int | None = Field(None, ge=1, description="optimise images of this side, bilinearly upsampled to "
                                                            "the teacher's (smooth images); none: the teacher's side")
+    standardise: bool = Field(False, description="rescale each finished batch to pixel mean 0 and variance 1 per "
+                                                 "channel (what the input normalisation gives real batches), then "
+                                                 "clamp (needs clamp)")
     flip: bool = Field(True, description="random horizontal flips while inverting (only on mirror-safe data: never digits)")
 
 
@@ -64,7 +67,7 @@ class DeepInversion(PooledMethod):
                               (setup.channels, setup.image_size, setup.image_size), cfg.synthesis_batch,
                               cfg.synthesis_iterations, cfg.lr, cfg.betas, cfg.max_shift,
                               cfg.flip and setup.mirror_safe,
-                              setup.pixel_range() if cfg.clamp else None, cfg.start, cfg.resolution)
+                              setup.pixel_range() if cfg.clamp else None, cfg.start, cfg.resolution, cfg.standardise)
 
     def random_labels(self, n: int, rng: torch.Generator) -> Tensor:
         return torch.randint(0, self.setup.num_classes, (n,), generator=rng, device=rng.device)
