@@ -8,10 +8,12 @@ pool with shifts and flips, relabelled by the teacher. It prints the BatchNorm g
 batch reads ~0.3), the student's test accuracy, its agreement with the teacher on its own pool, and - as a
 diagnosis only, never a result - its accuracy with its BatchNorm statistics re-estimated on 2,000 real
 training images. `--real` trains the same student on real training images instead (the student's ceiling
-at this step count).
+at this step count). `--transforms none standardise` trains `--students` students on the pool as inverted
+and on the same pool with each batch rescaled to pixel mean 0 and variance 1 (DeepInversion's
+`params.standardise`), so the rescaling is compared on identical images.
 
     python benchmarks/inversion_probe.py runs/bench-dfkd-compare-b2-wrn/teacher --student wrn16_1 \\
-        --start dark --resolution 16 --seed 1
+        --start dark --resolution 16 --seed 1 [--transforms none standardise gain]
 """
 
 from __future__ import annotations
@@ -42,8 +44,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=None, help="optimised side (default: the teacher's)")
     parser.add_argument("--input-prior", type=float, default=0.0,
                         help="weight of the input-statistics term: normalised pixels of mean 0 and variance 1")
-    parser.add_argument("--standardise", choices=("none", "end", "step"), default="none",
-                        help="rescale each batch to pixel mean 0, variance 1 (then clamp): after synthesis or every step")
+    parser.add_argument("--standardise-steps", action="store_true",
+                        help="rescale the batch to pixel mean 0, variance 1 (then clamp) after every Adam step")
+    parser.add_argument("--transforms", nargs="+", choices=TRANSFORMS, metavar="T",
+                        help="compare these rescalings of each finished batch on the same pool, --students students "
+                             "each (seeds 100, 101, ...): none, standardise (mean 0, variance 1 per channel, as "
+                             "DeepInversion's params.standardise), gain (stretched about black to std 1)")
+    parser.add_argument("--students", type=int, default=3, help="students per transform (with --transforms)")
     parser.add_argument("--lr", type=float, default=0.1, help="Adam lr on the pixels")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--iters", type=int, default=50)
@@ -51,9 +58,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300, help="student steps")
     parser.add_argument("--student-batch", type=int, default=128)
     parser.add_argument("--real", action="store_true", help="train the student on real images instead")
+    parser.add_argument("--run", type=Path, metavar="DIR",
+                        help="instead: diagnose a finished distill run's student (its accuracy with BatchNorm "
+                             "statistics of real images and of its own pool) and the teacher's classes on its pool")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args()
+
+
+TRANSFORMS = ("none", "standardise", "gain")
 
 
 def input_statistics_gap(images: Tensor) -> Tensor:
@@ -109,12 +122,10 @@ class Probe:
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
-                    if a.standardise == "step":
+                    if a.standardise_steps:
                         latent.copy_(standardise_batch(latent))
                     latent.copy_(torch.maximum(torch.minimum(latent, self.high), self.low))
             images = (F.interpolate(latent, size=self.side, mode="bilinear") if side != self.side else latent).detach()
-            if a.standardise == "end":
-                images = torch.maximum(torch.minimum(standardise_batch(images), self.high), self.low)
             with prior.record():
                 self.logits(self.teacher, images)
             gaps.append(prior.loss().item() / len(prior.layers))
@@ -148,6 +159,18 @@ class Probe:
         return sum((self.logits(model, x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum().item()
                    for i in range(0, len(x), 1000)) / len(x)
 
+    def clamp(self, x: Tensor) -> Tensor:
+        return torch.maximum(torch.minimum(x, self.high), self.low)
+
+    def transformed(self, pool: Tensor, kind: str) -> Tensor:
+        """Each synthesis batch of the pool rescaled (``kind`` in TRANSFORMS) and clamped again."""
+        if kind == "none":
+            return pool
+        batches = pool.split(self.args.batch)
+        if kind == "standardise":
+            return torch.cat([self.clamp(standardise_batch(b)) for b in batches])
+        return torch.cat([self.clamp(self.low + (b - self.low) / b.std()) for b in batches])
+
     def accuracy_with_real_bn_statistics(self, student: nn.Module) -> float:
         """Diagnosis only: how much of the loss is the student's BatchNorm statistics of synthetic images."""
         student = copy.deepcopy(student).train()
@@ -160,11 +183,32 @@ class Probe:
         return self.accuracy(student.eval())
 
 
+def diagnose_run(probe: Probe, run: Path) -> None:
+    student = load_model(run / "student.safetensors")[0].eval()
+    pool = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["state"]["buffers"]["pool.images"]
+    own = copy.deepcopy(student).train()
+    for m in own.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    for i in range(0, 2000, 200):
+        probe.logits(own, pool[i:i + 200])
+    classes = torch.cat([probe.logits(probe.teacher, b).argmax(1) for b in pool.split(1000)])
+    print(json.dumps({"run": str(run), "student_acc": probe.accuracy(student),
+                      "acc_with_bn_statistics_of_its_pool": probe.accuracy(own.eval()),
+                      "diagnosis_acc_with_real_bn_statistics": probe.accuracy_with_real_bn_statistics(student),
+                      "pool_pixel_mean": round(pool.mean().item(), 2), "pool_pixel_std": round(pool.std().item(), 2),
+                      "pool_classes": torch.bincount(classes, minlength=probe.data.num_classes).tolist()}))
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     probe = Probe(args)
     n = args.student_batch
+    if args.run:
+        diagnose_run(probe, args.run)
+        return
     if args.real:
         train = probe.data.train_images
         student = probe.train_student(
@@ -172,6 +216,20 @@ def main() -> None:
         print(json.dumps({"data": "real", "steps": args.steps, "student_acc": probe.accuracy(student)}))
         return
     pool, stats = probe.invert()
+    if args.transforms:
+        print(json.dumps({"seed": args.seed, "images": len(pool), **stats}))
+        for kind in args.transforms:
+            x = probe.transformed(pool, kind)
+            accs, diagnoses = [], []
+            for s in range(args.students):
+                probe.rng = torch.Generator().manual_seed(100 + s)
+                student = probe.train_student(lambda: x[torch.randint(0, len(x), (n,), generator=probe.rng)])
+                accs.append(round(100 * probe.accuracy(student), 1))
+                diagnoses.append(round(100 * probe.accuracy_with_real_bn_statistics(student), 1))
+            print(json.dumps({"transform": kind, "student_acc_mean": round(sum(accs) / len(accs), 1),
+                              "student_acc": accs, "diagnosis_acc_with_real_bn_statistics": diagnoses,
+                              "pixel_mean": round(x.mean().item(), 2), "pixel_std": round(x.std().item(), 2)}))
+        return
     student = probe.train_student(lambda: pool[torch.randint(0, len(pool), (n,), generator=probe.rng)])
     agreement = (probe.logits(student, pool).argmax(1) == probe.logits(probe.teacher, pool).argmax(1)).float().mean()
     print(json.dumps({"start": args.start, "resolution": args.resolution, "seed": args.seed, "images": len(pool),

@@ -34,7 +34,8 @@ def test_ranks_share_weights_and_order_but_not_noise(tmp_path):
                                out=tmp_path / "source")["model_file"]
     worker = Path(__file__).with_name("distributed_worker.py")
     done = subprocess.run([sys.executable, str(worker), str(tmp_path), source], capture_output=True, timeout=300)
-    # A script that never ends the process group itself: left to exit, gloo's threads abort it (5 of 8 runs alone, 1 of 10 under pytest).
+    # The worker never ends the process group itself: the engine must, or gloo's threads abort at exit
+    # (5 of 8 runs alone, 1 of 10 under pytest, before the fix).
     assert done.returncode == 0 and b"terminate called" not in done.stderr, done.stderr
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2

@@ -63,8 +63,8 @@ class PixelInversion:
             raise ConfigError("start=dark needs the teacher's input range (its normalisation mean and std) and "
                               "clamping on; set start=noise")
         if standardise and pixel_range is None:
-            raise ConfigError("standardise=true needs the teacher's input normalisation (mean and std) and "
-                              "clamping on; set standardise=false")
+            raise ConfigError("standardise=true needs the teacher's input normalisation (mean and std) with "
+                              "clamp=true; set clamp=true, or standardise=false")
         if resolution is not None and not 1 <= resolution <= shape[-1]:
             raise ConfigError(f"resolution must be between 1 and the image side {shape[-1]}, got {resolution}")
         self.engine, self.teacher, self.pool = engine, teacher, pool
