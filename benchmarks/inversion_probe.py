@@ -124,7 +124,7 @@ class Probe:
                 with torch.no_grad():
                     if a.standardise_steps:
                         latent.copy_(standardise_batch(latent))
-                    latent.copy_(torch.maximum(torch.minimum(latent, self.high), self.low))
+                    latent.copy_(self.clamp(latent))
             images = (F.interpolate(latent, size=self.side, mode="bilinear") if side != self.side else latent).detach()
             with prior.record():
                 self.logits(self.teacher, images)
