@@ -171,31 +171,28 @@ class Probe:
             return torch.cat([self.clamp(standardise_batch(b)) for b in batches])
         return torch.cat([self.clamp(self.low + (b - self.low) / b.std()) for b in batches])
 
-    def accuracy_with_real_bn_statistics(self, student: nn.Module) -> float:
-        """Diagnosis only: how much of the loss is the student's BatchNorm statistics of synthetic images."""
+    def accuracy_with_bn_statistics_of(self, student: nn.Module, images: Tensor) -> float:
+        """The student's test accuracy with its BatchNorm statistics re-estimated on the first 2,000 ``images``."""
         student = copy.deepcopy(student).train()
         for m in student.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.reset_running_stats()
                 m.momentum = None  # a plain average over the batches below
         for i in range(0, 2000, 200):
-            self.logits(student, self.data.normalize(self.data.train_images[i:i + 200]))
+            self.logits(student, images[i:i + 200])
         return self.accuracy(student.eval())
+
+    def accuracy_with_real_bn_statistics(self, student: nn.Module) -> float:
+        """Diagnosis only: how much of the loss is the student's BatchNorm statistics of synthetic images."""
+        return self.accuracy_with_bn_statistics_of(student, self.data.normalize(self.data.train_images[:2000]))
 
 
 def diagnose_run(probe: Probe, run: Path) -> None:
     student = load_model(run / "student.safetensors")[0].eval()
     pool = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["state"]["buffers"]["pool.images"]
-    own = copy.deepcopy(student).train()
-    for m in own.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    for i in range(0, 2000, 200):
-        probe.logits(own, pool[i:i + 200])
     classes = torch.cat([probe.logits(probe.teacher, b).argmax(1) for b in pool.split(1000)])
     print(json.dumps({"run": str(run), "student_acc": probe.accuracy(student),
-                      "acc_with_bn_statistics_of_its_pool": probe.accuracy(own.eval()),
+                      "acc_with_bn_statistics_of_its_pool": probe.accuracy_with_bn_statistics_of(student, pool),
                       "diagnosis_acc_with_real_bn_statistics": probe.accuracy_with_real_bn_statistics(student),
                       "pool_pixel_mean": round(pool.mean().item(), 2), "pool_pixel_std": round(pool.std().item(), 2),
                       "pool_classes": torch.bincount(classes, minlength=probe.data.num_classes).tolist()}))
