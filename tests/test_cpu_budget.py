@@ -321,3 +321,18 @@ def test_deepinversion_flips_while_inverting_only_mirror_safe_data(digits_teache
     cfg = DeepInversionConfig(synthesis_batch=8, pool_size=32)
     assert DeepInversion(cfg, _setup(digits_teacher, mirror=False)).source.flip is False
     assert DeepInversion(cfg, _setup(digits_teacher, mirror=True)).source.flip is True
+
+
+def test_deepinversion_downscale_optimises_images_a_fraction_of_the_teachers_side(digits_teacher):
+    """``downscale`` is ``resolution`` relative to the teacher (8×8 digits: 4×4 at 2, 1×1 at 16), and the two
+    cannot be set together."""
+    from dfkt.dfkd.deepinversion import DeepInversion, DeepInversionConfig
+
+    def latent_side(**params):
+        cfg = DeepInversionConfig(synthesis_batch=8, pool_size=32, start="dark", **params)
+        return DeepInversion(cfg, _setup(digits_teacher, mirror=False)).source.latent_shape[-1]
+
+    assert (latent_side(), latent_side(downscale=2), latent_side(downscale=16), latent_side(resolution=3)) == \
+        (8, 4, 1, 3)
+    with pytest.raises(ConfigError, match="not both"):
+        latent_side(resolution=4, downscale=2)

@@ -35,6 +35,23 @@ def test_pool_is_a_ring_buffer_and_travels_in_the_state_dict():
     assert again.size == 5 and torch.equal(restored.buffers["pool.images"], state.buffers["pool.images"])
 
 
+def test_balanced_pool_sampling_draws_each_teacher_class_equally_often():
+    """90 images of class 0, 9 of class 1, 1 of class 2: uniform draws follow those shares, balanced ones a third
+    each, and rows stay paired with their logits."""
+    state = TrainState()
+    pool = ImagePool(state, capacity=100)
+    classes = torch.tensor([0] * 90 + [1] * 9 + [2])
+    pool.add(classes.float().view(100, 1, 1, 1), torch.nn.functional.one_hot(classes, 3).float())
+    assert pool.class_counts().tolist() == [90, 9, 1]
+    rng = torch.Generator().manual_seed(0)
+    uniform_images, _ = pool.sample(6000, rng)
+    images, logits = pool.sample(6000, rng, balanced=True)
+    assert torch.equal(logits.argmax(1).float(), images.flatten())
+    share = lambda x: torch.bincount(x.flatten().long(), minlength=3).float() / len(x)  # noqa: E731
+    assert share(uniform_images).tolist() == pytest.approx([0.9, 0.09, 0.01], abs=0.02)
+    assert share(images).tolist() == pytest.approx([1 / 3] * 3, abs=0.03)
+
+
 def test_pool_holds_a_tenth_of_each_batch_out_of_training_until_its_validation_set_is_full():
     state = TrainState()
     pool = ImagePool(state, capacity=100, holdout=3)

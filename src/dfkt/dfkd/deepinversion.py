@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from dfkt import losses
 from dfkt.dfkd.base import BNPriorFields
 from dfkt.dfkd.pooled import PooledConfig, PooledMethod
+from dfkt.errors import ConfigError
 from dfkt.registry import METHODS
 from dfkt.synthesis import PixelInversion, bn_prior_or_none, forward_with_prior
 from dfkt.synthesis.inversion import Start
@@ -37,6 +38,9 @@ class DeepInversionConfig(PooledConfig, BNPriorFields):
                                               "N(0, 0.1²) noise (needs clamp)")
     resolution: int | None = Field(None, ge=1, description="optimise images of this side, bilinearly upsampled to "
                                                            "the teacher's (smooth images); none: the teacher's side")
+    downscale: int | None = Field(None, ge=2, description="optimise images of the teacher's side divided by this "
+                                                          "(rounded down, at least 1 pixel): resolution relative to "
+                                                          "the teacher, so one setting fits any image size")
     standardise: bool = Field(False, description="rescale each finished batch to pixel mean 0 and variance 1 per "
                                                  "channel (what the input normalisation gives real batches), then "
                                                  "clamp (needs clamp)")
@@ -61,13 +65,17 @@ class DeepInversion(PooledMethod):
     }
 
     def make_source(self, cfg: DeepInversionConfig, setup) -> PixelInversion:
+        if cfg.resolution is not None and cfg.downscale is not None:
+            raise ConfigError("set params.resolution (a side in pixels) or params.downscale (a divisor of the "
+                              "teacher's side), not both")
+        resolution = cfg.resolution if cfg.downscale is None else max(1, setup.image_size // cfg.downscale)
         self.prior = bn_prior_or_none(self.teacher, "deepinversion", cfg.w_bn, cfg.first_bn_multiplier,
                                        distance=cfg.bn_distance)
         return PixelInversion(self, self.engine, self.teacher, self.pool, self.objective, self.random_labels,
                               (setup.channels, setup.image_size, setup.image_size), cfg.synthesis_batch,
                               cfg.synthesis_iterations, cfg.lr, cfg.betas, cfg.max_shift,
                               cfg.flip and setup.mirror_safe,
-                              setup.pixel_range() if cfg.clamp else None, cfg.start, cfg.resolution, cfg.standardise)
+                              setup.pixel_range() if cfg.clamp else None, cfg.start, resolution, cfg.standardise)
 
     def random_labels(self, n: int, rng: torch.Generator) -> Tensor:
         return torch.randint(0, self.setup.num_classes, (n,), generator=rng, device=rng.device)
