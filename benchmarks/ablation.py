@@ -30,18 +30,34 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", required=True, choices=BENCHES)
     parser.add_argument("--method", required=True, choices=api.list_names("methods"))
-    parser.add_argument("--variant", dest="variants", action="append", required=True, metavar="NAME:SETTINGS",
-                        help="a variant: its name, a colon, then space-separated KEY=VALUE settings")
-    parser.add_argument("--base", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="settings every variant shares (before its own)")
+    parser.add_argument(
+        "--variant",
+        dest="variants",
+        action="append",
+        required=True,
+        metavar="NAME:SETTINGS",
+        help="a variant: its name, a colon, then space-separated KEY=VALUE settings",
+    )
+    parser.add_argument(
+        "--base", nargs="+", default=[], metavar="KEY=VALUE", help="settings every variant shares (before its own)"
+    )
     add_pool_arguments(parser, seeds_help="seeds per variant (default: 1 2 3)")
-    parser.add_argument("--budget", type=float, metavar="SECONDS", help="training seconds per run (default: the bench's)")
-    parser.add_argument("--work", type=Path, required=True, metavar="DIR",
-                        help="folder for the runs; a teacher is read from DIR/teacher (e.g. a link to the "
-                             "one dfkd_compare.py trained)")
+    parser.add_argument(
+        "--budget", type=float, metavar="SECONDS", help="training seconds per run (default: the bench's)"
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder for the runs; a teacher is read from DIR/teacher (e.g. a link to the one dfkd_compare.py trained)",
+    )
     add_report_arguments(parser, "report name (default: ablation_BENCH_METHOD)", analysis=False)
-    parser.add_argument("--report-only", action="store_true",
-                        help="write the report from the finished runs; runs not finished count as not run")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from the finished runs; runs not finished count as not run",
+    )
     args = parser.parse_args()
     args.budget = args.budget or BENCHES[args.bench].budget
     args.variants = [parse_variant(v) for v in args.variants]
@@ -60,16 +76,32 @@ def main() -> None:
     bench = BENCHES[args.bench]
     METHODS.get(args.method)
     if not (args.work / "teacher" / "model.safetensors").is_file():
-        raise SystemExit(f"no teacher at {args.work / 'teacher'}; train one (dfkt train-teacher --model "
-                         f"{bench.teacher} --data {bench.data} --epochs {bench.teacher_epochs}) or link it there")
+        raise SystemExit(
+            f"no teacher at {args.work / 'teacher'}; train one (dfkt train-teacher --model "
+            f"{bench.teacher} --data {bench.data} --epochs {bench.teacher_epochs}) or link it there"
+        )
     settings = dict(args.variants)
-    planned = {(name, seed): distill_run(args, bench, args.method, seed, [*args.base, *settings[name]],
-                                         args.work / name / f"seed{seed}")
-               for seed in args.seeds for name in settings}
+    planned = {
+        (name, seed): distill_run(
+            args, bench, args.method, seed, [*args.base, *settings[name]], args.work / name / f"seed{seed}"
+        )
+        for seed in args.seeds
+        for name in settings
+    }
     done = run_pool(planned, args.parallel, describe, args.report_only)
     shown = budgets(bench, args.budget)
-    rows, data = [], {"command": command_line(), "machine": machine(), "bench": args.bench, "method": args.method,
-                      "budget": args.budget, "base": args.base, "variants": {}}
+    rows, data = (
+        [],
+        {
+            "command": command_line(),
+            "machine": machine(),
+            "bench": args.bench,
+            "method": args.method,
+            "budget": args.budget,
+            "base": args.base,
+            "variants": {},
+        },
+    )
     data["precision"] = precisions(run.folder for run in planned.values())
     for name, extra in args.variants:
         runs = [done[name, s] for s in args.seeds]
@@ -79,22 +111,33 @@ def main() -> None:
         at = [mean_std([accuracy_at(r["curve"], b) if "failed" not in r else None for r in runs]) for b in shown[:-1]]
         seconds = {k: statistics.mean(r["seconds"][k] for r in ok) if ok else None for k in ("synthesis", "student")}
         data["variants"][name] = {"settings": extra, "runs": runs}
-        rows.append(f"| {name} | {' '.join(extra) or '(preset)'} | " + "".join(f"{a} | " for a in at) +
-                    f"{mean_std(finals)} | {min((f for f in finals if f is not None), default=0) * 100:.1f} | "
-                    f"{mean_std(selected)} | "
-                    + " | ".join("—" if v is None else f"{v:.0f}" for v in seconds.values()) + " |")
+        rows.append(
+            f"| {name} | {' '.join(extra) or '(preset)'} | "
+            + "".join(f"{a} | " for a in at)
+            + f"{mean_std(finals)} | {min((f for f in finals if f is not None), default=0) * 100:.1f} | "
+            f"{mean_std(selected)} | " + " | ".join("—" if v is None else f"{v:.0f}" for v in seconds.values()) + " |"
+        )
     head = " | ".join(f"at {b:g} s" for b in shown[:-1])
-    markdown = "\n".join([
-        f"# Ablation: {args.method} on {bench.title}", "",
-        f"`{data['command']}`", "",
-        f"Machine: {machine_line(data['machine'], data['precision'])}; {args.parallel} run(s) side by side"
-        + (f", {args.threads_per_run} thread(s) each" if args.threads_per_run else "") + ".",
-        f"Every run: `--preset cpu --max-seconds {args.budget:g}`" + (f" and `{' '.join(args.base)}`" if args.base else "")
-        + f"; seeds {', '.join(map(str, args.seeds))}. Accuracy is final test accuracy (mean ± std); *min* is the "
-        "worst seed; *selected* is the label-free choice (student_selected).", "",
-        f"| variant | settings | {head + ' | ' if head else ''}final | min | selected | synthesis s | student s |",
-        "|---|---|" + "---|" * (len(shown) - 1) + "---|---|---|---|---|",
-        *rows, ""])
+    markdown = "\n".join(
+        [
+            f"# Ablation: {args.method} on {bench.title}",
+            "",
+            f"`{data['command']}`",
+            "",
+            f"Machine: {machine_line(data['machine'], data['precision'])}; {args.parallel} run(s) side by side"
+            + (f", {args.threads_per_run} thread(s) each" if args.threads_per_run else "")
+            + ".",
+            f"Every run: `--preset cpu --max-seconds {args.budget:g}`"
+            + (f" and `{' '.join(args.base)}`" if args.base else "")
+            + f"; seeds {', '.join(map(str, args.seeds))}. Accuracy is final test accuracy (mean ± std); *min* is the "
+            "worst seed; *selected* is the label-free choice (student_selected).",
+            "",
+            f"| variant | settings | {head + ' | ' if head else ''}final | min | selected | synthesis s | student s |",
+            "|---|---|" + "---|" * (len(shown) - 1) + "---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
     name = args.name or f"ablation_{args.bench}_{args.method}"
     write(args.out, name, data, markdown)
     print(markdown)

@@ -42,14 +42,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--student", default="wrn16_1")
     parser.add_argument("--start", choices=("noise", "dark"), default="noise")
     parser.add_argument("--resolution", type=int, default=None, help="optimised side (default: the teacher's)")
-    parser.add_argument("--input-prior", type=float, default=0.0,
-                        help="weight of the input-statistics term: normalised pixels of mean 0 and variance 1")
-    parser.add_argument("--standardise-steps", action="store_true",
-                        help="rescale the batch to pixel mean 0, variance 1 (then clamp) after every Adam step")
-    parser.add_argument("--transforms", nargs="+", choices=TRANSFORMS, metavar="T",
-                        help="compare these rescalings of each finished batch on the same pool, --students students "
-                             "each (seeds 100, 101, ...): none, standardise (mean 0, variance 1 per channel, as "
-                             "DeepInversion's params.standardise), gain (stretched about black to std 1)")
+    parser.add_argument(
+        "--input-prior",
+        type=float,
+        default=0.0,
+        help="weight of the input-statistics term: normalised pixels of mean 0 and variance 1",
+    )
+    parser.add_argument(
+        "--standardise-steps",
+        action="store_true",
+        help="rescale the batch to pixel mean 0, variance 1 (then clamp) after every Adam step",
+    )
+    parser.add_argument(
+        "--transforms",
+        nargs="+",
+        choices=TRANSFORMS,
+        metavar="T",
+        help="compare these rescalings of each finished batch on the same pool, --students students "
+        "each (seeds 100, 101, ...): none, standardise (mean 0, variance 1 per channel, as "
+        "DeepInversion's params.standardise), gain (stretched about black to std 1)",
+    )
     parser.add_argument("--students", type=int, default=3, help="students per transform (with --transforms)")
     parser.add_argument("--lr", type=float, default=0.1, help="Adam lr on the pixels")
     parser.add_argument("--batch", type=int, default=64)
@@ -58,9 +70,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300, help="student steps")
     parser.add_argument("--student-batch", type=int, default=128)
     parser.add_argument("--real", action="store_true", help="train the student on real images instead")
-    parser.add_argument("--run", type=Path, metavar="DIR",
-                        help="instead: diagnose a finished distill run's student (its accuracy with BatchNorm "
-                             "statistics of real images and of its own pool) and the teacher's classes on its pool")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        metavar="DIR",
+        help="instead: diagnose a finished distill run's student (its accuracy with BatchNorm "
+        "statistics of real images and of its own pool) and the teacher's classes on its pool",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args()
@@ -72,8 +88,9 @@ TRANSFORMS = ("none", "standardise", "gain")
 def input_statistics_gap(images: Tensor) -> Tensor:
     """‖μ_c‖₂ + ‖σ²_c − 1‖₂ over channels: the normalisation makes real pixels mean 0, variance 1."""
     dims = [0, 2, 3]
-    return (torch.linalg.vector_norm(images.mean(dim=dims))
-            + torch.linalg.vector_norm(images.var(dim=dims, unbiased=False) - 1))
+    return torch.linalg.vector_norm(images.mean(dim=dims)) + torch.linalg.vector_norm(
+        images.var(dim=dims, unbiased=False) - 1
+    )
 
 
 class Probe:
@@ -97,7 +114,7 @@ class Probe:
 
     def shift_and_flip(self, x: Tensor) -> Tensor:
         dx, dy = torch.randint(0, 5, (2,), generator=self.rng).tolist()
-        x = F.pad(x, (2, 2, 2, 2), mode="replicate")[:, :, dy:dy + self.side, dx:dx + self.side]
+        x = F.pad(x, (2, 2, 2, 2), mode="replicate")[:, :, dy : dy + self.side, dx : dx + self.side]
         flip = torch.rand(x.shape[0], generator=self.rng) < 0.5
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
@@ -133,9 +150,13 @@ class Probe:
         prior.remove()
         pool = torch.cat(batches)
         classes = torch.bincount(self.logits(self.teacher, pool).argmax(1), minlength=self.data.num_classes)
-        return pool, {"synthesis_s": round(time.time() - start), "bn_gap": round(sum(gaps) / len(gaps), 2),
-                      "pixel_mean": round(pool.mean().item(), 2), "pixel_std": round(pool.std().item(), 2),
-                      "classes": classes.tolist()}
+        return pool, {
+            "synthesis_s": round(time.time() - start),
+            "bn_gap": round(sum(gaps) / len(gaps), 2),
+            "pixel_mean": round(pool.mean().item(), 2),
+            "pixel_std": round(pool.std().item(), 2),
+            "classes": classes.tolist(),
+        }
 
     def train_student(self, draw) -> nn.Module:
         a = self.args
@@ -146,8 +167,9 @@ class Probe:
         for _ in range(a.steps):
             x = self.shift_and_flip(draw())
             with self.autocast():
-                loss = losses.kd_loss(student(x.contiguous(memory_format=torch.channels_last)).float(),
-                                      self.logits(self.teacher, x), 4.0)
+                loss = losses.kd_loss(
+                    student(x.contiguous(memory_format=torch.channels_last)).float(), self.logits(self.teacher, x), 4.0
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -156,8 +178,10 @@ class Probe:
 
     def accuracy(self, model: nn.Module) -> float:
         x, y = self.data.normalize(self.data.test_images), self.data.test_labels
-        return sum((self.logits(model, x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum().item()
-                   for i in range(0, len(x), 1000)) / len(x)
+        return sum(
+            (self.logits(model, x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum().item()
+            for i in range(0, len(x), 1000)
+        ) / len(x)
 
     def clamp(self, x: Tensor) -> Tensor:
         return torch.maximum(torch.minimum(x, self.high), self.low)
@@ -179,7 +203,7 @@ class Probe:
                 m.reset_running_stats()
                 m.momentum = None  # a plain average over the batches below
         for i in range(0, 2000, 200):
-            self.logits(student, images[i:i + 200])
+            self.logits(student, images[i : i + 200])
         return self.accuracy(student.eval())
 
     def accuracy_with_real_bn_statistics(self, student: nn.Module) -> float:
@@ -191,11 +215,19 @@ def diagnose_run(probe: Probe, run: Path) -> None:
     student = load_model(run / "student.safetensors")[0].eval()
     pool = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["state"]["buffers"]["pool.images"]
     classes = torch.cat([probe.logits(probe.teacher, b).argmax(1) for b in pool.split(1000)])
-    print(json.dumps({"run": str(run), "student_acc": probe.accuracy(student),
-                      "acc_with_bn_statistics_of_its_pool": probe.accuracy_with_bn_statistics_of(student, pool),
-                      "diagnosis_acc_with_real_bn_statistics": probe.accuracy_with_real_bn_statistics(student),
-                      "pool_pixel_mean": round(pool.mean().item(), 2), "pool_pixel_std": round(pool.std().item(), 2),
-                      "pool_classes": torch.bincount(classes, minlength=probe.data.num_classes).tolist()}))
+    print(
+        json.dumps(
+            {
+                "run": str(run),
+                "student_acc": probe.accuracy(student),
+                "acc_with_bn_statistics_of_its_pool": probe.accuracy_with_bn_statistics_of(student, pool),
+                "diagnosis_acc_with_real_bn_statistics": probe.accuracy_with_real_bn_statistics(student),
+                "pool_pixel_mean": round(pool.mean().item(), 2),
+                "pool_pixel_std": round(pool.std().item(), 2),
+                "pool_classes": torch.bincount(classes, minlength=probe.data.num_classes).tolist(),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -209,7 +241,8 @@ def main() -> None:
     if args.real:
         train = probe.data.train_images
         student = probe.train_student(
-            lambda: probe.data.normalize(train[torch.randint(0, len(train), (n,), generator=probe.rng)]))
+            lambda: probe.data.normalize(train[torch.randint(0, len(train), (n,), generator=probe.rng)])
+        )
         print(json.dumps({"data": "real", "steps": args.steps, "student_acc": probe.accuracy(student)}))
         return
     pool, stats = probe.invert()
@@ -223,16 +256,36 @@ def main() -> None:
                 student = probe.train_student(lambda: x[torch.randint(0, len(x), (n,), generator=probe.rng)])
                 accs.append(round(100 * probe.accuracy(student), 1))
                 diagnoses.append(round(100 * probe.accuracy_with_real_bn_statistics(student), 1))
-            print(json.dumps({"transform": kind, "student_acc_mean": round(sum(accs) / len(accs), 1),
-                              "student_acc": accs, "diagnosis_acc_with_real_bn_statistics": diagnoses,
-                              "pixel_mean": round(x.mean().item(), 2), "pixel_std": round(x.std().item(), 2)}))
+            print(
+                json.dumps(
+                    {
+                        "transform": kind,
+                        "student_acc_mean": round(sum(accs) / len(accs), 1),
+                        "student_acc": accs,
+                        "diagnosis_acc_with_real_bn_statistics": diagnoses,
+                        "pixel_mean": round(x.mean().item(), 2),
+                        "pixel_std": round(x.std().item(), 2),
+                    }
+                )
+            )
         return
     student = probe.train_student(lambda: pool[torch.randint(0, len(pool), (n,), generator=probe.rng)])
     agreement = (probe.logits(student, pool).argmax(1) == probe.logits(probe.teacher, pool).argmax(1)).float().mean()
-    print(json.dumps({"start": args.start, "resolution": args.resolution, "seed": args.seed, "images": len(pool),
-                      **stats, "steps": args.steps, "student_acc": probe.accuracy(student),
-                      "pool_agreement": round(agreement.item(), 3),
-                      "diagnosis_acc_with_real_bn_statistics": probe.accuracy_with_real_bn_statistics(student)}))
+    print(
+        json.dumps(
+            {
+                "start": args.start,
+                "resolution": args.resolution,
+                "seed": args.seed,
+                "images": len(pool),
+                **stats,
+                "steps": args.steps,
+                "student_acc": probe.accuracy(student),
+                "pool_agreement": round(agreement.item(), 3),
+                "diagnosis_acc_with_real_bn_statistics": probe.accuracy_with_real_bn_statistics(student),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

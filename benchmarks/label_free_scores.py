@@ -37,8 +37,7 @@ def snd(probs: torch.Tensor, temperature: float = 0.05) -> float:
 
 def scores(probs: torch.Tensor) -> dict[str, float]:
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1).mean() / math.log(probs.shape[1])
-    return {"im": selection.information_maximization_score(probs), "snd": snd(probs),
-            "neg_entropy": -float(entropy)}
+    return {"im": selection.information_maximization_score(probs), "snd": snd(probs), "neg_entropy": -float(entropy)}
 
 
 def main() -> None:
@@ -57,28 +56,42 @@ def main() -> None:
         probs = []
         with self.engine.eval_mode(net), torch.autocast(self.engine.device.type, enabled=False):
             for start in range(0, len(self.images), 1000):
-                probs.append(F.softmax(net(self.images[start:start + 1000].float()).float(), dim=1))
+                probs.append(F.softmax(net(self.images[start : start + 1000].float()).float(), dim=1))
         seen.append(scores(torch.cat(probs)))
         return original(self, net)
 
     selection.TargetScoreSelection.score = score
     summary = dfkt.adapt(args.method, args.source, args.target, overrides=args.overrides, out=args.out)
-    source, epochs = seen[0], seen[1:1 + len(summary["curve"])]
+    source, epochs = seen[0], seen[1 : 1 + len(summary["curve"])]
     accuracy = [e["adapted_acc"] for e in summary["curve"]]
-    print(f"source: transductive {summary['source_only']['transductive']:.3f}, "
-          + ", ".join(f"{k} {v:.3f}" for k, v in source.items()))
+    print(
+        f"source: transductive {summary['source_only']['transductive']:.3f}, "
+        + ", ".join(f"{k} {v:.3f}" for k, v in source.items())
+    )
     for e, s in zip(summary["curve"], epochs):
-        print(f"epoch {e['epoch']:g}: transductive {e['adapted_acc']:.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in s.items()))
+        print(
+            f"epoch {e['epoch']:g}: transductive {e['adapted_acc']:.3f}, "
+            + ", ".join(f"{k} {v:.3f}" for k, v in s.items())
+        )
     best = max(accuracy)
     for name in source:
         pick = max(range(len(epochs)), key=lambda i: epochs[i][name])  # ties: the first, as dfkt adapt
-        print(f"{name}: keeps epoch {summary['curve'][pick]['epoch']:g} ({accuracy[pick]:.3f}; best {best:.3f}, "
-              f"within 1 point: {accuracy[pick] >= best - 0.01}); calls the final model "
-              f"{'worse' if epochs[-1][name] < source[name] else 'not worse'} than the source "
-              f"(truth: {'worse' if accuracy[-1] < summary['source_only']['transductive'] else 'not worse'})")
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"source": source, "source_acc": summary["source_only"]["transductive"],
-         "curve": [{**e, **s} for e, s in zip(summary["curve"], epochs)]}, indent=2))
+        print(
+            f"{name}: keeps epoch {summary['curve'][pick]['epoch']:g} ({accuracy[pick]:.3f}; best {best:.3f}, "
+            f"within 1 point: {accuracy[pick] >= best - 0.01}); calls the final model "
+            f"{'worse' if epochs[-1][name] < source[name] else 'not worse'} than the source "
+            f"(truth: {'worse' if accuracy[-1] < summary['source_only']['transductive'] else 'not worse'})"
+        )
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "source": source,
+                "source_acc": summary["source_only"]["transductive"],
+                "curve": [{**e, **s} for e, s in zip(summary["curve"], epochs)],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,13 @@ def pool_fit(run: Path, images: int) -> dict:
     pool, logits = state["buffers"]["pool.images"][:images], state["buffers"]["pool.logits"][:images]
     with torch.no_grad():
         agreement = (student.eval()(pool).argmax(1) == logits.argmax(1)).float().mean().item()
-    return {"run": str(run), "student_acc": summary["student_acc"], "pool_agreement": agreement,
-            "teacher_confidence": torch.softmax(logits, 1).max(1).values.mean().item(), "images": len(pool)}
+    return {
+        "run": str(run),
+        "student_acc": summary["student_acc"],
+        "pool_agreement": agreement,
+        "teacher_confidence": torch.softmax(logits, 1).max(1).values.mean().item(),
+        "images": len(pool),
+    }
 
 
 def main() -> None:
@@ -42,8 +47,10 @@ def main() -> None:
     rows = [pool_fit(run, args.images) for run in args.runs]
     print("| run | test accuracy | agreement on its pool | teacher confidence |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {100 * r['student_acc']:.1f} | {100 * r['pool_agreement']:.1f} | "
-              f"{r['teacher_confidence']:.2f} |")
+        print(
+            f"| {r['run']} | {100 * r['student_acc']:.1f} | {100 * r['pool_agreement']:.1f} | "
+            f"{r['teacher_confidence']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -59,14 +59,23 @@ def main() -> None:
             print(f"{name}: {rows[name]:.3f} s/step", flush=True)
     base = rows["fp32"]
     info = machine()
-    lines = [f"# Generator step time by precision ({teacher}, {args.size}px, batch {args.batch})", "",
-             f"`python benchmarks/precision.py --size {args.size} --batch {args.batch}` on {info['cpu']}, "
-             f"{info['threads']} threads, torch {info['torch']}, {time.strftime('%Y-%m-%d')}; "
-             f"native bf16 (AMX/AVX512-BF16): {cpu_has_native_bf16()}.", "",
-             "| precision | s/step | speed vs fp32 |", "|---|---|---|"]
+    lines = [
+        f"# Generator step time by precision ({teacher}, {args.size}px, batch {args.batch})",
+        "",
+        f"`python benchmarks/precision.py --size {args.size} --batch {args.batch}` on {info['cpu']}, "
+        f"{info['threads']} threads, torch {info['torch']}, {time.strftime('%Y-%m-%d')}; "
+        f"native bf16 (AMX/AVX512-BF16): {cpu_has_native_bf16()}.",
+        "",
+        "| precision | s/step | speed vs fp32 |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {v:.3f} | {base / v:.2f}x |" for k, v in rows.items()]
-    write(Path(args.out), f"precision_{args.size}px", {"machine": info, "args": vars(args), "seconds": rows},
-          "\n".join(lines) + "\n")
+    write(
+        Path(args.out),
+        f"precision_{args.size}px",
+        {"machine": info, "args": vars(args), "seconds": rows},
+        "\n".join(lines) + "\n",
+    )
     print("\n".join(lines))
 
 

@@ -18,8 +18,7 @@ from dfkt.engine.metrics import cpu_model
 
 
 def machine() -> dict:
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def command_line() -> str:
@@ -44,8 +43,10 @@ def pool_machine(parallel: int, threads_per_run: int | None, run_dirs: Iterable[
 
 def machine_line(machine: dict, precision: list[str]) -> str:
     """The machine as a report states it: "CPU, N cores, torch V, precision P"."""
-    return (f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-            f"precision {', '.join(precision) or 'n/a'}")
+    return (
+        f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
+        f"precision {', '.join(precision) or 'n/a'}"
+    )
 
 
 def threads_per_run(pool_machine: dict) -> str:
@@ -75,7 +76,7 @@ def time_to_reach(curve: list[dict], accuracy: float) -> float | None:
 
 
 def mean_std(values: list[float | None]) -> str:
-    """"mean ± std" in percent, saying how many runs had a value when some had none; a single
+    """ "mean ± std" in percent, saying how many runs had a value when some had none; a single
     value is shown alone (one run has no spread to report)."""
     present = [v for v in values if v is not None]
     if not present:

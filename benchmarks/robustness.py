@@ -56,9 +56,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--budget", type=float, default=20, help="training seconds of each trial (default 20)")
-    parser.add_argument("--small-grid", action="store_true",
-                        help="shared grid of the generator learning rate only (3 points, not 12) and two own-weight "
-                             "settings per baseline (not four)")
+    parser.add_argument(
+        "--small-grid",
+        action="store_true",
+        help="shared grid of the generator learning rate only (3 points, not 12) and two own-weight "
+        "settings per baseline (not four)",
+    )
     parser.add_argument("--workers", type=positive_int, default=2, help="sweep workers, one core each (default 2)")
     parser.add_argument("--work", type=Path, help="folder of the teacher and the sweeps (default runs/bench-b3-BENCH)")
     add_report_arguments(parser)
@@ -80,12 +83,20 @@ def shared_grid(method: str, small: bool, teacher_has_bn: bool) -> dict[str, lis
 
 def sweep_spec(args: argparse.Namespace, method: str, teacher: str) -> dict:
     _, _, _, student, has_bn = BENCHES[args.bench]
-    own = [p for p in OWN_WEIGHTS[method] if has_bn or "params.w_bn" not in p][:2 if args.small_grid else None]
+    own = [p for p in OWN_WEIGHTS[method] if has_bn or "params.w_bn" not in p][: 2 if args.small_grid else None]
     overrides = ["engine.threads=1", "eval_seconds=5", f"student={student}"]
     if not has_bn and method == "deepinversion":
         overrides.append("params.w_bn=0")  # LeNet-5 has no BatchNorm statistics to match
-    return {"method": method, "teacher": teacher, "preset": "cpu", "seeds": args.seeds, "max_seconds": args.budget,
-            "grid": shared_grid(method, args.small_grid, has_bn), "points": own, "overrides": overrides}
+    return {
+        "method": method,
+        "teacher": teacher,
+        "preset": "cpu",
+        "seeds": args.seeds,
+        "max_seconds": args.budget,
+        "grid": shared_grid(method, args.small_grid, has_bn),
+        "points": own,
+        "overrides": overrides,
+    }
 
 
 def run_sweep(args: argparse.Namespace, method: str, teacher: str) -> dict:
@@ -105,15 +116,20 @@ def summarise(result: dict, shared_points: int) -> dict:
     trials = result["trials"]
     shared = [t for t in trials if t["setting"] < shared_points]
     selected = [t["student_selected_acc"] for t in trials if t.get("student_selected_acc") is not None]
-    return {"all": describe([t["student_acc"] for t in trials]), "shared": describe([t["student_acc"] for t in shared]),
-            "selected": describe(selected),
-            "oracle": describe([t["student_best_on_test_acc"] for t in trials]),
-            # Per-setting means (seeds averaged) separate sensitivity to the setting from seed noise.
-            "setting_means": {"shared": describe([st["mean"] for st in result["settings"][:shared_points]
-                                                  if st["mean"] is not None]),
-                              "all": describe([st["mean"] for st in result["settings"] if st["mean"] is not None])},
-            "worst_setting": min(result["settings"], key=lambda s: s["mean"] if s["mean"] is not None else 2.0),
-            "values": [t["student_acc"] for t in trials], "failed": result["failed"]}
+    return {
+        "all": describe([t["student_acc"] for t in trials]),
+        "shared": describe([t["student_acc"] for t in shared]),
+        "selected": describe(selected),
+        "oracle": describe([t["student_best_on_test_acc"] for t in trials]),
+        # Per-setting means (seeds averaged) separate sensitivity to the setting from seed noise.
+        "setting_means": {
+            "shared": describe([st["mean"] for st in result["settings"][:shared_points] if st["mean"] is not None]),
+            "all": describe([st["mean"] for st in result["settings"] if st["mean"] is not None]),
+        },
+        "worst_setting": min(result["settings"], key=lambda s: s["mean"] if s["mean"] is not None else 2.0),
+        "values": [t["student_acc"] for t in trials],
+        "failed": result["failed"],
+    }
 
 
 def verdict(table: dict) -> str:
@@ -124,8 +140,10 @@ def verdict(table: dict) -> str:
     if r["n"] < 2 or d["n"] < 2:
         return "Too few finished trials to compare spreads."
     steadier = r["std"] < d["std"] and r["min"] > d["min"]
-    how = (f"RDSKD std {100 * r['std']:.1f} vs DAFL {100 * d['std']:.1f} points, minimum {100 * r['min']:.1f}% vs "
-           f"{100 * d['min']:.1f}%, mean {100 * r['mean']:.1f}% vs {100 * d['mean']:.1f}%")
+    how = (
+        f"RDSKD std {100 * r['std']:.1f} vs DAFL {100 * d['std']:.1f} points, minimum {100 * r['min']:.1f}% vs "
+        f"{100 * d['min']:.1f}%, mean {100 * r['mean']:.1f}% vs {100 * d['mean']:.1f}%"
+    )
     if steadier:
         return f"Yes: on the shared grid RDSKD is more robust than DAFL here ({how})."
     return f"No: on the shared grid RDSKD is not more robust than DAFL here on both counts ({how})."
@@ -137,30 +155,45 @@ def pct(v: float | None) -> str:
 
 def markdown(data: dict, analysis: str | None) -> str:
     b = data["bench"]
-    lines = [f"# B3: robustness over hyperparameters, {b['name']}", "",
-             f"`{data['command']}`, {data['date']}, {machine_line(data['machine'], data['machine']['precision'])}; "
-             f"{b['workers']} trials side by side, one core each; each trial {b['budget']:g} s of training with "
-             f"the method's cpu preset; seeds {b['seeds']}.", "",
-             "Final student test accuracy (%). *Shared grid*: the settings every method has (like for like); "
-             "*all*: plus the method's own loss weights, one at a time. Label-free selected: the student "
-             "chosen by agreement with the teacher on held-out synthetic images; best on test is an oracle.", "",
-             "| method | trials | shared: mean | std | min | max | all: mean | std | min | max | label-free "
-             "selected: mean | best on test (oracle): mean |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# B3: robustness over hyperparameters, {b['name']}",
+        "",
+        f"`{data['command']}`, {data['date']}, {machine_line(data['machine'], data['machine']['precision'])}; "
+        f"{b['workers']} trials side by side, one core each; each trial {b['budget']:g} s of training with "
+        f"the method's cpu preset; seeds {b['seeds']}.",
+        "",
+        "Final student test accuracy (%). *Shared grid*: the settings every method has (like for like); "
+        "*all*: plus the method's own loss weights, one at a time. Label-free selected: the student "
+        "chosen by agreement with the teacher on held-out synthetic images; best on test is an oracle.",
+        "",
+        "| method | trials | shared: mean | std | min | max | all: mean | std | min | max | label-free "
+        "selected: mean | best on test (oracle): mean |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for method, t in data["table"].items():
         s, a = t["shared"], t["all"]
-        lines.append(f"| {method} | {a['n']} | {pct(s['mean'])} | {pct(s['std'])} | {pct(s['min'])} | "
-                     f"{pct(s['max'])} | {pct(a['mean'])} | {pct(a['std'])} | {pct(a['min'])} | {pct(a['max'])} | "
-                     f"{pct(t['selected']['mean'])} | {pct(t['oracle']['mean'])} |")
-    lines += ["", f"**Is RDSKD more robust than DAFL?** {data['verdict']}", "",
-              "The std above mixes two things: how much a method depends on its setting, and seed noise. "
-              "Averaging the seeds of each setting first leaves the first (range = max - min of the "
-              "per-setting means):", "",
-              "| method | settings (shared) | shared: lowest | highest | range | settings (all) | all: lowest | "
-              "highest | range |", "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {method} | {a['n']} | {pct(s['mean'])} | {pct(s['std'])} | {pct(s['min'])} | "
+            f"{pct(s['max'])} | {pct(a['mean'])} | {pct(a['std'])} | {pct(a['min'])} | {pct(a['max'])} | "
+            f"{pct(t['selected']['mean'])} | {pct(t['oracle']['mean'])} |"
+        )
+    lines += [
+        "",
+        f"**Is RDSKD more robust than DAFL?** {data['verdict']}",
+        "",
+        "The std above mixes two things: how much a method depends on its setting, and seed noise. "
+        "Averaging the seeds of each setting first leaves the first (range = max - min of the "
+        "per-setting means):",
+        "",
+        "| method | settings (shared) | shared: lowest | highest | range | settings (all) | all: lowest | "
+        "highest | range |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for method, t in data["table"].items():
         sm, am = t["setting_means"]["shared"], t["setting_means"]["all"]
-        spread = [(d["n"], pct(d["min"]), pct(d["max"]), pct(d["max"] - d["min"] if d["n"] else None))
-                  for d in (sm, am)]
+        spread = [
+            (d["n"], pct(d["min"]), pct(d["max"]), pct(d["max"] - d["min"] if d["n"] else None)) for d in (sm, am)
+        ]
         lines.append(f"| {method} | " + " | ".join(str(v) for part in spread for v in part) + " |")
     lines += ["", "Worst setting of each method (mean over seeds):", ""]
     for method, t in data["table"].items():
@@ -169,8 +202,14 @@ def markdown(data: dict, analysis: str | None) -> str:
     for method, t in data["table"].items():
         for key, error in t["failed"].items():
             lines.append(f"- failed: {method} {key}: {error}")
-    lines += ["", f"![box plot]({data['plot']})", "", "The sweeps' own tables (per setting) are in "
-              f"`{b['work']}/METHOD/sweep.md`.", "", *analysis_section(analysis)]
+    lines += [
+        "",
+        f"![box plot]({data['plot']})",
+        "",
+        f"The sweeps' own tables (per setting) are in `{b['work']}/METHOD/sweep.md`.",
+        "",
+        *analysis_section(analysis),
+    ]
     return "\n".join(lines)
 
 
@@ -188,8 +227,9 @@ def plot(data: dict, path: Path) -> None:
 def main() -> None:
     args = parse_args()
     data_name, arch, epochs, _, has_bn = BENCHES[args.bench]
-    teacher = finished(args.work / "teacher") or api.train_teacher(arch, data_name, epochs, out=args.work / "teacher",
-                                                                   resume=True)
+    teacher = finished(args.work / "teacher") or api.train_teacher(
+        arch, data_name, epochs, out=args.work / "teacher", resume=True
+    )
     teacher_file = str(args.work / "teacher" / "model.safetensors")
     table, sweeps = {}, {}
     for method in args.methods:
@@ -199,14 +239,29 @@ def main() -> None:
             shared *= len(values)
         table[method] = summarise(sweeps[method], shared)
     name = f"robustness_{args.bench}"
-    data = {"command": command_line(), "date": today(),
-            "machine": {**machine(), "precision": precisions(t_dir for m in args.methods
-                                                             for t_dir in (args.work / m / "trials").glob("s*-seed*")
-                                                             if t_dir.is_dir())},
-            "bench": {"name": args.bench, "budget": args.budget, "seeds": args.seeds, "workers": args.workers,
-                      "small_grid": args.small_grid, "work": str(args.work)},
-            "teacher_acc": teacher["teacher_acc"], "table": table, "verdict": verdict(table), "plot": f"{name}.png",
-            "sweeps": sweeps}
+    data = {
+        "command": command_line(),
+        "date": today(),
+        "machine": {
+            **machine(),
+            "precision": precisions(
+                t_dir for m in args.methods for t_dir in (args.work / m / "trials").glob("s*-seed*") if t_dir.is_dir()
+            ),
+        },
+        "bench": {
+            "name": args.bench,
+            "budget": args.budget,
+            "seeds": args.seeds,
+            "workers": args.workers,
+            "small_grid": args.small_grid,
+            "work": str(args.work),
+        },
+        "teacher_acc": teacher["teacher_acc"],
+        "table": table,
+        "verdict": verdict(table),
+        "plot": f"{name}.png",
+        "sweeps": sweeps,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     plot(data, args.out / f"{name}.png")
     report = markdown(data, args.analysis)

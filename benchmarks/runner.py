@@ -78,16 +78,19 @@ def run_logged(run: Run, describe: Callable[[dict], str]) -> dict:
 Job = TypeVar("Job", bound=Hashable)
 
 
-def run_pool(runs: dict[Job, Run], parallel: int, describe: Callable[[dict], str],
-             report_only: bool = False) -> dict[Job, dict]:
+def run_pool(
+    runs: dict[Job, Run], parallel: int, describe: Callable[[dict], str], report_only: bool = False
+) -> dict[Job, dict]:
     """Each run's summary (or {"failed": ...}) by its job, ``parallel`` runs at a time, started in the
     order of ``runs`` (put the runs an interrupted benchmark should have first, first). With
     ``report_only``, nothing is started: a run not finished counts as failed with NOT_RUN, and a pool
     none of whose runs has finished is an error (its report would only overwrite an earlier one)."""
     if report_only and runs and all(finished(r.folder) is None for r in runs.values()):
         folder = next(iter(runs.values())).folder
-        raise SystemExit(f"--report-only: none of the {len(runs)} runs has finished (the first would be "
-                         f"{folder}): nothing to report; check --work, or run without --report-only")
+        raise SystemExit(
+            f"--report-only: none of the {len(runs)} runs has finished (the first would be "
+            f"{folder}): nothing to report; check --work, or run without --report-only"
+        )
 
     def one(run: Run) -> dict:
         if report_only and finished(run.folder) is None:

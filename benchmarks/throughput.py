@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from flags import add_report_arguments, positive_int
@@ -45,8 +45,9 @@ def timed(step: Callable[[], None], repeats: int, device: torch.device) -> float
     return (time.perf_counter() - started) / repeats
 
 
-def loops(args: argparse.Namespace, device: torch.device, bf16: bool, channels_last: bool, compiled: bool
-          ) -> tuple[Callable[[], None], Callable[[], None]]:
+def loops(
+    args: argparse.Namespace, device: torch.device, bf16: bool, channels_last: bool, compiled: bool
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """The generator step and the student step of one configuration."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -99,16 +100,22 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 def markdown(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> str:
     info = machine()
+    where = info["cpu"] if device.type == "cpu" else torch.cuda.get_device_name(device)
     base = rows[0]  # fp32, contiguous, eager
-    lines = [f"# Throughput: {args.teacher} teacher, {args.student} student, {args.size}px, batch {args.batch}, "
-             f"{device.type}", "",
-             f"`python benchmarks/throughput.py --teacher {args.teacher} --student {args.student} --size {args.size} "
-             f"--batch {args.batch} --repeats {args.repeats}` on {info['cpu'] if device.type == 'cpu' else torch.cuda.get_device_name(device)}, "
-             f"{info['threads']} threads, torch {info['torch']}, {time.strftime('%Y-%m-%d')}; native CPU bf16 "
-             f"(AMX/AVX512-BF16): {cpu_has_native_bf16()}. Mean of {args.repeats} calls after 2 warm-up calls "
-             "(compilation excluded).", "",
-             "| precision | channels_last | torch.compile | synthetic images/s | vs fp32 eager | student steps/s | "
-             "vs fp32 eager |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Throughput: {args.teacher} teacher, {args.student} student, {args.size}px, batch {args.batch}, "
+        f"{device.type}",
+        "",
+        f"`python benchmarks/throughput.py --teacher {args.teacher} --student {args.student} --size {args.size} "
+        f"--batch {args.batch} --repeats {args.repeats}` on {where}, "
+        f"{info['threads']} threads, torch {info['torch']}, {time.strftime('%Y-%m-%d')}; native CPU bf16 "
+        f"(AMX/AVX512-BF16): {cpu_has_native_bf16()}. Mean of {args.repeats} calls after 2 warm-up calls "
+        "(compilation excluded).",
+        "",
+        "| precision | channels_last | torch.compile | synthetic images/s | vs fp32 eager | student steps/s | "
+        "vs fp32 eager |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         flags = f"| {r['precision']} | {'yes' if r['channels_last'] else 'no'} | {'yes' if r['compile'] else 'no'} |"
         if "failed" in r:
@@ -116,9 +123,11 @@ def markdown(args: argparse.Namespace, device: torch.device, rows: list[dict]) -
         elif "failed" in base:
             lines.append(f"{flags} {r['images_per_s']:.1f} | | {r['student_steps_per_s']:.2f} | |")
         else:
-            lines.append(f"{flags} {r['images_per_s']:.1f} | {r['images_per_s'] / base['images_per_s']:.2f}x | "
-                         f"{r['student_steps_per_s']:.2f} | "
-                         f"{r['student_steps_per_s'] / base['student_steps_per_s']:.2f}x |")
+            lines.append(
+                f"{flags} {r['images_per_s']:.1f} | {r['images_per_s'] / base['images_per_s']:.2f}x | "
+                f"{r['student_steps_per_s']:.2f} | "
+                f"{r['student_steps_per_s'] / base['student_steps_per_s']:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -135,8 +144,12 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = measure(args, device)
     text = markdown(args, device, rows)
-    write(args.out, f"throughput_{device.type}", {"machine": machine(), "device": device.type, "args":
-                                                  {k: str(v) for k, v in vars(args).items()}, "rows": rows}, text)
+    write(
+        args.out,
+        f"throughput_{device.type}",
+        {"machine": machine(), "device": device.type, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
+        text,
+    )
     print(text)
 
 

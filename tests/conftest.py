@@ -24,8 +24,16 @@ def digits_teacher(tmp_path_factory) -> str:
 
 def tiny_rdskd(**extra: object) -> list[str]:
     """Overrides for an RDSKD run of a few seconds on digits."""
-    params = {"gen_batch": 64, "gen_epochs": 1, "gen_steps_per_epoch": 20, "student_batch": 64,
-              "student_epochs": 1, "student_steps_per_epoch": 40, "pool_size": 512, **extra}
+    params = {
+        "gen_batch": 64,
+        "gen_epochs": 1,
+        "gen_steps_per_epoch": 20,
+        "student_batch": 64,
+        "student_epochs": 1,
+        "student_steps_per_epoch": 40,
+        "pool_size": 512,
+        **extra,
+    }
     return FAST_ENGINE + [f"params.{k}={v}" for k, v in params.items()] + ["eval_every=20"]
 
 

@@ -34,11 +34,17 @@ def main(out: Path, source: str) -> None:
     with torch.no_grad(), engine.eval_mode(model):
         alone = model.forward_features(images)
 
-    record = {"rank": rank, "world_size": engine.world_size,
-              "noise": torch.randn(4, generator=noise).tolist(), "shared": torch.randn(4, generator=shared).tolist(),
-              "epoch": epoch.tolist(), "steps_per_epoch": batches.steps_per_epoch,
-              "gathered_rows": len(gathered), "gathered_max_diff": (gathered - alone).abs().max().item(),
-              "rows": engine.gather_rows(torch.tensor([[rank, rank]])).tolist()}
+    record = {
+        "rank": rank,
+        "world_size": engine.world_size,
+        "noise": torch.randn(4, generator=noise).tolist(),
+        "shared": torch.randn(4, generator=shared).tolist(),
+        "epoch": epoch.tolist(),
+        "steps_per_epoch": batches.steps_per_epoch,
+        "gathered_rows": len(gathered),
+        "gathered_max_diff": (gathered - alone).abs().max().item(),
+        "rows": engine.gather_rows(torch.tensor([[rank, rank]])).tolist(),
+    }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
 
 

@@ -20,8 +20,15 @@ def tiny_run(tmp_path_factory, digits_teacher):
 
 def test_distill_writes_a_complete_run_folder(tiny_run):
     out, summary = tiny_run
-    for name in ("config.yaml", "env.json", "metrics.jsonl", "checkpoint.pt", "student.safetensors",
-                 "samples.png", "summary.json"):
+    for name in (
+        "config.yaml",
+        "env.json",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "student.safetensors",
+        "samples.png",
+        "summary.json",
+    ):
         assert (out / name).is_file(), name
     assert summary == json.loads((out / "summary.json").read_text())
     # Tied to the teacher: 0.78 against its 0.99 when measured (a Gaussian-noise control of the same student

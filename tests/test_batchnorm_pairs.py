@@ -53,8 +53,8 @@ def test_bn_prior_on_a_foreign_teacher_equals_the_native_one(arch):
         l_native = forward_with_prior(p_native, getattr(native, path), x)[1]
         l_foreign = forward_with_prior(p_foreign, getattr(foreign, path), x)[1]
         assert l_foreign.item() == pytest.approx(l_native.item(), rel=1e-6)
-        g_native, = torch.autograd.grad(l_native, x)
-        g_foreign, = torch.autograd.grad(l_foreign, x)
+        (g_native,) = torch.autograd.grad(l_native, x)
+        (g_foreign,) = torch.autograd.grad(l_foreign, x)
         assert torch.allclose(g_native, g_foreign, atol=1e-6)
     assert not any(m.training for m in foreign.modules() if isinstance(m, nn.BatchNorm2d))
 
@@ -65,10 +65,10 @@ def test_bn_prior_under_bf16_autocast_stays_close_to_fp32():
     prior = BNStatsPrior(net, "t")
     x = torch.randn(32, 1, 8, 8, requires_grad=True)
     l32 = forward_with_prior(prior, net, x)[1]
-    g32, = torch.autograd.grad(l32, x)
+    (g32,) = torch.autograd.grad(l32, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         l16 = forward_with_prior(prior, net, x)[1]
-    g16, = torch.autograd.grad(l16, x)
+    (g16,) = torch.autograd.grad(l16, x)
     assert l16.item() == pytest.approx(l32.item(), rel=0.02)
     assert torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0) > 0.95
 
@@ -84,7 +84,8 @@ def test_bn_prior_hooks_fire_for_their_prior_only_and_come_off():
     first, second = BNStatsPrior(net, "a"), BNStatsPrior(net, "b")
     assert forward_with_prior(first, net, x)[1].item() == pytest.approx(expected)  # not doubled by `second`
     assert second.terms == {}
-    first.remove(); second.remove()
+    first.remove()
+    second.remove()
     assert all(len(bn._forward_hooks) == 0 for bn in bns)
 
 
@@ -96,19 +97,37 @@ def test_bn_prior_refuses_a_teacher_in_train_mode():
 
 
 def test_bn_prior_skips_layers_without_running_statistics():
-    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3),
-                        nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.Linear(64, 3)).eval()
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4, track_running_stats=False),
+        nn.Flatten(),
+        nn.Linear(64, 3),
+    ).eval()
     prior = BNStatsPrior(net, "t")
     assert prior.layers == [net[1]]
     assert torch.isfinite(forward_with_prior(prior, net, torch.randn(4, 1, 8, 8))[1])
 
 
 TINY = {
-    "deepinversion": {"synthesis_batch": 32, "synthesis_iterations": 5, "student_steps_per_synthesis": 10,
-                      "pool_size": 500, "w_adi": 1.0},
+    "deepinversion": {
+        "synthesis_batch": 32,
+        "synthesis_iterations": 5,
+        "student_steps_per_synthesis": 10,
+        "pool_size": 500,
+        "w_adi": 1.0,
+    },
     "fast": {"synthesis_batch": 32, "synthesis_iterations": 2, "student_steps_per_synthesis": 10, "pool_size": 500},
-    "rdskd": {"gen_batch": 32, "gen_epochs": 1, "gen_steps_per_epoch": 5, "student_data": "pool", "pool_size": 256,
-              "pool_refresh": 4, "pool_mining": 4},
+    "rdskd": {
+        "gen_batch": 32,
+        "gen_epochs": 1,
+        "gen_steps_per_epoch": 5,
+        "student_data": "pool",
+        "pool_size": 256,
+        "pool_refresh": 4,
+        "pool_mining": 4,
+    },
 }
 
 
@@ -118,26 +137,41 @@ def test_student_batchnorm_statistics_move_only_on_its_kd_steps(method, digits_t
     forward the student; only the KD steps may update its running statistics."""
     steps = 30
     params = {**TINY[method], "student_batch": 32, "student_epochs": 1, "student_steps_per_epoch": steps}
-    api.distill(method, digits_teacher, student="digits_cnn_half", out=tmp_path / "run",
-                overrides=FAST_ENGINE + ["eval_every=10"] + [f"params.{k}={v}" for k, v in params.items()])
+    api.distill(
+        method,
+        digits_teacher,
+        student="digits_cnn_half",
+        out=tmp_path / "run",
+        overrides=FAST_ENGINE + ["eval_every=10"] + [f"params.{k}={v}" for k, v in params.items()],
+    )
     state = load_file(str(tmp_path / "run" / "student.safetensors"))
     tracked = {k: int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
     assert tracked and set(tracked.values()) == {steps}
 
 
 def test_a_foreign_batchnorm_teacher_distils_exactly_like_the_native_one(digits_teacher, tmp_path, monkeypatch):
-    (tmp_path / "bn_nets.py").write_text("from dfkt.models import build_model\n\n"
-                                         "def digits():\n    return build_model('digits_cnn', 10, 1, 8)\n")
+    (tmp_path / "bn_nets.py").write_text(
+        "from dfkt.models import build_model\n\ndef digits():\n    return build_model('digits_cnn', 10, 1, 8)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     model, _ = load_model(digits_teacher)
     save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
     params = {**TINY["deepinversion"], "student_batch": 32, "student_epochs": 1, "student_steps_per_epoch": 20}
     overrides = FAST_ENGINE + ["eval_every=10"] + [f"params.{k}={v}" for k, v in params.items()]
     digests = []
-    for name, teacher, weights in (("native", digits_teacher, None),
-                                   ("foreign", "bn_nets:digits", str(tmp_path / "weights.safetensors"))):
-        api.distill("deepinversion", teacher, student="digits_cnn_half", data="digits", overrides=overrides,
-                    out=tmp_path / name, teacher_weights=weights)
+    for name, teacher, weights in (
+        ("native", digits_teacher, None),
+        ("foreign", "bn_nets:digits", str(tmp_path / "weights.safetensors")),
+    ):
+        api.distill(
+            "deepinversion",
+            teacher,
+            student="digits_cnn_half",
+            data="digits",
+            overrides=overrides,
+            out=tmp_path / name,
+            teacher_weights=weights,
+        )
         state = load_file(str(tmp_path / name / "student.safetensors"))
         digests.append(hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest())
     assert digests[0] == digests[1]
@@ -181,9 +215,9 @@ def test_standardised_bn_distance_is_the_formula_and_ignores_activation_scale():
 def test_samples_unlike_the_teachers_data_are_warned_about_and_its_own_data_is_not():
     """The cause behind the WRN pair's 18-29% students without a collapse warning: samples far from what
     the teacher's BatchNorm layers saw. Data like the teacher's reads under the limit; other data above."""
-    from dfkt.diagnostics import MAX_BN_STATISTICS_GAP, bn_statistics_gap, bn_statistics_warning
     from dfkt.dfkd.deepinversion import DeepInversionConfig
     from dfkt.dfkd.rdskd import RDSKDConfig
+    from dfkt.diagnostics import MAX_BN_STATISTICS_GAP, bn_statistics_gap, bn_statistics_warning
 
     torch.manual_seed(0)
     net = build_model("digits_cnn", 10, 1, 8)

@@ -66,20 +66,20 @@ def test_order_given_one_at_a_time(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner.subprocess, "run", fake_run)
     order = ["c", "a", "b"]
-    runner.run_pool({name: runner.Run(["fake", str(tmp_path / name)], tmp_path / name) for name in order}, 1,
-                    describe)
+    runner.run_pool({name: runner.Run(["fake", str(tmp_path / name)], tmp_path / name) for name in order}, 1, describe)
     assert started == [str(tmp_path / name) for name in order]
 
 
 def test_failure_reported_others_go_on_finished_reused(tmp_path, capsys):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "summary.json").write_text('{"acc": 7}')
-    runs = {"ok": shell_run(tmp_path / "ok", WRITES_SUMMARY),
-            "bad": shell_run(tmp_path / "bad", 'echo "Traceback ..." >&2; echo "ValueError: no such method" >&2; '
-                                               'exit 3'),
-            "silent": shell_run(tmp_path / "silent", "exit 4"),
-            "no summary": shell_run(tmp_path / "no summary", "exit 0"),
-            "old": shell_run(tmp_path / "old", "echo ran again >&2; exit 1")}
+    runs = {
+        "ok": shell_run(tmp_path / "ok", WRITES_SUMMARY),
+        "bad": shell_run(tmp_path / "bad", 'echo "Traceback ..." >&2; echo "ValueError: no such method" >&2; exit 3'),
+        "silent": shell_run(tmp_path / "silent", "exit 4"),
+        "no summary": shell_run(tmp_path / "no summary", "exit 0"),
+        "old": shell_run(tmp_path / "old", "echo ran again >&2; exit 1"),
+    }
     done = runner.run_pool(runs, 2, describe)
     assert done["ok"] == {"acc": 1}
     assert done["bad"] == {"failed": "ValueError: no such method", "log": str(tmp_path / "bad.log")}

@@ -38,8 +38,16 @@ def write_fake_fmnist(root, n=8):
 
 
 def test_missing_dataset_names_the_install_command(capsys, tmp_path):
-    code, err = run_cli(capsys, "train-teacher", "--data", "fmnist", "--data-root", str(tmp_path / "none"),
-                        "--out", str(tmp_path / "run"))
+    code, err = run_cli(
+        capsys,
+        "train-teacher",
+        "--data",
+        "fmnist",
+        "--data-root",
+        str(tmp_path / "none"),
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert_one_line_error(code, err, "apt-get install -y dataset-fashion-mnist", "--data-root")
 
 
@@ -52,8 +60,18 @@ def test_truncated_teacher_file(capsys, tmp_path, digits_teacher):
 
 def test_teacher_that_does_not_fit_the_data(capsys, tmp_path, digits_teacher):
     write_fake_fmnist(tmp_path)
-    code, err = run_cli(capsys, "distill", "--teacher", digits_teacher, "--data", "fmnist",
-                        "--data-root", str(tmp_path), "--out", str(tmp_path / "run"))
+    code, err = run_cli(
+        capsys,
+        "distill",
+        "--teacher",
+        digits_teacher,
+        "--data",
+        "fmnist",
+        "--data-root",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert_one_line_error(code, err, "32px images vs the model's 8px")
 
 
@@ -61,31 +79,42 @@ def test_teacher_with_other_class_count(capsys, tmp_path, digits_teacher):
     from dfkt.models import build_model
     from dfkt.models.files import ModelInfo, save_model
 
-    five = save_model(build_model("digits_cnn", 5, 1, 8), ModelInfo("digits_cnn", 5, 1, 8, (0.3,), (0.4,), "digits"),
-                      tmp_path / "five.safetensors")
+    five = save_model(
+        build_model("digits_cnn", 5, 1, 8),
+        ModelInfo("digits_cnn", 5, 1, 8, (0.3,), (0.4,), "digits"),
+        tmp_path / "five.safetensors",
+    )
     code, err = run_cli(capsys, "distill", "--teacher", str(five), "--out", str(tmp_path / "run"))
     assert_one_line_error(code, err, "10 classes vs the model's 5")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["distill", "--method", "nope"], "unknown method 'nope'; valid methods: cmi, dafl, deepinversion"),
-    (["distill", "--student", "nope"], "unknown model 'nope'; valid models:"),
-    (["train-teacher", "--model", "nope"], "unknown model 'nope'; valid models:"),
-    (["distill", "--set", "params.bogus=1"], "unknown key 'bogus'"),
-    (["distill", "--set", "engine.sed=1"], "unknown key 'engine.sed'"),
-    (["distill", "--preset", "huge"], "unknown preset 'huge' for rdskd; valid presets: paper"),
-    (["train-teacher", "--data", "nope"], "unknown dataset 'nope'"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["distill", "--method", "nope"], "unknown method 'nope'; valid methods: cmi, dafl, deepinversion"),
+        (["distill", "--student", "nope"], "unknown model 'nope'; valid models:"),
+        (["train-teacher", "--model", "nope"], "unknown model 'nope'; valid models:"),
+        (["distill", "--set", "params.bogus=1"], "unknown key 'bogus'"),
+        (["distill", "--set", "engine.sed=1"], "unknown key 'engine.sed'"),
+        (["distill", "--preset", "huge"], "unknown preset 'huge' for rdskd; valid presets: paper"),
+        (["train-teacher", "--data", "nope"], "unknown dataset 'nope'"),
+    ],
+)
 def test_unknown_names_and_keys(capsys, tmp_path, digits_teacher, args, needle):
-    code, err = run_cli(capsys, *args, "--out", str(tmp_path / "run"),
-                        *(["--teacher", digits_teacher] if args[0] == "distill" else []))
+    code, err = run_cli(
+        capsys, *args, "--out", str(tmp_path / "run"), *(["--teacher", digits_teacher] if args[0] == "distill" else [])
+    )
     assert_one_line_error(code, err, needle)
 
 
 def test_existing_run_is_not_overwritten(capsys, tmp_path, digits_teacher):
     out = tmp_path / "run"
-    assert main(["distill", "--teacher", digits_teacher, "--out", str(out), *sum(
-        (["--set", s] for s in tiny_rdskd()), [])]) == 0
+    assert (
+        main(
+            ["distill", "--teacher", digits_teacher, "--out", str(out), *sum((["--set", s] for s in tiny_rdskd()), [])]
+        )
+        == 0
+    )
     before = (out / "checkpoint.pt").read_bytes()
     capsys.readouterr()  # the first run's own output (e.g. its sample warnings)
     code, err = run_cli(capsys, "distill", "--teacher", digits_teacher, "--out", str(out))
@@ -94,8 +123,11 @@ def test_existing_run_is_not_overwritten(capsys, tmp_path, digits_teacher):
 
 
 def test_the_installed_command_prints_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dfkt.cli", "distill", "--method", "nope", "--teacher", "x"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dfkt.cli", "distill", "--method", "nope", "--teacher", "x"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
@@ -150,8 +182,16 @@ def test_data_root_alone_keeps_the_teachers_dataset(capsys, tmp_path, digits_tea
 def test_budget_that_ends_before_the_student_stage(capsys, tmp_path, digits_teacher):
     """Only without a generator budget share (the cpu preset has one, which always leaves the student time)."""
     out = tmp_path / "run"
-    args = ["distill", "--teacher", digits_teacher, "--out", str(out), "--max-seconds", "0.2",
-            *sum((["--set", s] for s in tiny_rdskd(gen_epochs=50, gen_budget_share="null")), [])]
+    args = [
+        "distill",
+        "--teacher",
+        digits_teacher,
+        "--out",
+        str(out),
+        "--max-seconds",
+        "0.2",
+        *sum((["--set", s] for s in tiny_rdskd(gen_epochs=50, gen_budget_share="null")), []),
+    ]
     code, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, "ran out before the student stage", "--resume")
     assert (out / "checkpoint.pt").is_file()  # nothing lost: a larger budget continues it
@@ -163,8 +203,21 @@ def test_batchnorm_prior_on_a_teacher_without_batchnorm(capsys, tmp_path, method
     from dfkt.models.files import ModelInfo, save_model
 
     write_fake_fmnist(tmp_path)
-    lenet = save_model(build_model("lenet5", 10, 1, 32), ModelInfo("lenet5", 10, 1, 32, (0.3,), (0.4,), "fmnist"),
-                       tmp_path / "lenet.safetensors")
-    code, err = run_cli(capsys, "distill", "--method", method, "--teacher", str(lenet), "--data-root", str(tmp_path),
-                        "--out", str(tmp_path / "run"))
+    lenet = save_model(
+        build_model("lenet5", 10, 1, 32),
+        ModelInfo("lenet5", 10, 1, 32, (0.3,), (0.4,), "fmnist"),
+        tmp_path / "lenet.safetensors",
+    )
+    code, err = run_cli(
+        capsys,
+        "distill",
+        "--method",
+        method,
+        "--teacher",
+        str(lenet),
+        "--data-root",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert_one_line_error(code, err, f"{method} needs a teacher with BatchNorm layers", "--set params.w_bn=0")

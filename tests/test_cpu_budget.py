@@ -19,8 +19,8 @@ from dfkt.engine import engine as engine_module
 from dfkt.engine.state import TrainState
 from dfkt.errors import ConfigError
 from dfkt.models import build_generator, build_model
-from dfkt.models.files import load_model
 from dfkt.models.cost import multiply_adds
+from dfkt.models.files import load_model
 from dfkt.synthesis import ImagePool, PixelInversion
 from tests.conftest import FAST_ENGINE
 
@@ -32,7 +32,9 @@ def test_multiply_adds_of_the_dafl_generator_counted_by_hand():
     by_hand = 100 * 128 * 64 + 16 * 16 * 128 * 128 * 9 + 32 * 32 * 64 * 128 * 9 + 32 * 32 * 1 * 64 * 9
     assert multiply_adds(build_generator("dafl", 100, 1, 32), torch.zeros(1, 100)) == by_hand  # 114.7M
     narrow = 100 * 32 * 64 + 16 * 16 * 32 * 32 * 9 + 32 * 32 * 16 * 32 * 9 + 32 * 32 * 1 * 16 * 9
-    assert multiply_adds(build_generator("dafl", 100, 1, 32, width=32), torch.zeros(1, 100)) == narrow  # 7.4M, 15x cheaper
+    assert (
+        multiply_adds(build_generator("dafl", 100, 1, 32, width=32), torch.zeros(1, 100)) == narrow
+    )  # 7.4M, 15x cheaper
 
 
 @pytest.mark.parametrize("output", ["pixels", "clamped"])
@@ -87,8 +89,15 @@ def _setup(digits_teacher, mirror: bool) -> DistillSetup:
 
 def test_flip_only_on_mirror_safe_data_and_the_teacher_labels_what_the_student_sees(digits_teacher):
     assert mirror_safe("fmnist") and not mirror_safe("digits") and not mirror_safe("mnist")
-    cfg = RDSKDConfig(gen_batch=16, gen_epochs=1, gen_steps_per_epoch=2, student_batch=16, student_data="pool",
-                      pool_size=32, augment=["shift", "flip", "mixup"])
+    cfg = RDSKDConfig(
+        gen_batch=16,
+        gen_epochs=1,
+        gen_steps_per_epoch=2,
+        student_batch=16,
+        student_data="pool",
+        pool_size=32,
+        augment=["shift", "flip", "mixup"],
+    )
     digits = RDSKD(cfg, _setup(digits_teacher, mirror=False))
     assert digits.student_trainer.augmentations == ["shift", "mixup"]
     clothes = RDSKD(cfg, _setup(digits_teacher, mirror=True))
@@ -123,8 +132,10 @@ def test_a_stage_with_a_budget_share_hands_over_to_the_next(monkeypatch, tmp_pat
     engine = Engine(EngineConfig(precision="32-true", progress=False, checkpoint_every=1000), tmp_path)
     state = TrainState(engine.device)
     left_at_begin = []  # what a stage's one-off work (RDSKD's pool) may size itself to
-    stages = [Stage("generator", 100, slow, budget_share=0.3),
-              Stage("student", 100, slow, begin=lambda: left_at_begin.append(engine.budget_left))]
+    stages = [
+        Stage("generator", 100, slow, budget_share=0.3),
+        Stage("student", 100, slow, begin=lambda: left_at_begin.append(engine.budget_left)),
+    ]
     result = engine.run(stages, state, {}, max_seconds=20)
     assert left_at_begin == [pytest.approx(20 - result.seconds["generator"])]
     assert result.seconds["generator"] == pytest.approx(6, abs=1)
@@ -138,15 +149,28 @@ def test_a_budget_shorter_than_the_generator_stage_still_yields_a_student(digits
     A fake clock (5 ms per reading) makes the step counts independent of the machine's load."""
     clock = itertools.count()
     monkeypatch.setattr(engine_module.time, "perf_counter", lambda: next(clock) * 0.005)
-    params = {"gen_batch": 64, "gen_epochs": 1000, "student_batch": 64, "pool_size": 256, "gen_budget_share": 0.4,
-              "gen_width": 32}
-    summary = dfkt.distill("rdskd", digits_teacher, preset="cpu", max_seconds=6, out=tmp_path,
-                           overrides=FAST_ENGINE + [f"params.{k}={v}" for k, v in params.items()])
+    params = {
+        "gen_batch": 64,
+        "gen_epochs": 1000,
+        "student_batch": 64,
+        "pool_size": 256,
+        "gen_budget_share": 0.4,
+        "gen_width": 32,
+    }
+    summary = dfkt.distill(
+        "rdskd",
+        digits_teacher,
+        preset="cpu",
+        max_seconds=6,
+        out=tmp_path,
+        overrides=FAST_ENGINE + [f"params.{k}={v}" for k, v in params.items()],
+    )
     assert summary["seconds"]["by_stage"]["generator"] < 0.4 * 6 + 1
     assert summary["seconds"]["by_stage"]["student"] > 1
     assert summary["student_acc"] > 0.5
     assert summary["generator_multiply_adds_per_image"] == multiply_adds(
-        build_generator("dafl", 100, 1, 8, width=32), torch.zeros(1, 100))
+        build_generator("dafl", 100, 1, 8, width=32), torch.zeros(1, 100)
+    )
 
 
 def test_the_pool_is_drawn_within_its_share_of_the_budget_left(digits_teacher, monkeypatch):
@@ -175,8 +199,16 @@ def test_the_pool_is_drawn_within_its_share_of_the_budget_left(digits_teacher, m
 
 
 def test_a_generator_that_keeps_training_refreshes_the_pool_with_its_own_batches(digits_teacher):
-    cfg = RDSKDConfig(gen_batch=16, gen_epochs=1, gen_steps_per_epoch=2, student_batch=16, student_data="pool",
-                      pool_size=64, gen_train_every=2, gen_width=32)
+    cfg = RDSKDConfig(
+        gen_batch=16,
+        gen_epochs=1,
+        gen_steps_per_epoch=2,
+        student_batch=16,
+        student_data="pool",
+        pool_size=64,
+        gen_train_every=2,
+        gen_width=32,
+    )
     method = RDSKD(cfg, _setup(digits_teacher, mirror=False))
     generator_stage, student_stage = method.stages()
     assert method.generator in student_stage.train and method.generator not in student_stage.frozen
@@ -206,8 +238,16 @@ def test_a_training_generator_needs_a_pool_without_other_refresh(digits_teacher)
 
 
 def test_pool_refresh_replaces_images_and_mining_keeps_the_hardest(digits_teacher):
-    cfg = RDSKDConfig(gen_batch=16, gen_epochs=1, gen_steps_per_epoch=2, student_batch=16, student_data="pool",
-                      pool_size=64, pool_refresh=8, pool_mining=4)
+    cfg = RDSKDConfig(
+        gen_batch=16,
+        gen_epochs=1,
+        gen_steps_per_epoch=2,
+        student_batch=16,
+        student_data="pool",
+        pool_size=64,
+        pool_refresh=8,
+        pool_mining=4,
+    )
     method = RDSKD(cfg, _setup(digits_teacher, mirror=False))
     method.fill_pool()
     pool = method.student_trainer.source
@@ -218,8 +258,9 @@ def test_pool_refresh_replaces_images_and_mining_keeps_the_hardest(digits_teache
     pool.synthesize()
     newest = method.buffers["pool.images"][:8]  # the ring buffer wrapped: rows 0-7 were the oldest
     assert method.pool.added == 64 + 8
-    assert {tuple(x.flatten().tolist()) for x in newest} == \
-        {tuple(candidates[k].flatten().tolist()) for k in gap.topk(8).indices}
+    assert {tuple(x.flatten().tolist()) for x in newest} == {
+        tuple(candidates[k].flatten().tolist()) for k in gap.topk(8).indices
+    }
 
 
 def test_pixel_inversion_clamps_into_the_range(digits_teacher):
@@ -231,8 +272,22 @@ def test_pixel_inversion_clamps_into_the_range(digits_teacher):
     def push_out(images, targets):
         return {"loss": -(images**2).mean() * 100}
 
-    inversion = PixelInversion(state, engine, teacher, ImagePool(state, 16), push_out, lambda n, r: None,
-                               (1, 8, 8), 16, 5, 1.0, (0.5, 0.99), 0, False, pixel_range=(low, high))
+    inversion = PixelInversion(
+        state,
+        engine,
+        teacher,
+        ImagePool(state, 16),
+        push_out,
+        lambda n, r: None,
+        (1, 8, 8),
+        16,
+        5,
+        1.0,
+        (0.5, 0.99),
+        0,
+        False,
+        pixel_range=(low, high),
+    )
     inversion.synthesize()
     images = state.buffers["pool.images"]
     assert images.min() >= -0.5 - 1e-6 and images.max() <= 1.5 + 1e-6
@@ -243,8 +298,16 @@ def test_cosine_student_lr_anneals_over_the_time_left(monkeypatch, tmp_path, dig
     """With a budget the cosine schedule follows the time the student stage can have, not its step count."""
     now = [0.0]
     monkeypatch.setattr(engine_module.time, "perf_counter", lambda: now[0])
-    cfg = RDSKDConfig(gen_batch=16, gen_epochs=1, gen_steps_per_epoch=4, student_batch=16, student_data="pool",
-                      pool_size=32, student_epochs=1000, lr_schedule="cosine")
+    cfg = RDSKDConfig(
+        gen_batch=16,
+        gen_epochs=1,
+        gen_steps_per_epoch=4,
+        student_batch=16,
+        student_data="pool",
+        pool_size=32,
+        student_epochs=1000,
+        lr_schedule="cosine",
+    )
     method = RDSKD(cfg, _setup(digits_teacher, mirror=False))
     engine = method.engine
     lrs = []
@@ -258,6 +321,7 @@ def test_cosine_student_lr_anneals_over_the_time_left(monkeypatch, tmp_path, dig
             if name == "student":
                 lrs.append(method.student_trainer.optimizer.param_groups[0]["lr"])
             return out
+
         stage.step = timed
     engine.run(stages, method, {}, max_seconds=24)  # 4 s of generator, then 20 s of student steps
     assert lrs[0] == pytest.approx(cfg.student_lr)
@@ -297,8 +361,10 @@ def test_a_tiny_teachers_student_stage_runs_in_fp32_even_under_bf16(digits_teach
     assert seen == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
     cfg = RDSKDConfig(gen_batch=16, student_batch=16, student_data="pool", pool_size=32, student_precision="auto")
     assert RDSKD(cfg, setup).student_trainer.stage([], []).autocast is False  # digits_cnn: well under 5M
-    assert RDSKD(cfg.model_copy(update={"student_precision": "engine"}), setup).student_trainer.stage(
-        [], []).autocast is True
+    assert (
+        RDSKD(cfg.model_copy(update={"student_precision": "engine"}), setup).student_trainer.stage([], []).autocast
+        is True
+    )
 
 
 def test_a_generator_ensemble_gives_each_member_its_own_chunk_of_the_batch():
@@ -332,7 +398,11 @@ def test_deepinversion_downscale_optimises_images_a_fraction_of_the_teachers_sid
         cfg = DeepInversionConfig(synthesis_batch=8, pool_size=32, start="dark", **params)
         return DeepInversion(cfg, _setup(digits_teacher, mirror=False)).source.latent_shape[-1]
 
-    assert (latent_side(), latent_side(downscale=2), latent_side(downscale=16), latent_side(resolution=3)) == \
-        (8, 4, 1, 3)
+    assert (latent_side(), latent_side(downscale=2), latent_side(downscale=16), latent_side(resolution=3)) == (
+        8,
+        4,
+        1,
+        3,
+    )
     with pytest.raises(ConfigError, match="not both"):
         latent_side(resolution=4, downscale=2)

@@ -221,8 +221,13 @@ def test_fmnist_real_debian_files():
 
 @pytest.mark.parametrize(
     "name, folder",
-    [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
-     ("usps", ""), ("svhn", "")],
+    [
+        ("mnist", "MNIST/raw"),
+        ("cifar10", "cifar-10-batches-py"),
+        ("cifar100", "cifar-100-python"),
+        ("usps", ""),
+        ("svhn", ""),
+    ],
 )
 def test_torchvision_sets_missing_name_the_folder(tmp_path, name, folder):
     expected = str((tmp_path / folder).resolve()) + "/"
@@ -269,12 +274,20 @@ def test_shifted_dataset_by_name_keeps_labels_and_normalisation():
     assert shifted.name == "digits-c:rotate:3"
     assert torch.equal(shifted.test_labels, base.test_labels) and shifted.mean == base.mean
     assert not torch.equal(shifted.test_images, base.test_images)
-    assert torch.equal(load_dataset("digits-c:noise:2").test_images, load_dataset("digits-c:gaussian_noise:2").test_images)
+    assert torch.equal(
+        load_dataset("digits-c:noise:2").test_images, load_dataset("digits-c:gaussian_noise:2").test_images
+    )
 
 
-@pytest.mark.parametrize("name, needle", [("digits-c:rotate", "fmnist-c:rotate:3"), ("digits:rotate:3", "-c:"),
-                                          ("digits-c:melt:3", "unknown corruption 'melt'"),
-                                          ("digits-c:rotate:9", "severity must be 1-5")])
+@pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("digits-c:rotate", "fmnist-c:rotate:3"),
+        ("digits:rotate:3", "-c:"),
+        ("digits-c:melt:3", "unknown corruption 'melt'"),
+        ("digits-c:rotate:9", "severity must be 1-5"),
+    ],
+)
 def test_bad_shift_names_say_how_to_write_them(name, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_dataset(name)

@@ -21,11 +21,12 @@ from dfkt.runs import write_json
 from tests.conftest import tiny_rdskd
 
 # What the writers raise on a full disk (the last two as seen on a 300 KB tmpfs).
-FULL = {"ENOSPC": lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
-        "EDQUOT": lambda: OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)),
-        "torch": lambda: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
-        "safetensors": lambda: SafetensorError("Error while serializing: I/O error: No space left on device "
-                                               "(os error 28)")}
+FULL = {
+    "ENOSPC": lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    "EDQUOT": lambda: OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)),
+    "torch": lambda: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+    "safetensors": lambda: SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+}
 
 
 def assert_clean_failure(err: pytest.ExceptionInfo, folder: Path, name: str, before: bytes) -> None:
@@ -117,8 +118,9 @@ def test_distill_on_a_full_disk_is_one_line_and_exit_2(digits_teacher, tmp_path,
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
     monkeypatch.setattr(torch, "save", second_save_fills_the_disk)
-    code = main(["distill", "--teacher", digits_teacher, "--out", str(out),
-                 *sum((["--set", s] for s in tiny_rdskd()), [])])
+    code = main(
+        ["distill", "--teacher", digits_teacher, "--out", str(out), *sum((["--set", s] for s in tiny_rdskd()), [])]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()

@@ -30,8 +30,9 @@ def dfkt_command(*args: str) -> list[str]:
 
 
 def test_ranks_share_weights_and_order_but_not_noise(tmp_path):
-    source = dfkt.train_source("shot_lenet", "digits", epochs=1, overrides=FAST_ENGINE + ["data.image_size=32"],
-                               out=tmp_path / "source")["model_file"]
+    source = dfkt.train_source(
+        "shot_lenet", "digits", epochs=1, overrides=FAST_ENGINE + ["data.image_size=32"], out=tmp_path / "source"
+    )["model_file"]
     worker = Path(__file__).with_name("distributed_worker.py")
     done = subprocess.run([sys.executable, str(worker), str(tmp_path), source], capture_output=True, timeout=300)
     # The worker never ends the process group itself: the engine must, or gloo's threads abort at exit
@@ -51,10 +52,14 @@ def test_ranks_share_weights_and_order_but_not_noise(tmp_path):
 
 
 def test_distill_on_two_processes_then_resume_on_one(tmp_path, digits_teacher):
-    settings = FAST_ENGINE + ONE_THREAD + tiny_rdskd()[len(FAST_ENGINE):]
+    settings = FAST_ENGINE + ONE_THREAD + tiny_rdskd()[len(FAST_ENGINE) :]
     whole = tmp_path / "whole"
-    done = subprocess.run(dfkt_command("distill", "--teacher", digits_teacher, "--devices", "2", "--out", str(whole),
-                                       *sets(settings)), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        dfkt_command("distill", "--teacher", digits_teacher, "--devices", "2", "--out", str(whole), *sets(settings)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("rdskd: student") == 1  # printed by rank 0 only
     summary = json.loads((whole / "summary.json").read_text())
@@ -63,31 +68,44 @@ def test_distill_on_two_processes_then_resume_on_one(tmp_path, digits_teacher):
     assert len(ranks["replica_sha256"]) == 2 and len(set(ranks["replica_sha256"])) == 1
     assert len(set(ranks["first_batch_sha256"])) == 2  # each rank trained on its own images
     # Two ranks of 64 average their gradients: one process with batches of 128 learns as much.
-    one = dfkt.distill("rdskd", digits_teacher, out=tmp_path / "one",
-                       overrides=tiny_rdskd(gen_batch=128, student_batch=128, pool_size=1024))
+    one = dfkt.distill(
+        "rdskd",
+        digits_teacher,
+        out=tmp_path / "one",
+        overrides=tiny_rdskd(gen_batch=128, student_batch=128, pool_size=1024),
+    )
     assert summary["student_acc"] == pytest.approx(one["student_acc"], abs=TOLERANCE)
 
     # Killed in the student stage on two processes, finished on one.
     killed = tmp_path / "killed"
     longer = settings + ["params.student_steps_per_epoch=400", "engine.checkpoint_every=10"]
-    run = subprocess.Popen(dfkt_command("distill", "--teacher", digits_teacher, "--devices", "2", "--out",
-                                        str(killed), *sets(longer)),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run = subprocess.Popen(
+        dfkt_command("distill", "--teacher", digits_teacher, "--devices", "2", "--out", str(killed), *sets(longer)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     metrics = killed / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and '"stage": "student", "step": 40' not in (
-            metrics.read_text() if metrics.exists() else ""):
+        metrics.read_text() if metrics.exists() else ""
+    ):
         time.sleep(0.05)
     assert run.poll() is None, "the run ended before it could be killed"
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
     assert not (killed / "summary.json").exists()
-    resumed = subprocess.run(dfkt_command("distill", "--teacher", digits_teacher, "--out", str(killed), "--resume",
-                                          *sets(longer)), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        dfkt_command("distill", "--teacher", digits_teacher, "--out", str(killed), "--resume", *sets(longer)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((killed / "summary.json").read_text())
-    uninterrupted = dfkt.distill("rdskd", digits_teacher, out=tmp_path / "uninterrupted",
-                                 overrides=[s for s in longer if s not in ONE_THREAD])
+    uninterrupted = dfkt.distill(
+        "rdskd", digits_teacher, out=tmp_path / "uninterrupted", overrides=[s for s in longer if s not in ONE_THREAD]
+    )
     assert summary["distributed"]["world_size"] == 1
     assert summary["student_acc"] == pytest.approx(uninterrupted["student_acc"], abs=TOLERANCE)
     log = metrics.read_text()
@@ -96,25 +114,69 @@ def test_distill_on_two_processes_then_resume_on_one(tmp_path, digits_teacher):
 
 
 def test_train_source_and_adapt_on_two_processes(tmp_path):
-    trained = subprocess.run(dfkt_command("train-source", "--model", "shot_lenet", "--data", "digits", "--epochs", "3",
-                                          "--devices", "2", "--out", str(tmp_path / "source"),
-                                          *sets(FAST_ENGINE + ONE_THREAD + ["data.image_size=32"])),
-                             capture_output=True, text=True, timeout=600)
+    trained = subprocess.run(
+        dfkt_command(
+            "train-source",
+            "--model",
+            "shot_lenet",
+            "--data",
+            "digits",
+            "--epochs",
+            "3",
+            "--devices",
+            "2",
+            "--out",
+            str(tmp_path / "source"),
+            *sets(FAST_ENGINE + ONE_THREAD + ["data.image_size=32"]),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert trained.returncode == 0, trained.stderr
     summary = json.loads((tmp_path / "source" / "summary.json").read_text())
-    assert summary["distributed"]["effective_batch"]["batch_size"] == 2 * summary["distributed"]["per_rank_batch"][
-        "batch_size"] and len(set(summary["distributed"]["replica_sha256"])) == 1
-    one = dfkt.train_source("shot_lenet", "digits", epochs=3, out=tmp_path / "one", overrides=FAST_ENGINE + [
-        "data.image_size=32", f"batch_size={summary['distributed']['effective_batch']['batch_size']}"])
+    assert (
+        summary["distributed"]["effective_batch"]["batch_size"]
+        == 2 * summary["distributed"]["per_rank_batch"]["batch_size"]
+        and len(set(summary["distributed"]["replica_sha256"])) == 1
+    )
+    one = dfkt.train_source(
+        "shot_lenet",
+        "digits",
+        epochs=3,
+        out=tmp_path / "one",
+        overrides=FAST_ENGINE
+        + ["data.image_size=32", f"batch_size={summary['distributed']['effective_batch']['batch_size']}"],
+    )
     assert summary["source_acc"] == pytest.approx(one["source_acc"], abs=TOLERANCE)
     source = summary["model_file"]
     for method in ("nrc", "tent"):
         out = tmp_path / method
-        done = subprocess.run(dfkt_command("adapt", "--method", method, "--source", source, "--target",
-                                           "digits-c:contrast:5", "--devices", "2", "--out", str(out),
-                                           *sets(FAST_ENGINE + ONE_THREAD + (  # shot_lenet: BatchNorm1d only
-                                               ["params.include_batchnorm1d=true"] if method == "tent" else []))),
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            dfkt_command(
+                "adapt",
+                "--method",
+                method,
+                "--source",
+                source,
+                "--target",
+                "digits-c:contrast:5",
+                "--devices",
+                "2",
+                "--out",
+                str(out),
+                *sets(
+                    FAST_ENGINE
+                    + ONE_THREAD
+                    + (  # shot_lenet: BatchNorm1d only
+                        ["params.include_batchnorm1d=true"] if method == "tent" else []
+                    )
+                ),
+            ),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr
         summary = json.loads((out / "summary.json").read_text())
         ranks = summary["distributed"]
@@ -127,10 +189,29 @@ def test_train_source_and_adapt_on_two_processes(tmp_path):
 
 def test_torchrun_launch_joins_one_run(tmp_path, digits_teacher):
     out = tmp_path / "torchrun"
-    settings = FAST_ENGINE + ONE_THREAD + tiny_rdskd()[len(FAST_ENGINE):]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dfkt.cli",
-                           "distill", "--teacher", digits_teacher, "--devices", "2", "--out", str(out),
-                           *sets(settings)], capture_output=True, text=True, timeout=600)
+    settings = FAST_ENGINE + ONE_THREAD + tiny_rdskd()[len(FAST_ENGINE) :]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "dfkt.cli",
+            "distill",
+            "--teacher",
+            digits_teacher,
+            "--devices",
+            "2",
+            "--out",
+            str(out),
+            *sets(settings),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = json.loads((out / "summary.json").read_text())["distributed"]
     assert ranks["world_size"] == 2 and len(set(ranks["replica_sha256"])) == 1

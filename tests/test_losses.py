@@ -121,7 +121,8 @@ def test_soft_cross_entropy_by_hand():
 def test_info_nce_prefers_the_matching_positive():
     anchors = torch.eye(2)
     assert losses.info_nce(anchors, torch.eye(2), torch.zeros(0, 2), 1.0).item() == pytest.approx(
-        -math.log(math.e / (math.e + 1)))
+        -math.log(math.e / (math.e + 1))
+    )
     swapped = losses.info_nce(anchors, torch.eye(2).flip(0), torch.zeros(0, 2), 1.0)
     assert swapped.item() > math.log(2)
     with_bank = losses.info_nce(anchors, torch.eye(2), torch.eye(2), 1.0)  # identical negatives make it harder
@@ -139,8 +140,9 @@ def test_entropy_and_information_maximization_by_hand():
     assert losses.information_maximization_loss(torch.zeros(2, 4)).item() == pytest.approx(0.0, abs=1e-6)
     one_uncertain = torch.tensor([[0.0, 0.0], [50.0, 0.0]])  # H̄ = ln2/2; p̄ = (3/4, 1/4)
     h_mean = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
-    assert losses.information_maximization_loss(one_uncertain).item() == pytest.approx(math.log(2) / 2 - h_mean,
-                                                                                        abs=1e-5)
+    assert losses.information_maximization_loss(one_uncertain).item() == pytest.approx(
+        math.log(2) / 2 - h_mean, abs=1e-5
+    )
 
 
 def test_neighbour_affinity_and_dispersion_by_hand():

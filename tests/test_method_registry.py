@@ -40,7 +40,7 @@ def well_formed(stages: list) -> bool:
 def streams_are_distinct(runner) -> bool:
     """No two of the random streams the method keeps start alike: each has its own name and seed."""
     states = [g.get_state() for g in runner.rngs.values()]
-    return all(not torch.equal(a, b) for i, a in enumerate(states) for b in states[i + 1:])
+    return all(not torch.equal(a, b) for i, a in enumerate(states) for b in states[i + 1 :])
 
 
 @pytest.mark.parametrize("name, preset", DISTILL_PRESETS)

@@ -19,14 +19,32 @@ from tests.noise_control import control_accuracy, student_settings
 
 NINE = ["cmi", "dafl", "deepinversion", "dfad", "fast", "mskd", "rdskd", "zskd", "zskt"]
 JOINT = {"gen_batch": 64, "student_batch": 64, "student_epochs": 1, "student_steps_per_epoch": 100}
-POOLED = {"synthesis_batch": 64, "student_steps_per_synthesis": 30, "student_batch": 64, "student_epochs": 1,
-          "student_steps_per_epoch": 90, "pool_size": 1000}
+POOLED = {
+    "synthesis_batch": 64,
+    "student_steps_per_synthesis": 30,
+    "student_batch": 64,
+    "student_epochs": 1,
+    "student_steps_per_epoch": 90,
+    "pool_size": 1000,
+}
 TINY = {
-    "rdskd": {"gen_batch": 64, "gen_epochs": 1, "gen_steps_per_epoch": 30, "student_batch": 64, "student_epochs": 1,
-              "student_steps_per_epoch": 60, "pool_size": 512},
-    "dafl": JOINT, "mskd": JOINT, "dfad": JOINT, "zskt": JOINT,
-    "deepinversion": {**POOLED, "synthesis_iterations": 30}, "zskd": {**POOLED, "synthesis_iterations": 30},
-    "cmi": {**POOLED, "synthesis_iterations": 10}, "fast": {**POOLED, "synthesis_iterations": 3},
+    "rdskd": {
+        "gen_batch": 64,
+        "gen_epochs": 1,
+        "gen_steps_per_epoch": 30,
+        "student_batch": 64,
+        "student_epochs": 1,
+        "student_steps_per_epoch": 60,
+        "pool_size": 512,
+    },
+    "dafl": JOINT,
+    "mskd": JOINT,
+    "dfad": JOINT,
+    "zskt": JOINT,
+    "deepinversion": {**POOLED, "synthesis_iterations": 30},
+    "zskd": {**POOLED, "synthesis_iterations": 30},
+    "cmi": {**POOLED, "synthesis_iterations": 10},
+    "fast": {**POOLED, "synthesis_iterations": 3},
 }
 
 
@@ -46,8 +64,17 @@ def test_all_nine_methods_are_listed():
 # zskt 0.678, 0.838). On 8x8 digits noise teaches well (the teacher's logits at T=10 on N(0, 1) images), and
 # at these budgets only CMI and DeepInversion beat it; the negative margins state how far below noise the
 # others may stay, so a method that falls further (a collapse, a broken loss) fails.
-MARGIN_OVER_NOISE = {"cmi": 0.05, "deepinversion": 0.05, "zskd": -0.09, "fast": -0.11, "mskd": -0.21,
-                     "rdskd": -0.16, "zskt": -0.30, "dafl": -0.20, "dfad": -0.28}
+MARGIN_OVER_NOISE = {
+    "cmi": 0.05,
+    "deepinversion": 0.05,
+    "zskd": -0.09,
+    "fast": -0.11,
+    "mskd": -0.21,
+    "rdskd": -0.16,
+    "zskt": -0.30,
+    "dafl": -0.20,
+    "dfad": -0.28,
+}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +86,9 @@ def noise_control(digits_teacher, tmp_path_factory):
         settings = student_settings(run_dir)
         key = json.dumps(settings, sort_keys=True)
         if key not in accuracies:
-            accuracies[key] = control_accuracy(digits_teacher, settings, FAST_ENGINE + ["eval_every=30"],
-                                               tmp_path_factory.mktemp("noise"))
+            accuracies[key] = control_accuracy(
+                digits_teacher, settings, FAST_ENGINE + ["eval_every=30"], tmp_path_factory.mktemp("noise")
+            )
         return accuracies[key]
 
     return accuracy
@@ -132,9 +160,27 @@ def test_collapse_is_reported_with_the_fix(digits_teacher, tmp_path, capsys):
     """DAFL without its class-balance term, at the published lr 0.2, collapses onto one class."""
     from dfkt.cli import main
 
-    args = ["distill", "--method", "dafl", "--teacher", digits_teacher, "--preset", "cpu", "--out", str(tmp_path),
-            "--set", "engine.seed=2", "--set", "params.w_ie=0", "--set", "params.w_a=0",
-            "--set", "params.student_epochs=1", "--set", "params.student_steps_per_epoch=60"]
+    args = [
+        "distill",
+        "--method",
+        "dafl",
+        "--teacher",
+        digits_teacher,
+        "--preset",
+        "cpu",
+        "--out",
+        str(tmp_path),
+        "--set",
+        "engine.seed=2",
+        "--set",
+        "params.w_ie=0",
+        "--set",
+        "params.w_a=0",
+        "--set",
+        "params.student_epochs=1",
+        "--set",
+        "params.student_steps_per_epoch=60",
+    ]
     for arg in FAST_ENGINE:
         args += ["--set", arg]
     assert main(args) == 0
@@ -155,11 +201,16 @@ def test_pool_and_bn_ema_resume_exactly(method, digits_teacher, tmp_path, monkey
     settings = overrides(method, student_steps_per_epoch=240) + ["engine.deterministic=true"]
     fake_clock(monkeypatch, per_read=0.001)  # the budget falls on the same step whatever the machine's load
     whole = dfkt.distill(method, digits_teacher, preset="cpu", overrides=settings, out=tmp_path / "whole")
-    part = dfkt.distill(method, digits_teacher, preset="cpu", overrides=settings, out=tmp_path / "part",
-                        max_seconds=whole["seconds"]["total"] / 3)
+    part = dfkt.distill(
+        method,
+        digits_teacher,
+        preset="cpu",
+        overrides=settings,
+        out=tmp_path / "part",
+        max_seconds=whole["seconds"]["total"] / 3,
+    )
     assert part["stopped_by_budget"] and 0 < part["curve"][-1]["step"] < 240  # inside the student stage
-    resumed = dfkt.distill(method, digits_teacher, preset="cpu", overrides=settings, out=tmp_path / "part",
-                           resume=True)
+    resumed = dfkt.distill(method, digits_teacher, preset="cpu", overrides=settings, out=tmp_path / "part", resume=True)
     assert not resumed["stopped_by_budget"] and resumed["student_acc"] == whole["student_acc"]
     a, b = load_file(tmp_path / "whole/student.safetensors"), load_file(tmp_path / "part/student.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -202,8 +253,9 @@ def test_synthesis_inside_the_student_stage_is_timed_as_synthesis(digits_teacher
 
 
 @pytest.mark.parametrize("method, extra", [("rdskd", {}), ("deepinversion", {"selection_holdout": 12})])
-def test_label_free_selection_keeps_the_student_that_agrees_most_with_the_teacher(method, extra, digits_teacher,
-                                                                                   tmp_path):
+def test_label_free_selection_keeps_the_student_that_agrees_most_with_the_teacher(
+    method, extra, digits_teacher, tmp_path
+):
     summary = dfkt.distill(method, digits_teacher, preset="cpu", overrides=overrides(method, **extra), out=tmp_path)
     agreements = [e["teacher_agreement"] for e in summary["curve"] if e["teacher_agreement"] is not None]
     assert agreements and summary["selection"]["teacher_agreement"] == max(agreements)
@@ -211,4 +263,5 @@ def test_label_free_selection_keeps_the_student_that_agrees_most_with_the_teache
     assert summary["selection"]["step"] == chosen["step"]
     assert summary["student_selected_acc"] == chosen["test_acc"]  # those very weights, saved apart
     assert dfkt.evaluate(tmp_path / "student_selected.safetensors")["accuracy"] == pytest.approx(
-        summary["student_selected_acc"])
+        summary["student_selected_acc"]
+    )

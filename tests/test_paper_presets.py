@@ -14,8 +14,16 @@ from dfkt.models import build_model
 from dfkt.registry import METHODS
 
 TINY_JOINT = {"gen_batch": 16, "student_batch": 16, "gen_width": 8, "student_epochs": 1, "student_steps_per_epoch": 20}
-TINY_POOL = {"synthesis_batch": 16, "student_batch": 16, "gen_width": 8, "synthesis_iterations": 2, "pool_size": 200,
-             "student_epochs": 1, "student_steps_per_epoch": 20, "selection_holdout": 0}
+TINY_POOL = {
+    "synthesis_batch": 16,
+    "student_batch": 16,
+    "gen_width": 8,
+    "synthesis_iterations": 2,
+    "pool_size": 200,
+    "student_epochs": 1,
+    "student_steps_per_epoch": 20,
+    "selection_holdout": 0,
+}
 
 
 def make(name: str, preset: str, mirror_safe: bool = False, **params):
@@ -95,19 +103,31 @@ def test_zskt_clips_both_its_generator_and_its_student(preset, expected, monkeyp
     def spy(loss, opt, what="loss", clip_norm=None):
         clips[what] = clip_norm
         optimize(loss, opt, what, clip_norm)
+
     monkeypatch.setattr(runner.engine, "optimize", spy)
     run_steps(runner, 2)
     assert clips == {"generator loss": expected, "student loss": expected}
 
 
 def test_generator_lr_follows_the_student_schedule():
-    runner = make("dfad", "paper", lr_milestones=[1], student_steps_per_epoch=2, **{
-        k: v for k, v in TINY_JOINT.items() if k != "student_steps_per_epoch"})
+    runner = make(
+        "dfad",
+        "paper",
+        lr_milestones=[1],
+        student_steps_per_epoch=2,
+        **{k: v for k, v in TINY_JOINT.items() if k != "student_steps_per_epoch"},
+    )
     run_steps(runner, 6)  # generator steps at 0 and 5; the milestone falls at student step 2
     assert runner.source.optimizer.param_groups[0]["lr"] == pytest.approx(runner.cfg.gen_lr * 0.1)
     assert runner.student_trainer.optimizer.param_groups[0]["lr"] == pytest.approx(runner.cfg.student_lr * 0.1)
-    fixed = make("dfad", "paper", lr_milestones=[1], student_steps_per_epoch=2, gen_lr_follows_student=False, **{
-        k: v for k, v in TINY_JOINT.items() if k != "student_steps_per_epoch"})
+    fixed = make(
+        "dfad",
+        "paper",
+        lr_milestones=[1],
+        student_steps_per_epoch=2,
+        gen_lr_follows_student=False,
+        **{k: v for k, v in TINY_JOINT.items() if k != "student_steps_per_epoch"},
+    )
     run_steps(fixed, 6)
     assert fixed.source.optimizer.param_groups[0]["lr"] == pytest.approx(fixed.cfg.gen_lr)
 
@@ -127,9 +147,9 @@ def test_cmi_projection_gets_no_gradient_through_the_global_view(monkeypatch):
     original = losses.info_nce
 
     def spy(anchors, positives, negatives, temperature):
-        seen.update(anchors=anchors.requires_grad, positives=positives.requires_grad,
-                    negatives=negatives.requires_grad)
+        seen.update(anchors=anchors.requires_grad, positives=positives.requires_grad, negatives=negatives.requires_grad)
         return original(anchors, positives, negatives, temperature)
+
     monkeypatch.setattr(losses, "info_nce", spy)
     runner.source.synthesize()  # the first round: an empty pool, so the bank is empty
     runner.source.synthesize()  # a bank of past images as extra negatives
@@ -153,8 +173,9 @@ def test_crop_and_flip_pads_with_the_fill_and_flips_only_when_asked():
     images = torch.arange(2 * 8 * 8, dtype=torch.float).view(2, 1, 8, 8)
     rng = torch.Generator().manual_seed(0)
     assert torch.equal(crop_and_flip(images, rng, 0, False), images)
-    flipped = [torch.equal(crop_and_flip(images, rng, 0, True)[i], images[i].flip(-1)) for _ in range(20)
-               for i in range(2)]
+    flipped = [
+        torch.equal(crop_and_flip(images, rng, 0, True)[i], images[i].flip(-1)) for _ in range(20) for i in range(2)
+    ]
     assert any(flipped) and not all(flipped)
     fill = torch.tensor([-7.0])
     shifted = crop_and_flip(images, rng, 4, False, fill)

@@ -14,13 +14,15 @@ from dfkt.cli import main
 from dfkt.data import load_dataset, normalize
 from dfkt.models import build_model
 from dfkt.models.files import ModelInfo, load_model, save_model
-
-from tests.conftest import FAST_ENGINE, tiny_rdskd
+from tests.conftest import tiny_rdskd
 
 # A few seconds per source on the digits teacher.
-TINY = {"bn-inversion": ["params.iterations=10", "params.batch=32"],
-        "generator": ["params.steps=30", "params.batch=32", "params.width=16"],
-        "gaussian": [], "real": []}
+TINY = {
+    "bn-inversion": ["params.iterations=10", "params.batch=32"],
+    "generator": ["params.steps=30", "params.batch=32", "params.width=16"],
+    "gaussian": [],
+    "real": [],
+}
 BUDGET = ["--calibration-images", "64", "--check-images", "64", "--set", "threads=1"]
 
 
@@ -67,9 +69,16 @@ def test_int8_predictions_agree_with_fp32_on_a_fixed_set(digits_teacher, tmp_pat
 @pytest.mark.parametrize("source", ["bn-inversion", "generator", "gaussian", "real"])
 @pytest.mark.parametrize("method", ["minmax"])
 def test_each_calibration_source_runs_end_to_end(digits_teacher, tmp_path, source, method):
-    result = api.quantize(digits_teacher, source, tmp_path / f"{source}.onnx", calibration_images=64,
-                          check_images=64, calibrate_method=method, min_agreement=0.0,
-                          overrides=["threads=1", *TINY[source]])
+    result = api.quantize(
+        digits_teacher,
+        source,
+        tmp_path / f"{source}.onnx",
+        calibration_images=64,
+        check_images=64,
+        calibrate_method=method,
+        min_agreement=0.0,
+        overrides=["threads=1", *TINY[source]],
+    )
     assert (tmp_path / f"{source}.onnx").is_file()
     assert result["calibration"] == source and result["calibration_images"] == 64
     assert result["top1_agreement_with_fp32"] >= 0.9
@@ -82,19 +91,26 @@ def test_each_calibration_source_runs_end_to_end(digits_teacher, tmp_path, sourc
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_entropy_and_percentile_calibration(digits_teacher, tmp_path, method):
-    result = api.quantize(digits_teacher, "gaussian", tmp_path / "m.onnx", calibration_images=64, check_images=64,
-                          calibrate_method=method, min_agreement=0.0)
+    result = api.quantize(
+        digits_teacher,
+        "gaussian",
+        tmp_path / "m.onnx",
+        calibration_images=64,
+        check_images=64,
+        calibrate_method=method,
+        min_agreement=0.0,
+    )
     assert result["quantization"]["calibrate_method"] == method
     assert api.evaluate(tmp_path / "m.onnx")["accuracy"] > 0.9
 
 
 def test_the_same_seed_makes_the_same_images(digits_teacher, tmp_path):
-    a = api.quantize(digits_teacher, "generator", tmp_path / "a.onnx", 64, check_images=64,
-                     overrides=TINY["generator"])
-    b = api.quantize(digits_teacher, "generator", tmp_path / "b.onnx", 64, check_images=64,
-                     overrides=TINY["generator"])
-    session = [onnxruntime.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
-               for f in ("a.onnx", "b.onnx")]
+    a = api.quantize(digits_teacher, "generator", tmp_path / "a.onnx", 64, check_images=64, overrides=TINY["generator"])
+    b = api.quantize(digits_teacher, "generator", tmp_path / "b.onnx", 64, check_images=64, overrides=TINY["generator"])
+    session = [
+        onnxruntime.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
+        for f in ("a.onnx", "b.onnx")
+    ]
     x = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
     assert np.array_equal(session[0].run(None, {"image": x})[0], session[1].run(None, {"image": x})[0])
     assert a["top1_agreement_with_fp32"] == b["top1_agreement_with_fp32"]
@@ -108,8 +124,9 @@ def test_generator_source_reuses_a_distill_runs_frozen_generator(digits_teacher,
     monkeypatch.setattr(GeneratorSource, "_train", lambda self: pytest.fail("trained a generator anew"))
     result = api.quantize(tmp_path / "run", "generator", tmp_path / "student.onnx", 64, check_images=64)
     assert result["model"].endswith("student.safetensors") and result["arch"] == "digits_cnn_half"
-    teacher = api.quantize(tmp_path / "run", "generator", tmp_path / "teacher.onnx", 64, check_images=64,
-                           run_model="teacher")
+    teacher = api.quantize(
+        tmp_path / "run", "generator", tmp_path / "teacher.onnx", 64, check_images=64, run_model="teacher"
+    )
     assert teacher["arch"] == "digits_cnn"
     assert api.evaluate(tmp_path / "teacher.onnx")["accuracy"] > 0.9
 
@@ -124,8 +141,11 @@ def one_line_error(capsys) -> str:
 
 
 def test_bn_inversion_refuses_a_model_without_batchnorm(tmp_path, capsys):
-    save_model(build_model("lenet5", 10, 1, 32), ModelInfo("lenet5", 10, 1, 32, (0.5,), (0.5,), "fmnist"),
-               tmp_path / "lenet.safetensors")
+    save_model(
+        build_model("lenet5", 10, 1, 32),
+        ModelInfo("lenet5", 10, 1, 32, (0.5,), (0.5,), "fmnist"),
+        tmp_path / "lenet.safetensors",
+    )
     assert quantize(tmp_path / "lenet.safetensors", "bn-inversion", tmp_path / "out.onnx") == 2
     err = one_line_error(capsys)
     assert "no BatchNorm" in err and "--calibration generator" in err
@@ -133,8 +153,21 @@ def test_bn_inversion_refuses_a_model_without_batchnorm(tmp_path, capsys):
 
 
 def test_a_zero_image_budget_is_refused(digits_teacher, tmp_path, capsys):
-    assert main(["quantize", digits_teacher, "--calibration", "gaussian", "--calibration-images", "0",
-                 "--out", str(tmp_path / "out.onnx")]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                digits_teacher,
+                "--calibration",
+                "gaussian",
+                "--calibration-images",
+                "0",
+                "--out",
+                str(tmp_path / "out.onnx"),
+            ]
+        )
+        == 2
+    )
     assert "calibration_images" in one_line_error(capsys)
     assert not any(tmp_path.iterdir())
 
@@ -159,7 +192,8 @@ def test_a_model_onnx_cannot_export_is_a_one_line_error(tmp_path, capsys, monkey
         "class Odd(nn.Module):  # an operator of its own, which ONNX has no translation for\n"
         "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(64, 10)\n\n"
         "    def forward(self, x):\n        return self.fc(scramble(x).flatten(1))\n\n"
-        "def build():\n    return Odd()\n")
+        "def build():\n    return Odd()\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     from odd_nets import build
 
@@ -169,8 +203,12 @@ def test_a_model_onnx_cannot_export_is_a_one_line_error(tmp_path, capsys, monkey
 
     save_file(build().state_dict(), str(tmp_path / "odd.safetensors"))
     out = tmp_path / "out" / "odd.onnx"
-    assert quantize("odd_nets:build", "gaussian", out, "--model-weights", str(tmp_path / "odd.safetensors"),
-                    "--data", "digits") == 2
+    assert (
+        quantize(
+            "odd_nets:build", "gaussian", out, "--model-weights", str(tmp_path / "odd.safetensors"), "--data", "digits"
+        )
+        == 2
+    )
     assert "cannot be exported to ONNX" in one_line_error(capsys)
     assert not any((tmp_path / "out").iterdir())
 

@@ -4,12 +4,11 @@ import math
 import pytest
 import torch
 
-from dfkt.config import EngineConfig
+from dfkt.config import EngineConfig, validate
 from dfkt.dfkd.base import DistillSetup
 from dfkt.dfkd.rdskd import RDSKD, RDSKDConfig
 from dfkt.engine import Engine
 from dfkt.errors import ConfigError
-from dfkt.config import validate
 from dfkt.models import build_model
 from dfkt.models.files import load_model
 
@@ -19,9 +18,19 @@ def make_method(teacher_path, **params):
     teacher, info = load_model(teacher_path)
     teacher = engine.prepare(teacher, trainable=False)
     student = engine.prepare(build_model("digits_cnn_half", 10, 1, 8), trainable=True)
-    cfg = RDSKDConfig(**{"gen_batch": 32, "gen_steps_per_epoch": 4, "gen_epochs": 2, "student_batch": 32,
-                         "student_epochs": 1, "student_steps_per_epoch": 5, "student_data": "pool", "pool_size": 64,
-                         **params})
+    cfg = RDSKDConfig(
+        **{
+            "gen_batch": 32,
+            "gen_steps_per_epoch": 4,
+            "gen_epochs": 2,
+            "student_batch": 32,
+            "student_epochs": 1,
+            "student_steps_per_epoch": 5,
+            "student_data": "pool",
+            "pool_size": 64,
+            **params,
+        }
+    )
     return RDSKD(cfg, DistillSetup(teacher, student, 10, 1, 8, engine, (0.3,), (0.4,)))
 
 
@@ -60,8 +69,7 @@ def test_generator_loss_is_weight_free_sum(digits_teacher):
     ie = (mean_p * torch.log(mean_p)).sum()  # minus the entropy of the batch's mean prediction, natural log
     ds = (p[4:] - p[:4]).pow(2).sum().sqrt() / (images[4:] - images[:4]).pow(2).sum().sqrt()  # halves paired
     terms = method.generator_losses(images, logits, torch.tensor([0.5, -1.0]))
-    assert [terms[k].item() for k in ("oh", "ie", "ds")] == pytest.approx([oh.item(), ie.item(), ds.item()],
-                                                                         rel=1e-5)
+    assert [terms[k].item() for k in ("oh", "ie", "ds")] == pytest.approx([oh.item(), ie.item(), ds.item()], rel=1e-5)
     expected = math.exp(oh.item() - 0.5) + math.exp(ie.item() + 1.0) + ds.item()
     assert terms["loss"].item() == pytest.approx(expected, rel=1e-5)
 
@@ -95,7 +103,9 @@ def test_pool_search_tops_up_the_classes_the_pool_lacks_with_images_the_teacher_
     gen_stage, _ = method.stages()
     for i in range(gen_stage.steps):  # the search starts from a trained generator, as in a run
         gen_stage.step(i)
-    method.pool.add(torch.zeros(200, 1, 8, 8), torch.nn.functional.one_hot(torch.zeros(200, dtype=torch.long), 10) * 5.0)
+    method.pool.add(
+        torch.zeros(200, 1, 8, 8), torch.nn.functional.one_hot(torch.zeros(200, dtype=torch.long), 10) * 5.0
+    )
     events = []
     method.engine.metrics.write = events.append
     method.search_short_classes(torch.Generator().manual_seed(0))

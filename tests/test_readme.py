@@ -15,8 +15,12 @@ def readme_commands() -> list[str]:
     return [block.strip() for block in blocks[:2]]
 
 
-CI_SETUP = {"#!/usr/bin/env bash", "set -euo pipefail", 'cd "$(dirname "$0")/.."',
-            "export DEBIAN_FRONTEND=noninteractive"}
+CI_SETUP = {
+    "#!/usr/bin/env bash",
+    "set -euo pipefail",
+    'cd "$(dirname "$0")/.."',
+    "export DEBIAN_FRONTEND=noninteractive",
+}
 
 
 def test_readme_starts_with_the_demo_and_test_commands():
@@ -42,8 +46,9 @@ def test_readme_demo_runs(tmp_path):
     checkout's runs/ left alone (CI runs the whole command as written)."""
     demo, _ = readme_commands()
     out = tmp_path / "demo"
-    proc = subprocess.run(demo.split("&&")[-1].split() + ["--out", str(out)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        demo.split("&&")[-1].split() + ["--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "RDSKD student / teacher" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())

@@ -17,8 +17,15 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 def run_and_sweep(tmp_path_factory, digits_teacher):
     root = tmp_path_factory.mktemp("report")
     dfkt.distill("rdskd", digits_teacher, overrides=tiny_rdskd(), out=root / "run")
-    dfkt.sweep({"grid": {"params.gen_lr": [0.001]}, "seeds": [1], "teacher": digits_teacher,
-                "overrides": FAST_ENGINE + tiny_rdskd()[len(FAST_ENGINE):]}, out=root / "sweep")
+    dfkt.sweep(
+        {
+            "grid": {"params.gen_lr": [0.001]},
+            "seeds": [1],
+            "teacher": digits_teacher,
+            "overrides": FAST_ENGINE + tiny_rdskd()[len(FAST_ENGINE) :],
+        },
+        out=root / "sweep",
+    )
     return root / "run", root / "sweep"
 
 
@@ -46,8 +53,13 @@ def test_report_of_a_run_renders_with_its_images(run_and_sweep, tmp_path):
     seen = open_in_chromium(tmp_path / "report.html")
     assert seen["images"] and all(i["complete"] and i["width"] > 0 for i in seen["images"])
     headings = " ".join(seen["headings"])
-    for part in ("Accuracy over training time", "generator stage: loss terms",
-                 "RDSKD exponential weights", "Class histogram", "Generated samples"):
+    for part in (
+        "Accuracy over training time",
+        "generator stage: loss terms",
+        "RDSKD exponential weights",
+        "Class histogram",
+        "Generated samples",
+    ):
         assert part in headings, headings
     student = [h for h in seen["headings"] if h.startswith("student stage: loss terms")]
     assert student and "s_loss" in student[0] and "test_acc" not in student[0]  # training terms, not evaluations
@@ -82,8 +94,10 @@ def test_a_short_run_has_an_accuracy_curve_at_a_small_cost(digits_teacher, tmp_p
     seconds = summary["seconds"]
     assert seconds["evaluation"] < 0.1 * seconds["by_stage"]["student"], seconds
     dfkt.report([tmp_path / "run"], tmp_path / "report")
-    assert f"| evaluations (test set and teacher agreement) | {len(curve)}, " in \
-        (tmp_path / "report" / "report.md").read_text()
+    assert (
+        f"| evaluations (test set and teacher agreement) | {len(curve)}, "
+        in (tmp_path / "report" / "report.md").read_text()
+    )
 
 
 def test_the_accuracy_axis_shows_the_curve_with_a_margin_and_no_zoom_into_noise():

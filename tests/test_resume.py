@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from tests.conftest import tiny_rdskd
 
 SETTINGS = tiny_rdskd(gen_epochs=3, student_steps_per_epoch=150, student_data="pool") + [
-    "engine.deterministic=true", "engine.checkpoint_every=10"]
+    "engine.deterministic=true",
+    "engine.checkpoint_every=10",
+]
 
 
 def distill_command(teacher, out, *extra):

@@ -1,6 +1,7 @@
 """The one run pipeline of distill, adapt and the trainers (dfkt.api.pipeline): run folder, engine
 (closed however the run ends), method, run, summary, weights."""
 
+import functools
 import json
 
 import pytest
@@ -66,8 +67,9 @@ class CountingJob:
 
     def summarize(self, engine, result):
         model = build_model("digits_cnn", 10, 1, 8)
-        return pipeline.Outcome({"weight": self.counter.weight.item(), "seconds": result.seconds},
-                                {"model.safetensors": (model, DIGITS)})
+        return pipeline.Outcome(
+            {"weight": self.counter.weight.item(), "seconds": result.seconds}, {"model.safetensors": (model, DIGITS)}
+        )
 
 
 def test_a_job_runs_in_its_folder_and_leaves_config_weights_and_summary(tmp_path, engines):
@@ -104,16 +106,14 @@ def test_each_training_command_closes_its_engine_when_its_method_fails(command, 
     model = save_model(build_model("digits_cnn", 10, 1, 8), DIGITS, tmp_path / "model.safetensors")
     if command == "distill":
         monkeypatch.setitem(METHODS._entries, "rdskd", broken(METHODS.get("rdskd")))
-        call = lambda: dfkt.distill("rdskd", model, overrides=FAST_ENGINE, out=tmp_path / "run")  # noqa: E731
+        run = functools.partial(dfkt.distill, "rdskd", model)
     elif command == "adapt":
         monkeypatch.setitem(ADAPT_METHODS._entries, "shot", broken(ADAPT_METHODS.get("shot")))
-        call = lambda: dfkt.adapt("shot", model, "digits-c:contrast:5", overrides=FAST_ENGINE,  # noqa: E731
-                                  out=tmp_path / "run")
+        run = functools.partial(dfkt.adapt, "shot", model, "digits-c:contrast:5")
     else:
         monkeypatch.setattr("dfkt.api.train.RealDataTraining", BrokenOnStart)
-        call = lambda: dfkt.train_teacher("digits_cnn", "digits", 1, overrides=FAST_ENGINE,  # noqa: E731
-                                          out=tmp_path / "run")
+        run = functools.partial(dfkt.train_teacher, "digits_cnn", "digits", 1)
     with pytest.raises(DfktError, match="the method refuses this model"):
-        call()
+        run(overrides=FAST_ENGINE, out=tmp_path / "run")
     assert len(engines) == 1 and closed(engines[0])
     assert (tmp_path / "run" / "env.json").is_file()  # the run had begun: folder and engine

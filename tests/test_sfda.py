@@ -1,6 +1,5 @@
 """Source-free adaptation on shifted digits, in seconds: every method, and the rules they must keep."""
 
-import copy
 import json
 import math
 
@@ -94,8 +93,12 @@ def test_tent_updates_only_batchnorm_affine_parameters(digits_source):
     assert modes and all(training == (name == "BatchNorm2d") for name, training in modes)
     after = params_of(runner.model)
     moved = {k for k in before if not torch.equal(before[k], after[k])}
-    bn = {f"{name}.{p}" for name, m in runner.model.named_modules()
-          if isinstance(m, torch.nn.BatchNorm2d) for p in ("weight", "bias")}
+    bn = {
+        f"{name}.{p}"
+        for name, m in runner.model.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for p in ("weight", "bias")
+    }
     assert moved and moved <= bn
 
 
@@ -118,8 +121,14 @@ def test_adaptation_resumes_exactly_with_its_banks(digits_source, tmp_path, monk
     settings = FAST_ENGINE + ["engine.deterministic=true", "params.epochs=6"]
     fake_clock(monkeypatch, per_read=0.001)  # the budget falls on the same step whatever the machine's load
     whole = dfkt.adapt("nrc", digits_source, "digits-c:rotate:3", overrides=settings, out=tmp_path / "whole")
-    part = dfkt.adapt("nrc", digits_source, "digits-c:rotate:3", overrides=settings, out=tmp_path / "part",
-                      max_seconds=whole["seconds"]["adapt"] / 3)
+    part = dfkt.adapt(
+        "nrc",
+        digits_source,
+        "digits-c:rotate:3",
+        overrides=settings,
+        out=tmp_path / "part",
+        max_seconds=whole["seconds"]["adapt"] / 3,
+    )
     assert part["stopped_by_budget"] and 0 < part["curve"][-1]["epoch"] < 6  # stopped inside the run
     dfkt.adapt("nrc", digits_source, "digits-c:rotate:3", overrides=settings, out=tmp_path / "part", resume=True)
     for name in ("model", "model_selected"):  # the selection's state is in the checkpoint too
@@ -139,15 +148,35 @@ def test_target_that_does_not_fit_the_source(capsys, digits_source, tmp_path):
     from dfkt.models.files import ModelInfo, save_model
 
     # A size the user set is taken as it is: a mismatch is an error, never a silent resize.
-    err = one_line_error(capsys, "adapt", "--source", digits_source, "--target", "digits-c:rotate:3",
-                         "--set", "target.image_size=16", "--out", str(tmp_path / "a"))
+    err = one_line_error(
+        capsys,
+        "adapt",
+        "--source",
+        digits_source,
+        "--target",
+        "digits-c:rotate:3",
+        "--set",
+        "target.image_size=16",
+        "--out",
+        str(tmp_path / "a"),
+    )
     assert "16px images vs the model's 8px" in err and "target.image_size" in err
     for classes, channels, needle in ((5, 1, "10 classes vs the model's 5"), (10, 3, "1 channels vs the model's 3")):
-        other = save_model(build_model("shot_dtn", classes, channels, 8),
-                           ModelInfo("shot_dtn", classes, channels, 8, (0.3,) * channels, (0.4,) * channels, "digits"),
-                           tmp_path / f"m{classes}{channels}.safetensors")
-        err = one_line_error(capsys, "adapt", "--source", str(other), "--target", "digits-c:rotate:3",
-                             "--out", str(tmp_path / f"b{classes}{channels}"))
+        other = save_model(
+            build_model("shot_dtn", classes, channels, 8),
+            ModelInfo("shot_dtn", classes, channels, 8, (0.3,) * channels, (0.4,) * channels, "digits"),
+            tmp_path / f"m{classes}{channels}.safetensors",
+        )
+        err = one_line_error(
+            capsys,
+            "adapt",
+            "--source",
+            str(other),
+            "--target",
+            "digits-c:rotate:3",
+            "--out",
+            str(tmp_path / f"b{classes}{channels}"),
+        )
         assert needle in err
 
 
@@ -155,13 +184,28 @@ def test_tent_on_a_source_model_without_batchnorm(capsys, tmp_path):
     from dfkt.models import build_model
     from dfkt.models.files import ModelInfo, save_model
 
-    lenet = save_model(build_model("lenet5", 10, 1, 32), ModelInfo("lenet5", 10, 1, 32, (0.3,), (0.4,), "fmnist"),
-                       tmp_path / "lenet.safetensors")
+    lenet = save_model(
+        build_model("lenet5", 10, 1, 32),
+        ModelInfo("lenet5", 10, 1, 32, (0.3,), (0.4,), "fmnist"),
+        tmp_path / "lenet.safetensors",
+    )
     from tests.test_cli_errors import write_fake_fmnist
 
     write_fake_fmnist(tmp_path)
-    err = one_line_error(capsys, "adapt", "--method", "tent", "--source", str(lenet), "--target",
-                         "fmnist-c:contrast:3", "--data-root", str(tmp_path), "--out", str(tmp_path / "run"))
+    err = one_line_error(
+        capsys,
+        "adapt",
+        "--method",
+        "tent",
+        "--source",
+        str(lenet),
+        "--target",
+        "fmnist-c:contrast:3",
+        "--data-root",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert "tent adapts BatchNorm layers" in err and "shot" in err
 
 
@@ -181,22 +225,27 @@ def test_a_folder_of_images_is_a_target(digits_source, tmp_path):
     data = load_dataset("digits-c:contrast:5")
     write_folder(tmp_path / "labelled", data.test_images[:120], data.test_labels[:120])
     write_folder(tmp_path / "unlabelled", data.test_images[:120])
-    labelled = dfkt.adapt("bn_adapt", digits_source, str(tmp_path / "labelled"), overrides=FAST_ENGINE,
-                          out=tmp_path / "a")
+    labelled = dfkt.adapt(
+        "bn_adapt", digits_source, str(tmp_path / "labelled"), overrides=FAST_ENGINE, out=tmp_path / "a"
+    )
     assert labelled["adapted"]["inductive"] > labelled["source_only"]["inductive"] + 0.15
-    unlabelled = dfkt.adapt("shot", digits_source, str(tmp_path / "unlabelled"), overrides=FAST_ENGINE,
-                            out=tmp_path / "b")
+    unlabelled = dfkt.adapt(
+        "shot", digits_source, str(tmp_path / "unlabelled"), overrides=FAST_ENGINE, out=tmp_path / "b"
+    )
     assert (unlabelled["adapted"]["transductive"], unlabelled["adapted"]["inductive"]) == (None, None)
     # Without labels the label-free score is the only judge, and it still chooses an epoch.
     assert unlabelled["curve"] and all(e["adapted_acc"] is None for e in unlabelled["curve"])
     assert 0 <= unlabelled["selected"]["label_free_score"] <= 1 and unlabelled["selected"]["epoch"] is not None
-    assert (tmp_path / "b" / "model.safetensors").is_file() and (tmp_path / "b" / "model_selected.safetensors").is_file()
+    assert (tmp_path / "b" / "model.safetensors").is_file() and (
+        tmp_path / "b" / "model_selected.safetensors"
+    ).is_file()
 
 
 def test_empty_target_folder(capsys, digits_source, tmp_path):
     (tmp_path / "empty").mkdir()
-    err = one_line_error(capsys, "adapt", "--source", digits_source, "--target", str(tmp_path / "empty"),
-                         "--out", str(tmp_path / "run"))
+    err = one_line_error(
+        capsys, "adapt", "--source", digits_source, "--target", str(tmp_path / "empty"), "--out", str(tmp_path / "run")
+    )
     assert "holds no images" in err
 
 
@@ -218,8 +267,7 @@ def test_targets_of_another_size_are_resized_to_the_source_models_input(digits_s
     assert summary["source_only"]["inductive"] > 0.2  # real digits, recognisable after the resize
 
     write_folder(tmp_path / "big", load_dataset("digits", image_size=16).test_images[:8])
-    folder = dfkt.adapt("source_only", digits_source, str(tmp_path / "big"), overrides=FAST_ENGINE,
-                        out=tmp_path / "f")
+    folder = dfkt.adapt("source_only", digits_source, str(tmp_path / "big"), overrides=FAST_ENGINE, out=tmp_path / "f")
     assert folder["target_resized"] == {"from": 16, "to": 8}
 
 
@@ -252,12 +300,24 @@ def test_engine_sets_frozen_modes_before_trained_ones():
     engine = Engine(EngineConfig(precision="32-true", progress=False))
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2), torch.nn.Dropout(0.5))
     seen = []
-    engine.run([Stage("s", 1, lambda i: seen.append((model[1].training, model[2].training)) or {},
-                      train=[model[1]], frozen=[model])], None, {})
+    engine.run(
+        [
+            Stage(
+                "s",
+                1,
+                lambda i: seen.append((model[1].training, model[2].training)) or {},
+                train=[model[1]],
+                frozen=[model],
+            )
+        ],
+        None,
+        {},
+    )
     assert seen == [(True, False)]
 
 
 # -- label-free score, selection and the worse-than-source warning ---------------------------------
+
 
 def test_information_maximization_score_by_hand():
     from dfkt.selection import information_maximization_score as im
@@ -296,15 +356,31 @@ class Ruin(OfflineMethod):
 
 
 @pytest.mark.parametrize("clean_epochs", [1, 0])
-def test_model_selected_and_a_warning_when_adapting_makes_the_model_worse(clean_epochs, digits_source, tmp_path,
-                                                                         capsys, monkeypatch):
+def test_model_selected_and_a_warning_when_adapting_makes_the_model_worse(
+    clean_epochs, digits_source, tmp_path, capsys, monkeypatch
+):
     from safetensors.torch import load_file
 
     monkeypatch.setitem(ADAPT_METHODS._entries, "ruin", Ruin)
     out = tmp_path / "run"
     settings = [*FAST_ENGINE, f"params.clean_epochs={clean_epochs}"]
-    assert main(["adapt", "--method", "ruin", "--source", digits_source, "--target", "digits-c:contrast:2",
-                 "--out", str(out), *[x for s in settings for x in ("--set", s)]]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                "--method",
+                "ruin",
+                "--source",
+                digits_source,
+                "--target",
+                "digits-c:contrast:2",
+                "--out",
+                str(out),
+                *[x for s in settings for x in ("--set", s)],
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("dfkt: warning: ")]
     summary = json.loads((out / "summary.json").read_text())

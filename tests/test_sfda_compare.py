@@ -18,29 +18,38 @@ from dfkt.data.shifted import parse_shift  # noqa: E402
 
 
 def test_targets_folders_work_and_report_name_say_the_scale():
-    by_scale = {scale: bench.parse_args(["--scale", scale, "--corruptions", "rotate", "--severities", "3"])
-                for scale in ("mnist-c", "dfkt")}
+    by_scale = {
+        scale: bench.parse_args(["--scale", scale, "--corruptions", "rotate", "--severities", "3"])
+        for scale in ("mnist-c", "dfkt")
+    }
     names = {scale: bench.targets(args) for scale, args in by_scale.items()}
     assert names == {"mnist-c": ["fmnist-c:rotate:3:mnist-c"], "dfkt": ["fmnist-c:rotate:3:dfkt"]}
     assert {scale: parse_shift(n[0]).scale for scale, n in names.items()} == {"mnist-c": "mnist-c", "dfkt": "dfkt"}
     # The old default folder held dfkt-scale runs under 3-part names: neither scale's default is it.
-    assert {scale: args.work for scale, args in by_scale.items()} == {"mnist-c": Path("runs/bench-sfda-mnist-c"),
-                                                                      "dfkt": Path("runs/bench-sfda-dfkt")}
+    assert {scale: args.work for scale, args in by_scale.items()} == {
+        "mnist-c": Path("runs/bench-sfda-mnist-c"),
+        "dfkt": Path("runs/bench-sfda-dfkt"),
+    }
     # With one --work for both scales, the run folders still differ: the scale is in the folder's name.
     for args in by_scale.values():
         args.work = Path("shared")
     folders = {scale: bench.run_dir(args, names[scale][0], "shot", 1) for scale, args in by_scale.items()}
     assert folders["mnist-c"] != folders["dfkt"] and all(scale in str(f) for scale, f in folders.items())
-    assert {scale: args.name for scale, args in by_scale.items()} == {"mnist-c": "sfda_compare_mnist-c",
-                                                                      "dfkt": "sfda_compare_dfkt"}
+    assert {scale: args.name for scale, args in by_scale.items()} == {
+        "mnist-c": "sfda_compare_mnist-c",
+        "dfkt": "sfda_compare_dfkt",
+    }
 
 
 def test_mnist_c_levels_put_each_corruption_at_its_own_severity_once():
     args = bench.parse_args(["--severities", "3", "mnist-c", "--corruptions", "rotate", "translate"])
     assert args.severities == [3, "mnist-c"]
     assert MNIST_C_SEVERITY["rotate"] != 3 and MNIST_C_SEVERITY["translate"] == 3
-    assert bench.targets(args) == ["fmnist-c:rotate:3:mnist-c", "fmnist-c:translate:3:mnist-c",
-                                   f"fmnist-c:rotate:{MNIST_C_SEVERITY['rotate']}:mnist-c"]
+    assert bench.targets(args) == [
+        "fmnist-c:rotate:3:mnist-c",
+        "fmnist-c:translate:3:mnist-c",
+        f"fmnist-c:rotate:{MNIST_C_SEVERITY['rotate']}:mnist-c",
+    ]
     with pytest.raises(SystemExit):
         bench.parse_args(["--severities", "6"])
 
@@ -51,7 +60,7 @@ def test_source_preset_reaches_train_source_and_another_recipe_is_refused(tmp_pa
     args = bench.parse_args(["--source-preset", "paper", "--work", str(tmp_path)])
     assert bench.source_recipe(args, "shot_lenet", "fmnist") == {"preset": "paper", "epochs": 30}
     bench.trained_source(args, "shot_lenet", "fmnist", [])
-    (positional, keywords), = calls
+    ((positional, keywords),) = calls
     assert positional == ("shot_lenet", "fmnist", None) and keywords["overrides"][0] == "preset=paper"
     folder = bench.source_dir(args, "shot_lenet", "fmnist")
     folder.mkdir(parents=True)
@@ -64,20 +73,52 @@ def result(accuracy: float) -> dict:
     return {"inductive": accuracy, "transductive": accuracy}
 
 
-def report_of(source_only: dict[str, float], methods: dict[str, dict[str, float]], oracle: dict[str, float],
-              batchnorm2d: bool = False) -> dict:
+def report_of(
+    source_only: dict[str, float],
+    methods: dict[str, dict[str, float]],
+    oracle: dict[str, float],
+    batchnorm2d: bool = False,
+) -> dict:
     """The benchmark's results from made-up finished runs and oracles (one seed), through the same
     functions a real run goes through."""
-    args = bench.parse_args(["--corruptions", *source_only, "--severities", "3", "--methods", *methods,
-                             "--seeds", "1", "--work", "/nonexistent"])
+    args = bench.parse_args(
+        [
+            "--corruptions",
+            *source_only,
+            "--severities",
+            "3",
+            "--methods",
+            *methods,
+            "--seeds",
+            "1",
+            "--work",
+            "/nonexistent",
+        ]
+    )
     names = {c: bench.target_name(c, 3, args.scale) for c in source_only}
-    runs = {names[c]: {m: {1: {"adapted": result(acc[c]), "source_only": result(source_only[c]),
-                               "seconds": {"adapt": 1.0, "wall": 1.0}}} for m, acc in methods.items()}
-            for c in source_only}
-    oracles = {names[c]: {1: {"oracle": result(oracle[c]), "source_only": result(source_only[c]), "seconds": 1.0}}
-               for c in source_only}
-    source = {"source_acc": 0.9, "holdout_acc": 0.9, "recipe": {"preset": "cpu", "epochs": 15},
-              "batchnorm2d": batchnorm2d}
+    runs = {
+        names[c]: {
+            m: {
+                1: {
+                    "adapted": result(acc[c]),
+                    "source_only": result(source_only[c]),
+                    "seconds": {"adapt": 1.0, "wall": 1.0},
+                }
+            }
+            for m, acc in methods.items()
+        }
+        for c in source_only
+    }
+    oracles = {
+        names[c]: {1: {"oracle": result(oracle[c]), "source_only": result(source_only[c]), "seconds": 1.0}}
+        for c in source_only
+    }
+    source = {
+        "source_acc": 0.9,
+        "holdout_acc": 0.9,
+        "recipe": {"preset": "cpu", "epochs": 15},
+        "batchnorm2d": batchnorm2d,
+    }
     return bench.results(args, source, oracles, runs)
 
 
@@ -99,8 +140,12 @@ def test_offline_and_batchnorm_recovery_on_contrast_and_brightness():
     halfway = {"contrast": 0.7, "brightness": 0.7}  # 50%
     met = report_of(source, {"shot": recovering, "tent": halfway, "bn_adapt": recovering}, oracle, batchnorm2d=True)
     assert verdicts(met)[1:] == ["met", "met"]
-    short = report_of(source, {"shot": halfway, "tent": {"contrast": 0.6, "brightness": 0.7}, "bn_adapt": halfway},
-                      oracle, batchnorm2d=True)
+    short = report_of(
+        source,
+        {"shot": halfway, "tent": {"contrast": 0.6, "brightness": 0.7}, "bn_adapt": halfway},
+        oracle,
+        batchnorm2d=True,
+    )
     assert verdicts(short)[1:] == ["not met", "not met"]  # offline 50% < 60%; tent 25% on contrast < 50%
     no_batchnorm2d = report_of(source, {"shot": recovering, "tent": recovering, "bn_adapt": recovering}, oracle)
     assert verdicts(no_batchnorm2d)[2] == "not measured"
@@ -111,23 +156,48 @@ def test_report_prints_the_aims_and_puts_geometric_shifts_and_inversion_apart():
     shifts = ("contrast", "rotate", "inversion")
     data = report_of(dict.fromkeys(shifts, 0.5), {"shot": dict.fromkeys(shifts, 0.8)}, dict.fromkeys(shifts, 0.9))
     report = bench.markdown(data, None)
-    regression = report[report.index("## Regression suite"):report.index("## Stress test")]
-    stress = report[report.index("## Stress test"):report.index("## Gap recovered")]
+    regression = report[report.index("## Regression suite") : report.index("## Stress test")]
+    stress = report[report.index("## Stress test") : report.index("## Gap recovered")]
     assert "| contrast |" in regression and "| rotate |" not in regression and "| inversion |" not in regression
     assert "| rotate |" in stress and "| inversion |" in stress and "| contrast |" not in stress
-    aims = report[report.index("## Aims of issue 14"):report.index("## Regression suite")]
+    aims = report[report.index("## Aims of issue 14") : report.index("## Regression suite")]
     assert [line.split("**")[1] for line in aims.splitlines() if line.startswith("- ")] == verdicts(data)
 
 
 def b5_report_of(methods: dict[str, float], selected: float) -> dict:
     """B5's results from made-up runs on digits -> mnist5k (source-only 50%, oracle 90%, one seed),
     each run's curve reaching 80% at its best epoch."""
-    args = bench.parse_args(["--bench", "b5", "--pairs", "digits-mnist5k", "--models", "shot_lenet", "--methods",
-                             *methods, "--seeds", "1", "--work", "/nonexistent"])
+    args = bench.parse_args(
+        [
+            "--bench",
+            "b5",
+            "--pairs",
+            "digits-mnist5k",
+            "--models",
+            "shot_lenet",
+            "--methods",
+            *methods,
+            "--seeds",
+            "1",
+            "--work",
+            "/nonexistent",
+        ]
+    )
     task = "shot_lenet-digits-mnist5k"
-    runs = {task: {m: {1: {"adapted": result(acc), "source_only": result(0.5), "selected": result(selected),
-                           "curve": [{"adapted_acc": 0.7}, {"adapted_acc": 0.8}],
-                           "seconds": {"adapt": 1.0, "wall": 1.0}}} for m, acc in methods.items()}}
+    runs = {
+        task: {
+            m: {
+                1: {
+                    "adapted": result(acc),
+                    "source_only": result(0.5),
+                    "selected": result(selected),
+                    "curve": [{"adapted_acc": 0.7}, {"adapted_acc": 0.8}],
+                    "seconds": {"adapt": 1.0, "wall": 1.0},
+                }
+            }
+            for m, acc in methods.items()
+        }
+    }
     oracles = {task: {1: {"oracle": result(0.9), "source_only": result(0.5), "seconds": 1.0}}}
     return bench.b5_results(args, {}, oracles, runs)
 
@@ -138,5 +208,5 @@ def test_b5_aims_computed_from_the_results_and_printed():
     assert verdicts(data) == ["met", "met", "met", "not met", "met"]
     assert verdicts(b5_report_of({"shot": 0.65}, selected=0.7)) == ["not met", "met", "not met"]  # 37.5%; 7 below
     report = bench.b5_markdown(data, None)
-    aims = report[report.index("## Aims of issue 14 for B5"):report.index("Published anchor")]
+    aims = report[report.index("## Aims of issue 14 for B5") : report.index("Published anchor")]
     assert [line.split("**")[1] for line in aims.splitlines() if line.startswith("- ")] == verdicts(data)

@@ -36,6 +36,7 @@ def run_steps(runner, n: int) -> None:
 
 # (a) SHOT's object recipe -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["shot", "shot_im"])
 def test_paper_objects_is_the_authors_object_recipe(method):
     runner = make(method, "paper-objects", epochs=2)
@@ -49,7 +50,8 @@ def test_paper_objects_is_the_authors_object_recipe(method):
     digits = make(method, "paper", epochs=2)
     assert digits.cfg.bottleneck_dropout is True
     assert {g["name"]: g["lr"] for g in digits.optimizers["model"].param_groups} == pytest.approx(
-        {"backbone": 0.01, "bottleneck": 0.01})
+        {"backbone": 0.01, "bottleneck": 0.01}
+    )
 
 
 @pytest.mark.parametrize("preset, bottleneck_drops", [("paper-objects", False), ("paper", True)])
@@ -70,6 +72,7 @@ def test_object_recipe_turns_the_bottleneck_dropout_off_in_the_training_step(pre
 
 # (c) AaD's schedule -------------------------------------------------------------------------------
 
+
 def dispersion_weights(runner, steps: int) -> list[float]:
     """λ_t of AaD's loss at each of the first ``steps`` steps, read back from the loss it optimises."""
     weights = []
@@ -88,10 +91,20 @@ def dispersion_weights(runner, steps: int) -> list[float]:
 def test_aad_presets_keep_the_authors_schedules_and_cpu_is_unchanged():
     cls = ADAPT_METHODS.get("aad")
     office = validate(cls.Config, cls.presets["paper-office31"])
-    assert (office.k, office.alpha, office.beta, office.epochs, office.lr, office.weight_decay) == \
-        (3, 1.0, 1.0, 50, 1e-3, 5e-4)
-    assert (office.backbone_lr_mult, office.bottleneck_lr_mult, office.head_lr_mult, office.lr_decay) == \
-        (0.1, 1.0, 1.0, False)
+    assert (office.k, office.alpha, office.beta, office.epochs, office.lr, office.weight_decay) == (
+        3,
+        1.0,
+        1.0,
+        50,
+        1e-3,
+        5e-4,
+    )
+    assert (office.backbone_lr_mult, office.bottleneck_lr_mult, office.head_lr_mult, office.lr_decay) == (
+        0.1,
+        1.0,
+        1.0,
+        False,
+    )
     visda = validate(cls.Config, cls.presets["paper"])
     assert (visda.k, visda.alpha, visda.beta, visda.lr, visda.backbone_lr_mult) == (5, 1.0, 5.0, 1e-3, 0.1)
     cpu, ablation = (validate(cls.Config, cls.presets[p]) for p in ("cpu", "cpu-office31"))
@@ -126,6 +139,7 @@ def test_office31_recipe_keeps_the_lr_constant_and_the_default_decays():
 
 # (b) The source recipe ----------------------------------------------------------------------------
 
+
 def test_source_presets_are_shots_digit_recipe_and_the_run_wins():
     from dfkt.config import SourceConfig
 
@@ -137,8 +151,13 @@ def test_source_presets_are_shots_digit_recipe_and_the_run_wins():
     assert (augmented.batch_size, augmented.epochs, augmented.augment) == (64, 30, "crop_rotate")
     # SHOT's optimisation, the same in every preset: SGD lr 0.01 with its decay, label smoothing, wd 1e-3.
     for cfg in (cpu, paper, augmented):
-        assert (cfg.optimizer, cfg.lr, cfg.lr_schedule, cfg.label_smoothing, cfg.weight_decay) == \
-            ("sgd", 0.01, "shot", 0.1, 1e-3)
+        assert (cfg.optimizer, cfg.lr, cfg.lr_schedule, cfg.label_smoothing, cfg.weight_decay) == (
+            "sgd",
+            0.01,
+            "shot",
+            0.1,
+            1e-3,
+        )
     mine = validate(SourceConfig, {"preset": "paper-augment", "epochs": 3, "augment": False})
     assert (mine.batch_size, mine.epochs, mine.augment) == (64, 3, False)
     with pytest.raises(Exception, match="paper-augment"):
@@ -155,8 +174,12 @@ def test_crop_and_rotate_shifts_within_the_padding_and_fills():
     padded = torch.nn.functional.pad(images, [2] * 4, value=-0.5)
     shifts = set()
     for k in range(len(images)):
-        found = [(dy, dx) for dy in range(5) for dx in range(5)
-                 if torch.allclose(out[k], padded[k, :, dy:dy + 12, dx:dx + 12], atol=1e-6)]
+        found = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.allclose(out[k], padded[k, :, dy : dy + 12, dx : dx + 12], atol=1e-6)
+        ]
         assert found, k  # a crop of the padded image, filled with the fill
         shifts.add(found[0])
     assert len(shifts) > 10  # shifts vary over the ±2 px both ways
@@ -167,7 +190,7 @@ def line_angle(image: torch.Tensor) -> float:
     ys, xs = torch.nonzero(image[0] > 0.5, as_tuple=True)
     centre = (image.shape[-1] - 1) / 2
     dx, dy = xs.float() - centre, ys.float() - centre
-    far = (dx ** 2 + dy ** 2).argmax()
+    far = (dx**2 + dy**2).argmax()
     return math.degrees(math.atan2(dy[far].item(), dx[far].item()))
 
 
@@ -214,20 +237,46 @@ def test_train_source_takes_the_preset_from_the_command_line(tmp_path, capsys):
     from dfkt.cli import main
 
     out = tmp_path / "source"
-    assert main(["train-source", "--model", "shot_dtn", "--data", "digits", "--epochs", "1", "--set", "preset=paper-augment",
-                 "--set", "engine.precision=32-true", "--set", "engine.progress=false", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train-source",
+                "--model",
+                "shot_dtn",
+                "--data",
+                "digits",
+                "--epochs",
+                "1",
+                "--set",
+                "preset=paper-augment",
+                "--set",
+                "engine.precision=32-true",
+                "--set",
+                "engine.progress=false",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert (saved["preset"], saved["batch_size"], saved["augment"], saved["epochs"]) == ("paper-augment", 64, "crop_rotate", 1)
+    assert (saved["preset"], saved["batch_size"], saved["augment"], saved["epochs"]) == (
+        "paper-augment",
+        64,
+        "crop_rotate",
+        1,
+    )
     assert (out / "model.safetensors").is_file()
 
 
 # (d) B4's corruptions at MNIST-C's parameters -----------------------------------------------------
 
+
 def blob(side: int, dx: int, dy: int, n: int = 16) -> torch.Tensor:
     """uint8 images of a 3×3 white square (dx, dy) px from the pixel left of and above the centre."""
     x = torch.zeros(n, 1, side, side, dtype=torch.uint8)
     c = (side - 1) // 2
-    x[:, 0, c + dy - 1:c + dy + 2, c + dx - 1:c + dx + 2] = 255
+    x[:, 0, c + dy - 1 : c + dy + 2, c + dx - 1 : c + dx + 2] = 255
     return x
 
 
@@ -252,8 +301,10 @@ def test_mnist_c_scale_moves_pixels_by_mnist_cs_parameters():
     for side in (28, 56):
         moves = [centroid(o) for o in corrupt(blob(side, 0, 0), "translate", 3)]
         start = centroid(blob(side, 0, 0)[0])
-        assert all(abs(abs(x - start[0]) - 3 * side / 28) < 0.01 and abs(abs(y - start[1]) - 3 * side / 28) < 0.01
-                   for x, y in moves), side
+        assert all(
+            abs(abs(x - start[0]) - 3 * side / 28) < 0.01 and abs(abs(y - start[1]) - 3 * side / 28) < 0.01
+            for x, y in moves
+        ), side
     # scale: to 0.7 at severity 3; shear: (x, y) -> (x − sin(c)·y, cos(c)·y) back to the input, c = ±0.4.
     assert [centroid(o)[0] for o in corrupt(blob(41, 10, 0), "scale", 3)] == pytest.approx([7.0] * 16, abs=0.05)
     sheared = [centroid(o) for o in corrupt(blob(41, 0, 10), "shear", 2)]
@@ -271,18 +322,20 @@ def test_mnist_c_scale_blurs_stripes_and_inverts_as_mnist_c():
     for severity, sigma in ((1, 1.0), (2, 2.0)):
         profile = corrupt(point, "gaussian_blur", severity)[0, 0].double().sum(0)
         variance = (profile * (torch.arange(29) - 14.0) ** 2).sum() / profile.sum()
-        assert 0.75 * sigma ** 2 < variance < 1.05 * sigma ** 2, severity
+        assert 0.75 * sigma**2 < variance < 1.05 * sigma**2, severity
     # motion_blur: ImageMagick's one-sided smear, radius 10 and σ 3 px at severity 1, within ±45° of horizontal.
     for smear in corrupt(point, "motion_blur", 1):
         ys, xs = torch.nonzero(smear[0], as_tuple=True)
         dx, dy = xs - 14, ys - 14
         assert (dx <= 0).all() and (dy.abs() <= dx.abs() + 1).all()  # from the point, one way, near horizontal
-        assert 7 <= (dx ** 2 + dy ** 2).double().sqrt().max() <= 10
+        assert 7 <= (dx**2 + dy**2).double().sqrt().max() <= 10
     # stripe: the outer 7 of 28 columns on each side inverted, the rest untouched; inversion: 255 − x.
     images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
     striped = corrupt(images, "stripe", 3)
     assert torch.equal(striped[..., 7:21], images[..., 7:21])
-    assert torch.equal(striped[..., :7], 255 - images[..., :7]) and torch.equal(striped[..., 21:], 255 - images[..., 21:])
+    assert torch.equal(striped[..., :7], 255 - images[..., :7]) and torch.equal(
+        striped[..., 21:], 255 - images[..., 21:]
+    )
     assert torch.equal(corrupt(images, "inversion", 1), 255 - images)
 
 
@@ -299,7 +352,9 @@ def test_the_projects_scale_stays_available_and_names_choose_it():
     assert not torch.equal(default.test_images, project.test_images)
     # Where MNIST-C's tables are the project's (noise, contrast, brightness), both scales give the same images.
     for name in ("gaussian_noise:3", "contrast:2", "brightness:4"):
-        assert torch.equal(load_dataset(f"digits-c:{name}").test_images, load_dataset(f"digits-c:{name}:dfkt").test_images)
+        assert torch.equal(
+            load_dataset(f"digits-c:{name}").test_images, load_dataset(f"digits-c:{name}:dfkt").test_images
+        )
     with pytest.raises(ConfigError, match="unknown corruption scale 'mnistc'.*mnist-c, dfkt"):
         load_dataset("digits-c:rotate:3:mnistc")
 

@@ -41,6 +41,7 @@ BATCHNORM = nn.modules.batchnorm._BatchNorm
 
 # 1. Neighbour features without dropout ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["nrc", "aad"])
 def test_bank_rows_and_queries_are_dropout_free_features_with_batchnorm_on_the_batch(method):
     runner = make(method, "shot_lenet")
@@ -100,6 +101,7 @@ def test_dropout_off_leaves_other_modes_and_gradients_alone():
 
 # 2. Learning rate per part -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method, head_trains", [("shot", False), ("shot_im", False), ("nrc", True), ("aad", True)])
 def test_param_groups_have_each_parts_learning_rate(method, head_trains):
     runner = make(method, "shot_lenet", lr=0.02, backbone_lr_mult=0.1, bottleneck_lr_mult=0.5, head_lr_mult=2.0)
@@ -132,6 +134,7 @@ def test_paper_presets_use_the_authors_learning_rates_and_cpu_presets_one_rate(m
 
 # 3. Tent and BN-adapt: BatchNorm2d ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["tent", "bn_adapt"])
 def test_a_model_without_batchnorm2d_is_refused_unless_batchnorm1d_is_asked_for(method):
     with pytest.raises(DfktError) as refused:
@@ -157,8 +160,12 @@ def test_only_batchnorm2d_adapts_by_default(method):
     model = runner.model
     bn1d = model.backbone.bn
     assert runner.bn and all(type(m) is nn.BatchNorm2d for m in runner.bn)
-    bn2d = {f"{name.removeprefix('_forward_module.')}.{p}" for name, m in model.named_modules()
-            if isinstance(m, nn.BatchNorm2d) for p in ("weight", "bias")}
+    bn2d = {
+        f"{name.removeprefix('_forward_module.')}.{p}"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
+        for p in ("weight", "bias")
+    }
     named = {name.removeprefix("_forward_module."): p for name, p in model.named_parameters()}
     trainable = {name for name, p in named.items() if p.requires_grad}
     assert trainable == (bn2d if method == "tent" else trainable)
@@ -183,11 +190,30 @@ def test_cli_names_the_flag_for_a_model_without_batchnorm2d(capsys, tmp_path):
     from dfkt.models.files import ModelInfo, save_model
     from tests.test_cli_errors import write_fake_fmnist
 
-    source = save_model(build_model("shot_lenet", 10, 1, 32),
-                        ModelInfo("shot_lenet", 10, 1, 32, (0.3,), (0.4,), "fmnist"), tmp_path / "m.safetensors")
+    source = save_model(
+        build_model("shot_lenet", 10, 1, 32),
+        ModelInfo("shot_lenet", 10, 1, 32, (0.3,), (0.4,), "fmnist"),
+        tmp_path / "m.safetensors",
+    )
     write_fake_fmnist(tmp_path)
-    assert main(["adapt", "--method", "tent", "--source", str(source), "--target", "fmnist-c:contrast:3",
-                 "--data-root", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "adapt",
+                "--method",
+                "tent",
+                "--source",
+                str(source),
+                "--target",
+                "fmnist-c:contrast:3",
+                "--data-root",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("dfkt: error: ") and "\n" not in err
     assert "include_batchnorm1d" in err and "shot_dtn" in err

@@ -28,15 +28,15 @@ for name in loggers:
 before = matplotlib.get_backend()
 import dfkt, dfkt.report.grid, dfkt.report.page, dfkt.engine.engine
 print(json.dumps({"before": before, "after": matplotlib.get_backend(),
-                  "levels": [logging.getLogger(n).level for n in loggers], "pyplot": "matplotlib.pyplot" in sys.modules}))
+                  "levels": [logging.getLogger(n).level for n in loggers],
+                  "pyplot": "matplotlib.pyplot" in sys.modules}))
 """
 
 
 @pytest.mark.parametrize("backend", ["svg", "pdf"])
 def test_import_keeps_the_matplotlib_backend_and_logger_levels(backend):
     env = {**os.environ, "MPLBACKEND": backend, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", IMPORT_PROBE], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", IMPORT_PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["before"].lower() == backend
@@ -47,23 +47,29 @@ def test_import_keeps_the_matplotlib_backend_and_logger_levels(backend):
 
 def _global_state() -> dict:
     np_state = np.random.get_state()
-    return {"torch": torch.random.get_rng_state().clone(), "numpy": (np_state[0], np_state[1].copy(), *np_state[2:]),
-            "python": random.getstate(), "deterministic": torch.are_deterministic_algorithms_enabled(),
-            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled()}
+    return {
+        "torch": torch.random.get_rng_state().clone(),
+        "numpy": (np_state[0], np_state[1].copy(), *np_state[2:]),
+        "python": random.getstate(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+    }
 
 
 def _changed(a: dict, b: dict) -> list[str]:
-    same = {"torch": torch.equal(a["torch"], b["torch"]),
-            "numpy": a["numpy"][0] == b["numpy"][0] and np.array_equal(a["numpy"][1], b["numpy"][1])
-            and a["numpy"][2:] == b["numpy"][2:],
-            "python": a["python"] == b["python"],
-            "deterministic": (a["deterministic"], a["warn_only"]) == (b["deterministic"], b["warn_only"])}
+    same = {
+        "torch": torch.equal(a["torch"], b["torch"]),
+        "numpy": a["numpy"][0] == b["numpy"][0]
+        and np.array_equal(a["numpy"][1], b["numpy"][1])
+        and a["numpy"][2:] == b["numpy"][2:],
+        "python": a["python"] == b["python"],
+        "deterministic": (a["deterministic"], a["warn_only"]) == (b["deterministic"], b["warn_only"]),
+    }
     return [k for k, v in same.items() if not v]
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_evaluate_gives_back_the_callers_random_state_and_deterministic_flag(digits_teacher,
-                                                                           deterministic):
+def test_evaluate_gives_back_the_callers_random_state_and_deterministic_flag(digits_teacher, deterministic):
     saved_flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         torch.use_deterministic_algorithms(deterministic, warn_only=True)

@@ -15,8 +15,12 @@ from dfkt.engine.streams import stream_seed
 
 
 def test_a_stream_seed_follows_the_run_seed_the_name_and_the_rank_alone():
-    seeds = {stream_seed(run, name, rank) for run in (0, 1) for name in ("generator", "student", "crops")
-             for rank in (None, 0, 1)}
+    seeds = {
+        stream_seed(run, name, rank)
+        for run in (0, 1)
+        for name in ("generator", "student", "crops")
+        for rank in (None, 0, 1)
+    }
     assert len(seeds) == 2 * 3 * 3 and all(0 <= s < 2**63 for s in seeds)
     # Another process with its own string-hash salt derives the same seed.
     code = "from dfkt.engine.streams import stream_seed; print(stream_seed(7, 'generator', 1))"
@@ -58,8 +62,9 @@ class TwoStreams(TrainState):
     def step(self, i: int) -> dict:
         if len(self.drawn) == self.stop_after:
             raise KeyboardInterrupt  # the process dies here; the checkpoint of the step before remains
-        self.drawn.append(torch.randn(2, generator=self.rngs["noise"]).tolist() +
-                          torch.rand(1, generator=self.rngs["order"]).tolist())
+        self.drawn.append(
+            torch.randn(2, generator=self.rngs["noise"]).tolist() + torch.rand(1, generator=self.rngs["order"]).tolist()
+        )
         return {}
 
 

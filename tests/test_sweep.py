@@ -15,13 +15,16 @@ from dfkt.errors import ConfigError, DfktError
 from dfkt.sweep import SweepConfig, plan
 from tests.conftest import FAST_ENGINE, tiny_rdskd
 
-TINY = FAST_ENGINE + ["engine.threads=1"] + tiny_rdskd()[len(FAST_ENGINE):]
+TINY = FAST_ENGINE + ["engine.threads=1"] + tiny_rdskd()[len(FAST_ENGINE) :]
 
 
 def spec(tmp_path, teacher, **extra) -> str:
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({"grid": {"params.gen_lr": [0.001, 0.01]}, "seeds": [1, 2], "teacher": teacher,
-                                    "overrides": TINY, **extra}))
+    path.write_text(
+        yaml.safe_dump(
+            {"grid": {"params.gen_lr": [0.001, 0.01]}, "seeds": [1, 2], "teacher": teacher, "overrides": TINY, **extra}
+        )
+    )
     return str(path)
 
 
@@ -34,9 +37,13 @@ def finished(out) -> list[str]:
 
 
 def test_plan_is_grid_times_seeds_and_random_draws_are_seeded():
-    cfg = SweepConfig(grid={"params.w_ie": [1, 5]}, points=[{"params.w_a": 0}], random={"params.gen_lr": {"low": 1e-4, "high": 1e-1, "log": True},
-                                                            "params.nz": [64, 100]},
-                      random_trials=3, seeds=[1, 2])
+    cfg = SweepConfig(
+        grid={"params.w_ie": [1, 5]},
+        points=[{"params.w_a": 0}],
+        random={"params.gen_lr": {"low": 1e-4, "high": 1e-1, "log": True}, "params.nz": [64, 100]},
+        random_trials=3,
+        seeds=[1, 2],
+    )
     settings = cfg.settings()
     assert len(settings) == 6 and settings[:3] == [{"params.w_ie": 1}, {"params.w_ie": 5}, {"params.w_a": 0}]
     assert all(1e-4 <= s["params.gen_lr"] <= 1e-1 and s["params.nz"] in (64, 100) for s in settings[3:])
@@ -117,8 +124,9 @@ def test_a_failed_trial_runs_again_with_retry_failed(tmp_path, digits_teacher):
 
     teacher = tmp_path / "later" / "model.safetensors"  # not there yet: the trial fails
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({"grid": {"params.gen_lr": [0.001]}, "seeds": [1], "teacher": str(teacher),
-                                    "overrides": TINY}))
+    grid.write_text(
+        yaml.safe_dump({"grid": {"params.gen_lr": [0.001]}, "seeds": [1], "teacher": str(teacher), "overrides": TINY})
+    )
     out = tmp_path / "sweep"
     first = subprocess.run(sweep_command(str(grid), out), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
@@ -127,8 +135,9 @@ def test_a_failed_trial_runs_again_with_retry_failed(tmp_path, digits_teacher):
     shutil.copy(digits_teacher, teacher)
     plain = subprocess.run(sweep_command(str(grid), out), capture_output=True, text=True, timeout=300)
     assert json.loads((out / "sweep.json").read_text())["trials_finished"] == 0, plain.stderr  # not without the flag
-    retried = subprocess.run(sweep_command(str(grid), out, "--retry-failed"), capture_output=True, text=True,
-                             timeout=600)
+    retried = subprocess.run(
+        sweep_command(str(grid), out, "--retry-failed"), capture_output=True, text=True, timeout=600
+    )
     assert retried.returncode == 0, retried.stderr
     assert "failed trials queued again: 1" in retried.stderr
     result = json.loads((out / "sweep.json").read_text())
@@ -141,8 +150,11 @@ def test_one_trial_popped_by_two_workers_is_kept_by_one(tmp_path):
 
     from dfkt.sweep import claim, open_storage, open_study
 
-    study = open_study(open_storage(f"sqlite:///{tmp_path / 's.db'}"), "sweep",
-                       plan(SweepConfig(grid={"params.gen_lr": [0.1]}, seeds=[1])))
+    study = open_study(
+        open_storage(f"sqlite:///{tmp_path / 's.db'}"),
+        "sweep",
+        plan(SweepConfig(grid={"params.gen_lr": [0.1]}, seeds=[1])),
+    )
     trial, barrier, kept = study.ask(), threading.Barrier(2), []
 
     def take():
@@ -176,8 +188,19 @@ def test_a_missing_database_driver_is_one_line_naming_the_pip_command(monkeypatc
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as if `pip install 'dfkt[postgres]'` had not run
     with pytest.raises(DfktError, match=r"pip install 'dfkt\[postgres\]'"):
         open_storage("postgresql://me:secret@127.0.0.1:1/sweeps")
-    code = main(["sweep", "--method", "rdskd", "--teacher", "t.safetensors", "--out", str(tmp_path / "sweep"),
-                 "--storage", "postgresql://me:secret@127.0.0.1:1/sweeps"])
+    code = main(
+        [
+            "sweep",
+            "--method",
+            "rdskd",
+            "--teacher",
+            "t.safetensors",
+            "--out",
+            str(tmp_path / "sweep"),
+            "--storage",
+            "postgresql://me:secret@127.0.0.1:1/sweeps",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "pip install 'dfkt[postgres]'" in err, err
     assert "secret" not in err and "Traceback" not in err
@@ -189,8 +212,10 @@ def postgres_program(name: str) -> str | None:
     import shutil
 
     found = shutil.which(name)
-    versions = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
-                      key=lambda p: int(p.split("/")[-3]) if p.split("/")[-3].isdigit() else 0)
+    versions = sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+        key=lambda p: int(p.split("/")[-3]) if p.split("/")[-3].isdigit() else 0,
+    )
     return found or (versions[-1] if versions else None)
 
 
@@ -222,8 +247,7 @@ def postgres_url(request):
         try:
             account = pwd.getpwnam("postgres")
         except KeyError:
-            missing("the PostgreSQL sweep test runs as root and needs the postgres user: apt-get install -y "
-                    "postgresql")
+            missing("the PostgreSQL sweep test runs as root and needs the postgres user: apt-get install -y postgresql")
         os.chown(folder, account.pw_uid, account.pw_gid)
         as_user = {"user": "postgres", "group": account.pw_gid}
     data = folder / "data"
@@ -236,10 +260,28 @@ def postgres_url(request):
         assert done.returncode == 0, f"{args[0]}: {done.stdout}{done.stderr}"
 
     run(initdb, "-D", str(data), "-U", "dfkt", "--auth=trust", "-E", "UTF8", "--no-sync")
-    request.addfinalizer(lambda: subprocess.run([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
-                                                cwd=folder, capture_output=True, timeout=120, **as_user))
-    run(pg_ctl, "-D", str(data), "-l", str(folder / "server.log"), "-w", "-t", "60", "-o",
-        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    request.addfinalizer(
+        lambda: subprocess.run(
+            [pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
+            cwd=folder,
+            capture_output=True,
+            timeout=120,
+            **as_user,
+        )
+    )
+    run(
+        pg_ctl,
+        "-D",
+        str(data),
+        "-l",
+        str(folder / "server.log"),
+        "-w",
+        "-t",
+        "60",
+        "-o",
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+        "start",
+    )
     return f"postgresql://dfkt@127.0.0.1:{port}/postgres"
 
 
@@ -250,8 +292,15 @@ def test_two_workers_share_one_study_on_a_postgresql_server(tmp_path, digits_tea
     from dfkt.sweep import database_url
 
     grid, out = spec(tmp_path, digits_teacher, grid={"params.gen_lr": [0.01]}), tmp_path / "sweep"  # 2 seeds
-    workers = [subprocess.Popen(sweep_command(grid, out, "--storage", postgres_url), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            sweep_command(grid, out, "--storage", postgres_url),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     try:
         logs = [w.communicate(timeout=900)[1] for w in workers]
     finally:  # never leave a worker behind (the server stops after the test)
@@ -264,15 +313,17 @@ def test_two_workers_share_one_study_on_a_postgresql_server(tmp_path, digits_tea
     assert len({t["worker"] for t in result["trials"]}) == 2  # one each
     assert sum(log.count("dfkt sweep: trial") for log in logs) == 2  # and no trial twice
     study = optuna.load_study(study_name="dfkt-sweep", storage=database_url(postgres_url))
-    assert sorted(t.user_attrs["trial"]["key"] for t in study.trials if t.state.name == "COMPLETE") == \
-        sorted(t["key"] for t in result["trials"])  # kept in the server
+    assert sorted(t.user_attrs["trial"]["key"] for t in study.trials if t.state.name == "COMPLETE") == sorted(
+        t["key"] for t in result["trials"]
+    )  # kept in the server
 
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_repeating_finished_trials(tmp_path, digits_teacher):
     grid, out = spec(tmp_path, digits_teacher), tmp_path / "sweep"
-    proc = subprocess.Popen(sweep_command(grid, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        sweep_command(grid, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(finished(out)) < 2:
         time.sleep(0.1)
@@ -297,8 +348,9 @@ def assert_statistics_are_the_trials(out, result: dict, seeds: int) -> None:
     """The sweep's statistics, overall and per setting, recomputed from each trial's own summary.json."""
     import statistics
 
-    accs = {key: json.loads((out / "trials" / key / "summary.json").read_text())["student_acc"]
-            for key in finished(out)}
+    accs = {
+        key: json.loads((out / "trials" / key / "summary.json").read_text())["student_acc"] for key in finished(out)
+    }
     assert {t["key"]: t["student_acc"] for t in result["trials"]} == accs
 
     def assert_described(stats: dict, values: list[float]) -> None:
@@ -318,8 +370,12 @@ def assert_statistics_are_the_trials(out, result: dict, seeds: int) -> None:
 def test_two_workers_split_one_study(tmp_path, digits_teacher):
     grid, out = spec(tmp_path, digits_teacher), tmp_path / "sweep"
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    workers = [subprocess.Popen(sweep_command(grid, out, "--storage", storage), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            sweep_command(grid, out, "--storage", storage), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     logs = [w.communicate(timeout=600)[1] for w in workers]
     assert all(w.returncode == 0 for w in workers), logs
     result = json.loads((out / "sweep.json").read_text())

@@ -8,10 +8,10 @@ from torch import nn
 
 from dfkt.config import EngineConfig
 from dfkt.engine import Engine
-from dfkt.errors import ConfigError
 from dfkt.engine.state import TrainState
-from dfkt.synthesis import BNStatsPrior, GeneratorInversion, ImagePool, PixelInversion
+from dfkt.errors import ConfigError
 from dfkt.models import build_generator
+from dfkt.synthesis import BNStatsPrior, GeneratorInversion, ImagePool, PixelInversion
 
 
 def engine():
@@ -117,9 +117,21 @@ def test_pixel_inversion_lowers_its_objective_and_fills_the_pool():
     def objective(x, y):
         return {"loss": nn.functional.cross_entropy(teacher(x), y)}
 
-    inversion = PixelInversion(state, eng, teacher, pool, objective,
-                               lambda n, rng: torch.ones(n, dtype=torch.long), (1, 2, 2), batch=8, iterations=1,
-                               lr=0.5, betas=(0.9, 0.999), max_shift=0, flip=False)
+    inversion = PixelInversion(
+        state,
+        eng,
+        teacher,
+        pool,
+        objective,
+        lambda n, rng: torch.ones(n, dtype=torch.long),
+        (1, 2, 2),
+        batch=8,
+        iterations=1,
+        lr=0.5,
+        betas=(0.9, 0.999),
+        max_shift=0,
+        flip=False,
+    )
     first = inversion.synthesize()["inv_loss"].item()
     inversion.iterations = 100
     last = inversion.synthesize()["inv_loss"].item()
@@ -138,10 +150,24 @@ def test_pixel_inversion_can_start_dark_and_optimise_smooth_low_resolution_image
         seen.append(x.detach().clone())
         return {"loss": nn.functional.cross_entropy(teacher(x), y)}
 
-    inversion = PixelInversion(state, eng, teacher, ImagePool(state, 16), objective,
-                               lambda n, rng: torch.zeros(n, dtype=torch.long), (1, 8, 8), batch=4, iterations=3,
-                               lr=0.1, betas=(0.5, 0.99), max_shift=0, flip=False, pixel_range=(low, high),
-                               start="dark", resolution=2)
+    inversion = PixelInversion(
+        state,
+        eng,
+        teacher,
+        ImagePool(state, 16),
+        objective,
+        lambda n, rng: torch.zeros(n, dtype=torch.long),
+        (1, 8, 8),
+        batch=4,
+        iterations=3,
+        lr=0.1,
+        betas=(0.5, 0.99),
+        max_shift=0,
+        flip=False,
+        pixel_range=(low, high),
+        start="dark",
+        resolution=2,
+    )
     inversion.synthesize()
     first = seen[0]
     assert first.shape == (4, 1, 8, 8)
@@ -153,11 +179,39 @@ def test_pixel_inversion_can_start_dark_and_optimise_smooth_low_resolution_image
     assert torch.allclose((basis.view(4, 64).T @ coarse).T, images.view(4, 64), atol=1e-5)
     assert images.min() >= -0.8 - 1e-6 and images.max() <= 2.0 + 1e-6
     with pytest.raises(ConfigError, match="start=dark"):
-        PixelInversion(state, eng, teacher, ImagePool(state, 16), objective, lambda n, rng: None, (1, 8, 8), 4, 1,
-                       0.1, (0.5, 0.99), 0, False, start="dark")
+        PixelInversion(
+            state,
+            eng,
+            teacher,
+            ImagePool(state, 16),
+            objective,
+            lambda n, rng: None,
+            (1, 8, 8),
+            4,
+            1,
+            0.1,
+            (0.5, 0.99),
+            0,
+            False,
+            start="dark",
+        )
     with pytest.raises(ConfigError, match="resolution"):
-        PixelInversion(state, eng, teacher, ImagePool(state, 16), objective, lambda n, rng: None, (1, 8, 8), 4, 1,
-                       0.1, (0.5, 0.99), 0, False, resolution=9)
+        PixelInversion(
+            state,
+            eng,
+            teacher,
+            ImagePool(state, 16),
+            objective,
+            lambda n, rng: None,
+            (1, 8, 8),
+            4,
+            1,
+            0.1,
+            (0.5, 0.99),
+            0,
+            False,
+            resolution=9,
+        )
 
 
 def test_pixel_inversion_can_standardise_finished_batches_to_the_input_normalisation():
@@ -171,10 +225,24 @@ def test_pixel_inversion_can_standardise_finished_batches_to_the_input_normalisa
     def invert(standardise, pixel_range=wide):
         state = TrainState()
         pool = ImagePool(state, 16)
-        PixelInversion(state, eng, teacher, pool, objective, lambda n, rng: torch.zeros(n, dtype=torch.long),
-                       (2, 8, 8), batch=16, iterations=5, lr=0.1, betas=(0.5, 0.99), max_shift=0, flip=False,
-                       pixel_range=pixel_range, start="dark" if pixel_range else "noise",
-                       standardise=standardise).synthesize()
+        PixelInversion(
+            state,
+            eng,
+            teacher,
+            pool,
+            objective,
+            lambda n, rng: torch.zeros(n, dtype=torch.long),
+            (2, 8, 8),
+            batch=16,
+            iterations=5,
+            lr=0.1,
+            betas=(0.5, 0.99),
+            max_shift=0,
+            flip=False,
+            pixel_range=pixel_range,
+            start="dark" if pixel_range else "noise",
+            standardise=standardise,
+        ).synthesize()
         return state.buffers["pool.images"], state.buffers["pool.logits"]
 
     assert invert(False)[0].std().item() < 0.5  # dim: a few steps from black
@@ -206,9 +274,22 @@ def test_generator_inversion_reinitialises_or_meta_learns():
             return objective(images, targets)
 
         calls = [0]
-        inversion = GeneratorInversion(state, eng, teacher, ImagePool(state, 32), recording_objective, 3,
-                                       build_generator("dafl", 8, 1, 8), 8, batch=4, iterations=2, lr=1e-2, z_lr=1e-2, betas=(0.5, 0.999),
-                                       meta=meta)
+        inversion = GeneratorInversion(
+            state,
+            eng,
+            teacher,
+            ImagePool(state, 32),
+            recording_objective,
+            3,
+            build_generator("dafl", 8, 1, 8),
+            8,
+            batch=4,
+            iterations=2,
+            lr=1e-2,
+            z_lr=1e-2,
+            betas=(0.5, 0.999),
+            meta=meta,
+        )
         for _ in range(2):
             inversion.synthesize()
         assert len(starts) == 2
@@ -221,8 +302,8 @@ def test_generator_inversion_reinitialises_or_meta_learns():
 
 
 def test_collapse_warning_names_only_the_classes_that_hold_samples():
-    from dfkt.diagnostics import collapse_warnings
     from dfkt.dfkd.dafl import DAFLConfig
+    from dfkt.diagnostics import collapse_warnings
 
     images = torch.rand(20, 1, 8, 8)
     (one,) = collapse_warnings(images, [0, 0, 500, 0, 0, 0, 0, 0, 0, 0], "dafl", DAFLConfig())
@@ -233,9 +314,9 @@ def test_collapse_warning_names_only_the_classes_that_hold_samples():
 
 
 def test_collapse_warnings_for_missing_classes_and_for_near_copies_in_the_teachers_features():
-    from dfkt.diagnostics import collapse_warnings
     from dfkt.dfkd.deepinversion import DeepInversionConfig
     from dfkt.dfkd.rdskd import RDSKDConfig
+    from dfkt.diagnostics import collapse_warnings
 
     images = torch.rand(40, 1, 8, 8)
     (few,) = collapse_warnings(images, [10, 10, 10, 10, 0, 0, 0, 0, 0, 0], "rdskd", RDSKDConfig())
@@ -250,8 +331,8 @@ def test_collapse_warnings_for_missing_classes_and_for_near_copies_in_the_teache
 
 def test_collapse_warning_on_a_batchnorm_teacher_does_not_send_the_user_to_rdskd():
     # RDSKD collapsed on the WRN-16-2 teacher too (issue 13), so the advice there is the method's own settings.
-    from dfkt.diagnostics import collapse_warnings
     from dfkt.dfkd.fast import FastConfig
+    from dfkt.diagnostics import collapse_warnings
 
     images = torch.rand(40, 1, 8, 8)
     histogram = [300, 200] + [0] * 8
@@ -259,8 +340,9 @@ def test_collapse_warning_on_a_batchnorm_teacher_does_not_send_the_user_to_rdskd
     assert "use rdskd" in plain and "bn_distance" not in plain
     (with_bn,) = collapse_warnings(images, histogram, "fast", FastConfig(), teacher_has_batchnorm=True)
     assert "use rdskd" not in with_bn and "params.bn_distance=standardised" in with_bn
-    (standardised,) = collapse_warnings(images, histogram, "fast", FastConfig(bn_distance="standardised"),
-                                        teacher_has_batchnorm=True)
+    (standardised,) = collapse_warnings(
+        images, histogram, "fast", FastConfig(bn_distance="standardised"), teacher_has_batchnorm=True
+    )
     assert "bn_distance" not in standardised and "use rdskd" not in standardised
 
 

@@ -14,13 +14,23 @@ from __future__ import annotations
 
 import os
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from dfkt.config import (AdaptRunConfig, DistillConfig, QuantizeConfig, SourceConfig, TeacherConfig, apply_overrides,
-                         load_yaml, merge, validate)
+from dfkt.config import (
+    AdaptRunConfig,
+    DistillConfig,
+    QuantizeConfig,
+    SourceConfig,
+    TeacherConfig,
+    apply_overrides,
+    load_yaml,
+    merge,
+    validate,
+)
 from dfkt.errors import ArgumentError
 from dfkt.sweep import SweepConfig
 
@@ -70,19 +80,25 @@ class Command:
         for name, info in self.config.model_fields.items():
             if name in self.by_hand or name in self.inner:  # a section shadowed by an inner keyword (data)
                 continue
-            out[name] = Setting(name, _value(info.annotation), info.get_default(call_default_factory=True),
-                                _description(self.config, name))
+            out[name] = Setting(
+                name,
+                _value(info.annotation),
+                info.get_default(call_default_factory=True),
+                _description(self.config, name),
+            )
         for keyword, inner in self.inner.items():
             section, leaf = inner.key.split(".")
             parent = self.config.model_fields[section]
             model = parent.annotation
             default = getattr(parent.get_default(call_default_factory=True), leaf)
-            out[keyword] = Setting(inner.key, _value(model.model_fields[leaf].annotation), default,
-                                   inner.help or _description(model, leaf))
+            out[keyword] = Setting(
+                inner.key, _value(model.model_fields[leaf].annotation), default, inner.help or _description(model, leaf)
+            )
         return {**{keyword: out[keyword] for keyword in self.positional}, **out}
 
-    def layered(self, args: Sequence[Any], keywords: dict[str, Any], file: Any = None,
-                overrides: Sequence[str] = ()) -> dict[str, Any]:
+    def layered(
+        self, args: Sequence[Any], keywords: dict[str, Any], file: Any = None, overrides: Sequence[str] = ()
+    ) -> dict[str, Any]:
         """The raw config: ``file`` (a YAML path or a dict) <- ``args`` and ``keywords`` <- ``overrides``."""
         settings = self.settings()
         raw = load_yaml(file) if isinstance(file, (str, os.PathLike)) else dict(file or {})
@@ -91,8 +107,13 @@ class Command:
             raw = merge(raw, {node: {leaf: value}} if leaf else {node: value})
         return apply_overrides(raw, overrides)
 
-    def resolve(self, args: Sequence[Any] = (), keywords: dict[str, Any] | None = None, file: Any = None,
-                overrides: Sequence[str] = ()) -> Any:
+    def resolve(
+        self,
+        args: Sequence[Any] = (),
+        keywords: dict[str, Any] | None = None,
+        file: Any = None,
+        overrides: Sequence[str] = (),
+    ) -> Any:
         """The validated config."""
         return validate(self.config, self.layered(args, keywords or {}, file, overrides), where=self.where)
 
@@ -100,8 +121,9 @@ class Command:
         """Positional and keyword arguments by keyword; None means "not given" (the layer below decides)."""
         if len(args) > len(self.positional):
             takes = f"at most {len(self.positional)} ({', '.join(self.positional)})" if self.positional else "none"
-            raise ArgumentError(f"{self.name} takes settings by keyword; by position it takes {takes}, "
-                                f"{len(args)} given")
+            raise ArgumentError(
+                f"{self.name} takes settings by keyword; by position it takes {takes}, {len(args)} given"
+            )
         given = dict(zip(self.positional, args))
         for keyword, value in keywords.items():
             if keyword not in settings:
@@ -156,26 +178,62 @@ def _value(annotation: Any) -> Value | None:
 
 ENGINE = {"devices": Inner("engine.devices"), "num_nodes": Inner("engine.num_nodes")}
 
-DISTILL = Command("distill", DistillConfig, positional=("method", "teacher", "student", "preset"), inner={
-    "data": Inner("data.name", "evaluation dataset (see 'dfkt list datasets'); default: the one the teacher was "
-                               "trained on"),
-    "data_root": Inner("data.root"), **ENGINE})
-ADAPT = Command("adapt", AdaptRunConfig, positional=("method", "source", "target"), inner={
-    "target": Inner("target.name", "target dataset, e.g. fmnist-c:rotate:3 or digits-c:contrast:5, or a folder of "
-                                   "images"),
-    "data_root": Inner("target.root"), **ENGINE})
+DISTILL = Command(
+    "distill",
+    DistillConfig,
+    positional=("method", "teacher", "student", "preset"),
+    inner={
+        "data": Inner(
+            "data.name", "evaluation dataset (see 'dfkt list datasets'); default: the one the teacher was trained on"
+        ),
+        "data_root": Inner("data.root"),
+        **ENGINE,
+    },
+)
+ADAPT = Command(
+    "adapt",
+    AdaptRunConfig,
+    positional=("method", "source", "target"),
+    inner={
+        "target": Inner(
+            "target.name", "target dataset, e.g. fmnist-c:rotate:3 or digits-c:contrast:5, or a folder of images"
+        ),
+        "data_root": Inner("target.root"),
+        **ENGINE,
+    },
+)
 TRAIN_TEACHER, TRAIN_SOURCE = (
-    Command(name, config, positional=("model", "data", "epochs"), inner={
-        "data": Inner("data.name", "dataset (see 'dfkt list datasets')"), "data_root": Inner("data.root"),
-        "download": Inner("data.download"), **ENGINE})
-    for name, config in (("train-teacher", TeacherConfig), ("train-source", SourceConfig)))
-QUANTIZE = Command("quantize", QuantizeConfig, positional=("model", "calibration", "out", "calibration_images"),
-                   inner={"data": Inner("data.name", "dataset: for the 'real' source, and for a foreign model's "
-                                                     "shape and normalisation"),
-                          "data_root": Inner("data.root")},
-                   argument="model", where="quantize config")
+    Command(
+        name,
+        config,
+        positional=("model", "data", "epochs"),
+        inner={
+            "data": Inner("data.name", "dataset (see 'dfkt list datasets')"),
+            "data_root": Inner("data.root"),
+            "download": Inner("data.download"),
+            **ENGINE,
+        },
+    )
+    for name, config in (("train-teacher", TeacherConfig), ("train-source", SourceConfig))
+)
+QUANTIZE = Command(
+    "quantize",
+    QuantizeConfig,
+    positional=("model", "calibration", "out", "calibration_images"),
+    inner={
+        "data": Inner("data.name", "dataset: for the 'real' source, and for a foreign model's shape and normalisation"),
+        "data_root": Inner("data.root"),
+    },
+    argument="model",
+    where="quantize config",
+)
 # A sweep's overrides (--set) add to its file's list rather than replace it: dfkt.api.sweep joins them.
-SWEEP = Command("sweep", SweepConfig, positional=("method", "teacher", "preset", "seeds", "max_seconds"),
-                by_hand=frozenset({"overrides"}), where="sweep")
+SWEEP = Command(
+    "sweep",
+    SweepConfig,
+    positional=("method", "teacher", "preset", "seeds", "max_seconds"),
+    by_hand=frozenset({"overrides"}),
+    where="sweep",
+)
 
 COMMANDS = {c.name: c for c in (TRAIN_TEACHER, TRAIN_SOURCE, DISTILL, ADAPT, SWEEP, QUANTIZE)}

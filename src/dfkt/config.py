@@ -7,8 +7,9 @@ file, command-line flags, then ``--set a.b=c`` overrides.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,18 +27,30 @@ class StrictModel(BaseModel):
 
 class EngineConfig(StrictModel):
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    devices: int = Field(1, ge=1, description="processes on this machine, trained data-parallel (one per GPU; on a "
-                                              "CPU they split the cores); started here, or by torchrun/SLURM with "
-                                              "the same number. Each process uses the batch size given, so the "
-                                              "effective batch is devices x it; see --set engine.lr_scaling=linear")
-    num_nodes: int = Field(1, ge=1, description="machines of `devices` processes each (torchrun or SLURM starts "
-                                                "them; the run folder on a shared disk)")
+    devices: int = Field(
+        1,
+        ge=1,
+        description="processes on this machine, trained data-parallel (one per GPU; on a "
+        "CPU they split the cores); started here, or by torchrun/SLURM with "
+        "the same number. Each process uses the batch size given, so the "
+        "effective batch is devices x it; see --set engine.lr_scaling=linear",
+    )
+    num_nodes: int = Field(
+        1,
+        ge=1,
+        description="machines of `devices` processes each (torchrun or SLURM starts "
+        "them; the run folder on a shared disk)",
+    )
     lr_scaling: Literal["none", "linear"] = Field(
-        "none", description="with several processes the effective batch is world size x batch: 'linear' "
-                            "multiplies every learning rate by the world size, 'none' keeps them")
+        "none",
+        description="with several processes the effective batch is world size x batch: 'linear' "
+        "multiplies every learning rate by the world size, 'none' keeps them",
+    )
     precision: Literal["auto", "bf16-mixed", "32-true"] = Field(
-        "auto", description="auto: bf16-mixed where the hardware runs bf16 natively (CUDA, or a CPU with "
-                            "AMX/AVX512-BF16), else 32-true")
+        "auto",
+        description="auto: bf16-mixed where the hardware runs bf16 natively (CUDA, or a CPU with "
+        "AMX/AVX512-BF16), else 32-true",
+    )
     channels_last: bool = True
     seed: int = 1
     deterministic: bool = False
@@ -66,14 +79,25 @@ class RealTrainingConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0, description="weight decay (L2)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
     augment: bool | Literal["crop_rotate"] = Field(
-        False, description="true: a random shift (up to 1/16 of the side) and horizontal flip; crop_rotate: SHOT's "
+        False,
+        description="true: a random shift (up to 1/16 of the side) and horizontal flip; crop_rotate: SHOT's "
         "USPS->MNIST source augmentation, a random crop of the image padded by 4 px (per 28 px of side) then a "
-        "rotation by up to ±10 degrees (nearest pixel), filled with the images' darkest value")
-    temperature: float | None = Field(None, gt=0, description="KD temperature, used only by distill's "
-                                                                 "KD-on-real-data reference; default: the method's")
-    lr_schedule: Literal["cosine", "shot"] = Field("cosine", description="cosine annealing, or shot: lr·(1 + 10t/T)^-0.75")
-    holdout: float = Field(0.0, ge=0, lt=1, description="share of the training images kept apart to choose "
-                                                          "the best epoch; 0 keeps the last")
+        "rotation by up to ±10 degrees (nearest pixel), filled with the images' darkest value",
+    )
+    temperature: float | None = Field(
+        None,
+        gt=0,
+        description="KD temperature, used only by distill's KD-on-real-data reference; default: the method's",
+    )
+    lr_schedule: Literal["cosine", "shot"] = Field(
+        "cosine", description="cosine annealing, or shot: lr·(1 + 10t/T)^-0.75"
+    )
+    holdout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of the training images kept apart to choose the best epoch; 0 keeps the last",
+    )
 
 
 class TeacherConfig(RealTrainingConfig):
@@ -107,8 +131,10 @@ class SourceConfig(TeacherConfig):
     on the source test split."""
 
     preset: Literal["cpu", "paper", "paper-augment"] = Field(
-        "cpu", description="cpu: batch 128, 15 epochs; paper: SHOT's digit sources, batch 64, 30 epochs; "
-        "paper-augment: paper plus SHOT's USPS->MNIST crop and rotation (augment=crop_rotate)")
+        "cpu",
+        description="cpu: batch 128, 15 epochs; paper: SHOT's digit sources, batch 64, 30 epochs; "
+        "paper-augment: paper plus SHOT's USPS->MNIST crop and rotation (augment=crop_rotate)",
+    )
     model: str = "shot_lenet"
     data: DataConfig = DataConfig(name="fmnist")
     optimizer: Literal["adam", "sgd"] = "sgd"
@@ -116,8 +142,12 @@ class SourceConfig(TeacherConfig):
     weight_decay: float = Field(1e-3, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     lr_schedule: Literal["cosine", "shot"] = "shot"
-    holdout: float = Field(0.1, ge=0, lt=1, description="share of the source training images kept apart to "
-                                                          "choose the epoch (never the test set)")
+    holdout: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="share of the source training images kept apart to choose the epoch (never the test set)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -132,14 +162,21 @@ class AdaptRunConfig(StrictModel):
     """``dfkt adapt``: a method's own settings live under ``params``."""
 
     method: str = Field("shot", description="adaptation method (see 'dfkt list adapt-methods')")
-    preset: str | None = Field("cpu", description="method preset: 'cpu' (default, 2 cores) or 'paper'; some methods "
-                                                  "have more (e.g. shot: paper-objects); a wrong name lists them")
+    preset: str | None = Field(
+        "cpu",
+        description="method preset: 'cpu' (default, 2 cores) or 'paper'; some methods "
+        "have more (e.g. shot: paper-objects); a wrong name lists them",
+    )
     source: str = Field("", description="source model.safetensors written by 'dfkt train-source'")
     target: DataConfig = DataConfig()
     split_seed: int = Field(0, description="seed of the split of the target into the adapted and held-out halves")
     params: dict[str, Any] = {}
-    eval_every: int | None = Field(None, ge=1, description="adaptation steps between evaluations (label-free "
-                                   "score, selection, accuracy); default: one epoch (online methods: the pass)")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="adaptation steps between evaluations (label-free "
+        "score, selection, accuracy); default: one epoch (online methods: the pass)",
+    )
     eval_seconds: float | None = Field(None, gt=0, description="also evaluate after this many training seconds")
     max_seconds: float | None = Field(None, gt=0, description="wall-time budget for adapting")
     engine: EngineConfig = EngineConfig()
@@ -160,28 +197,41 @@ class DistillConfig(StrictModel):
     """``dfkt distill``: a method's own settings live under ``params``."""
 
     method: str = Field("rdskd", description="DFKD method (see 'dfkt list methods')")
-    preset: str | None = Field("cpu", description="method preset: 'cpu' (default, 2-core laptop scale) or 'paper'; "
-                                                  "some methods have more (e.g. deepinversion: cpu-adi); a wrong name "
-                                                  "lists them")
-    teacher: str = Field("", description="the teacher: a model.safetensors from 'dfkt train-teacher', a TorchScript "
-                                         "file, torchvision:NAME (e.g. torchvision:resnet18) or package.module:function "
-                                         "(called with no arguments, returns the nn.Module); the last two need "
-                                         "--teacher-weights and --data. Declare what cannot be inferred with --set "
-                                         "teacher_info.mean=[...] teacher_info.std=[...] (default: the data's)")
-    teacher_weights: str | None = Field(None, description="state dict (.pt/.pth from torch.save, or .safetensors) of "
-                                                          "a torchvision:NAME or module:function teacher")
+    preset: str | None = Field(
+        "cpu",
+        description="method preset: 'cpu' (default, 2-core laptop scale) or 'paper'; "
+        "some methods have more (e.g. deepinversion: cpu-adi); a wrong name "
+        "lists them",
+    )
+    teacher: str = Field(
+        "",
+        description="the teacher: a model.safetensors from 'dfkt train-teacher', a TorchScript "
+        "file, torchvision:NAME (e.g. torchvision:resnet18) or package.module:function "
+        "(called with no arguments, returns the nn.Module); the last two need "
+        "--teacher-weights and --data. Declare what cannot be inferred with --set "
+        "teacher_info.mean=[...] teacher_info.std=[...] (default: the data's)",
+    )
+    teacher_weights: str | None = Field(
+        None,
+        description="state dict (.pt/.pth from torch.save, or .safetensors) of "
+        "a torchvision:NAME or module:function teacher",
+    )
     teacher_info: DeclaredInfo = DeclaredInfo()
-    student: str | None = Field(None, description="student architecture; default: the teacher's half-width "
-                                                  "partner")
+    student: str | None = Field(None, description="student architecture; default: the teacher's half-width partner")
     data: DataConfig = DataConfig()
     params: dict[str, Any] = {}
-    eval_every: int | None = Field(None, ge=1, description="student steps between test-set evaluations (default, "
-                                                           "with eval_seconds unset too: about 20 over the student "
-                                                           "stage, under 5% of its time)")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="student steps between test-set evaluations (default, "
+        "with eval_seconds unset too: about 20 over the student "
+        "stage, under 5% of its time)",
+    )
     eval_seconds: float | None = Field(None, gt=0, description="also evaluate after this many training seconds")
     max_seconds: float | None = Field(None, gt=0, description="wall-time budget for training")
-    references: bool = Field(False, description="also train the KD-on-real-data and labels-trained students for "
-                                                "comparison")
+    references: bool = Field(
+        False, description="also train the KD-on-real-data and labels-trained students for comparison"
+    )
     reference: RealTrainingConfig = RealTrainingConfig()
     engine: EngineConfig = EngineConfig()
 
@@ -280,27 +330,43 @@ class QuantizeConfig(StrictModel):
     """``dfkt quantize``: int8 post-training quantization through ONNX Runtime, calibrated on synthetic
     images (or real ones, as a reference); the calibration source's own settings live under ``params``."""
 
-    model: str = Field("", description="a dfkt model file, a run folder (a distill run's student; see "
-                                       "run_model), or any teacher 'dfkt distill --teacher' accepts")
-    model_weights: str | None = Field(None, description="state-dict file of a torchvision:NAME or module:function model")
+    model: str = Field(
+        "",
+        description="a dfkt model file, a run folder (a distill run's student; see "
+        "run_model), or any teacher 'dfkt distill --teacher' accepts",
+    )
+    model_weights: str | None = Field(
+        None, description="state-dict file of a torchvision:NAME or module:function model"
+    )
     model_info: DeclaredInfo = DeclaredInfo()
     run_model: Literal["student", "selected", "teacher"] = Field(
-        "student", description="for a distill run folder: its last student, its label-free selected student, "
-                               "or its teacher")
+        "student",
+        description="for a distill run folder: its last student, its label-free selected student, or its teacher",
+    )
     data: DataConfig = DataConfig()
     out: str = Field("", description="the int8 ONNX file to write, e.g. model.int8.onnx")
     calibration: str = Field("bn-inversion", description="calibration source (see 'dfkt list calibration-sources')")
     calibration_images: int = Field(256, ge=1, description="images fed to the calibrator")
-    check_images: int = Field(128, ge=1, description="held-out images of the same source on which int8 and fp32 "
-                                                      "top-1 predictions are compared before writing")
-    min_agreement: float = Field(0.9, ge=0, le=1, description="refuse to write when int8 agrees with fp32 on fewer "
-                                                              "held-out images than this share")
+    check_images: int = Field(
+        128,
+        ge=1,
+        description="held-out images of the same source on which int8 and fp32 "
+        "top-1 predictions are compared before writing",
+    )
+    min_agreement: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="refuse to write when int8 agrees with fp32 on fewer held-out images than this share",
+    )
     calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
-        "minmax", description="how ONNX Runtime sets the activation ranges from the calibration images")
+        "minmax", description="how ONNX Runtime sets the activation ranges from the calibration images"
+    )
     percentile: float = Field(99.999, gt=0, le=100, description="percentile calibration: the activation range kept")
     per_channel: bool = Field(True, description="one weight scale per output channel")
     activation_type: Literal["uint8", "int8"] = Field(
-        "uint8", description="activations: uint8 (with int8 weights, the fast U8S8 kernels on x86) or int8")
+        "uint8", description="activations: uint8 (with int8 weights, the fast U8S8 kernels on x86) or int8"
+    )
     params: dict[str, Any] = {}
     seed: int = Field(1, description="seed of the calibration images")
     threads: int | None = Field(None, ge=1, description="CPU threads for synthesis; unset: torch's default")

@@ -10,35 +10,49 @@ from dfkt.runs import write_json
 
 # Settings sized for 8×8 digits on a 2-core CPU; everything else is the RDSKD cpu preset.
 TEACHER_EPOCHS = 30
-RDSKD_PARAMS = ["params.gen_batch=256", "params.gen_epochs=3", "params.student_epochs=10",
-                "params.pool_size=10000"]
+RDSKD_PARAMS = ["params.gen_batch=256", "params.gen_epochs=3", "params.student_epochs=10", "params.pool_size=10000"]
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 1, precision: str | None = None) -> dict[str, Any]:
     """Teacher -> RDSKD student -> reference students. Rerunning the same command reuses finished work."""
     out = Path(out)
     engine_flags = [f"engine.seed={seed}"] + ([f"engine.precision={precision}"] if precision else [])
-    teacher = api.train_teacher("digits_cnn", "digits", TEACHER_EPOCHS, overrides=engine_flags,
-                                out=out / "teacher", resume=True)
-    student = api.distill("rdskd", teacher["model_file"], "digits_cnn_half", "cpu",
-                          overrides=engine_flags + RDSKD_PARAMS, out=out / "rdskd",
-                          resume=True, references=True)
+    teacher = api.train_teacher(
+        "digits_cnn", "digits", TEACHER_EPOCHS, overrides=engine_flags, out=out / "teacher", resume=True
+    )
+    student = api.distill(
+        "rdskd",
+        teacher["model_file"],
+        "digits_cnn_half",
+        "cpu",
+        overrides=engine_flags + RDSKD_PARAMS,
+        out=out / "rdskd",
+        resume=True,
+        references=True,
+    )
     summary = {"teacher": teacher, "rdskd": student}
-    write_json(out / "summary.json", {
-        "teacher_acc": teacher["teacher_acc"], "student_acc": student["student_acc"],
-        "references": student["references"],
-        "seconds": {"teacher": teacher["seconds"]["train"], **student["seconds"]},
-        "samples": str(out / "rdskd" / "samples.png")})
+    write_json(
+        out / "summary.json",
+        {
+            "teacher_acc": teacher["teacher_acc"],
+            "student_acc": student["student_acc"],
+            "references": student["references"],
+            "seconds": {"teacher": teacher["seconds"]["train"], **student["seconds"]},
+            "samples": str(out / "rdskd" / "samples.png"),
+        },
+    )
     return summary
 
 
 def format_table(result: dict[str, Any]) -> str:
     teacher, rdskd = result["teacher"], result["rdskd"]
     refs = rdskd["references"]
-    rows = [("teacher (digits_cnn, real data)", teacher["teacher_acc"], teacher["seconds"]["train"]),
-            ("student, RDSKD (no data)", rdskd["student_acc"], rdskd["seconds"]["total"]),
-            ("student, KD on real data", refs["kd_real"]["student_acc"], refs["kd_real"]["seconds"]),
-            ("student, trained on labels", refs["labels"]["student_acc"], refs["labels"]["seconds"])]
+    rows = [
+        ("teacher (digits_cnn, real data)", teacher["teacher_acc"], teacher["seconds"]["train"]),
+        ("student, RDSKD (no data)", rdskd["student_acc"], rdskd["seconds"]["total"]),
+        ("student, KD on real data", refs["kd_real"]["student_acc"], refs["kd_real"]["seconds"]),
+        ("student, trained on labels", refs["labels"]["student_acc"], refs["labels"]["seconds"]),
+    ]
     lines = [f"{'model':<34}{'test acc':>9}{'train s':>9}"]
     lines += [f"{name:<34}{acc:>9.4f}{secs:>9.1f}" for name, acc, secs in rows]
     ratio = rdskd["student_acc"] / max(teacher["teacher_acc"], 1e-9)

@@ -43,10 +43,16 @@ def feature_diversity(teacher: nn.Module, images: Tensor, predicted: Tensor) -> 
         return (d.sum() / (n * (n - 1))).item() if n > 1 else float("nan")
 
     predicted = predicted.to(unit.device)
-    within = [mean_off_diagonal(distance[predicted == c][:, predicted == c]) for c in predicted.unique().tolist()
-              if int((predicted == c).sum()) > 1]
-    return {"within_class": sum(within) / len(within) if within else None, "across": mean_off_diagonal(distance),
-            "features": source}
+    within = [
+        mean_off_diagonal(distance[predicted == c][:, predicted == c])
+        for c in predicted.unique().tolist()
+        if int((predicted == c).sum()) > 1
+    ]
+    return {
+        "within_class": sum(within) / len(within) if within else None,
+        "across": mean_off_diagonal(distance),
+        "features": source,
+    }
 
 
 @torch.no_grad()
@@ -71,13 +77,17 @@ def bn_statistics_warning(gap: float | None, method: str, params: BaseModel) -> 
     if gap is None or gap <= MAX_BN_STATISTICS_GAP:
         return []
     if hasattr(params, "w_bn"):
-        fix = (f"give the prior more weight or time (params.w_bn, now {params.w_bn:g}; more synthesis iterations "
-               "or a longer --max-seconds)")
+        fix = (
+            f"give the prior more weight or time (params.w_bn, now {params.w_bn:g}; more synthesis iterations "
+            "or a longer --max-seconds)"
+        )
     else:
         fix = "use a method that matches those statistics (deepinversion, cmi or fast), or give it more time"
-    return [f"samples unlike the teacher's training data: their statistics at its BatchNorm layers are {gap:.1f} "
-            f"(standardised, mean over layers) from the stored ones, where real data reads under "
-            f"{MAX_BN_STATISTICS_GAP:g}; the student may not carry over to real images; {fix}"]
+    return [
+        f"samples unlike the teacher's training data: their statistics at its BatchNorm layers are {gap:.1f} "
+        f"(standardised, mean over layers) from the stored ones, where real data reads under "
+        f"{MAX_BN_STATISTICS_GAP:g}; the student may not carry over to real images; {fix}"
+    ]
 
 
 def collapse_fix(method: str, params: BaseModel, teacher_has_batchnorm: bool = False) -> str:
@@ -86,9 +96,11 @@ def collapse_fix(method: str, params: BaseModel, teacher_has_batchnorm: bool = F
     was measured to help (benchmarks/analysis/batchnorm_pairs.md)."""
     fixes = []
     if method == "rdskd":  # its loss has no weights; an undertrained generator is the usual cause
-        fixes.append(f"give the generator more steps (--set params.gen_epochs=..., now {params.gen_epochs}; with "
-                     f"--max-seconds a larger params.gen_budget_share, now {params.gen_budget_share}) or another "
-                     f"learning rate (params.gen_lr, now {params.gen_lr:g})")
+        fixes.append(
+            f"give the generator more steps (--set params.gen_epochs=..., now {params.gen_epochs}; with "
+            f"--max-seconds a larger params.gen_budget_share, now {params.gen_budget_share}) or another "
+            f"learning rate (params.gen_lr, now {params.gen_lr:g})"
+        )
     elif hasattr(params, "gen_lr"):
         fixes.append(f"lower the generator learning rate (--set params.gen_lr=..., now {params.gen_lr:g})")
     if hasattr(params, "w_ie"):
@@ -96,15 +108,23 @@ def collapse_fix(method: str, params: BaseModel, teacher_has_batchnorm: bool = F
     if hasattr(params, "synthesis_iterations"):
         fixes.append(f"optimise each batch longer (params.synthesis_iterations, now {params.synthesis_iterations})")
     if getattr(params, "bn_distance", None) == "raw" and teacher_has_batchnorm:
-        fixes.append("weigh every BatchNorm layer alike (params.bn_distance=standardised; the raw distance is "
-                     "dominated by the last layer)")
+        fixes.append(
+            "weigh every BatchNorm layer alike (params.bn_distance=standardised; the raw distance is "
+            "dominated by the last layer)"
+        )
     if method != "rdskd" and not teacher_has_batchnorm:
         fixes.append("or use rdskd, whose loss seeks class and sample diversity without weights to tune")
     return "; ".join(fixes)
 
 
-def collapse_warnings(images: Tensor, histogram: list[int], method: str, params: BaseModel,
-                      diversity: dict | None = None, teacher_has_batchnorm: bool = False) -> list[str]:
+def collapse_warnings(
+    images: Tensor,
+    histogram: list[int],
+    method: str,
+    params: BaseModel,
+    diversity: dict | None = None,
+    teacher_has_batchnorm: bool = False,
+) -> list[str]:
     """Warnings for mode collapse: samples concentrated in one or two teacher classes, classes left
     out, or samples nearly identical (in pixels, or in the teacher's features within a class)."""
     warnings = []
@@ -116,19 +136,26 @@ def collapse_warnings(images: Tensor, histogram: list[int], method: str, params:
         share = sum(histogram[c] for c in top) / total
         if share >= TOP2_SHARE:
             where = f"class {top[0]}" if len(top) == 1 else f"classes {top[0]} and {top[1]}"
-            warnings.append(f"mode collapse: {100 * share:.0f}% of {total} generated samples fall in teacher {where}, "
-                            f"so the student sees little of the others; {fix}")
+            warnings.append(
+                f"mode collapse: {100 * share:.0f}% of {total} generated samples fall in teacher {where}, "
+                f"so the student sees little of the others; {fix}"
+            )
         elif covered / len(histogram) < MIN_CLASS_COVERAGE:  # spread over a few classes, the rest missing
-            warnings.append(f"mode collapse: the generated samples cover only {covered} of {len(histogram)} teacher "
-                            f"classes; {fix}")
+            warnings.append(
+                f"mode collapse: the generated samples cover only {covered} of {len(histogram)} teacher classes; {fix}"
+            )
     flat = images.float().flatten(1)
     if flat.shape[0] > 1:
         spread = flat.std(dim=0).mean() / flat.std().clamp_min(1e-12)
         if spread < MIN_RELATIVE_SPREAD:
-            warnings.append(f"mode collapse: the generated samples are nearly identical (spread across samples "
-                            f"{spread:.3f} of the pixel spread); {fix}")
+            warnings.append(
+                f"mode collapse: the generated samples are nearly identical (spread across samples "
+                f"{spread:.3f} of the pixel spread); {fix}"
+            )
     within = (diversity or {}).get("within_class")
     if within is not None and within < MIN_WITHIN_CLASS_DIVERSITY:
-        warnings.append(f"mode collapse: samples the teacher puts in one class are nearly the same to it (mean "
-                        f"feature distance {within:.4f}, below {MIN_WITHIN_CLASS_DIVERSITY}); {fix}")
+        warnings.append(
+            f"mode collapse: samples the teacher puts in one class are nearly the same to it (mean "
+            f"feature distance {within:.4f}, below {MIN_WITHIN_CLASS_DIVERSITY}); {fix}"
+        )
     return warnings

@@ -66,8 +66,10 @@ def disk_full_error(path: str | os.PathLike, needed: int | None, exc: BaseExcept
     quota = getattr(exc, "errno", None) == errno.EDQUOT or f"(os error {errno.EDQUOT})" in str(exc)
     what = "the disk quota is exceeded" if quota else "the disk is full"
     need = f"{_size(needed)} needed, " if needed is not None else ""
-    return DiskFullError(f"cannot write {Path(path).name} in {folder}: {what} ({need}{free}); free some space "
-                         "or write to another folder (--out)")
+    return DiskFullError(
+        f"cannot write {Path(path).name} in {folder}: {what} ({need}{free}); free some space "
+        "or write to another folder (--out)"
+    )
 
 
 def _size(n: int) -> str:

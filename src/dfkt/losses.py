@@ -10,8 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
-            reduction: Literal["batchmean", "mean"] = "batchmean") -> Tensor:
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    reduction: Literal["batchmean", "mean"] = "batchmean",
+) -> Tensor:
     """Knowledge distillation (Hinton et al., 2015).
 
     τ² · KL(softmax(t/τ) ‖ softmax(s/τ)), averaged over the batch ("batchmean"), or with "mean" over the
@@ -103,7 +107,7 @@ def mode_seeking_loss(images: Tensor, z: Tensor, eps: float = 1e-5) -> Tensor:
     if half == 0:
         raise ValueError("mode_seeking_loss needs a batch of at least 2")
     x, z = images.float(), z.float()
-    ratio = (x[half:2 * half] - x[:half]).abs().mean() / (z[half:2 * half] - z[:half]).abs().mean()
+    ratio = (x[half : 2 * half] - x[:half]).abs().mean() / (z[half : 2 * half] - z[:half]).abs().mean()
     return 1.0 / (ratio + eps)
 
 
@@ -122,8 +126,10 @@ def attention_map(features: Tensor) -> Tensor:
 
 def attention_transfer_loss(student_features: list[Tensor], teacher_features: list[Tensor]) -> Tensor:
     """Attention transfer as in ZSKT (Micaelli & Storkey, NeurIPS 2019): Σ_blocks mean (a(f_S) − a(f_T))²."""
-    return sum((attention_map(s) - attention_map(t)).pow(2).mean()
-               for s, t in zip(student_features, teacher_features, strict=True))  # type: ignore[return-value]
+    return sum(
+        (attention_map(s) - attention_map(t)).pow(2).mean()
+        for s, t in zip(student_features, teacher_features, strict=True)
+    )  # type: ignore[return-value]
 
 
 def total_variation(images: Tensor) -> Tensor:
@@ -131,8 +137,12 @@ def total_variation(images: Tensor) -> Tensor:
     of the L2 norms of the horizontal, vertical and both diagonal neighbour differences,
     TV(x) = ‖Δ_h x‖₂ + ‖Δ_v x‖₂ + ‖Δ_↘ x‖₂ + ‖Δ_↗ x‖₂."""
     x = images.float()
-    diffs = (x[..., :, :-1] - x[..., :, 1:], x[..., :-1, :] - x[..., 1:, :],
-             x[..., 1:, :-1] - x[..., :-1, 1:], x[..., :-1, :-1] - x[..., 1:, 1:])
+    diffs = (
+        x[..., :, :-1] - x[..., :, 1:],
+        x[..., :-1, :] - x[..., 1:, :],
+        x[..., 1:, :-1] - x[..., :-1, 1:],
+        x[..., :-1, :-1] - x[..., 1:, 1:],
+    )
     return sum(torch.linalg.vector_norm(d) for d in diffs)  # type: ignore[return-value]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,14 @@ class TeacherAgreementSelection:
     """Keeps, in ``state`` (so the checkpoint carries it), the student weights with the highest
     teacher agreement seen so far on ``held_out(n)``'s images, drawn once when first available."""
 
-    def __init__(self, state: TrainState, student: nn.Module, teacher: nn.Module, engine: Engine,
-                 held_out: Callable[[int], Tensor | None]):
+    def __init__(
+        self,
+        state: TrainState,
+        student: nn.Module,
+        teacher: nn.Module,
+        engine: Engine,
+        held_out: Callable[[int], Tensor | None],
+    ):
         self.state, self.student, self.teacher, self.engine, self.held_out = state, student, teacher, engine, held_out
         state.keep("selected_student", copy.deepcopy(student).requires_grad_(False))
         state.keep("selection.agreement", torch.tensor(-1.0))
@@ -118,8 +124,10 @@ def information_maximization_score(probs: Tensor) -> float:
 
 
 SCORE_NAME = "information maximisation (IM)"
-SCORE_CRITERION = ("IM = (H(mean_i p_i) - mean_i H(p_i)) / ln K of the softmax outputs on the adapted target "
-                   "images (no labels); higher is better")
+SCORE_CRITERION = (
+    "IM = (H(mean_i p_i) - mean_i H(p_i)) / ln K of the softmax outputs on the adapted target "
+    "images (no labels); higher is better"
+)
 CHUNK = 1000
 
 
@@ -141,7 +149,7 @@ class TargetScoreSelection:
         probs = []
         with self.engine.eval_mode(net), torch.autocast(self.engine.device.type, enabled=False):
             for start in range(0, len(self.images), CHUNK):
-                probs.append(F.softmax(net(self.images[start:start + CHUNK].float()).float(), dim=1))
+                probs.append(F.softmax(net(self.images[start : start + CHUNK].float()).float(), dim=1))
         return information_maximization_score(torch.cat(probs))
 
     def update(self) -> float:

@@ -26,25 +26,37 @@ class RealDataTraining(TrainState):
     without the test set.
     """
 
-    def __init__(self, engine: Engine, model: nn.Module, images: Tensor, labels: Tensor,
-                 cfg: RealTrainingConfig, teacher: nn.Module | None = None, name: str = "train",
-                 holdout: tuple[Tensor, Tensor] | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        model: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        cfg: RealTrainingConfig,
+        teacher: nn.Module | None = None,
+        name: str = "train",
+        holdout: tuple[Tensor, Tensor] | None = None,
+    ):
         super().__init__(engine.device)
         self.engine, self.cfg, self.name, self.teacher, self.holdout = engine, cfg, name, teacher, holdout
         self.num_classes = model.num_classes
         self.images = engine.to_device(images)
         self.labels = labels.to(engine.device)
         self.model = engine.prepare(model, trainable=True)
-        opt = make_optimizer(list(self.model.parameters()), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
-                             nesterov=True)
+        opt = make_optimizer(
+            list(self.model.parameters()), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, nesterov=True
+        )
         self.optimizer = engine.prepare_optimizer(opt)
         self.batches = EpochBatches(self, engine, len(self.images), cfg.batch_size)
         # crop_rotate fills with black, before normalisation as in torchvision: the images' darkest value.
         self.fill = self.images.amin(dim=(0, 2, 3)) if cfg.augment == "crop_rotate" else None
         self.steps_per_epoch = self.batches.steps_per_epoch
         total = cfg.epochs * self.steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total) \
-            if cfg.lr_schedule == "cosine" else shot_decay(self.optimizer, total)
+        scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
+            if cfg.lr_schedule == "cosine"
+            else shot_decay(self.optimizer, total)
+        )
         self.keep("model", model, self.optimizer, scheduler)
         if holdout is not None:
             self.keep("best", copy.deepcopy(model).requires_grad_(False))
@@ -54,8 +66,9 @@ class RealDataTraining(TrainState):
         index = self.batches(i)
         images = self.images[index]
         if self.cfg.augment == "crop_rotate":  # SHOT's USPS->MNIST source: 4 px of 28, ±10 degrees
-            images = crop_and_rotate(images, self.rngs["order"], max(1, round(images.shape[3] * 4 / 28)), 10.0,
-                                     self.fill)
+            images = crop_and_rotate(
+                images, self.rngs["order"], max(1, round(images.shape[3] * 4 / 28)), 10.0, self.fill
+            )
         elif self.cfg.augment:
             images = shift_and_flip(images, self.rngs["order"])
         logits = self.model(images)
@@ -91,22 +104,35 @@ class RealDataTraining(TrainState):
 
     def stages(self) -> list[Stage]:
         frozen = [self.teacher] if self.teacher is not None else []
-        return [Stage(self.name, self.cfg.epochs * self.steps_per_epoch, self.step, train=[self.model],
-                      frozen=frozen, evaluate=True)]
+        return [
+            Stage(
+                self.name,
+                self.cfg.epochs * self.steps_per_epoch,
+                self.step,
+                train=[self.model],
+                frozen=frozen,
+                evaluate=True,
+            )
+        ]
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, engine: Engine,
-                   num_classes: int, batch_size: int = 1000) -> dict:
+def evaluate_model(
+    model: nn.Module, images: Tensor, labels: Tensor, engine: Engine, num_classes: int, batch_size: int = 1000
+) -> dict:
     """Accuracy, per-class accuracy and confusion matrix (rows: true class) on normalised images."""
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     with torch.no_grad(), engine.eval_mode(model), engine.autocast():
         for start in range(0, len(images), batch_size):
-            x = engine.to_device(images[start:start + batch_size])
+            x = engine.to_device(images[start : start + batch_size])
             predicted = model(x).argmax(dim=1).cpu()
-            truth = labels[start:start + batch_size].cpu()
-            confusion += torch.bincount(truth * num_classes + predicted,
-                                        minlength=num_classes**2).reshape(num_classes, num_classes)
+            truth = labels[start : start + batch_size].cpu()
+            confusion += torch.bincount(truth * num_classes + predicted, minlength=num_classes**2).reshape(
+                num_classes, num_classes
+            )
     per_class = (confusion.diag().float() / confusion.sum(dim=1).clamp_min(1)).tolist()
-    return {"accuracy": confusion.diag().sum().item() / max(1, confusion.sum().item()),
-            "per_class": per_class, "confusion": confusion.tolist()}
+    return {
+        "accuracy": confusion.diag().sum().item() / max(1, confusion.sum().item()),
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }

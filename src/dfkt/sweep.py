@@ -56,18 +56,21 @@ class SweepConfig(StrictModel):
     seeds: list[int] = Field([1, 2, 3], min_length=1, description="engine seeds of each setting")
     max_seconds: float | None = Field(None, gt=0, description="wall-time budget of each trial")
     grid: dict[str, list[Any]] = Field({}, description="setting -> values; every combination is a trial")
-    points: list[dict[str, Any]] = Field([], description="explicit settings after the grid's, e.g. one loss "
-                                                         "weight changed at a time")
-    random: dict[str, RandomRange | list[Any]] = Field({}, description="setting -> range or choices, drawn "
-                                                                      "random_trials times (seeded)")
+    points: list[dict[str, Any]] = Field(
+        [], description="explicit settings after the grid's, e.g. one loss weight changed at a time"
+    )
+    random: dict[str, RandomRange | list[Any]] = Field(
+        {}, description="setting -> range or choices, drawn random_trials times (seeded)"
+    )
     random_trials: int = Field(0, ge=0, description="settings drawn from the random space")
     random_seed: int = Field(0, description="seed of the random draws")
     overrides: list[str] = Field([], description="--set settings shared by every trial")
 
     def settings(self) -> list[dict[str, Any]]:
         """Every setting of the sweep: the grid's combinations, the explicit points, then the random draws."""
-        points = [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())] if self.grid \
-            else []
+        points = (
+            [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())] if self.grid else []
+        )
         points += [dict(p) for p in self.points]
         if self.random and not self.random_trials:
             raise ConfigError("a random space needs random_trials: N (how many settings to draw)")
@@ -94,8 +97,14 @@ def plan(cfg: SweepConfig) -> list[dict[str, Any]]:
     trials = []
     for index, setting in enumerate(cfg.settings()):
         for seed in cfg.seeds:
-            trials.append({"key": f"s{index:03d}-seed{seed}", "setting": index, "seed": seed,
-                           "overrides": [f"{k}={json.dumps(v)}" for k, v in setting.items()]})
+            trials.append(
+                {
+                    "key": f"s{index:03d}-seed{seed}",
+                    "setting": index,
+                    "seed": seed,
+                    "overrides": [f"{k}={json.dumps(v)}" for k, v in setting.items()],
+                }
+            )
     return trials
 
 
@@ -137,20 +146,26 @@ def _database(optuna, url: str, attempts: int = 5):
         try:
             return optuna.storages.RDBStorage(database_url(url), engine_kwargs=engine_kwargs)
         except ImportError as exc:  # the database's driver is not installed
-            fix = "pip install 'dfkt[postgres]'" if scheme.startswith("postgresql") else \
-                "install the Python driver SQLAlchemy names for it"
+            fix = (
+                "pip install 'dfkt[postgres]'"
+                if scheme.startswith("postgresql")
+                else "install the Python driver SQLAlchemy names for it"
+            )
             missing = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc  # Optuna rewords it
-            raise DfktError(f"the sweep storage {scheme}://... needs a database driver that is not installed "
-                            f"({missing}): {fix}") from None
+            raise DfktError(
+                f"the sweep storage {scheme}://... needs a database driver that is not installed ({missing}): {fix}"
+            ) from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as exc:
             error = exc
             time.sleep(0.2 * (attempt + 1))
         except sqlalchemy.exc.SQLAlchemyError as exc:  # a malformed URL: retrying cannot help
             error = exc
             break
-    raise DfktError(f"cannot open the sweep storage {url} ({type(error).__name__}: {str(error).splitlines()[0]}); "
-                    "check --storage (sqlite:///FILE or postgresql://USER@HOST/DB), or leave it out for "
-                    "OUT/study.journal") from error
+    raise DfktError(
+        f"cannot open the sweep storage {url} ({type(error).__name__}: {str(error).splitlines()[0]}); "
+        "check --storage (sqlite:///FILE or postgresql://USER@HOST/DB), or leave it out for "
+        "OUT/study.journal"
+    ) from error
 
 
 def open_study(storage, name: str, trials: list[dict[str, Any]]):
@@ -165,12 +180,16 @@ def open_study(storage, name: str, trials: list[dict[str, Any]]):
         deadline = time.time() + 120
         while "plan" not in study.user_attrs:  # its creator is still queueing
             if time.time() > deadline:
-                raise DfktError(f"study {name} exists but has no plan; its creator died while queueing: delete the "
-                                "storage (or pass another --storage) to start the sweep again")
+                raise DfktError(
+                    f"study {name} exists but has no plan; its creator died while queueing: delete the "
+                    "storage (or pass another --storage) to start the sweep again"
+                )
             time.sleep(0.5)
         if study.user_attrs["plan"] != trials:
-            raise DfktError(f"the storage already holds a study {name} with other trials; pass another --out or "
-                            "--storage for a different sweep")
+            raise DfktError(
+                f"the storage already holds a study {name} with other trials; pass another --out or "
+                "--storage for a different sweep"
+            )
         return study
     for trial in trials:
         study.enqueue_trial({}, user_attrs={"trial": trial})
@@ -231,10 +250,12 @@ def runs_first(study, trial) -> bool:
     lower-numbered copy is waiting or running."""
     from optuna.trial import TrialState
 
-    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING,
-                                                          TrialState.RUNNING)):
-        if other.number != trial.number and _key(other) == _key(trial) and (
-                other.state == TrialState.COMPLETE or other.number < trial.number):
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)):
+        if (
+            other.number != trial.number
+            and _key(other) == _key(trial)
+            and (other.state == TrialState.COMPLETE or other.number < trial.number)
+        ):
             return False
     return True
 
@@ -256,8 +277,18 @@ def _key(trial) -> str | None:
 
 
 def trial_command(cfg: SweepConfig, trial: dict[str, Any], run_dir: Path) -> list[str]:
-    command = [sys.executable, "-m", "dfkt.cli", "distill", "--method", cfg.method, "--teacher", cfg.teacher,
-               "--out", str(run_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "dfkt.cli",
+        "distill",
+        "--method",
+        cfg.method,
+        "--teacher",
+        cfg.teacher,
+        "--out",
+        str(run_dir),
+    ]
     if cfg.preset:
         command += ["--preset", cfg.preset]
     if cfg.max_seconds:
@@ -340,56 +371,92 @@ def aggregate(cfg: SweepConfig, study) -> dict[str, Any]:
         if spec is None:
             continue
         if t.state == TrialState.COMPLETE:
-            results[spec["key"]] = {**spec, "number": t.number, "worker": f"{t.user_attrs.get('host')}:"
-                                    f"{t.user_attrs.get('pid')}",
-                                    **{k: t.user_attrs[k] for k in ("student_acc", "student_selected_acc",
-                                                                    "student_best_on_test_acc", "teacher_acc")
-                                       if k in t.user_attrs}}
+            results[spec["key"]] = {
+                **spec,
+                "number": t.number,
+                "worker": f"{t.user_attrs.get('host')}:{t.user_attrs.get('pid')}",
+                **{
+                    k: t.user_attrs[k]
+                    for k in ("student_acc", "student_selected_acc", "student_best_on_test_acc", "teacher_acc")
+                    if k in t.user_attrs
+                },
+            }
         elif t.state == TrialState.FAIL and "error" in t.user_attrs:
             failed[spec["key"]] = t.user_attrs["error"]
     finished = [results[t["key"]] for t in plan_trials if t["key"] in results]
     settings = []
     for index, setting in enumerate(cfg.settings()):
         accs = [r["student_acc"] for r in finished if r["setting"] == index]
-        settings.append({"setting": index, "overrides": plan_trials[index * len(cfg.seeds)]["overrides"],
-                         **describe(accs)})
-    return {"method": cfg.method, "teacher": cfg.teacher, "preset": cfg.preset, "seeds": cfg.seeds,
-            "trials_planned": len(plan_trials), "trials_finished": len(finished),
-            "failed": {k: v for k, v in failed.items() if k not in results},
-            "student_acc": describe([r["student_acc"] for r in finished]),
-            "student_selected_acc": describe([r["student_selected_acc"] for r in finished  # None: no held-out set
-                                              if r.get("student_selected_acc") is not None]),
-            "student_best_on_test_acc": describe([r["student_best_on_test_acc"] for r in finished
-                                                  if "student_best_on_test_acc" in r]),
-            "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
-            "settings": settings, "trials": finished}
+        settings.append(
+            {"setting": index, "overrides": plan_trials[index * len(cfg.seeds)]["overrides"], **describe(accs)}
+        )
+    return {
+        "method": cfg.method,
+        "teacher": cfg.teacher,
+        "preset": cfg.preset,
+        "seeds": cfg.seeds,
+        "trials_planned": len(plan_trials),
+        "trials_finished": len(finished),
+        "failed": {k: v for k, v in failed.items() if k not in results},
+        "student_acc": describe([r["student_acc"] for r in finished]),
+        "student_selected_acc": describe(
+            [
+                r["student_selected_acc"]
+                for r in finished  # None: no held-out set
+                if r.get("student_selected_acc") is not None
+            ]
+        ),
+        "student_best_on_test_acc": describe(
+            [r["student_best_on_test_acc"] for r in finished if "student_best_on_test_acc" in r]
+        ),
+        "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
+        "settings": settings,
+        "trials": finished,
+    }
 
 
 def describe(values: list[float]) -> dict[str, Any]:
     if not values:
         return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
-    return {"n": len(values), "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else None,  # one value has no spread
-            "min": min(values), "max": max(values),
-            "values": values}
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,  # one value has no spread
+        "min": min(values),
+        "max": max(values),
+        "values": values,
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
     def pct(v: float | None) -> str:
         return "—" if v is None else f"{100 * v:.1f}"
 
-    lines = [f"# Sweep: {result['method']} ({result['trials_finished']} of {result['trials_planned']} trials)", "",
-             f"Teacher `{result['teacher']}`, preset `{result['preset']}`, seeds {result['seeds']}.", "",
-             "| | mean | std | min | max | n |", "|---|---|---|---|---|---|"]
-    for label, key in (("final student", "student_acc"), ("label-free selected", "student_selected_acc"),
-                       ("best on test (oracle)", "student_best_on_test_acc")):
+    lines = [
+        f"# Sweep: {result['method']} ({result['trials_finished']} of {result['trials_planned']} trials)",
+        "",
+        f"Teacher `{result['teacher']}`, preset `{result['preset']}`, seeds {result['seeds']}.",
+        "",
+        "| | mean | std | min | max | n |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, key in (
+        ("final student", "student_acc"),
+        ("label-free selected", "student_selected_acc"),
+        ("best on test (oracle)", "student_best_on_test_acc"),
+    ):
         d = result[key]
         lines.append(f"| {label} | {pct(d['mean'])} | {pct(d['std'])} | {pct(d['min'])} | {pct(d['max'])} | {d['n']} |")
     lines += ["", "| setting | overrides | mean | std | min | max |", "|---|---|---|---|---|---|"]
     for s in result["settings"]:
-        lines.append(f"| {s['setting']} | {' '.join(s['overrides']) or '(preset)'} | {pct(s['mean'])} | "
-                     f"{pct(s['std'])} | {pct(s['min'])} | {pct(s['max'])} |")
+        lines.append(
+            f"| {s['setting']} | {' '.join(s['overrides']) or '(preset)'} | {pct(s['mean'])} | "
+            f"{pct(s['std'])} | {pct(s['min'])} | {pct(s['max'])} |"
+        )
     if result["failed"]:
-        lines += ["", "Failed trials (run the sweep again with --retry-failed once the cause is fixed):",
-                  *[f"- {k}: {v}" for k, v in result["failed"].items()]]
+        lines += [
+            "",
+            "Failed trials (run the sweep again with --retry-failed once the cause is fixed):",
+            *[f"- {k}: {v}" for k, v in result["failed"].items()],
+        ]
     return "\n".join(lines) + "\n"

@@ -10,12 +10,19 @@ from dfkt.engine.state import TrainState
 from dfkt.errors import ConfigError
 
 
-def make_optimizer(params: list[nn.Parameter], kind: str, lr: float, momentum: float = 0.9,
-                   weight_decay: float = 0.0, nesterov: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[nn.Parameter],
+    kind: str,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> torch.optim.Optimizer:
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           nesterov=nesterov and momentum > 0)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov and momentum > 0
+    )
 
 
 def shot_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -47,9 +54,10 @@ class EpochBatches:
     def __call__(self, i: int) -> Tensor:
         position = i % self.steps_per_epoch
         if position == 0:
-            self.state.buffers["order"] = torch.randperm(self.n, device=self.engine.device,
-                                                         generator=self.state.rngs["order"])
-        mine = self.state.buffers["order"][self.rank * self.share:(self.rank + 1) * self.share]
+            self.state.buffers["order"] = torch.randperm(
+                self.n, device=self.engine.device, generator=self.state.rngs["order"]
+            )
+        mine = self.state.buffers["order"][self.rank * self.share : (self.rank + 1) * self.share]
         start = position * self.batch_size
         end = self.share if position == self.steps_per_epoch - 1 else start + self.batch_size
         return mine[start:end]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from dfkt.data.folder import load_image_folder
 from dfkt.data.shifted import parse_shift
 from dfkt.engine import Engine, RunResult
 from dfkt.errors import ConfigError
-from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info
+from dfkt.models.files import ModelInfo, load_model, model_path, model_sha256, read_info
 from dfkt.registry import ADAPT_METHODS
 from dfkt.selection import SCORE_CRITERION, SCORE_NAME, TargetScoreSelection
 from dfkt.sfda.base import AdaptSetup
@@ -29,7 +30,7 @@ from dfkt.supervised import evaluate_model
 def target_halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the half a method adapts on and the half held out: a fixed seeded split."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[: n // 2], order[n // 2:]
+    return order[: n // 2], order[n // 2 :]
 
 
 class TargetImages(NamedTuple):
@@ -51,8 +52,9 @@ def _target_dataset(target: DataConfig, name: str, info: ModelInfo) -> tuple[Ima
     if size is None and dataset.image_size != info.image_size:
         resized = {"from": dataset.image_size, "to": info.image_size}
         dataset = load_dataset(name, target.root, target.download, info.image_size)
-    info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}",
-                    "target.image_size")
+    info.check_fits(
+        dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}", "target.image_size"
+    )
     return dataset, resized
 
 
@@ -68,12 +70,19 @@ def target_images(target: DataConfig, info: ModelInfo) -> TargetImages:
         if target.image_size is None and images.shape[2] != info.image_size:
             resized = {"from": int(images.shape[2]), "to": info.image_size}
             images = fit_size(images, info.image_size, "resize")
-        info.check_fits(info.num_classes if labels is None else max(info.num_classes, int(labels.max()) + 1),
-                        images.shape[1], images.shape[2], f"target folder {folder}", size_key="target.image_size")
+        info.check_fits(
+            info.num_classes if labels is None else max(info.num_classes, int(labels.max()) + 1),
+            images.shape[1],
+            images.shape[2],
+            f"target folder {folder}",
+            size_key="target.image_size",
+        )
         return TargetImages(str(folder), images, labels, resized)
     if "/" in target.name or folder.exists():
-        raise ConfigError(f"target folder {folder} does not exist (or is not a folder); name a folder of images "
-                          "or a dataset such as fmnist-c:rotate:3")
+        raise ConfigError(
+            f"target folder {folder} does not exist (or is not a folder); name a folder of images "
+            "or a dataset such as fmnist-c:rotate:3"
+        )
     if ":" not in target.name:
         dataset, resized = _target_dataset(target, target.name, info)
         return TargetImages(dataset.name, dataset.test_images, dataset.test_labels, resized)
@@ -83,8 +92,9 @@ def target_images(target: DataConfig, info: ModelInfo) -> TargetImages:
     return TargetImages(shift.name, shift.apply(base.test_images, seed=2), base.test_labels, resized)
 
 
-def resolve_adapt_config(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
-                         **settings: Any) -> tuple[AdaptRunConfig, Any]:
+def resolve_adapt_config(
+    *args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (), **settings: Any
+) -> tuple[AdaptRunConfig, Any]:
     """The validated run config and the method's own validated config (preset <- params), from the
     arguments ``adapt`` takes."""
     cfg = ADAPT.resolve(args, settings, config, overrides)
@@ -95,8 +105,14 @@ def resolve_adapt_config(*args: Any, config: str | Path | dict | None = None, ov
     return cfg, method_config(ADAPT_METHODS.get(cfg.method), cfg.method, cfg.preset, cfg.params)
 
 
-def adapt(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
-          out: str | Path | None = None, resume: bool = False, **settings: Any) -> dict[str, Any]:
+def adapt(
+    *args: Any,
+    config: str | Path | dict | None = None,
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+    resume: bool = False,
+    **settings: Any,
+) -> dict[str, Any]:
     """Adapt a source model to an unlabelled target without the source data. Returns the summary.
 
     The settings are those of ``dfkt adapt --help``, by keyword (``max_seconds=60``; a section as a
@@ -129,20 +145,24 @@ class Adaptation:
         self.target_name, raw_images, self.labels, self.resized = target_images(cfg.target, self.info)
         self.images = normalized(raw_images, self.info)
         if len(self.images) < 4:
-            raise ConfigError(f"target {self.target_name} has {len(self.images)} image(s); adaptation needs at "
-                              "least 4 (half to adapt on, half held out)")
+            raise ConfigError(
+                f"target {self.target_name} has {len(self.images)} image(s); adaptation needs at "
+                "least 4 (half to adapt on, half held out)"
+            )
         self.adapted_half, self.held_out = target_halves(len(self.images), cfg.split_seed)
         self.cfg, self.method_cfg = cfg, method_cfg
         self.kind, self.engine_config = f"adapt-{cfg.method}", cfg.engine
-        self.resolved = cfg.model_copy(update={"preset": None, "params": method_cfg.model_dump(mode="json"),
-                                               "source": str(self.source_path)})
+        self.resolved = cfg.model_copy(
+            update={"preset": None, "params": method_cfg.model_dump(mode="json"), "source": str(self.source_path)}
+        )
 
     def start(self, engine: Engine) -> Training:
         cfg = self.cfg
         self.model = load_model(self.source_path)[0]
         self.source_model = engine.prepare(load_model(self.source_path)[0], trainable=False)
-        self.setup = AdaptSetup(engine.prepare(self.model, trainable=True),
-                                engine.to_device(self.images[self.adapted_half]), engine)
+        self.setup = AdaptSetup(
+            engine.prepare(self.model, trainable=True), engine.to_device(self.images[self.adapted_half]), engine
+        )
         self.runner = ADAPT_METHODS.get(cfg.method)(self.method_cfg, self.setup)
         self.selection = TargetScoreSelection(self.runner, self.model, self.setup.images, engine)
         self.source_score = self.selection.score(self.source_model)
@@ -153,16 +173,30 @@ class Adaptation:
             # but not a candidate (the warning compares the candidates with the source).
             at_start = engine.stage_progress == 0.0
             score = self.selection.score(self.setup.model) if at_start else self.selection.update()
-            return {"label_free_score": score, "adapted_acc": self.accuracy(engine, self.setup.model,
-                                                                            self.adapted_half)}
+            return {
+                "label_free_score": score,
+                "adapted_acc": self.accuracy(engine, self.setup.model, self.adapted_half),
+            }
 
-        settings = {"method": cfg.method, "method_params": self.method_cfg.model_dump(mode="json"),
-                    "target": self.target_name, "split_seed": cfg.split_seed,
-                    "source_sha256": model_sha256(self.source_path), **engine.fingerprint()}
+        settings = {
+            "method": cfg.method,
+            "method_params": self.method_cfg.model_dump(mode="json"),
+            "target": self.target_name,
+            "split_seed": cfg.split_seed,
+            "source_sha256": model_sha256(self.source_path),
+            **engine.fingerprint(),
+        }
         self.scaling = engine.scaling({"batch_size": self.method_cfg.batch_size})
         self.started = time.perf_counter()
-        return Training(self.runner, self.runner.stages(), settings, on_eval,
-                        cfg.eval_every or self.steps_per_epoch, cfg.eval_seconds, cfg.max_seconds)
+        return Training(
+            self.runner,
+            self.runner.stages(),
+            settings,
+            on_eval,
+            cfg.eval_every or self.steps_per_epoch,
+            cfg.eval_seconds,
+            cfg.max_seconds,
+        )
 
     def accuracy(self, engine: Engine, net: nn.Module, index: torch.Tensor) -> float | None:
         if self.labels is None:  # an unlabelled folder: nothing to score
@@ -177,8 +211,11 @@ class Adaptation:
         if predictions is not None:  # an online method: scored on the predictions made as the stream went by
             seen = predictions >= 0
             scored = int(seen.sum())
-            transductive = None if labels is None or not seen.any() else (
-                (predictions[seen] == labels[adapted_half][seen]).float().mean().item())
+            transductive = (
+                None
+                if labels is None or not seen.any()
+                else ((predictions[seen] == labels[adapted_half][seen]).float().mean().item())
+            )
         else:
             transductive = self.accuracy(engine, self.setup.model, adapted_half)
         curve = [{**e, "epoch": e["step"] / self.steps_per_epoch} for e in result.evaluations]
@@ -188,34 +225,52 @@ class Adaptation:
         starts = sum(1 for e in curve if e["step"] == 0)  # scored, never chosen
         chosen = None if selection.chosen_at is None else curve[selection.chosen_at + starts]
         selected_score = final_score if chosen is None else selection.best_score
-        summary = {"method": self.cfg.method, "online": self.runner.online, "source": str(self.source_path),
-                   "target": self.target_name, "target_resized": self.resized,
-                   "images": {"adapted": len(adapted_half), "scored_transductive": scored,
-                              "held_out": len(held_out)},
-                   "source_only": {"transductive": self.accuracy(engine, self.source_model, adapted_half),
-                                   "inductive": self.accuracy(engine, self.source_model, held_out),
-                                   "label_free_score": self.source_score},
-                   "adapted": {"transductive": transductive,
-                               "inductive": self.accuracy(engine, self.setup.model, held_out),
-                               "label_free_score": final_score},
-                   "selected": {"transductive": self.accuracy(engine, selected, adapted_half),
-                                "inductive": self.accuracy(engine, selected, held_out),
-                                "label_free_score": selected_score,
-                                "step": None if chosen is None else chosen["step"],
-                                "epoch": None if chosen is None else chosen["epoch"]},
-                   "selection": {"score": SCORE_NAME, "criterion": SCORE_CRITERION,
-                                 "file": "model_selected.safetensors",
-                                 "note": "the evaluation (by default each epoch) with the highest score; the final "
-                                         "weights when there was none"},
-                   "warnings": adaptation_warnings(self.source_score, final_score, selected_score),
-                   "seconds": {"adapt": sum(result.seconds.values()), "evaluation": result.evaluation_seconds,
-                               "wall": time.perf_counter() - self.started},
-                   "stopped_by_budget": result.stopped_by_budget, "curve": curve,
-                   "distributed": {**self.scaling, "replica_sha256": result.replica_sha256}}
+        summary = {
+            "method": self.cfg.method,
+            "online": self.runner.online,
+            "source": str(self.source_path),
+            "target": self.target_name,
+            "target_resized": self.resized,
+            "images": {"adapted": len(adapted_half), "scored_transductive": scored, "held_out": len(held_out)},
+            "source_only": {
+                "transductive": self.accuracy(engine, self.source_model, adapted_half),
+                "inductive": self.accuracy(engine, self.source_model, held_out),
+                "label_free_score": self.source_score,
+            },
+            "adapted": {
+                "transductive": transductive,
+                "inductive": self.accuracy(engine, self.setup.model, held_out),
+                "label_free_score": final_score,
+            },
+            "selected": {
+                "transductive": self.accuracy(engine, selected, adapted_half),
+                "inductive": self.accuracy(engine, selected, held_out),
+                "label_free_score": selected_score,
+                "step": None if chosen is None else chosen["step"],
+                "epoch": None if chosen is None else chosen["epoch"],
+            },
+            "selection": {
+                "score": SCORE_NAME,
+                "criterion": SCORE_CRITERION,
+                "file": "model_selected.safetensors",
+                "note": "the evaluation (by default each epoch) with the highest score; the final "
+                "weights when there was none",
+            },
+            "warnings": adaptation_warnings(self.source_score, final_score, selected_score),
+            "seconds": {
+                "adapt": sum(result.seconds.values()),
+                "evaluation": result.evaluation_seconds,
+                "wall": time.perf_counter() - self.started,
+            },
+            "stopped_by_budget": result.stopped_by_budget,
+            "curve": curve,
+            "distributed": {**self.scaling, "replica_sha256": result.replica_sha256},
+        }
         for warning in summary["warnings"]:
             engine.metrics.write({"event": "warning", "message": warning})
-        return Outcome(summary, {"model.safetensors": (model, self.info),
-                                 "model_selected.safetensors": (selected, self.info)})
+        return Outcome(
+            summary, {"model.safetensors": (model, self.info), "model_selected.safetensors": (selected, self.info)}
+        )
 
 
 def adaptation_warnings(source_score: float, final_score: float, selected_score: float) -> list[str]:
@@ -224,9 +279,13 @@ def adaptation_warnings(source_score: float, final_score: float, selected_score:
     if final_score >= source_score and selected_score >= source_score:
         return []
     if selected_score < source_score:
-        return [f"the label-free score ({SCORE_NAME}) says adapting made the model worse than the source model "
-                f"(source {source_score:.3f}, final {final_score:.3f}, best epoch {selected_score:.3f}): keep the "
-                "source model, or try another method or setting"]
-    return [f"the label-free score ({SCORE_NAME}) says the final adapted model is worse than the source model "
-            f"(source {source_score:.3f}, final {final_score:.3f}); model_selected.safetensors scores "
-            f"{selected_score:.3f}: use it"]
+        return [
+            f"the label-free score ({SCORE_NAME}) says adapting made the model worse than the source model "
+            f"(source {source_score:.3f}, final {final_score:.3f}, best epoch {selected_score:.3f}): keep the "
+            "source model, or try another method or setting"
+        ]
+    return [
+        f"the label-free score ({SCORE_NAME}) says the final adapted model is worse than the source model "
+        f"(source {source_score:.3f}, final {final_score:.3f}); model_selected.safetensors scores "
+        f"{selected_score:.3f}: use it"
+    ]

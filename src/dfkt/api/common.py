@@ -15,8 +15,13 @@ from dfkt.registry import ADAPT_METHODS, CALIBRATION_SOURCES, DATASETS, METHODS,
 
 
 def list_names(kind: str) -> list[str]:
-    registries = {"methods": METHODS, "adapt-methods": ADAPT_METHODS, "models": MODELS, "datasets": DATASETS,
-                  "calibration-sources": CALIBRATION_SOURCES}
+    registries = {
+        "methods": METHODS,
+        "adapt-methods": ADAPT_METHODS,
+        "models": MODELS,
+        "datasets": DATASETS,
+        "calibration-sources": CALIBRATION_SOURCES,
+    }
     if kind not in registries:
         raise ConfigError(f"unknown list {kind!r}; choose one of: {', '.join(registries)}")
     return registries[kind].names()
@@ -26,8 +31,9 @@ def method_params(method: str | None) -> list[dict[str, Any]]:
     """A method's settings: name, default, the value in each preset and the description (for
     'dfkt list params METHOD')."""
     if not method:
-        raise ConfigError("name the method: dfkt list params METHOD (see 'dfkt list methods' and 'dfkt list "
-                          "adapt-methods')")
+        raise ConfigError(
+            "name the method: dfkt list params METHOD (see 'dfkt list methods' and 'dfkt list adapt-methods')"
+        )
     cls = METHODS.get(method) if method in METHODS.names() else ADAPT_METHODS.get(method)
     rows = []
     for name, field in cls.Config.model_fields.items():
@@ -39,8 +45,19 @@ def method_params(method: str | None) -> list[dict[str, Any]]:
 
 
 # Settings that change neither numbers nor weights: a resume may alter them freely.
-RUN_ONLY = {"engine", "eval_every", "eval_seconds", "max_seconds", "references", "reference", "preset", "params", "teacher",
-            "teacher_weights", "data"}
+RUN_ONLY = {
+    "engine",
+    "eval_every",
+    "eval_seconds",
+    "max_seconds",
+    "references",
+    "reference",
+    "preset",
+    "params",
+    "teacher",
+    "teacher_weights",
+    "data",
+}
 
 
 def result_settings(cfg: TeacherConfig | DistillConfig, engine: Engine) -> dict[str, Any]:
@@ -70,5 +87,6 @@ def method_config(method_cls: Any, name: str, preset: str | None, params: dict) 
     """A method's validated config: its preset, then the run's ``params`` on top."""
     if preset is not None and preset not in method_cls.presets:
         raise ConfigError(f"unknown preset {preset!r} for {name}; valid presets: {', '.join(method_cls.presets)}")
-    return validate(method_cls.Config, merge(method_cls.presets.get(preset, {}) if preset else {}, params),
-                    where=f"{name} params")
+    return validate(
+        method_cls.Config, merge(method_cls.presets.get(preset, {}) if preset else {}, params), where=f"{name} params"
+    )

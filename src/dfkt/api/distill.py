@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ from dfkt.engine import Engine, RunResult
 from dfkt.engine.distributed import gather_objects
 from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
-from dfkt.models.files import ModelInfo, model_sha256, load_model, model_path, read_info
+from dfkt.models.files import ModelInfo, load_model, model_path, model_sha256, read_info
 from dfkt.models.foreign import ForeignClassifier, foreign_kind, foreign_sha256, infer_info, load_foreign
 from dfkt.registry import METHODS, MODELS
 from dfkt.report.grid import save_class_grid
@@ -31,24 +32,38 @@ from dfkt.selection import VALIDATION_IMAGES, TeacherAgreementSelection
 from dfkt.supervised import evaluate_model
 
 # The half-width student paired with each teacher in the papers.
-DEFAULT_STUDENT = {"lenet5": "lenet5_half", "digits_cnn": "digits_cnn_half", "resnet34": "resnet18",
-                   "wrn40_2": "wrn16_1", "wrn16_2": "wrn16_1"}
+DEFAULT_STUDENT = {
+    "lenet5": "lenet5_half",
+    "digits_cnn": "digits_cnn_half",
+    "resnet34": "resnet18",
+    "wrn40_2": "wrn16_1",
+    "wrn16_2": "wrn16_1",
+}
 GRID_SAMPLES = 500  # at 32x32; fewer for larger images (memory), never under 50
 
 
-def resolve_distill_config(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
-                           **settings: Any) -> tuple[DistillConfig, Any]:
+def resolve_distill_config(
+    *args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (), **settings: Any
+) -> tuple[DistillConfig, Any]:
     """The validated run config and the method's own validated config (preset <- params), from the
     arguments ``distill`` takes."""
     cfg = DISTILL.resolve(args, settings, config, overrides)
     if not cfg.teacher:
-        raise ConfigError("no teacher given; pass --teacher FILE (a model.safetensors from 'dfkt train-teacher', a "
-                          "TorchScript file), or torchvision:NAME or module:function with --teacher-weights FILE")
+        raise ConfigError(
+            "no teacher given; pass --teacher FILE (a model.safetensors from 'dfkt train-teacher', a "
+            "TorchScript file), or torchvision:NAME or module:function with --teacher-weights FILE"
+        )
     return cfg, method_config(METHODS.get(cfg.method), cfg.method, cfg.preset, cfg.params)
 
 
-def distill(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
-            out: str | Path | None = None, resume: bool = False, **settings: Any) -> dict[str, Any]:
+def distill(
+    *args: Any,
+    config: str | Path | dict | None = None,
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+    resume: bool = False,
+    **settings: Any,
+) -> dict[str, Any]:
     """Distil a teacher into a student without its training data. Returns the summary.
 
     The settings are those of ``dfkt distill --help``, by keyword (``max_seconds=60``; a section as a
@@ -69,46 +84,77 @@ class Distillation:
         info = loaded.info
         student_arch = cfg.student or DEFAULT_STUDENT.get(info.arch)
         if student_arch is None:
-            raise ConfigError(f"no default student for a {info.arch} teacher; pass --student (see 'dfkt list "
-                              "models')")
+            raise ConfigError(f"no default student for a {info.arch} teacher; pass --student (see 'dfkt list models')")
         MODELS.get(student_arch)
         if METHODS.get(cfg.method).needs_teacher_features and isinstance(loaded.net, ForeignClassifier):
             loaded.net.require_features()
         if cfg.references and Path(loaded.dataset.name).is_dir():
-            raise ConfigError(f"--references trains students on real training images and {loaded.dataset.name} is "
-                              "a folder of test images; drop --references or pass a dataset with a train split")
+            raise ConfigError(
+                f"--references trains students on real training images and {loaded.dataset.name} is "
+                "a folder of test images; drop --references or pass a dataset with a train split"
+            )
         self.cfg, self.method_cfg, self.resume, self.loaded = cfg, method_cfg, resume, loaded
         self.kind, self.engine_config = f"distill-{cfg.method}", cfg.engine
         # Saved in the shape --config reads, with the preset already folded into params.
-        self.resolved = cfg.model_copy(update={"preset": None, "params": method_cfg.model_dump(mode="json"),
-                                               "teacher": loaded.name, "student": student_arch})
-        self.student_info = ModelInfo(student_arch, info.num_classes, info.in_channels, info.image_size,
-                                      info.mean, info.std, info.dataset)
+        self.resolved = cfg.model_copy(
+            update={
+                "preset": None,
+                "params": method_cfg.model_dump(mode="json"),
+                "teacher": loaded.name,
+                "student": student_arch,
+            }
+        )
+        self.student_info = ModelInfo(
+            student_arch, info.num_classes, info.in_channels, info.image_size, info.mean, info.std, info.dataset
+        )
 
     def start(self, engine: Engine) -> Training:
         cfg, loaded, info = self.cfg, self.loaded, self.loaded.info
         self.teacher = engine.prepare(loaded.net, trainable=False)
         self.student = build_model(self.student_info.arch, info.num_classes, info.in_channels, info.image_size)
-        self.setup = DistillSetup(self.teacher, engine.prepare(self.student, trainable=True), info.num_classes,
-                                  info.in_channels, info.image_size, engine, tuple(info.mean), tuple(info.std),
-                                  mirror_safe(info.dataset))
+        self.setup = DistillSetup(
+            self.teacher,
+            engine.prepare(self.student, trainable=True),
+            info.num_classes,
+            info.in_channels,
+            info.image_size,
+            engine,
+            tuple(info.mean),
+            tuple(info.std),
+            mirror_safe(info.dataset),
+        )
         self.runner = METHODS.get(cfg.method)(self.method_cfg, self.setup)
-        self.selection = TeacherAgreementSelection(self.runner, self.student, self.teacher, engine,
-                                                   self.runner.validation_samples)
+        self.selection = TeacherAgreementSelection(
+            self.runner, self.student, self.teacher, engine, self.runner.validation_samples
+        )
         self.test_images = normalized(loaded.dataset.test_images, info)
-        settings = {**result_settings(cfg, engine), "student": self.student_info.arch, "data": loaded.dataset.name,
-                    "method_params": self.method_cfg.model_dump(mode="json"), "teacher_sha256": loaded.sha256}
+        settings = {
+            **result_settings(cfg, engine),
+            "student": self.student_info.arch,
+            "data": loaded.dataset.name,
+            "method_params": self.method_cfg.model_dump(mode="json"),
+            "teacher_sha256": loaded.sha256,
+        }
         self.scaling = engine.scaling({k: v for k, v in self.method_cfg.model_dump().items() if k.endswith("batch")})
         self.started = time.perf_counter()
         self.stages = self.runner.stages()
-        return Training(self.runner, self.stages, settings,
-                        lambda: {"test_acc": self.test_acc(engine, self.setup.student),
-                                 "teacher_agreement": self.selection.update()},
-                        cfg.eval_every, cfg.eval_seconds, cfg.max_seconds)
+        return Training(
+            self.runner,
+            self.stages,
+            settings,
+            lambda: {
+                "test_acc": self.test_acc(engine, self.setup.student),
+                "teacher_agreement": self.selection.update(),
+            },
+            cfg.eval_every,
+            cfg.eval_seconds,
+            cfg.max_seconds,
+        )
 
     def evaluate(self, engine: Engine, model: torch.nn.Module) -> dict[str, Any]:
-        return evaluate_model(model, self.test_images, self.loaded.dataset.test_labels, engine,
-                              self.loaded.info.num_classes)
+        return evaluate_model(
+            model, self.test_images, self.loaded.dataset.test_labels, engine, self.loaded.info.num_classes
+        )
 
     def test_acc(self, engine: Engine, model: torch.nn.Module) -> float:
         return self.evaluate(engine, model)["accuracy"]
@@ -116,46 +162,77 @@ class Distillation:
     def summarize(self, engine: Engine, result: RunResult) -> Outcome:
         cfg, loaded, selection = self.cfg, self.loaded, self.selection
         if result.stopped_by_budget and self.stages[-1].name not in result.seconds:
-            raise DfktError(f"the time budget ({cfg.max_seconds:g} s) ran out before the {self.stages[-1].name} "
-                            f"stage began; continue with --resume --out {engine.run_dir} and a larger --max-seconds")
+            raise DfktError(
+                f"the time budget ({cfg.max_seconds:g} s) ran out before the {self.stages[-1].name} "
+                f"stage began; continue with --resume --out {engine.run_dir} and a larger --max-seconds"
+            )
         final = self.evaluate(engine, self.setup.student)
         selected = selection.chosen
         report = self.runner.report()
-        samples, warnings = _sample_diagnostics(engine, self.runner.samples, self.teacher, loaded.info, cfg.method,
-                                                self.method_cfg, engine.run_dir / "samples.png")
+        samples, warnings = _sample_diagnostics(
+            engine,
+            self.runner.samples,
+            self.teacher,
+            loaded.info,
+            cfg.method,
+            self.method_cfg,
+            engine.run_dir / "samples.png",
+        )
         in_student = result.sections.get("synthesis", 0.0)  # synthesis interleaved with student steps
-        curve = [{k: e.get(k) for k in ("step", "train_seconds", "test_acc", "teacher_agreement")}
-                 for e in result.evaluations]
+        curve = [
+            {k: e.get(k) for k in ("step", "train_seconds", "test_acc", "teacher_agreement")}
+            for e in result.evaluations
+        ]
         summary: dict[str, Any] = {
-            "method": cfg.method, "preset": cfg.preset, "dataset": loaded.dataset.name, "teacher": loaded.name,
-            "student": self.student_info.arch, "teacher_acc": self.test_acc(engine, self.teacher),
+            "method": cfg.method,
+            "preset": cfg.preset,
+            "dataset": loaded.dataset.name,
+            "teacher": loaded.name,
+            "student": self.student_info.arch,
+            "teacher_acc": self.test_acc(engine, self.teacher),
             "student_acc": final["accuracy"],
             "student_best_on_test_acc": max([e["test_acc"] for e in curve] + [final["accuracy"]]),
             "best_on_test_note": "oracle: picked on the test set, not a deployable selection",
             "student_selected_acc": None if selected is None else self.test_acc(engine, selected),
-            "selection": {"criterion": f"agreement with the teacher on {VALIDATION_IMAGES} held-out synthetic "
-                                       "images (no labels); student_selected.safetensors",
-                          "step": None if selected is None else curve[selection.chosen_at]["step"],
-                          "teacher_agreement": selection.agreement},
+            "selection": {
+                "criterion": f"agreement with the teacher on {VALIDATION_IMAGES} held-out synthetic "
+                "images (no labels); student_selected.safetensors",
+                "step": None if selected is None else curve[selection.chosen_at]["step"],
+                "teacher_agreement": selection.agreement,
+            },
             "student_per_class_acc": final["per_class"],
-            "seconds": {"synthesis": sum(s for name, s in result.seconds.items() if name != "student") + in_student,
-                        "student": result.seconds.get("student", 0.0) - in_student,
-                        "total": sum(result.seconds.values()),
-                        "evaluation": result.evaluation_seconds,  # test set and teacher agreement, not training
-                        "wall": time.perf_counter() - self.started, "by_stage": result.seconds},
+            "seconds": {
+                "synthesis": sum(s for name, s in result.seconds.items() if name != "student") + in_student,
+                "student": result.seconds.get("student", 0.0) - in_student,
+                "total": sum(result.seconds.values()),
+                "evaluation": result.evaluation_seconds,  # test set and teacher agreement, not training
+                "wall": time.perf_counter() - self.started,
+                "by_stage": result.seconds,
+            },
             "generator_multiply_adds_per_image": report.generator_multiply_adds_per_image,
             "stopped_by_budget": result.stopped_by_budget,
             "warnings": warnings,
             "samples": samples,
             "curve": curve,
-            "distributed": {**self.scaling, "replica_sha256": result.replica_sha256,
-                            "first_batch_sha256": gather_objects(report.first_batch_sha256)},
+            "distributed": {
+                **self.scaling,
+                "replica_sha256": result.replica_sha256,
+                "first_batch_sha256": gather_objects(report.first_batch_sha256),
+            },
         }
         if cfg.references:
             temperature = cfg.reference.temperature or getattr(self.method_cfg, "temperature", None)
             training = cfg.reference.model_copy(update={"temperature": temperature})
-            summary["references"] = train_references(cfg.engine, training, loaded.info, loaded.dataset,
-                                                     self.student_info.arch, self.teacher, engine.run_dir, self.resume)
+            summary["references"] = train_references(
+                cfg.engine,
+                training,
+                loaded.info,
+                loaded.dataset,
+                self.student_info.arch,
+                self.teacher,
+                engine.run_dir,
+                self.resume,
+            )
         weights = {"student.safetensors": (self.student, self.student_info)}
         if selected is not None:
             weights["student_selected.safetensors"] = (selected, self.student_info)
@@ -179,8 +256,10 @@ def load_teacher(cfg: DistillConfig) -> Teacher:
         info = read_info(path)
         return Teacher(load_model(path)[0], info, model_sha256(path), evaluation_data(cfg.data, info), str(path))
     if not cfg.data.name:
-        raise ConfigError(f"a {kind} teacher does not record its dataset; pass --data NAME, the dataset whose "
-                          "test split measures it (see 'dfkt list datasets')")
+        raise ConfigError(
+            f"a {kind} teacher does not record its dataset; pass --data NAME, the dataset whose "
+            "test split measures it (see 'dfkt list datasets')"
+        )
     net = ForeignClassifier(load_foreign(cfg.teacher, kind, cfg.teacher_weights, cfg.teacher_info), kind)
     size = cfg.data.image_size or cfg.teacher_info.image_size
     dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, size)
@@ -189,8 +268,15 @@ def load_teacher(cfg: DistillConfig) -> Teacher:
     return Teacher(net, info, foreign_sha256(cfg.teacher, cfg.teacher_weights), dataset, cfg.teacher)
 
 
-def _sample_diagnostics(engine: Engine, samples: Callable[[int], torch.Tensor], teacher, info: ModelInfo, method: str,
-                        method_cfg, grid: Path) -> tuple[dict[str, Any], list[str]]:
+def _sample_diagnostics(
+    engine: Engine,
+    samples: Callable[[int], torch.Tensor],
+    teacher,
+    info: ModelInfo,
+    method: str,
+    method_cfg,
+    grid: Path,
+) -> tuple[dict[str, Any], list[str]]:
     """The method's synthetic ``samples`` judged by the teacher: class histogram, mean confidence, feature
     diversity and collapse warnings (also logged), and their grid PNG (rank 0 writes it)."""
     images = samples(max(50, min(GRID_SAMPLES, GRID_SAMPLES * 32 * 32 // info.image_size**2)))
@@ -204,9 +290,15 @@ def _sample_diagnostics(engine: Engine, samples: Callable[[int], torch.Tensor], 
         diversity = feature_diversity(teacher, images, predicted)
     with engine.autocast():
         gap = bn_statistics_gap(teacher, images)
-    warnings = collapse_warnings(images, histogram, method, method_cfg, diversity, gap is not None) + \
-        bn_statistics_warning(gap, method, method_cfg)
+    warnings = collapse_warnings(
+        images, histogram, method, method_cfg, diversity, gap is not None
+    ) + bn_statistics_warning(gap, method, method_cfg)
     for warning in warnings:
         engine.metrics.write({"event": "warning", "message": warning})
-    return {"class_histogram": histogram, "teacher_confidence": confidence.mean().item(), "diversity": diversity,
-            "bn_statistics_gap": gap, "grid": grid.name}, warnings
+    return {
+        "class_histogram": histogram,
+        "teacher_confidence": confidence.mean().item(),
+        "diversity": diversity,
+        "bn_statistics_gap": gap,
+        "grid": grid.name,
+    }, warnings

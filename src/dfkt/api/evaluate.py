@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,9 +35,14 @@ def evaluate(target: str | Path, data: str | None = None, data_root: str | None 
         dataset = evaluation_data(DataConfig(name=data, root=data_root), info)
         with Engine(EngineConfig(progress=False, precision=_run_precision(target))) as engine:
             model = engine.prepare(model, trainable=False)
-            result = {"model": str(path), "arch": info.arch, "dataset": dataset.name,
-                      **evaluate_model(model, normalized(dataset.test_images, info), dataset.test_labels, engine,
-                                       info.num_classes)}
+            result = {
+                "model": str(path),
+                "arch": info.arch,
+                "dataset": dataset.name,
+                **evaluate_model(
+                    model, normalized(dataset.test_images, info), dataset.test_labels, engine, info.num_classes
+                ),
+            }
     if Path(target).is_dir():
         write_json(Path(target) / "evaluation.json", result)
     return result
@@ -49,25 +55,37 @@ def _evaluate_onnx(path: Path, data: str | None, data_root: str | None) -> dict[
     require_onnx("evaluating an ONNX file")
     meta = backend.read_metadata(path)
     if "dfkt_num_classes" not in meta or "dfkt_mean" not in meta:
-        raise ModelFileError(f"{path} has no dfkt metadata (dfkt_mean, dfkt_num_classes); evaluate ONNX files "
-                             "written by 'dfkt export' or 'dfkt quantize'")
+        raise ModelFileError(
+            f"{path} has no dfkt metadata (dfkt_mean, dfkt_num_classes); evaluate ONNX files "
+            "written by 'dfkt export' or 'dfkt quantize'"
+        )
     session = backend.session(path)
     shape = session.get_inputs()[0].shape  # files from before dfkt_image_size: the input's declared shape
-    info = ModelInfo(meta.get("dfkt_arch", "onnx"), int(meta["dfkt_num_classes"]),
-                     int(meta.get("dfkt_in_channels", shape[1])), int(meta.get("dfkt_image_size", shape[-1])),
-                     tuple(json.loads(meta["dfkt_mean"])), tuple(json.loads(meta["dfkt_std"])),
-                     meta.get("dfkt_dataset", ""))
+    info = ModelInfo(
+        meta.get("dfkt_arch", "onnx"),
+        int(meta["dfkt_num_classes"]),
+        int(meta.get("dfkt_in_channels", shape[1])),
+        int(meta.get("dfkt_image_size", shape[-1])),
+        tuple(json.loads(meta["dfkt_mean"])),
+        tuple(json.loads(meta["dfkt_std"])),
+        meta.get("dfkt_dataset", ""),
+    )
     dataset = evaluation_data(DataConfig(name=data, root=data_root), info)
     images, labels = normalized(dataset.test_images, info), dataset.test_labels
     predicted = torch.from_numpy(backend.logits(session, images, batch=500).argmax(1))
     k = info.num_classes
     confusion = torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
     quantization = json.loads(meta["dfkt_quantization"]) if "dfkt_quantization" in meta else None
-    return {"model": str(path), "arch": info.arch, "dataset": dataset.name,
-            "format": "int8 ONNX" if quantization else "ONNX", "quantization": quantization,
-            "accuracy": confusion.diag().sum().item() / max(1, confusion.sum().item()),
-            "per_class": (confusion.diag().float() / confusion.sum(dim=1).clamp_min(1)).tolist(),
-            "confusion": confusion.tolist()}
+    return {
+        "model": str(path),
+        "arch": info.arch,
+        "dataset": dataset.name,
+        "format": "int8 ONNX" if quantization else "ONNX",
+        "quantization": quantization,
+        "accuracy": confusion.diag().sum().item() / max(1, confusion.sum().item()),
+        "per_class": (confusion.diag().float() / confusion.sum(dim=1).clamp_min(1)).tolist(),
+        "confusion": confusion.tolist(),
+    }
 
 
 def _run_precision(target: str | Path) -> str:

@@ -9,9 +9,10 @@ evaluations, budget), has the job summarise the result, and writes the weights a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 from torch import nn
@@ -62,10 +63,17 @@ def run(job: Job, out: str | Path | None, resume: bool) -> dict[str, Any]:
     run_dir = make_run_dir(out, job.kind, resume)
     with Engine(job.engine_config, run_dir) as engine:
         training = job.start(engine)
-        result = engine.run(training.stages, training.method, training.settings, training.on_eval,
-                            training.eval_every, training.max_seconds, resume,
-                            on_start=lambda: dump_yaml(job.resolved, engine.run_dir / "config.yaml"),
-                            eval_seconds=training.eval_seconds)
+        result = engine.run(
+            training.stages,
+            training.method,
+            training.settings,
+            training.on_eval,
+            training.eval_every,
+            training.max_seconds,
+            resume,
+            on_start=lambda: dump_yaml(job.resolved, engine.run_dir / "config.yaml"),
+            eval_seconds=training.eval_seconds,
+        )
         outcome = job.summarize(engine, result)
         if engine.is_main:  # the weights before summary.json, which marks a finished run
             for name, (model, info) in outcome.weights.items():

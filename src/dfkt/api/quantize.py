@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,21 +29,25 @@ from dfkt.registry import CALIBRATION_SOURCES
 RUN_MODEL_FILES = {"student": "student.safetensors", "selected": "student_selected.safetensors"}
 
 
-def resolve_quantize_config(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
-                            **settings: Any) -> QuantizeConfig:
+def resolve_quantize_config(
+    *args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (), **settings: Any
+) -> QuantizeConfig:
     """The validated config, from the arguments ``quantize`` takes."""
     cfg = QUANTIZE.resolve(args, settings, config, overrides)
     if not cfg.model:
-        raise ConfigError("no model given; pass MODEL: a dfkt model file, a run folder, or a teacher as "
-                          "'dfkt distill --teacher' takes it")
+        raise ConfigError(
+            "no model given; pass MODEL: a dfkt model file, a run folder, or a teacher as "
+            "'dfkt distill --teacher' takes it"
+        )
     if not cfg.out:
         raise ConfigError("no output file given; pass --out FILE.onnx")
     CALIBRATION_SOURCES.get(cfg.calibration)  # an unknown name lists the valid ones
     return cfg
 
 
-def quantize(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
-             **settings: Any) -> dict[str, Any]:
+def quantize(
+    *args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (), **settings: Any
+) -> dict[str, Any]:
     """Quantize a model to int8 ONNX, calibrated on images from a calibration source (a name in
     ``dfkt list calibration-sources``). Returns what was done: sizes, calibration, the int8/fp32 top-1
     agreement on held-out images of the same source.
@@ -59,8 +64,11 @@ def quantize(*args: Any, config: str | Path | dict | None = None, overrides: Seq
     out = Path(cfg.out)
     placeholder = _claim(out)  # an unwritable --out fails now, before minutes of synthesis
     try:
-        with _callers_global_state_kept(), _threads(cfg.threads), \
-                tempfile.TemporaryDirectory(prefix="dfkt-quantize-") as work:
+        with (
+            _callers_global_state_kept(),
+            _threads(cfg.threads),
+            tempfile.TemporaryDirectory(prefix="dfkt-quantize-") as work,
+        ):
             net, info, run_dir, name = load_quantize_model(cfg)
             net = net.cpu().float().eval().requires_grad_(False)
             ctx = CalibrationContext(net, info, cfg.seed, cfg.data, run_dir, cfg.progress)
@@ -74,32 +82,51 @@ def quantize(*args: Any, config: str | Path | dict | None = None, overrides: Seq
             images = source.images(cfg.calibration_images + cfg.check_images).float().cpu().contiguous()
             synthesis_seconds = time.perf_counter() - started
             if not torch.isfinite(images).all():
-                raise DfktError(f"calibration source {cfg.calibration} made images with inf/NaN values; "
-                                "change its settings (--set params.NAME=VALUE)")
-            calib, held_out = images[:cfg.calibration_images], images[cfg.calibration_images:]
+                raise DfktError(
+                    f"calibration source {cfg.calibration} made images with inf/NaN values; "
+                    "change its settings (--set params.NAME=VALUE)"
+                )
+            calib, held_out = images[: cfg.calibration_images], images[cfg.calibration_images :]
             fp32_session = backend.session(fp32)
             fp32_logits = backend.logits(fp32_session, held_out)
             with torch.no_grad():
                 torch_logits = net(held_out).numpy()
             difference = float(np.abs(fp32_logits - torch_logits).max())
             if difference > TOLERANCE * max(float(np.abs(torch_logits).max()), 1.0):
-                raise DfktError(f"the fp32 ONNX export differs from PyTorch by up to {difference:.2g}; "
-                                "nothing was quantized")
+                raise DfktError(
+                    f"the fp32 ONNX export differs from PyTorch by up to {difference:.2g}; nothing was quantized"
+                )
             started = time.perf_counter()
-            record = backend.quantize_onnx(fp32, placeholder, calib, cfg.calibrate_method, cfg.percentile,
-                                           cfg.per_channel, cfg.activation_type, work)
+            record = backend.quantize_onnx(
+                fp32,
+                placeholder,
+                calib,
+                cfg.calibrate_method,
+                cfg.percentile,
+                cfg.per_channel,
+                cfg.activation_type,
+                work,
+            )
             quantize_seconds = time.perf_counter() - started
             int8_logits = backend.logits(backend.session(placeholder), held_out)
             agreement = float((int8_logits.argmax(1) == fp32_logits.argmax(1)).mean())
             fp32_bytes = fp32.stat().st_size
             if agreement < cfg.min_agreement:
-                raise DfktError(f"the int8 model agrees with fp32 on only {agreement:.1%} of {len(held_out)} held-out "
-                                f"{cfg.calibration} images (min_agreement {cfg.min_agreement:g}); nothing written to "
-                                f"{out}. Try another --calibration or --calibrate-method, more --calibration-images, "
-                                "or --min-agreement 0 to write it anyway")
-            record = {**record, "calibration": cfg.calibration, "calibration_images": len(calib),
-                      "calibration_params": params.model_dump(mode="json"), "seed": cfg.seed,
-                      "check_images": len(held_out), "top1_agreement_with_fp32": agreement}
+                raise DfktError(
+                    f"the int8 model agrees with fp32 on only {agreement:.1%} of {len(held_out)} held-out "
+                    f"{cfg.calibration} images (min_agreement {cfg.min_agreement:g}); nothing written to "
+                    f"{out}. Try another --calibration or --calibrate-method, more --calibration-images, "
+                    "or --min-agreement 0 to write it anyway"
+                )
+            record = {
+                **record,
+                "calibration": cfg.calibration,
+                "calibration_images": len(calib),
+                "calibration_params": params.model_dump(mode="json"),
+                "seed": cfg.seed,
+                "check_images": len(held_out),
+                "top1_agreement_with_fp32": agreement,
+            }
             backend.add_metadata(placeholder, {**onnx_metadata(info), **backend.quantization_metadata(record)})
             int8_bytes = placeholder.stat().st_size
             os.replace(placeholder, out)
@@ -108,10 +135,18 @@ def quantize(*args: Any, config: str | Path | dict | None = None, overrides: Seq
         if is_disk_full(exc):
             raise disk_full_error(out, None, exc) from exc
         raise
-    return {"model": name, "arch": info.arch, "file": str(out), "calibration": cfg.calibration,
-            "calibration_images": len(calib), "check_images": len(held_out), "top1_agreement_with_fp32": agreement,
-            "quantization": record, "bytes": {"fp32": fp32_bytes, "int8": int8_bytes},
-            "seconds": {"synthesis": synthesis_seconds, "quantization": quantize_seconds}}
+    return {
+        "model": name,
+        "arch": info.arch,
+        "file": str(out),
+        "calibration": cfg.calibration,
+        "calibration_images": len(calib),
+        "check_images": len(held_out),
+        "top1_agreement_with_fp32": agreement,
+        "quantization": record,
+        "bytes": {"fp32": fp32_bytes, "int8": int8_bytes},
+        "seconds": {"synthesis": synthesis_seconds, "quantization": quantize_seconds},
+    }
 
 
 def _fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
@@ -169,8 +204,9 @@ def load_quantize_model(cfg: QuantizeConfig) -> tuple[torch.nn.Module, ModelInfo
             file = model_path(path)  # a train-teacher folder: model.safetensors
         net, info = load_model(file)
         return net, info, path, str(file)
-    teacher = DistillConfig(teacher=cfg.model, teacher_weights=cfg.model_weights, teacher_info=cfg.model_info,
-                            data=cfg.data)
+    teacher = DistillConfig(
+        teacher=cfg.model, teacher_weights=cfg.model_weights, teacher_info=cfg.model_info, data=cfg.data
+    )
     from dfkt.models.foreign import foreign_kind
 
     if foreign_kind(cfg.model) is None:
@@ -197,7 +233,11 @@ def _run_teacher(run: Path, cfg: QuantizeConfig) -> tuple[torch.nn.Module, Model
                 spec = str(base / spec)
                 break
     data = cfg.data if cfg.data.name else cfg.data.model_copy(update={"name": (config.get("data") or {}).get("name")})
-    teacher = DistillConfig(teacher=spec, teacher_weights=config.get("teacher_weights") or cfg.model_weights,
-                            teacher_info=DeclaredInfo(**(config.get("teacher_info") or {})), data=data)
+    teacher = DistillConfig(
+        teacher=spec,
+        teacher_weights=config.get("teacher_weights") or cfg.model_weights,
+        teacher_info=DeclaredInfo(**(config.get("teacher_info") or {})),
+        data=data,
+    )
     loaded = load_teacher(teacher)
     return loaded.net, loaded.info

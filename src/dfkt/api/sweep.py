@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from dfkt.commands import SWEEP
 from dfkt.config import dump_yaml, validate
@@ -17,8 +18,9 @@ from dfkt.sweep import SweepConfig, aggregate, markdown, open_storage, open_stud
 STUDY = "dfkt-sweep"
 
 
-def resolve_sweep_config(grid: str | Path | dict | None = None, *args: Any, overrides: Sequence[str] = (),
-                         **settings: Any) -> SweepConfig:
+def resolve_sweep_config(
+    grid: str | Path | dict | None = None, *args: Any, overrides: Sequence[str] = (), **settings: Any
+) -> SweepConfig:
     """The validated sweep: the sweep file (or dict) ``grid`` <- settings; ``overrides`` join the file's."""
     raw = SWEEP.layered(args, settings, grid)
     raw["overrides"] = [*raw.get("overrides", []), *overrides]
@@ -38,13 +40,21 @@ def _print(line: str) -> None:
     print(f"dfkt sweep: {line}", file=sys.stderr, flush=True)
 
 
-def sweep(grid: str | Path | dict | None = None, *args: Any, overrides: Sequence[str] = (),
-          out: str | Path = "runs/sweep", storage: str | None = None, workers: int = 1, retry_failed: bool = False,
-          **settings: Any) -> dict[str, Any]:
+def sweep(
+    grid: str | Path | dict | None = None,
+    *args: Any,
+    overrides: Sequence[str] = (),
+    out: str | Path = "runs/sweep",
+    storage: str | None = None,
+    workers: int = 1,
+    retry_failed: bool = False,
+    **settings: Any,
+) -> dict[str, Any]:
     """Run (or join, or resume) a sweep and return its aggregate.
 
     ``grid`` is a YAML file or dict with ``grid:`` (setting -> values, every combination),
-    ``points:`` (a list of explicit settings) and/or ``random:`` (setting -> {low, high, log} or a list of choices) with ``random_trials:``; its other
+    ``points:`` (a list of explicit settings) and/or ``random:`` (setting -> {low, high, log} or a list of
+    choices) with ``random_trials:``; its other
     keys are defaults for the settings (those of ``dfkt sweep --help``: by keyword, or method, teacher,
     preset, seeds, max_seconds by position after ``grid``), and ``overrides`` (``--set``) join its own.
     Trials live in ``storage`` (default OUT/study.journal; a database URL such as
@@ -63,8 +73,9 @@ def sweep(grid: str | Path | dict | None = None, *args: Any, overrides: Sequence
         _print(f"failed trials queued again: {requeue_failed(study)}")
     dump_yaml(cfg, out / "sweep.yaml")
     context = multiprocessing.get_context("spawn")
-    others = [context.Process(target=_worker, args=(cfg.model_dump(), storage_url, str(out)))
-              for _ in range(workers - 1)]
+    others = [
+        context.Process(target=_worker, args=(cfg.model_dump(), storage_url, str(out))) for _ in range(workers - 1)
+    ]
     for process in others:
         process.start()
     work(cfg, study, out, _print)

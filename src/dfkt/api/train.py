@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +24,14 @@ from dfkt.registry import MODELS
 from dfkt.supervised import RealDataTraining, evaluate_model
 
 
-def train_teacher(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
-                  out: str | Path | None = None, resume: bool = False, **settings: Any) -> dict[str, Any]:
+def train_teacher(
+    *args: Any,
+    config: str | Path | dict | None = None,
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+    resume: bool = False,
+    **settings: Any,
+) -> dict[str, Any]:
     """Train a classifier on real labelled data; writes ``model.safetensors`` and ``summary.json``.
 
     The settings are those of ``dfkt train-teacher --help``, by keyword (``epochs=8``) or the first ones
@@ -35,8 +42,14 @@ def train_teacher(*args: Any, config: str | Path | dict | None = None, overrides
     return pipeline.run(LabelTraining(cfg, "teacher"), out, resume)
 
 
-def train_source(*args: Any, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
-                 out: str | Path | None = None, resume: bool = False, **settings: Any) -> dict[str, Any]:
+def train_source(
+    *args: Any,
+    config: str | Path | dict | None = None,
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+    resume: bool = False,
+    **settings: Any,
+) -> dict[str, Any]:
     """Train a source model for adaptation (SHOT's recipe: label smoothing, SGD with SHOT's decay,
     the epoch chosen on held-out source images); writes ``model.safetensors`` and ``summary.json``.
     Its arguments are those of ``train_teacher`` (``dfkt train-source --help``)."""
@@ -58,16 +71,25 @@ class LabelTraining:
     def __init__(self, cfg: TeacherConfig, kind: str):
         MODELS.get(cfg.model)
         self.dataset = dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.image_size)
-        self.info = ModelInfo(cfg.model, dataset.num_classes, dataset.channels, dataset.image_size,
-                              dataset.mean, dataset.std, dataset.name)
+        self.info = ModelInfo(
+            cfg.model,
+            dataset.num_classes,
+            dataset.channels,
+            dataset.image_size,
+            dataset.mean,
+            dataset.std,
+            dataset.name,
+        )
         self.test_images = normalized(dataset.test_images, self.info)
         self.train_images, self.train_labels = normalized(dataset.train_images, self.info), dataset.train_labels
         self.kept = self.held = None
         if cfg.holdout > 0:
             self.kept, self.held = _holdout_split(len(self.train_labels), cfg.holdout)
             if len(self.held) == 0:
-                raise ConfigError(f"holdout {cfg.holdout} of {len(self.train_labels)} training images keeps none "
-                                  "apart; raise holdout or set it to 0 to keep the last epoch")
+                raise ConfigError(
+                    f"holdout {cfg.holdout} of {len(self.train_labels)} training images keeps none "
+                    "apart; raise holdout or set it to 0 to keep the last epoch"
+                )
         self.cfg, self.name = cfg, kind
         self.kind, self.engine_config, self.resolved = f"{kind}-{cfg.model}-{cfg.data.name}", cfg.engine, cfg
 
@@ -81,9 +103,13 @@ class LabelTraining:
         self.task = RealDataTraining(engine, net, images, labels, cfg, name=self.name, holdout=holdout)
         self.scaling = engine.scaling({"batch_size": cfg.batch_size})
         self.started = time.perf_counter()
-        return Training(self.task, self.task.stages(), result_settings(cfg, engine),
-                        lambda: {"test_acc": self.evaluate(engine, self.task.model)["accuracy"]},
-                        eval_every=self.task.steps_per_epoch * max(1, cfg.epochs // 5))
+        return Training(
+            self.task,
+            self.task.stages(),
+            result_settings(cfg, engine),
+            lambda: {"test_acc": self.evaluate(engine, self.task.model)["accuracy"]},
+            eval_every=self.task.steps_per_epoch * max(1, cfg.epochs // 5),
+        )
 
     def evaluate(self, engine: Engine, model: nn.Module) -> dict[str, Any]:
         return evaluate_model(model, self.test_images, self.dataset.test_labels, engine, self.dataset.num_classes)
@@ -91,20 +117,31 @@ class LabelTraining:
     def summarize(self, engine: Engine, result: RunResult) -> Outcome:
         chosen = self.task.chosen()
         final = self.evaluate(engine, chosen)
-        summary = {"model": self.cfg.model, "dataset": self.dataset.name, f"{self.name}_acc": final["accuracy"],
-                   "per_class_acc": final["per_class"],
-                   "seconds": {"train": result.seconds.get(self.name, 0.0),
-                               "wall": time.perf_counter() - self.started},
-                   "model_file": str(engine.run_dir / "model.safetensors"),
-                   "distributed": {**self.scaling, "replica_sha256": result.replica_sha256}}
+        summary = {
+            "model": self.cfg.model,
+            "dataset": self.dataset.name,
+            f"{self.name}_acc": final["accuracy"],
+            "per_class_acc": final["per_class"],
+            "seconds": {"train": result.seconds.get(self.name, 0.0), "wall": time.perf_counter() - self.started},
+            "model_file": str(engine.run_dir / "model.safetensors"),
+            "distributed": {**self.scaling, "replica_sha256": result.replica_sha256},
+        }
         if self.held is not None:
             summary["holdout_acc"] = self.task.holdout_acc
             summary["selection"] = f"epoch with the best accuracy on {len(self.held)} held-out training images"
         return Outcome(summary, {"model.safetensors": (chosen, self.info)})
 
 
-def train_references(engine_cfg: EngineConfig, training: RealTrainingConfig, info: ModelInfo, dataset: ImageData,
-                     student_arch: str, teacher: nn.Module, run_dir: Path, resume: bool) -> dict[str, Any]:
+def train_references(
+    engine_cfg: EngineConfig,
+    training: RealTrainingConfig,
+    info: ModelInfo,
+    dataset: ImageData,
+    student_arch: str,
+    teacher: nn.Module,
+    run_dir: Path,
+    resume: bool,
+) -> dict[str, Any]:
     """The two students reported beside every DFKD result: KD on real data, and trained on labels."""
     out: dict[str, Any] = {}
     train_x = normalized(dataset.train_images, info)
@@ -112,10 +149,16 @@ def train_references(engine_cfg: EngineConfig, training: RealTrainingConfig, inf
     for name in ("kd_real", "labels"):
         with Engine(engine_cfg, run_dir / f"reference-{name}") as engine:
             net = build_model(student_arch, info.num_classes, info.in_channels, info.image_size)
-            task = RealDataTraining(engine, net, train_x, dataset.train_labels, training,
-                                    teacher if name == "kd_real" else None, name)
-            settings = {"reference": name, "student": student_arch, "data": dataset.name,
-                        "training": training.model_dump(mode="json"), **engine.fingerprint()}
+            task = RealDataTraining(
+                engine, net, train_x, dataset.train_labels, training, teacher if name == "kd_real" else None, name
+            )
+            settings = {
+                "reference": name,
+                "student": student_arch,
+                "data": dataset.name,
+                "training": training.model_dump(mode="json"),
+                **engine.fingerprint(),
+            }
             result = engine.run(task.stages(), task, settings, resume=resume)
             acc = evaluate_model(task.model, test_x, dataset.test_labels, engine, info.num_classes)["accuracy"]
         out[name] = {"student_acc": acc, "seconds": result.seconds.get(name, 0.0)}

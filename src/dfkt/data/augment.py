@@ -16,28 +16,36 @@ def crop_and_flip(images: Tensor, rng: torch.Generator, padding: int, flip: bool
     """Per sample, a random crop of the image padded by ``padding`` pixels on each side (filled with
     ``fill``, per channel; default 0), back at its own size, and with ``flip`` a horizontal flip of half
     the samples: torchvision's/kornia's RandomCrop(size, padding) + RandomHorizontalFlip."""
-    fill = torch.zeros(1, images.shape[1], 1, 1, device=images.device, dtype=images.dtype) if fill is None else \
-        fill.to(images.device, images.dtype).view(1, -1, 1, 1)
+    fill = (
+        torch.zeros(1, images.shape[1], 1, 1, device=images.device, dtype=images.dtype)
+        if fill is None
+        else fill.to(images.device, images.dtype).view(1, -1, 1, 1)
+    )
     return _shift_flip(images - fill, rng, padding, flip) + fill
 
 
-def crop_and_rotate(images: Tensor, rng: torch.Generator, padding: int, max_degrees: float,
-                    fill: Tensor | None = None) -> Tensor:
+def crop_and_rotate(
+    images: Tensor, rng: torch.Generator, padding: int, max_degrees: float, fill: Tensor | None = None
+) -> Tensor:
     """Per sample, torchvision's RandomCrop(size, padding) then RandomRotation(``max_degrees``): a random
     crop of the image padded by ``padding`` pixels on each side, back at its own size, then a rotation
     about the centre by an angle uniform in ±``max_degrees``, resampled at the nearest pixel (torchvision's
     default). Pixels from outside take ``fill`` (per channel; default 0). SHOT's USPS->MNIST source
     augmentation is padding 4 and 10 degrees on 28x28 images."""
     n, c, _, _ = images.shape
-    fill = torch.zeros(1, c, 1, 1, device=images.device, dtype=images.dtype) if fill is None else \
-        fill.to(images.device, images.dtype).view(1, -1, 1, 1)
+    fill = (
+        torch.zeros(1, c, 1, 1, device=images.device, dtype=images.dtype)
+        if fill is None
+        else fill.to(images.device, images.dtype).view(1, -1, 1, 1)
+    )
     out = _shift_flip(images - fill, rng, padding, False)
     angle = (torch.rand(n, device=images.device, generator=rng) * 2 - 1) * max_degrees * (torch.pi / 180)
     cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = torch.nn.functional.affine_grid(theta, list(out.shape), align_corners=False)
-    out = torch.nn.functional.grid_sample(out.float(), grid, mode="nearest", padding_mode="zeros",
-                                          align_corners=False).to(images.dtype)
+    out = torch.nn.functional.grid_sample(
+        out.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    ).to(images.dtype)
     return out + fill
 
 
@@ -51,8 +59,14 @@ def mirror_safe(dataset: str | None) -> bool:
     return dataset in MIRROR_SAFE
 
 
-def augment_batch(images: Tensor, kinds: list[str], rng: torch.Generator, fill: Tensor | None = None,
-                  max_degrees: float = 15.0, max_scale: float = 0.1) -> Tensor:
+def augment_batch(
+    images: Tensor,
+    kinds: list[str],
+    rng: torch.Generator,
+    fill: Tensor | None = None,
+    max_degrees: float = 15.0,
+    max_scale: float = 0.1,
+) -> Tensor:
     """``images`` (normalised, N×C×H×W) with each of ``kinds`` applied per sample, in the order of
     AUGMENTATIONS: shift (up to 1/16 of the width), flip (horizontal, half the samples), rotate
     (±``max_degrees``), scale (×1 ± ``max_scale``), mixup (λ·x + (1−λ)·x', λ ~ U(0, 1) = Beta(1, 1);
@@ -62,20 +76,30 @@ def augment_batch(images: Tensor, kinds: list[str], rng: torch.Generator, fill: 
     images, not label mixtures: the caller asks the teacher what they are."""
     n, c, h, w = images.shape
     device = images.device
-    fill = torch.zeros(1, c, 1, 1, device=device, dtype=images.dtype) if fill is None else \
-        fill.to(device, images.dtype).view(1, -1, 1, 1)
+    fill = (
+        torch.zeros(1, c, 1, 1, device=device, dtype=images.dtype)
+        if fill is None
+        else fill.to(device, images.dtype).view(1, -1, 1, 1)
+    )
     out = images - fill  # work around the fill value, so padding with zeros pads with ``fill``
     if "shift" in kinds or "flip" in kinds:
         shift = max(1, w // 16) if "shift" in kinds else 0
         out = _shift_flip(out, rng, shift, flip="flip" in kinds)
     if "rotate" in kinds or "scale" in kinds:
-        angle = (torch.rand(n, device=device, generator=rng) * 2 - 1) * max_degrees * (torch.pi / 180) \
-            if "rotate" in kinds else torch.zeros(n, device=device)
-        scale = 1 + (torch.rand(n, device=device, generator=rng) * 2 - 1) * max_scale if "scale" in kinds \
+        angle = (
+            (torch.rand(n, device=device, generator=rng) * 2 - 1) * max_degrees * (torch.pi / 180)
+            if "rotate" in kinds
+            else torch.zeros(n, device=device)
+        )
+        scale = (
+            1 + (torch.rand(n, device=device, generator=rng) * 2 - 1) * max_scale
+            if "scale" in kinds
             else torch.ones(n, device=device)
+        )
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
-                             torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, torch.zeros_like(cos)], 1), torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1
+        )
         grid = torch.nn.functional.affine_grid(theta, (n, c, h, w), align_corners=False)
         out = torch.nn.functional.grid_sample(out.float(), grid, align_corners=False).to(images.dtype)
     if "mixup" in kinds:
@@ -89,8 +113,8 @@ def augment_batch(images: Tensor, kinds: list[str], rng: torch.Generator, fill: 
         cy = torch.randint(0, h, (n,), device=device, generator=rng)
         cx = torch.randint(0, w, (n,), device=device, generator=rng)
         rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
-        inside_y = ((rows[None, :] - cy[:, None]).abs() * 2 < cut_h[:, None])  # n × h
-        inside_x = ((cols[None, :] - cx[:, None]).abs() * 2 < cut_w[:, None])  # n × w
+        inside_y = (rows[None, :] - cy[:, None]).abs() * 2 < cut_h[:, None]  # n × h
+        inside_x = (cols[None, :] - cx[:, None]).abs() * 2 < cut_w[:, None]  # n × w
         box = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # n × 1 × h × w
         out = torch.where(box, partner, out)
     return out + fill

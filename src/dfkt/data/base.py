@@ -37,7 +37,9 @@ class ImageData:
             images = getattr(self, f"{split}_images")
             labels = getattr(self, f"{split}_labels")
             if images.dtype != torch.uint8 or images.dim() != 4:
-                raise ValueError(f"{self.name}: {split} images must be uint8 N×C×H×W, got {images.dtype} {tuple(images.shape)}")
+                raise ValueError(
+                    f"{self.name}: {split} images must be uint8 N×C×H×W, got {images.dtype} {tuple(images.shape)}"
+                )
             if labels.dtype != torch.int64 or labels.shape != (images.shape[0],):
                 raise ValueError(f"{self.name}: {split} labels must be int64 of length {images.shape[0]}")
         if self.train_images.shape[1:] != self.test_images.shape[1:]:
@@ -136,17 +138,21 @@ def make_image_data(
     return ImageData(name, train[0], train[1], test[0], test[1], num_classes, mean, std)
 
 
-def stratified_split(name: str, images: np.ndarray, labels: np.ndarray, test_size: float | int, seed: int,
-                     size: int) -> ImageData:
+def stratified_split(
+    name: str, images: np.ndarray, labels: np.ndarray, test_size: float | int, seed: int, size: int
+) -> ImageData:
     """A fixed stratified train/test split of N×H×W uint8 ``images`` (scikit-learn's
     ``train_test_split(test_size, stratify=labels, random_state=seed)``), resized to ``size``."""
     from sklearn.model_selection import train_test_split  # slow to import; only these loaders need it
 
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels,
-                                           random_state=seed)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=test_size, stratify=labels, random_state=seed
+    )
     images_t, labels_t = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    return make_image_data(name, (fit_size(images_t[train_idx], size, "resize"), labels_t[train_idx]),
-                           (fit_size(images_t[test_idx], size, "resize"), labels_t[test_idx]),
-                           num_classes=len(np.unique(labels)))
-
+    return make_image_data(
+        name,
+        (fit_size(images_t[train_idx], size, "resize"), labels_t[train_idx]),
+        (fit_size(images_t[test_idx], size, "resize"), labels_t[test_idx]),
+        num_classes=len(np.unique(labels)),
+    )

@@ -23,7 +23,7 @@ Geometric ones use torch's affine grids, blurs SciPy, noise NumPy.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -63,7 +63,9 @@ def motion_blur(x, severity, rng):
     for i, angle in enumerate(rng.uniform(0, math.pi, x.shape[0])):
         kernel = np.zeros((length, length))
         centre, t = length // 2, np.linspace(-(length // 2), length // 2, 4 * length)
-        kernel[np.round(centre + t * math.sin(angle)).astype(int), np.round(centre + t * math.cos(angle)).astype(int)] = 1
+        kernel[
+            np.round(centre + t * math.sin(angle)).astype(int), np.round(centre + t * math.cos(angle)).astype(int)
+        ] = 1
         out[i] = ndimage.convolve(x[i], (kernel / kernel.sum())[None], mode="constant")
     return out
 
@@ -125,7 +127,7 @@ def stripe(x, severity, rng):
     out = x.copy()
     width = x.shape[3]
     for i, start in enumerate(rng.integers(0, width - severity + 1, x.shape[0])):
-        out[i, :, :, start:start + severity] = 1.0
+        out[i, :, :, start : start + severity] = 1.0
     return out
 
 
@@ -136,6 +138,7 @@ def inversion(x, severity, rng):
 
 
 # MNIST-C's parameters (google-research/mnist-c, corruptions.py). ----------------------------------
+
 
 def _per_28(x: np.ndarray) -> float:
     """MNIST-C's lengths are pixels of 28×28 images: the factor for this side."""
@@ -157,7 +160,7 @@ def mnistc_motion_blur(x, severity, rng):
     factor = _per_28(x)
     radius, sigma = (v * factor for v in ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15))[severity - 1])
     steps = np.arange(2 * math.ceil(radius) + 1)
-    weights = np.exp(-steps**2 / (2 * sigma**2))
+    weights = np.exp(-(steps**2) / (2 * sigma**2))
     weights /= weights.sum()
     n, c, h, w = x.shape
     rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
@@ -213,7 +216,7 @@ def mnistc_stripe(x, severity, rng):
     out = x.copy()
     quarter = int(round(x.shape[3] * 7 / 28))
     out[..., :quarter] = 1 - out[..., :quarter]
-    out[..., x.shape[3] - quarter:] = 1 - out[..., x.shape[3] - quarter:]
+    out[..., x.shape[3] - quarter :] = 1 - out[..., x.shape[3] - quarter :]
     return out
 
 
@@ -223,15 +226,29 @@ def mnistc_inversion(x, severity, rng):
 
 
 DFKT_SCALE: dict[str, Corruption] = {
-    "gaussian_noise": gaussian_noise, "shot_noise": shot_noise, "impulse_noise": impulse_noise,
-    "gaussian_blur": gaussian_blur, "motion_blur": motion_blur, "contrast": contrast, "brightness": brightness,
-    "rotate": rotate, "shear": shear, "scale": scale, "translate": translate, "stripe": stripe,
+    "gaussian_noise": gaussian_noise,
+    "shot_noise": shot_noise,
+    "impulse_noise": impulse_noise,
+    "gaussian_blur": gaussian_blur,
+    "motion_blur": motion_blur,
+    "contrast": contrast,
+    "brightness": brightness,
+    "rotate": rotate,
+    "shear": shear,
+    "scale": scale,
+    "translate": translate,
+    "stripe": stripe,
     "inversion": inversion,
 }
 MNIST_C_SCALE: dict[str, Corruption] = {
     **DFKT_SCALE,  # noise, contrast and brightness: MNIST-C's own tables
-    "gaussian_blur": mnistc_gaussian_blur, "motion_blur": mnistc_motion_blur, "rotate": mnistc_rotate,
-    "shear": mnistc_shear, "scale": mnistc_scale, "translate": mnistc_translate, "stripe": mnistc_stripe,
+    "gaussian_blur": mnistc_gaussian_blur,
+    "motion_blur": mnistc_motion_blur,
+    "rotate": mnistc_rotate,
+    "shear": mnistc_shear,
+    "scale": mnistc_scale,
+    "translate": mnistc_translate,
+    "stripe": mnistc_stripe,
     "inversion": mnistc_inversion,
 }
 SCALES: dict[str, dict[str, Corruption]] = {"mnist-c": MNIST_C_SCALE, "dfkt": DFKT_SCALE}
@@ -242,9 +259,21 @@ GEOMETRIC = ("rotate", "shear", "scale", "translate")  # a stress test, reported
 # The level of each corruption in MNIST-C's data set: the default severity of its function in MNIST-C's
 # corruptions.py (gaussian_noise, gaussian_blur and contrast are among its 31 candidates, not its final 15).
 # Stripe and inversion have one level (every severity gives it): 1 here.
-MNIST_C_SEVERITY = {"gaussian_noise": 5, "shot_noise": 5, "impulse_noise": 4, "gaussian_blur": 2, "motion_blur": 1,
-                    "contrast": 4, "brightness": 5, "rotate": 2, "shear": 2, "scale": 3, "translate": 3,
-                    "stripe": 1, "inversion": 1}
+MNIST_C_SEVERITY = {
+    "gaussian_noise": 5,
+    "shot_noise": 5,
+    "impulse_noise": 4,
+    "gaussian_blur": 2,
+    "motion_blur": 1,
+    "contrast": 4,
+    "brightness": 5,
+    "rotate": 2,
+    "shear": 2,
+    "scale": 3,
+    "translate": 3,
+    "stripe": 1,
+    "inversion": 1,
+}
 
 
 def corruption_name(name: str) -> str:
@@ -256,8 +285,9 @@ def corruption_name(name: str) -> str:
 
 def scale_name(scale: str) -> str:
     if scale not in SCALES:
-        raise ConfigError(f"unknown corruption scale {scale!r}; valid scales: {', '.join(SCALES)} "
-                          f"(default {DEFAULT_SCALE})")
+        raise ConfigError(
+            f"unknown corruption scale {scale!r}; valid scales: {', '.join(SCALES)} (default {DEFAULT_SCALE})"
+        )
     return scale
 
 

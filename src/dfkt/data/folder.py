@@ -28,15 +28,18 @@ def _image_files(folder: Path) -> list[tuple[Path, int]]:
     return files
 
 
-def load_image_folder(folder: str | Path, channels: int | None, image_size: int | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_image_folder(
+    folder: str | Path, channels: int | None, image_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 N×C×H×W images read as ``channels`` (1: grey, 3: RGB; None: as the first image is),
     and labels (None if any is missing)."""
     folder = Path(folder)
     files = _image_files(folder)
     if not files:
-        raise ConfigError(f"image folder {folder} holds no images ({', '.join(sorted(SUFFIXES))}, directly or in "
-                          "class-index subfolders); put the images there")
+        raise ConfigError(
+            f"image folder {folder} holds no images ({', '.join(sorted(SUFFIXES))}, directly or in "
+            "class-index subfolders); put the images there"
+        )
     if channels is None:
         with Image.open(files[0][0]) as first:
             channels = 1 if first.mode in ("1", "L", "I", "F") else 3
@@ -56,12 +59,16 @@ def load_image_folder(folder: str | Path, channels: int | None, image_size: int 
         images.append(image)
     sizes = {tuple(x.shape[1:]) for x in images}
     if len(sizes) > 1:
-        raise ConfigError(f"the images in {folder} differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}); "
-                          "pass --set target.image_size=N to resize them all")
+        raise ConfigError(
+            f"the images in {folder} differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}); "
+            "pass --set target.image_size=N to resize them all"
+        )
     height, width = sizes.pop()
     if height != width:
-        raise ConfigError(f"the images in {folder} are {height}x{width}; models take square images: pass "
-                          "--set target.image_size=N to resize them")
+        raise ConfigError(
+            f"the images in {folder} are {height}x{width}; models take square images: pass "
+            "--set target.image_size=N to resize them"
+        )
     labels = torch.tensor([label for _, label in files])
     return torch.stack(images), None if (labels < 0).any() else labels
 
@@ -73,5 +80,6 @@ def folder_dataset(folder: str | Path, image_size: int | None = None) -> ImageDa
         raise ConfigError(f"test data needs labels: put the images of {folder} in class-index subfolders (0/, 1/, ...)")
     x = images.float() / 255.0
     mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return ImageData(str(folder), images, labels, images, labels, int(labels.max()) + 1,
-                     tuple(mean.tolist()), tuple(std.tolist()))
+    return ImageData(
+        str(folder), images, labels, images, labels, int(labels.max()) + 1, tuple(mean.tolist()), tuple(std.tolist())
+    )

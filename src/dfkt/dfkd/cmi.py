@@ -54,17 +54,35 @@ class CMI(GeneratorPoolMethod):
         # 2,000 student steps (batch 128, SGD 0.1, momentum 0.9, weight decay 1e-4) per batch, 40 epochs. Their
         # scripts pass milestones 25/30/35, but their training code anneals the lr on a cosine over the epochs.
         # Their projection head outputs 256 dimensions.
-        "paper": {"student_epochs": 40, "student_steps_per_epoch": 2000, "gen_output": "pixels",
-                  "student_optimizer": "sgd", "student_lr": 0.1, "student_weight_decay": 1e-4,
-                  "lr_schedule": "cosine", "synthesis_augment": True, "head_dim": 256},
+        "paper": {
+            "student_epochs": 40,
+            "student_steps_per_epoch": 2000,
+            "gen_output": "pixels",
+            "student_optimizer": "sgd",
+            "student_lr": 0.1,
+            "student_weight_decay": 1e-4,
+            "lr_schedule": "cosine",
+            "synthesis_augment": True,
+            "head_dim": 256,
+        },
         # 2 cores: 30 generator steps per batch of 128, 100 student steps per batch. Unlike the authors, and as
         # this preset always ran: Adam 2e-3 without weight decay at a constant lr for the student (SGD 0.1 on a
         # τ²=400-scaled loss killed a BatchNorm-free student), and no crop/flip of the generated images before
         # the teacher (budget on a 2-core CPU; not yet ablated).
-        "cpu": {"synthesis_batch": 128, "synthesis_iterations": 30, "student_batch": 256,
-                "student_steps_per_synthesis": 100, "student_epochs": 100, "student_steps_per_epoch": 100,
-                "pool_size": 20000, "student_optimizer": "adam", "student_lr": 2e-3, "student_weight_decay": 0.0,
-                "lr_schedule": "step", "synthesis_augment": False},
+        "cpu": {
+            "synthesis_batch": 128,
+            "synthesis_iterations": 30,
+            "student_batch": 256,
+            "student_steps_per_synthesis": 100,
+            "student_epochs": 100,
+            "student_steps_per_epoch": 100,
+            "pool_size": 20000,
+            "student_optimizer": "adam",
+            "student_lr": 2e-3,
+            "student_weight_decay": 0.0,
+            "lr_schedule": "step",
+            "synthesis_augment": False,
+        },
     }
 
     def make_source(self, cfg: CMIConfig, setup) -> GeneratorInversion:
@@ -75,9 +93,22 @@ class CMI(GeneratorPoolMethod):
         self.crop_rng = self.engine.rng("crops")
         self.keep("head", self.head)
         self.keep("crops", self.crop_rng)
-        return GeneratorInversion(self, self.engine, self.teacher, self.pool, self.objective, setup.num_classes,
-                                  build_method_generator(cfg, cfg.nz, setup), cfg.nz, cfg.synthesis_batch, cfg.synthesis_iterations, cfg.gen_lr, cfg.z_lr,
-                                  (0.5, 0.999), extra_params=list(self.head.parameters()))
+        return GeneratorInversion(
+            self,
+            self.engine,
+            self.teacher,
+            self.pool,
+            self.objective,
+            setup.num_classes,
+            build_method_generator(cfg, cfg.nz, setup),
+            cfg.nz,
+            cfg.synthesis_batch,
+            cfg.synthesis_iterations,
+            cfg.gen_lr,
+            cfg.z_lr,
+            (0.5, 0.999),
+            extra_params=list(self.head.parameters()),
+        )
 
     def objective(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         terms, features = self.shared_objective(images, targets)  # features: of the global (judged) view
@@ -94,6 +125,7 @@ class CMI(GeneratorPoolMethod):
                 bank = self.teacher.forward_features(past)
         # As in the authors' code, the global projections are targets only: the contrastive gradient reaches the
         # generator and the head through the local view alone.
-        contrast = losses.info_nce(self.head(local), self.head(features).detach(), self.head(bank).detach(),
-                                   self.cfg.cr_temperature)
+        contrast = losses.info_nce(
+            self.head(local), self.head(features).detach(), self.head(bank).detach(), self.cfg.cr_temperature
+        )
         return {**terms, "loss": terms["loss"] + self.cfg.w_cr * contrast, "cr": contrast}

@@ -9,7 +9,6 @@ Known failure: the generator can collapse to one image at lr_G 0.2 (see dfkt.dia
 
 from __future__ import annotations
 
-
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
@@ -27,20 +26,34 @@ class DAFLConfig(JointConfig):
     student_epochs: int = Field(200, ge=1)
 
     @model_validator(mode="after")
-    def _student_uses_generator_batch(self) -> "DAFLConfig":
+    def _student_uses_generator_batch(self) -> DAFLConfig:
         if self.student_batch > self.gen_batch:
             raise ValueError("student_batch cannot exceed gen_batch: the student trains on the generator's batch")
         if self.student_steps_per_generator_step != 1:
-            raise ValueError("student_steps_per_generator_step must be 1: each student step uses the batch of "
-                             "the generator step just before it")
+            raise ValueError(
+                "student_steps_per_generator_step must be 1: each student step uses the batch of "
+                "the generator step just before it"
+            )
         return self
 
 
 # CIFAR-10 in the authors' README: their loss weights there are 0.05 (one-hot), 0.01 (activation) and 5 (class
 # balance); the student is SGD 0.1 (momentum 0.9, weight decay 5e-4) x0.1 at epochs 800 and 1600.
-PAPER_CIFAR10 = {"nz": 1000, "gen_lr": 0.02, "gen_batch": 1024, "student_batch": 1024, "student_optimizer": "sgd",
-                 "student_lr": 0.1, "student_momentum": 0.9, "student_weight_decay": 5e-4, "student_epochs": 2000,
-                 "lr_milestones": [800, 1600], "w_oh": 0.05, "w_a": 0.01, "w_ie": 5.0}
+PAPER_CIFAR10 = {
+    "nz": 1000,
+    "gen_lr": 0.02,
+    "gen_batch": 1024,
+    "student_batch": 1024,
+    "student_optimizer": "sgd",
+    "student_lr": 0.1,
+    "student_momentum": 0.9,
+    "student_weight_decay": 5e-4,
+    "student_epochs": 2000,
+    "lr_milestones": [800, 1600],
+    "w_oh": 0.05,
+    "w_a": 0.01,
+    "w_ie": 5.0,
+}
 
 
 @METHODS.register("dafl")
@@ -51,9 +64,19 @@ class DAFL(JointMethod):
     reuse_latest = True
     presets = {
         # MNIST in the authors' code: lr_G 0.2 belongs with batch 512 (at batch 128 it collapses, see "cpu").
-        "paper": {"nz": 100, "gen_lr": 0.2, "gen_batch": 512, "student_batch": 512, "student_optimizer": "adam",
-                  "student_lr": 2e-3, "student_epochs": 200, "student_steps_per_epoch": 120, "w_oh": 1.0, "w_a": 0.1,
-                  "w_ie": 5.0},
+        "paper": {
+            "nz": 100,
+            "gen_lr": 0.2,
+            "gen_batch": 512,
+            "student_batch": 512,
+            "student_optimizer": "adam",
+            "student_lr": 2e-3,
+            "student_epochs": 200,
+            "student_steps_per_epoch": 120,
+            "w_oh": 1.0,
+            "w_a": 0.1,
+            "w_ie": 5.0,
+        },
         "paper-cifar10": PAPER_CIFAR10,
         # 224x224 ImageNet-style teachers (not a published setting): CIFAR-10's with the deep generator.
         "paper-imagenet": {**PAPER_CIFAR10, "gen_batch": 256, "student_batch": 256, "generator": "deep"},
@@ -75,5 +98,4 @@ def generator_objective(teacher: nn.Module, images: Tensor, w_oh: float, w_a: fl
     l_oh = losses.one_hot_loss(logits)
     l_a = losses.activation_loss(features)
     l_ie = losses.class_balance_loss(logits, log_base=10)
-    return {"loss": w_oh * l_oh + w_a * l_a + w_ie * l_ie, "oh": l_oh, "a": l_a, "ie": l_ie,
-            "teacher_logits": logits}
+    return {"loss": w_oh * l_oh + w_a * l_a + w_ie * l_ie, "oh": l_oh, "a": l_a, "ie": l_ie, "teacher_logits": logits}

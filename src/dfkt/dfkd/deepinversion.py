@@ -10,9 +10,9 @@ teacher. The student learns by KD on the growing pool of inverted images.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
-import torch.nn.functional as F
 
 from dfkt import losses
 from dfkt.dfkd.base import BNPriorFields
@@ -24,8 +24,11 @@ from dfkt.synthesis.inversion import Start
 
 
 class DeepInversionConfig(PooledConfig, BNPriorFields):
-    clamp: bool = Field(True, description="clamp pixels into the teacher's input range after every step (as the "
-                                          "authors' code does); false leaves them unbounded")
+    clamp: bool = Field(
+        True,
+        description="clamp pixels into the teacher's input range after every step (as the "
+        "authors' code does); false leaves them unbounded",
+    )
     lr: float = Field(0.1, gt=0, description="Adam lr on the pixels")
     betas: tuple[float, float] = (0.5, 0.99)
     w_bn: float = Field(10.0, ge=0)
@@ -34,22 +37,44 @@ class DeepInversionConfig(PooledConfig, BNPriorFields):
     w_l2: float = Field(0.0, ge=0)
     w_adi: float = Field(0.0, ge=0, description="competition weight; > 0 is Adaptive DeepInversion")
     max_shift: int = Field(2, ge=0, description="random jitter in pixels")
-    start: Start = Field("noise", description="noise: pixels start as N(0, 1), the authors'; dark: at black plus "
-                                              "N(0, 0.1²) noise (needs clamp)")
-    resolution: int | None = Field(None, ge=1, description="optimise images of this side, bilinearly upsampled to "
-                                                           "the teacher's (smooth images); none: the teacher's side")
-    downscale: int | None = Field(None, ge=2, description="optimise images of the teacher's side divided by this "
-                                                          "(rounded down, at least 1 pixel): resolution relative to "
-                                                          "the teacher, so one setting fits any image size")
-    standardise: bool = Field(False, description="rescale each finished batch to pixel mean 0 and variance 1 per "
-                                                 "channel (what the input normalisation gives real batches), then "
-                                                 "clamp (needs clamp)")
-    flip: bool = Field(True, description="random horizontal flips while inverting (only on mirror-safe data: never digits)")
+    start: Start = Field(
+        "noise",
+        description="noise: pixels start as N(0, 1), the authors'; dark: at black plus N(0, 0.1²) noise (needs clamp)",
+    )
+    resolution: int | None = Field(
+        None,
+        ge=1,
+        description="optimise images of this side, bilinearly upsampled to "
+        "the teacher's (smooth images); none: the teacher's side",
+    )
+    downscale: int | None = Field(
+        None,
+        ge=2,
+        description="optimise images of the teacher's side divided by this "
+        "(rounded down, at least 1 pixel): resolution relative to "
+        "the teacher, so one setting fits any image size",
+    )
+    standardise: bool = Field(
+        False,
+        description="rescale each finished batch to pixel mean 0 and variance 1 per "
+        "channel (what the input normalisation gives real batches), then "
+        "clamp (needs clamp)",
+    )
+    flip: bool = Field(
+        True, description="random horizontal flips while inverting (only on mirror-safe data: never digits)"
+    )
 
 
 # 2 cores: 200 iterations per batch of 128, 100 student steps per batch.
-CPU = {"synthesis_batch": 128, "synthesis_iterations": 200, "student_batch": 256, "student_steps_per_synthesis": 100,
-       "student_epochs": 100, "student_steps_per_epoch": 100, "pool_size": 20000}
+CPU = {
+    "synthesis_batch": 128,
+    "synthesis_iterations": 200,
+    "student_batch": 256,
+    "student_steps_per_synthesis": 100,
+    "student_epochs": 100,
+    "student_steps_per_epoch": 100,
+    "pool_size": 20000,
+}
 
 
 @METHODS.register("deepinversion")
@@ -66,16 +91,33 @@ class DeepInversion(PooledMethod):
 
     def make_source(self, cfg: DeepInversionConfig, setup) -> PixelInversion:
         if cfg.resolution is not None and cfg.downscale is not None:
-            raise ConfigError("set params.resolution (a side in pixels) or params.downscale (a divisor of the "
-                              "teacher's side), not both")
+            raise ConfigError(
+                "set params.resolution (a side in pixels) or params.downscale (a divisor of the "
+                "teacher's side), not both"
+            )
         resolution = cfg.resolution if cfg.downscale is None else max(1, setup.image_size // cfg.downscale)
-        self.prior = bn_prior_or_none(self.teacher, "deepinversion", cfg.w_bn, cfg.first_bn_multiplier,
-                                       distance=cfg.bn_distance)
-        return PixelInversion(self, self.engine, self.teacher, self.pool, self.objective, self.random_labels,
-                              (setup.channels, setup.image_size, setup.image_size), cfg.synthesis_batch,
-                              cfg.synthesis_iterations, cfg.lr, cfg.betas, cfg.max_shift,
-                              cfg.flip and setup.mirror_safe,
-                              setup.pixel_range() if cfg.clamp else None, cfg.start, resolution, cfg.standardise)
+        self.prior = bn_prior_or_none(
+            self.teacher, "deepinversion", cfg.w_bn, cfg.first_bn_multiplier, distance=cfg.bn_distance
+        )
+        return PixelInversion(
+            self,
+            self.engine,
+            self.teacher,
+            self.pool,
+            self.objective,
+            self.random_labels,
+            (setup.channels, setup.image_size, setup.image_size),
+            cfg.synthesis_batch,
+            cfg.synthesis_iterations,
+            cfg.lr,
+            cfg.betas,
+            cfg.max_shift,
+            cfg.flip and setup.mirror_safe,
+            setup.pixel_range() if cfg.clamp else None,
+            cfg.start,
+            resolution,
+            cfg.standardise,
+        )
 
     def random_labels(self, n: int, rng: torch.Generator) -> Tensor:
         return torch.randint(0, self.setup.num_classes, (n,), generator=rng, device=rng.device)

@@ -29,12 +29,17 @@ class DFADConfig(JointConfig):
     student_weight_decay: float = Field(5e-4, ge=0)
     student_steps_per_generator_step: int = Field(5, ge=1)
     student_epochs: int = Field(500, ge=1)
-    student_steps_per_epoch: int = Field(250, ge=1, description="5 per generator step: the authors' epoch is 50 "
-                                                                "generator steps")
-    lr_milestones: list[int] = Field([100, 200], description="epochs at which the student lr is multiplied by "
-                                                             "lr_gamma (the authors' CIFAR setting: 100, 200)")
-    gen_lr_follows_student: bool = Field(True, description="the generator's lr follows the student's schedule "
-                                                           "(the authors decay both at the same epochs)")
+    student_steps_per_epoch: int = Field(
+        250, ge=1, description="5 per generator step: the authors' epoch is 50 generator steps"
+    )
+    lr_milestones: list[int] = Field(
+        [100, 200],
+        description="epochs at which the student lr is multiplied by lr_gamma (the authors' CIFAR setting: 100, 200)",
+    )
+    gen_lr_follows_student: bool = Field(
+        True,
+        description="the generator's lr follows the student's schedule (the authors decay both at the same epochs)",
+    )
 
 
 @METHODS.register("dfad")
@@ -43,18 +48,42 @@ class DFAD(JointMethod):
     summary = "adversarial: generator maximises the teacher-student L1 logit gap, student minimises it"
     presets = {
         # CIFAR in the authors' code (DFAD_cifar.py with --scheduler, as their README runs it).
-        "paper": {"nz": 256, "gen_batch": 256, "student_batch": 256, "student_optimizer": "sgd", "student_lr": 0.1,
-                  "student_weight_decay": 5e-4, "student_epochs": 500, "lr_milestones": [100, 200],
-                  "gen_lr_follows_student": True},
+        "paper": {
+            "nz": 256,
+            "gen_batch": 256,
+            "student_batch": 256,
+            "student_optimizer": "sgd",
+            "student_lr": 0.1,
+            "student_weight_decay": 5e-4,
+            "student_epochs": 500,
+            "lr_milestones": [100, 200],
+            "gen_lr_follows_student": True,
+        },
         # MNIST in the authors' code (DFAD_mnist.py as run_mnist.sh runs it: no scheduler).
-        "paper-mnist": {"nz": 100, "gen_batch": 512, "student_batch": 512, "student_optimizer": "sgd",
-                        "student_lr": 0.01, "student_weight_decay": 1e-4, "student_epochs": 40, "lr_milestones": [],
-                        "gen_lr_follows_student": True},
+        "paper-mnist": {
+            "nz": 100,
+            "gen_batch": 512,
+            "student_batch": 512,
+            "student_optimizer": "sgd",
+            "student_lr": 0.01,
+            "student_weight_decay": 1e-4,
+            "student_epochs": 40,
+            "lr_milestones": [],
+            "gen_lr_follows_student": True,
+        },
         # 2 cores: half the batch, 30 generator steps per epoch, 20 epochs, constant lrs; the student uses Adam 2e-3
         # as in the other cpu presets (SGD 0.1 left a LeNet-5-half student at chance on Fashion-MNIST).
-        "cpu": {"gen_batch": 128, "student_batch": 128, "student_epochs": 20, "student_steps_per_epoch": 150,
-                "student_optimizer": "adam", "student_lr": 2e-3, "student_weight_decay": 0.0, "lr_milestones": [],
-                "gen_lr_follows_student": False},
+        "cpu": {
+            "gen_batch": 128,
+            "student_batch": 128,
+            "student_epochs": 20,
+            "student_steps_per_epoch": 150,
+            "student_optimizer": "adam",
+            "student_lr": 2e-3,
+            "student_weight_decay": 0.0,
+            "lr_milestones": [],
+            "gen_lr_follows_student": False,
+        },
     }
 
     def objective(self, images: Tensor, z: Tensor) -> dict[str, Tensor]:

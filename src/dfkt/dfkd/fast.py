@@ -36,9 +36,18 @@ class FastConfig(GeneratorPoolConfig):
 
 # The student: SGD 0.2, momentum 0.9, weight decay 1e-4, cosine to 2e-4; the teacher and the student judge
 # cropped and flipped views of the generated images.
-PAPER = {"student_epochs": 220, "student_steps_per_epoch": 400, "student_steps_per_synthesis": 400,
-         "gen_output": "pixels", "student_optimizer": "sgd", "student_lr": 0.2, "student_weight_decay": 1e-4,
-         "lr_schedule": "cosine", "lr_min": 2e-4, "synthesis_augment": True}
+PAPER = {
+    "student_epochs": 220,
+    "student_steps_per_epoch": 400,
+    "student_steps_per_synthesis": 400,
+    "gen_output": "pixels",
+    "student_optimizer": "sgd",
+    "student_lr": 0.2,
+    "student_weight_decay": 1e-4,
+    "lr_schedule": "cosine",
+    "lr_min": 2e-4,
+    "synthesis_augment": True,
+}
 
 
 @METHODS.register("fast")
@@ -54,20 +63,44 @@ class Fast(GeneratorPoolMethod):
         # a 2-core CPU; not yet ablated): 50 student steps per batch where they take 400, so the pool grows 8x
         # faster per student step; Adam 2e-3 without weight decay at a constant lr (SGD 0.2 on a τ²=400-scaled
         # loss killed a BatchNorm-free student); no crop/flip of the generated images before the teacher.
-        "cpu": {"synthesis_batch": 128, "synthesis_iterations": 5, "student_steps_per_synthesis": 50,
-                "student_epochs": 100, "student_steps_per_epoch": 100, "pool_size": 20000,
-                "student_optimizer": "adam", "student_lr": 2e-3, "student_weight_decay": 0.0, "lr_schedule": "step",
-                "synthesis_augment": False},
+        "cpu": {
+            "synthesis_batch": 128,
+            "synthesis_iterations": 5,
+            "student_steps_per_synthesis": 50,
+            "student_epochs": 100,
+            "student_steps_per_epoch": 100,
+            "pool_size": 20000,
+            "student_optimizer": "adam",
+            "student_lr": 2e-3,
+            "student_weight_decay": 0.0,
+            "lr_schedule": "step",
+            "synthesis_augment": False,
+        },
     }
 
     def make_source(self, cfg: FastConfig, setup) -> GeneratorInversion:
-        self.prior = bn_prior_or_none(self.teacher, "fast", cfg.w_bn, momentum=cfg.bn_momentum,
-                                       distance=cfg.bn_distance)
+        self.prior = bn_prior_or_none(
+            self.teacher, "fast", cfg.w_bn, momentum=cfg.bn_momentum, distance=cfg.bn_distance
+        )
         if self.prior is not None:  # its EMA of synthetic statistics (empty until the first round ends)
             self.keep("bn_ema", self.prior.ema_state())
-        return GeneratorInversion(self, self.engine, self.teacher, self.pool, self.objective, setup.num_classes,
-                                  build_method_generator(cfg, cfg.nz, setup), cfg.nz, cfg.synthesis_batch, cfg.synthesis_iterations, cfg.gen_lr, cfg.z_lr,
-                                  (0.5, 0.999), meta=True, on_round_end=self.update_bn_ema)
+        return GeneratorInversion(
+            self,
+            self.engine,
+            self.teacher,
+            self.pool,
+            self.objective,
+            setup.num_classes,
+            build_method_generator(cfg, cfg.nz, setup),
+            cfg.nz,
+            cfg.synthesis_batch,
+            cfg.synthesis_iterations,
+            cfg.gen_lr,
+            cfg.z_lr,
+            (0.5, 0.999),
+            meta=True,
+            on_round_end=self.update_bn_ema,
+        )
 
     def objective(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         return self.shared_objective(images, targets)[0]

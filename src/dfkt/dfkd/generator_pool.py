@@ -42,13 +42,18 @@ class GeneratorPoolConfig(PooledConfig, GeneratorFields, BNPriorFields):
     student_lr: float = Field(0.1, gt=0)
     student_batch: int = Field(128, ge=1)
     student_weight_decay: float = Field(1e-4, ge=0, description="the authors': 1e-4 (with SGD)")
-    lr_schedule: Literal["step", "cosine"] = Field("cosine", description="step: multiply by lr_gamma at "
-                                                   "lr_milestones; cosine: anneal to lr_min over the student stage "
-                                                   "(the authors')")
+    lr_schedule: Literal["step", "cosine"] = Field(
+        "cosine",
+        description="step: multiply by lr_gamma at "
+        "lr_milestones; cosine: anneal to lr_min over the student stage "
+        "(the authors')",
+    )
     synthesis_augment: bool = Field(
-        True, description="the teacher and the student judge a random crop (padded by 1/8 of the width) and flip "
-                          "(mirror-safe data only) of each generated image, as the authors' codes do; the pool keeps "
-                          "the images themselves")
+        True,
+        description="the teacher and the student judge a random crop (padded by 1/8 of the width) and flip "
+        "(mirror-safe data only) of each generated image, as the authors' codes do; the pool keeps "
+        "the images themselves",
+    )
 
 
 class GeneratorPoolMethod(PooledMethod):
@@ -66,8 +71,13 @@ class GeneratorPoolMethod(PooledMethod):
         if not self.cfg.synthesis_augment:
             return images
         pixel_range = self.setup.pixel_range()
-        return crop_and_flip(images, self.augment_rng, max(1, images.shape[-1] // 8), self.setup.mirror_safe,
-                             None if pixel_range is None else pixel_range[0])
+        return crop_and_flip(
+            images,
+            self.augment_rng,
+            max(1, images.shape[-1] // 8),
+            self.setup.mirror_safe,
+            None if pixel_range is None else pixel_range[0],
+        )
 
     def shared_objective(self, images: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """The shared terms on the judged view of ``images``, and the teacher's penultimate features of that view

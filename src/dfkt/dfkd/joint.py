@@ -20,11 +20,17 @@ class JointConfig(StudentTrainingConfig, GeneratorFields):
     gen_lr: float = Field(1e-3, gt=0)
     gen_batch: int = Field(512, ge=2)
     student_steps_per_generator_step: int = Field(1, ge=1)
-    gen_clip_norm: float | None = Field(None, gt=0, description="rescale the generator's gradients to at most this "
-                                                                "total L2 norm before each step (ZSKT's authors: 5)")
+    gen_clip_norm: float | None = Field(
+        None,
+        gt=0,
+        description="rescale the generator's gradients to at most this "
+        "total L2 norm before each step (ZSKT's authors: 5)",
+    )
     gen_lr_follows_student: bool = Field(
-        False, description="the generator's lr is multiplied by whatever the student's schedule (lr_schedule, "
-                           "lr_milestones) has multiplied the student's by, as ZSKT's and DFAD's authors schedule both")
+        False,
+        description="the generator's lr is multiplied by whatever the student's schedule (lr_schedule, "
+        "lr_milestones) has multiplied the student's by, as ZSKT's and DFAD's authors schedule both",
+    )
 
 
 class JointMethod(DistillMethod):
@@ -35,12 +41,22 @@ class JointMethod(DistillMethod):
         super().__init__(cfg, setup)
         reuse, redraw = self.batch_reuse()
         self.source = GeneratorSynthesizer(
-            self, self.engine, build_method_generator(cfg, cfg.nz, setup), cfg.nz, cfg.gen_lr, cfg.gen_batch,
-            self.objective, reuse_latest=reuse, redraw_after_update=redraw, clip_norm=cfg.gen_clip_norm,
-            lr_factor=(lambda: self.student_trainer.lr_factor()) if cfg.gen_lr_follows_student else None)
+            self,
+            self.engine,
+            build_method_generator(cfg, cfg.nz, setup),
+            cfg.nz,
+            cfg.gen_lr,
+            cfg.gen_batch,
+            self.objective,
+            reuse_latest=reuse,
+            redraw_after_update=redraw,
+            clip_norm=cfg.gen_clip_norm,
+            lr_factor=(lambda: self.student_trainer.lr_factor()) if cfg.gen_lr_follows_student else None,
+        )
         self.generator = self.source.generator
-        self.student_trainer = StudentTrainer(self, cfg, self.source, cfg.student_steps_per_generator_step,
-                                              self.student_loss())
+        self.student_trainer = StudentTrainer(
+            self, cfg, self.source, cfg.student_steps_per_generator_step, self.student_loss()
+        )
 
     def batch_reuse(self) -> tuple[bool, bool]:
         """Whether the student trains on the batch of the last generator step rather than fresh samples, and

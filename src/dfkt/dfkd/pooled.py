@@ -24,11 +24,19 @@ class PooledConfig(StudentTrainingConfig):
     synthesis_batch: int = Field(256, ge=1)
     synthesis_iterations: int = Field(2000, ge=1, description="optimisation steps per synthesized batch")
     student_steps_per_synthesis: int = Field(2000, ge=1)
-    synthesis_rounds: int | None = Field(None, ge=1, description="synthesize this many batches, then train on the "
-                                                                 "fixed pool (ZSKD's authors make a fixed set of "
-                                                                 "impressions); none: to the end of the run")
-    selection_holdout: int = Field(256, ge=0, description="synthetic images kept out of training (a tenth of each "
-                                                          "batch until there are this many) for label-free selection")
+    synthesis_rounds: int | None = Field(
+        None,
+        ge=1,
+        description="synthesize this many batches, then train on the "
+        "fixed pool (ZSKD's authors make a fixed set of "
+        "impressions); none: to the end of the run",
+    )
+    selection_holdout: int = Field(
+        256,
+        ge=0,
+        description="synthetic images kept out of training (a tenth of each "
+        "batch until there are this many) for label-free selection",
+    )
 
 
 class PooledMethod(DistillMethod):
@@ -36,8 +44,9 @@ class PooledMethod(DistillMethod):
         super().__init__(cfg, setup)
         self.pool = ImagePool(self, cfg.pool_size, holdout=cfg.selection_holdout)
         self.source = self.make_source(cfg, setup)
-        self.student_trainer = StudentTrainer(self, cfg, self.source, cfg.student_steps_per_synthesis,
-                                              max_syntheses=cfg.synthesis_rounds)
+        self.student_trainer = StudentTrainer(
+            self, cfg, self.source, cfg.student_steps_per_synthesis, max_syntheses=cfg.synthesis_rounds
+        )
 
     def make_source(self, cfg: PooledConfig, setup: DistillSetup) -> Synthesizer:
         raise NotImplementedError

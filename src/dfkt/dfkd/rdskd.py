@@ -48,29 +48,54 @@ class RDSKDConfig(StudentTrainingConfig, GeneratorFields):
     reference: Literal["epoch", "step"] = "epoch"
     max_exponent: float = Field(30.0, gt=0, description="exp() argument clamp, so it cannot overflow")
     student_data: Literal["fresh", "pool"] = Field(
-        "fresh", description="fresh generator samples every step (paper), or a fixed pool drawn once (cpu)")
+        "fresh", description="fresh generator samples every step (paper), or a fixed pool drawn once (cpu)"
+    )
     pool_size: int = Field(50000, ge=1)
-    pool_refresh: int = Field(0, ge=0, description="pool only: new frozen-generator images replacing the oldest "
-                                                   "before every student step (0: the pool drawn once stays)")
-    pool_mining: int = Field(1, ge=1, description="pool_refresh only: candidates drawn per image kept; the kept "
-                                                 "ones are those where the student disagrees most with the teacher "
-                                                 "(KL), so the pool fills with what the student has yet to learn")
-    pool_balance: bool = Field(False, description="pool only: student batches draw each of the teacher's classes "
-                                                 "equally often (an image weighs 1 / its class's count in the pool)")
-    pool_search: int = Field(0, ge=0, description="pool only: a class of which the frozen generator drew fewer "
-                                                 "images gets the rest, up to this many, by searching the generator's "
-                                                 "latent space toward it (0: off)")
-    gen_train_every: int = Field(0, ge=0, description="pool only: keep training the generator in the student stage "
-                                                     "(RDSKD's loss, the teacher alone), one step every this many "
-                                                     "student steps, its batch replacing the oldest pool images "
-                                                     "(0: the generator is frozen after its stage)")
+    pool_refresh: int = Field(
+        0,
+        ge=0,
+        description="pool only: new frozen-generator images replacing the oldest "
+        "before every student step (0: the pool drawn once stays)",
+    )
+    pool_mining: int = Field(
+        1,
+        ge=1,
+        description="pool_refresh only: candidates drawn per image kept; the kept "
+        "ones are those where the student disagrees most with the teacher "
+        "(KL), so the pool fills with what the student has yet to learn",
+    )
+    pool_balance: bool = Field(
+        False,
+        description="pool only: student batches draw each of the teacher's classes "
+        "equally often (an image weighs 1 / its class's count in the pool)",
+    )
+    pool_search: int = Field(
+        0,
+        ge=0,
+        description="pool only: a class of which the frozen generator drew fewer "
+        "images gets the rest, up to this many, by searching the generator's "
+        "latent space toward it (0: off)",
+    )
+    gen_train_every: int = Field(
+        0,
+        ge=0,
+        description="pool only: keep training the generator in the student stage "
+        "(RDSKD's loss, the teacher alone), one step every this many "
+        "student steps, its batch replacing the oldest pool images "
+        "(0: the generator is frozen after its stage)",
+    )
     gen_budget_share: float | None = Field(
-        None, gt=0, lt=1, description="with --max-seconds, the generator stage ends after this share of the budget "
-                                      "(or its steps, if sooner), so the student always gets the rest")
+        None,
+        gt=0,
+        lt=1,
+        description="with --max-seconds, the generator stage ends after this share of the budget "
+        "(or its steps, if sooner), so the student always gets the rest",
+    )
 
 
-def generator_losses(images: Tensor, logits: Tensor, references: Tensor | None,
-                     max_exponent: float) -> dict[str, Tensor]:
+def generator_losses(
+    images: Tensor, logits: Tensor, references: Tensor | None, max_exponent: float
+) -> dict[str, Tensor]:
     """The RDSKD generator objective on one batch: exp(L_oh − r_oh) + exp(L_ie − r_ie) + L_ds.
     ``references=None`` takes this batch's own loss values as the references (the authors' reset step).
     Also used without a student, to train a calibration generator (``dfkt.quantize``)."""
@@ -80,8 +105,16 @@ def generator_losses(images: Tensor, logits: Tensor, references: Tensor | None,
     refs = torch.stack([l_oh, l_ie]).detach() if references is None else references
     w_oh, clamp_oh = losses.exp_penalty(l_oh, refs[0], max_exponent)
     w_ie, clamp_ie = losses.exp_penalty(l_ie, refs[1], max_exponent)
-    return {"loss": w_oh + w_ie + l_ds, "oh": l_oh, "ie": l_ie, "ds": l_ds, "exp_oh": w_oh, "exp_ie": w_ie,
-            "references": refs, "clamped": (clamp_oh | clamp_ie).float()}
+    return {
+        "loss": w_oh + w_ie + l_ds,
+        "oh": l_oh,
+        "ie": l_ie,
+        "ds": l_ds,
+        "exp_oh": w_oh,
+        "exp_ie": w_ie,
+        "references": refs,
+        "clamped": (clamp_oh | clamp_ie).float(),
+    }
 
 
 @METHODS.register("rdskd")
@@ -93,8 +126,13 @@ class RDSKD(DistillMethod):
         "paper-cifar10": {"nz": 1000, "lr_milestones": [800]},
         # 224x224 ImageNet-style teachers (no published RDSKD setting): CIFAR-10's, with the deep
         # generator (7x7 map, five upsamplings) and batches halved to fit a GPU at this size.
-        "paper-imagenet": {"nz": 1000, "lr_milestones": [800], "generator": "deep", "gen_batch": 256,
-                           "student_batch": 256},
+        "paper-imagenet": {
+            "nz": 1000,
+            "lr_milestones": [800],
+            "generator": "deep",
+            "gen_batch": 256,
+            "student_batch": 256,
+        },
         # 2 CPU cores, measured on B2 (benchmarks/analysis/ablation_b2_rdskd.md): the authors' generator
         # (width 128, tanh + BatchNorm) for 240 steps at batch 128, then a fixed pool of 20,000 images
         # whose batches are shifted (and flipped where the data allows) and labelled again by the
@@ -104,22 +142,39 @@ class RDSKD(DistillMethod):
         # student. The in-range sigmoid output collapsed onto one class on digits and on a WRN teacher;
         # the authors' output clamped into the input range (benchmarks/results/ablation_b2_rdskd_clamped_600s.md)
         # gave 76.2 ± 1.6 at 10 minutes against 74.8 ± 3.5 unclamped (3 seeds each, two sessions).
-        "cpu": {"gen_batch": 128, "gen_epochs": 2, "gen_budget_share": 0.4, "student_batch": 256,
-                "student_epochs": 200, "student_data": "pool", "pool_size": 20000, "augment": ["shift", "flip"],
-                "gen_output": "clamped"},
+        "cpu": {
+            "gen_batch": 128,
+            "gen_epochs": 2,
+            "gen_budget_share": 0.4,
+            "student_batch": 256,
+            "student_epochs": 200,
+            "student_data": "pool",
+            "pool_size": 20000,
+            "augment": ["shift", "flip"],
+            "gen_output": "clamped",
+        },
     }
 
     def __init__(self, cfg: RDSKDConfig, setup: DistillSetup):
         super().__init__(cfg, setup)
-        self.source = GeneratorSynthesizer(self, self.engine, build_method_generator(cfg, cfg.nz, setup), cfg.nz,
-                                           cfg.gen_lr, cfg.gen_batch, self.objective)
+        self.source = GeneratorSynthesizer(
+            self,
+            self.engine,
+            build_method_generator(cfg, cfg.nz, setup),
+            cfg.nz,
+            cfg.gen_lr,
+            cfg.gen_batch,
+            self.objective,
+        )
         self.generator = self.source.generator
         self.keep("references", torch.zeros(2, device=self.engine.device))  # r_oh, r_ie
         self.reset_references = False
         self.pool = ImagePool(self, cfg.pool_size) if cfg.student_data == "pool" else None
         if cfg.gen_train_every and (self.pool is None or cfg.pool_refresh):
-            raise ConfigError("params.gen_train_every needs params.student_data=pool and params.pool_refresh=0: the "
-                              "generator's own batches refresh the pool")
+            raise ConfigError(
+                "params.gen_train_every needs params.student_data=pool and params.pool_refresh=0: the "
+                "generator's own batches refresh the pool"
+            )
         if self.pool is None and (cfg.pool_balance or cfg.pool_search):
             raise ConfigError("params.pool_balance and params.pool_search need params.student_data=pool")
         if self.pool is None:
@@ -127,8 +182,10 @@ class RDSKD(DistillMethod):
         elif cfg.gen_train_every:
             student_source, every = TrainedPool(self, self.pool, cfg.pool_balance), cfg.gen_train_every
         else:
-            student_source, every = RefreshedPool(self, self.pool, cfg.pool_refresh, cfg.pool_mining,
-                                                  cfg.pool_balance), int(cfg.pool_refresh > 0)
+            student_source, every = (
+                RefreshedPool(self, self.pool, cfg.pool_refresh, cfg.pool_mining, cfg.pool_balance),
+                int(cfg.pool_refresh > 0),
+            )
         self.student_trainer = StudentTrainer(self, cfg, student_source, synthesize_every=every)
 
     def generator_losses(self, images: Tensor, logits: Tensor, references: Tensor | None) -> dict[str, Tensor]:
@@ -164,8 +221,12 @@ class RDSKD(DistillMethod):
                 images, _ = self.source.sample(min(POOL_CHUNK, self.cfg.pool_size - self.pool.size), rng)
                 self.pool.add(images, self.teacher(images))
         if not self.pool.full:
-            self.engine.metrics.write({"event": f"pool drawn: {self.pool.size} of {self.cfg.pool_size} images, within "
-                                                f"{POOL_FILL_SHARE:g} of the {left:.0f} s of budget left"})
+            self.engine.metrics.write(
+                {
+                    "event": f"pool drawn: {self.pool.size} of {self.cfg.pool_size} images, within "
+                    f"{POOL_FILL_SHARE:g} of the {left:.0f} s of budget left"
+                }
+            )
         if self.cfg.pool_search:
             self.search_short_classes(rng)
         self.keep("pool_drawn", torch.tensor(self.pool.size))
@@ -178,8 +239,11 @@ class RDSKD(DistillMethod):
         deadline = None if left is None else time.perf_counter() + SEARCH_SHARE * left
         for k, drawn in enumerate(self.pool.class_counts().tolist()):
             found = tries = 0
-            while drawn + found < self.cfg.pool_search and tries < 4 * -(-self.cfg.pool_search // SEARCH_BATCH) \
-                    and (deadline is None or time.perf_counter() < deadline):
+            while (
+                drawn + found < self.cfg.pool_search
+                and tries < 4 * -(-self.cfg.pool_search // SEARCH_BATCH)
+                and (deadline is None or time.perf_counter() < deadline)
+            ):
                 need = self.cfg.pool_search - drawn - found
                 with self.engine.eval_mode(self.generator):  # it may train in this stage (gen_train_every)
                     images, logits = self.search_class(k, min(SEARCH_BATCH, 2 * need), rng)  # not every z arrives
@@ -187,8 +251,12 @@ class RDSKD(DistillMethod):
                 self.pool.add(images, logits)
                 found, tries = found + len(images), tries + 1
             if tries:
-                self.engine.metrics.write({"event": f"class {k}: the generator drew {drawn} of {self.pool.size} pool "
-                                                    f"images; latent search added {found}"})
+                self.engine.metrics.write(
+                    {
+                        "event": f"class {k}: the generator drew {drawn} of {self.pool.size} pool "
+                        f"images; latent search added {found}"
+                    }
+                )
 
     def search_class(self, k: int, n: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
         """Up to ``n`` images of the frozen generator that the teacher puts in class ``k``: ``SEARCH_STEPS`` Adam
@@ -208,16 +276,23 @@ class RDSKD(DistillMethod):
         return images[hit], logits[hit]
 
     def stages(self) -> list[Stage]:
-        gen_stage = Stage("generator", self.cfg.gen_epochs * self.cfg.gen_steps_per_epoch,
-                          self.generator_step, train=[self.generator], frozen=[self.teacher],
-                          budget_share=self.cfg.gen_budget_share)
+        gen_stage = Stage(
+            "generator",
+            self.cfg.gen_epochs * self.cfg.gen_steps_per_epoch,
+            self.generator_step,
+            train=[self.generator],
+            frozen=[self.teacher],
+            budget_share=self.cfg.gen_budget_share,
+        )
         # Stage 3 samples the *frozen* generator (eval mode, no gradients), unless it keeps training.
         if self.cfg.gen_train_every:
             train, frozen = [self.generator], [self.teacher]
         else:
             train, frozen = [], [self.teacher, self.generator]
-        return [gen_stage, self.student_trainer.stage(train=train, frozen=frozen,
-                                                      begin=None if self.pool is None else self.fill_pool)]
+        return [
+            gen_stage,
+            self.student_trainer.stage(train=train, frozen=frozen, begin=None if self.pool is None else self.fill_pool),
+        ]
 
 
 class TrainedPool:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import TYPE_CHECKING, Callable, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -45,28 +46,44 @@ class StudentTrainingConfig(StrictModel):
     student_epochs: int = Field(1000, ge=1)
     student_steps_per_epoch: int = Field(120, ge=1)
     lr_schedule: Literal["step", "cosine"] = Field(
-        "step", description="step: multiply by lr_gamma at lr_milestones; cosine: anneal to 0 over the student stage "
-                            "(its steps, or with --max-seconds the time left for it, whichever ends first)")
+        "step",
+        description="step: multiply by lr_gamma at lr_milestones; cosine: anneal to 0 over the student stage "
+        "(its steps, or with --max-seconds the time left for it, whichever ends first)",
+    )
     lr_milestones: list[int] = Field([], description="epochs at which the student lr is multiplied by lr_gamma")
     lr_gamma: float = Field(0.1, gt=0)
-    lr_min: float = Field(0.0, ge=0, description="cosine only: the lr it anneals to (Fast's authors: 2e-4; "
-                                                 "CMI's and ZSKT's: 0)")
+    lr_min: float = Field(
+        0.0, ge=0, description="cosine only: the lr it anneals to (Fast's authors: 2e-4; CMI's and ZSKT's: 0)"
+    )
     student_clip_norm: float | None = Field(
-        None, gt=0, description="rescale the student's gradients to at most this total L2 norm before each step "
-                                "(ZSKT's authors: 5); none: no clipping")
+        None,
+        gt=0,
+        description="rescale the student's gradients to at most this total L2 norm before each step "
+        "(ZSKT's authors: 5); none: no clipping",
+    )
     temperature: float = Field(10.0, gt=0)
     student_precision: Literal["engine", "32", "auto"] = Field(
-        "engine", description="precision of the student's own steps (synthesis keeps the run's): engine (the run's), "
-                              "32 (fp32), or auto: fp32 on a CPU when the teacher costs under "
-                              f"{TINY_MULTIPLY_ADDS // 10**6}M multiply-adds per image, else the run's")
+        "engine",
+        description="precision of the student's own steps (synthesis keeps the run's): engine (the run's), "
+        "32 (fp32), or auto: fp32 on a CPU when the teacher costs under "
+        f"{TINY_MULTIPLY_ADDS // 10**6}M multiply-adds per image, else the run's",
+    )
     augment: list[Literal["shift", "flip", "rotate", "scale", "mixup", "cutmix"]] = Field(
-        [], description="augmentations of the student's batches, relabelled by the teacher: shift, flip (mirror-safe "
-                        "data only), rotate, scale, mixup, cutmix; true = shift + flip")
-    augment_degrees: float = Field(15.0, ge=0, le=180, description="rotate: the largest angle, either way (ZSKD's "
-                                                                   "authors rotate by up to 90)")
-    augment_scale: float = Field(0.1, ge=0, lt=1, description="scale: zoom by 1 ± this at most (ZSKD's authors' "
-                                                              "code zooms into central crops of 0.9 to 0.6 of the "
-                                                              "side)")
+        [],
+        description="augmentations of the student's batches, relabelled by the teacher: shift, flip (mirror-safe "
+        "data only), rotate, scale, mixup, cutmix; true = shift + flip",
+    )
+    augment_degrees: float = Field(
+        15.0, ge=0, le=180, description="rotate: the largest angle, either way (ZSKD's authors rotate by up to 90)"
+    )
+    augment_scale: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="scale: zoom by 1 ± this at most (ZSKD's authors' "
+        "code zooms into central crops of 0.9 to 0.6 of the "
+        "side)",
+    )
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -83,20 +100,34 @@ class StudentTrainer:
     every ``synthesize_every`` steps, at most ``max_syntheses`` times (timed as synthesis; its last values
     are logged every step)."""
 
-    def __init__(self, method: "DistillMethod", cfg: StudentTrainingConfig, source: Synthesizer,
-                 synthesize_every: int = 0, loss: StudentLoss | None = None, max_syntheses: int | None = None):
+    def __init__(
+        self,
+        method: DistillMethod,
+        cfg: StudentTrainingConfig,
+        source: Synthesizer,
+        synthesize_every: int = 0,
+        loss: StudentLoss | None = None,
+        max_syntheses: int | None = None,
+    ):
         self.method, self.cfg, self.source = method, cfg, source
         self.synthesize_every = synthesize_every
         self.max_syntheses = max_syntheses  # None: synthesize to the end
         self.loss = loss or (lambda s, t, x: {"loss": losses.kd_loss(s, t, cfg.temperature)})
         engine = method.engine
-        self.optimizer = engine.prepare_optimizer(make_optimizer(
-            list(method.student.parameters()), cfg.student_optimizer, cfg.student_lr, cfg.student_momentum,
-            cfg.student_weight_decay))
+        self.optimizer = engine.prepare_optimizer(
+            make_optimizer(
+                list(method.student.parameters()),
+                cfg.student_optimizer,
+                cfg.student_lr,
+                cfg.student_momentum,
+                cfg.student_weight_decay,
+            )
+        )
         if cfg.lr_schedule == "cosine":  # follows the engine's progress, which knows the time budget
             floor = cfg.lr_min / cfg.student_lr
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, lambda _: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * engine.stage_progress)))
+                self.optimizer, lambda _: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * engine.stage_progress))
+            )
         else:
             milestones = [m * cfg.student_steps_per_epoch for m in cfg.lr_milestones]
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, cfg.lr_gamma)
@@ -120,8 +151,16 @@ class StudentTrainer:
         return self.cfg.student_epochs * self.cfg.student_steps_per_epoch
 
     def stage(self, train: list, frozen: list, begin: Callable[[], None] | None = None) -> Stage:
-        return Stage("student", self.steps, self.step, train=[self.method.student, *train], frozen=frozen,
-                     begin=begin, evaluate=True, autocast=not self.in_fp32())
+        return Stage(
+            "student",
+            self.steps,
+            self.step,
+            train=[self.method.student, *train],
+            frozen=frozen,
+            begin=begin,
+            evaluate=True,
+            autocast=not self.in_fp32(),
+        )
 
     def in_fp32(self) -> bool:
         """Whether the student stage runs in fp32 rather than the engine's precision."""
@@ -138,8 +177,12 @@ class StudentTrainer:
         rng = self.method.rngs["student"]
         images, logits = self.source.sample(self.cfg.student_batch, rng)
         if self.augmentations:
-            images, logits = augment_batch(images, self.augmentations, rng, self.fill, self.cfg.augment_degrees,
-                                           self.cfg.augment_scale), None
+            images, logits = (
+                augment_batch(
+                    images, self.augmentations, rng, self.fill, self.cfg.augment_degrees, self.cfg.augment_scale
+                ),
+                None,
+            )
         if logits is None:
             with torch.no_grad():
                 logits = self.method.teacher(images)
@@ -148,8 +191,11 @@ class StudentTrainer:
         return images, logits
 
     def step(self, i: int) -> dict[str, Tensor | float]:
-        if self.synthesize_every and i % self.synthesize_every == 0 and \
-                (self.max_syntheses is None or i // self.synthesize_every < self.max_syntheses):
+        if (
+            self.synthesize_every
+            and i % self.synthesize_every == 0
+            and (self.max_syntheses is None or i // self.synthesize_every < self.max_syntheses)
+        ):
             with self.method.engine.timed("synthesis"), self.method.engine.autocast():
                 terms = self.source.synthesize()
             self.last_synthesis = {k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()}

@@ -28,8 +28,11 @@ from dfkt.synthesis import PixelInversion
 
 
 class ZSKDConfig(PooledConfig):
-    clamp: bool = Field(True, description="clamp pixels into the teacher's input range after every step (as the "
-                                          "authors' code does); false leaves them unbounded")
+    clamp: bool = Field(
+        True,
+        description="clamp pixels into the teacher's input range after every step (as the "
+        "authors' code does); false leaves them unbounded",
+    )
     lr: float = Field(0.01, gt=0, description="Adam lr on the pixels")
     betas: tuple[float, float] = (0.9, 0.999)
     beta_scales: tuple[float, float] = (1.0, 0.1)
@@ -49,9 +52,16 @@ def class_similarity(teacher: nn.Module, num_classes: int) -> Tensor:
     return (sim - low) / (high - low).clamp_min(1e-12)
 
 
-PAPER = {"synthesis_batch": 100, "synthesis_iterations": 1500, "synthesis_rounds": 240, "pool_size": 24000,
-         "student_steps_per_synthesis": 1, "augment": ["shift", "flip", "rotate", "scale"], "augment_degrees": 90.0,
-         "augment_scale": 0.4}
+PAPER = {
+    "synthesis_batch": 100,
+    "synthesis_iterations": 1500,
+    "synthesis_rounds": 240,
+    "pool_size": 24000,
+    "student_steps_per_synthesis": 1,
+    "augment": ["shift", "flip", "rotate", "scale"],
+    "augment_degrees": 90.0,
+    "augment_scale": 0.4,
+}
 
 
 @METHODS.register("zskd")
@@ -69,24 +79,43 @@ class ZSKD(PooledMethod):
         # 2 cores: 150 iterations per batch of 128 (the paper: 1,500), a new batch every 100 student steps to the
         # end of the run, and no augmentation of the student's batches: as this preset always ran (budget on a
         # 2-core CPU; not yet ablated).
-        "cpu": {"synthesis_batch": 128, "synthesis_iterations": 150, "student_batch": 256,
-                "student_steps_per_synthesis": 100, "student_epochs": 100, "student_steps_per_epoch": 100,
-                "pool_size": 20000, "augment": []},
+        "cpu": {
+            "synthesis_batch": 128,
+            "synthesis_iterations": 150,
+            "student_batch": 256,
+            "student_steps_per_synthesis": 100,
+            "student_epochs": 100,
+            "student_steps_per_epoch": 100,
+            "pool_size": 20000,
+            "augment": [],
+        },
     }
 
     def make_source(self, cfg: ZSKDConfig, setup) -> PixelInversion:
         # Floor the concentrations: a Dirichlet parameter must be positive.
         self.similarity = class_similarity(self.teacher, setup.num_classes).clamp_min(1e-3)
-        return PixelInversion(self, self.engine, self.teacher, self.pool, self.objective, self.soft_targets,
-                              (setup.channels, setup.image_size, setup.image_size), cfg.synthesis_batch,
-                              cfg.synthesis_iterations, cfg.lr, cfg.betas, max_shift=0, flip=False,
-                              pixel_range=setup.pixel_range() if cfg.clamp else None)
+        return PixelInversion(
+            self,
+            self.engine,
+            self.teacher,
+            self.pool,
+            self.objective,
+            self.soft_targets,
+            (setup.channels, setup.image_size, setup.image_size),
+            cfg.synthesis_batch,
+            cfg.synthesis_iterations,
+            cfg.lr,
+            cfg.betas,
+            max_shift=0,
+            flip=False,
+            pixel_range=setup.pixel_range() if cfg.clamp else None,
+        )
 
     def soft_targets(self, n: int, rng: torch.Generator) -> Tensor:
         """Dirichlet(β·C_k) targets for random classes k, the two β scales on the two halves."""
         classes = torch.randint(0, self.setup.num_classes, (n,), generator=rng, device=rng.device)
         scale = torch.full((n, 1), self.cfg.beta_scales[0], device=rng.device)
-        scale[n // 2:] = self.cfg.beta_scales[1]
+        scale[n // 2 :] = self.cfg.beta_scales[1]
         concentration = (scale * self.similarity.to(rng.device)[classes]).cpu().double().numpy()
         # torch's Dirichlet takes no generator: NumPy's, seeded from ours, keeps runs reproducible.
         seed = int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device))

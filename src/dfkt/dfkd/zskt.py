@@ -14,7 +14,8 @@ convolutional networks with common resolutions works (for WRN and ResNet: the gr
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 from pydantic import Field, model_validator
 from torch import Tensor, nn
@@ -36,27 +37,39 @@ class ZSKTConfig(JointConfig):
     student_epochs: int = Field(800, ge=1)
     student_steps_per_epoch: int = Field(1000, ge=1)
     kl_reduction: Literal["batchmean", "mean"] = Field(
-        "mean", description="how KL(T ‖ S) is averaged, in the generator's and the student's loss: mean over batch and "
-                            "classes (torch's default, the authors' code: 1/K of batchmean, so attention transfer "
-                            "weighs K times more) or batchmean (the KL per sample)")
-    reuse_batch: bool = Field(True, description="the student's steps after a generator step train on that step's z, "
-                                                "drawn again after the update (the authors' code); false: fresh "
-                                                "samples every student step")
-    gen_clip_norm: float | None = Field(5.0, gt=0, description="rescale the generator's gradients to at most this "
-                                                               "total L2 norm (the authors: 5)")
-    student_clip_norm: float | None = Field(5.0, gt=0, description="rescale the student's gradients to at most this "
-                                                                   "total L2 norm (the authors: 5)")
-    lr_schedule: Literal["step", "cosine"] = Field("cosine", description="step: multiply by lr_gamma at "
-                                                   "lr_milestones; cosine: anneal to lr_min over the student stage "
-                                                   "(the authors anneal both lrs to 0)")
-    gen_lr_follows_student: bool = Field(True, description="the generator's lr follows the student's schedule (the "
-                                                           "authors anneal both on a cosine)")
+        "mean",
+        description="how KL(T ‖ S) is averaged, in the generator's and the student's loss: mean over batch and "
+        "classes (torch's default, the authors' code: 1/K of batchmean, so attention transfer "
+        "weighs K times more) or batchmean (the KL per sample)",
+    )
+    reuse_batch: bool = Field(
+        True,
+        description="the student's steps after a generator step train on that step's z, "
+        "drawn again after the update (the authors' code); false: fresh "
+        "samples every student step",
+    )
+    gen_clip_norm: float | None = Field(
+        5.0, gt=0, description="rescale the generator's gradients to at most this total L2 norm (the authors: 5)"
+    )
+    student_clip_norm: float | None = Field(
+        5.0, gt=0, description="rescale the student's gradients to at most this total L2 norm (the authors: 5)"
+    )
+    lr_schedule: Literal["step", "cosine"] = Field(
+        "cosine",
+        description="step: multiply by lr_gamma at "
+        "lr_milestones; cosine: anneal to lr_min over the student stage "
+        "(the authors anneal both lrs to 0)",
+    )
+    gen_lr_follows_student: bool = Field(
+        True, description="the generator's lr follows the student's schedule (the authors anneal both on a cosine)"
+    )
 
     @model_validator(mode="after")
-    def _reused_batch_is_large_enough(self) -> "ZSKTConfig":
+    def _reused_batch_is_large_enough(self) -> ZSKTConfig:
         if self.reuse_batch and self.student_batch > self.gen_batch:
-            raise ValueError("student_batch cannot exceed gen_batch with reuse_batch: the student trains on the "
-                             "generator's batch")
+            raise ValueError(
+                "student_batch cannot exceed gen_batch with reuse_batch: the student trains on the generator's batch"
+            )
         return self
 
 
@@ -90,14 +103,27 @@ class ZSKT(JointMethod):
     presets = {
         # CIFAR-10 in the authors' scripts: 8e4 generator steps of batch 128, 10 student steps each (z 100, Adam 2e-3
         # for the student, 1e-3 for the generator, T 1, β 250); the rest are this config's defaults.
-        "paper": {"kl_reduction": "mean", "reuse_batch": True, "gen_clip_norm": 5.0, "student_clip_norm": 5.0,
-                  "lr_schedule": "cosine", "gen_lr_follows_student": True},
+        "paper": {
+            "kl_reduction": "mean",
+            "reuse_batch": True,
+            "gen_clip_norm": 5.0,
+            "student_clip_norm": 5.0,
+            "lr_schedule": "cosine",
+            "gen_lr_follows_student": True,
+        },
         # 2 cores: 2,000 student steps (200 generator steps). Unlike the authors, and as this preset always ran (budget
         # on a 2-core CPU; not yet ablated): KL per sample (batchmean), fresh samples every student step, no gradient
         # clipping, constant learning rates.
-        "cpu": {"student_epochs": 20, "student_steps_per_epoch": 100, "kl_reduction": "batchmean", "reuse_batch": False,
-                "gen_clip_norm": None, "student_clip_norm": None, "lr_schedule": "step",
-                "gen_lr_follows_student": False},
+        "cpu": {
+            "student_epochs": 20,
+            "student_steps_per_epoch": 100,
+            "kl_reduction": "batchmean",
+            "reuse_batch": False,
+            "gen_clip_norm": None,
+            "student_clip_norm": None,
+            "lr_schedule": "step",
+            "gen_lr_follows_student": False,
+        },
     }
 
     def __init__(self, cfg: ZSKTConfig, setup):
@@ -116,8 +142,10 @@ class ZSKT(JointMethod):
     def matched_blocks(self) -> tuple[list[Tensor], list[Tensor]]:
         sizes = sorted(set(self.teacher_blocks.by_size) & set(self.student_blocks.by_size))
         if not sizes:
-            raise ConfigError("zskt's attention transfer found no activation size shared by teacher and student; "
-                              "pick a student of the teacher's family or --set params.beta=0")
+            raise ConfigError(
+                "zskt's attention transfer found no activation size shared by teacher and student; "
+                "pick a student of the teacher's family or --set params.beta=0"
+            )
         return ([self.student_blocks.by_size[s] for s in sizes], [self.teacher_blocks.by_size[s] for s in sizes])
 
     def stages(self) -> list[Stage]:
@@ -127,6 +155,7 @@ class ZSKT(JointMethod):
         def step(i: int) -> dict[str, Tensor | float]:
             with self.teacher_blocks.recording(), self.student_blocks.recording():
                 return student_step(i)
+
         stage.step = step
         return [stage]
 
@@ -138,4 +167,5 @@ class ZSKT(JointMethod):
                 return {"loss": kl, "kl": kl}
             at = losses.attention_transfer_loss(*self.matched_blocks())
             return {"loss": kl + self.cfg.beta * at, "kl": kl, "at": at}
+
         return loss

@@ -11,9 +11,10 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -88,11 +89,18 @@ class Engine:
         several = cfg.devices * cfg.num_nodes > 1
         launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun (and by Fabric for its children)
         if launched > 1 and not several and not torch.distributed.is_initialized():
-            raise DfktError(f"started as one of {launched} processes (WORLD_SIZE={launched}) with --devices "
-                            f"{cfg.devices} --num-nodes {cfg.num_nodes}: every process would write the same run "
-                            f"alone; pass --devices (processes per machine) and --num-nodes to match")
-        self.fabric = Fabric(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                             strategy=distributed.ReplicaStrategy() if several else "auto", precision=self.precision)
+            raise DfktError(
+                f"started as one of {launched} processes (WORLD_SIZE={launched}) with --devices "
+                f"{cfg.devices} --num-nodes {cfg.num_nodes}: every process would write the same run "
+                f"alone; pass --devices (processes per machine) and --num-nodes to match"
+            )
+        self.fabric = Fabric(
+            accelerator=accelerator,
+            devices=cfg.devices,
+            num_nodes=cfg.num_nodes,
+            strategy=distributed.ReplicaStrategy() if several else "auto",
+            precision=self.precision,
+        )
         if several:  # starts the other local ranks (or joins torchrun's / SLURM's); later engines join the group
             self.fabric.launch()
             # Python API runs and scripts end the group too, not only the CLI (see distributed.shutdown).
@@ -146,10 +154,16 @@ class Engine:
 
     def scaling(self, batch_sizes: dict[str, int]) -> dict[str, Any]:
         """The effective batch sizes and the learning-rate rule of this run, logged and returned."""
-        info = {"world_size": self.world_size, "per_rank_batch": batch_sizes,
-                "effective_batch": {k: v * self.world_size for k, v in batch_sizes.items()},
-                "lr_scaling": ("linear: every learning rate x world size" if self.cfg.lr_scaling == "linear"
-                               else "none: learning rates as configured")}
+        info = {
+            "world_size": self.world_size,
+            "per_rank_batch": batch_sizes,
+            "effective_batch": {k: v * self.world_size for k, v in batch_sizes.items()},
+            "lr_scaling": (
+                "linear: every learning rate x world size"
+                if self.cfg.lr_scaling == "linear"
+                else "none: learning rates as configured"
+            ),
+        }
         self.metrics.write({"event": "scaling", **info})
         return info
 
@@ -238,38 +252,56 @@ class Engine:
             self.sections[section] = self.sections.get(section, 0.0) + time.perf_counter() - started
 
     # -- optimisation -----------------------------------------------------------------------
-    def optimize(self, loss: Tensor, optimizer: torch.optim.Optimizer, what: str = "loss",
-                 clip_norm: float | None = None) -> None:
+    def optimize(
+        self, loss: Tensor, optimizer: torch.optim.Optimizer, what: str = "loss", clip_norm: float | None = None
+    ) -> None:
         """Backward, step, zero grads; refuse to train on inf/NaN. With ``clip_norm`` the gradients of the
         optimizer's parameters are rescaled to at most that total L2 norm before the step."""
         if not torch.isfinite(loss.detach()):
             raise TrainingDivergedError(
-                f"{what} became {loss.item()} ; lower the learning rate or use --set engine.precision=32-true")
+                f"{what} became {loss.item()} ; lower the learning rate or use --set engine.precision=32-true"
+            )
         optimizer.zero_grad(set_to_none=True)
         self.fabric.backward(loss)
         if self.world_size > 1:
-            distributed.average_gradients(p for group in optimizer.param_groups for p in group["params"]
-                                          if id(p) in self.replicated)
+            distributed.average_gradients(
+                p for group in optimizer.param_groups for p in group["params"] if id(p) in self.replicated
+            )
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
-            raise TrainingDivergedError(f"{what} gave inf/NaN gradients (weights left untouched); lower the "
-                                        "learning rate or use --set engine.precision=32-true")
+            raise TrainingDivergedError(
+                f"{what} gave inf/NaN gradients (weights left untouched); lower the "
+                "learning rate or use --set engine.precision=32-true"
+            )
         if clip_norm is not None and grads:
             # Fabric's wrapper hides the optimizer a mixed-precision scaler tracks: unscale the one inside.
             self.fabric.strategy.precision.unscale_gradients(getattr(optimizer, "optimizer", optimizer))
-            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]
-                                            if p.grad is not None], clip_norm)
+            torch.nn.utils.clip_grad_norm_(
+                [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None], clip_norm
+            )
         optimizer.step()
 
     def fingerprint(self) -> dict[str, Any]:
         """The engine settings that change a run's numbers; a resume must keep them."""
-        return {"seed": self.cfg.seed, "deterministic": self.cfg.deterministic, "precision": self.precision,
-                "channels_last": self.cfg.channels_last}
+        return {
+            "seed": self.cfg.seed,
+            "deterministic": self.cfg.deterministic,
+            "precision": self.precision,
+            "channels_last": self.cfg.channels_last,
+        }
 
-    def run(self, stages: list[Stage], state: Stateful, run_config: dict[str, Any],
-            on_eval: Callable[[], dict[str, float]] | None = None, eval_every: int | None = None,
-            max_seconds: float | None = None, resume: bool = False,
-            on_start: Callable[[], None] | None = None, eval_seconds: float | None = None) -> RunResult:
+    def run(
+        self,
+        stages: list[Stage],
+        state: Stateful,
+        run_config: dict[str, Any],
+        on_eval: Callable[[], dict[str, float]] | None = None,
+        eval_every: int | None = None,
+        max_seconds: float | None = None,
+        resume: bool = False,
+        on_start: Callable[[], None] | None = None,
+        eval_seconds: float | None = None,
+    ) -> RunResult:
         """Run ``stages`` in order with checkpoints, metrics, progress and an optional time budget.
 
         ``run_config`` holds the settings that determine the result (with ``fingerprint()``);
@@ -285,8 +317,15 @@ class Engine:
         ``on_start`` runs once the checkpoint (if any) has been accepted, e.g. to record the config.
         """
         progress = _Progress(self.cfg.progress, self.is_main)
-        position = {"stage": 0, "step": 0, "seconds": {}, "sections": {}, "evaluations": [], "budget_hit": False,
-                    "evaluation_seconds": 0.0}
+        position = {
+            "stage": 0,
+            "step": 0,
+            "seconds": {},
+            "sections": {},
+            "evaluations": [],
+            "budget_hit": False,
+            "evaluation_seconds": 0.0,
+        }
         ckpt_path = self.run_dir / CHECKPOINT if self.run_dir else None
         if resume and ckpt_path is not None and ckpt_path.is_file():
             position = self._restore(ckpt_path, state, run_config)
@@ -325,8 +364,9 @@ class Engine:
             for module in stage.train:
                 module.train()
             if stage.begin is not None:  # e.g. filling a pool: timed apart, but inside the budget
-                self.budget_left = None if max_seconds is None else \
-                    max(0.0, max_seconds - sum(position["seconds"].values()))
+                self.budget_left = (
+                    None if max_seconds is None else max(0.0, max_seconds - sum(position["seconds"].values()))
+                )
                 begun = time.perf_counter()
                 stage.begin()
                 key = f"{stage.name}.begin"
@@ -335,8 +375,11 @@ class Engine:
                 checkpoint.set_rng_state(resumed_rng)
                 resumed_rng = None
             spent = position["seconds"].get(stage.name, 0.0)
-            allowed = None if max_seconds is None else \
-                max_seconds - sum(s for n, s in position["seconds"].items() if n != stage.name)
+            allowed = (
+                None
+                if max_seconds is None
+                else max_seconds - sum(s for n, s in position["seconds"].items() if n != stage.name)
+            )
             if allowed is not None and stage.budget_share is not None:
                 allowed = min(allowed, stage.budget_share * max_seconds)
             self.stage_progress = first / stage.steps
@@ -356,8 +399,14 @@ class Engine:
                 if done % self.cfg.log_every == 0 or done == stage.steps:
                     record = {k: float(v.detach() if isinstance(v, Tensor) else v) for k, v in values.items()}
                     bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()}, refresh=False)
-                    self.metrics.write({"stage": stage.name, "step": done,
-                                        "seconds": round(time.perf_counter() - started, 3), **record})
+                    self.metrics.write(
+                        {
+                            "stage": stage.name,
+                            "step": done,
+                            "seconds": round(time.perf_counter() - started, 3),
+                            **record,
+                        }
+                    )
                 bar.update(1)
                 elapsed = time.perf_counter() - started
                 total = elapsed + sum(s for n, s in position["seconds"].items() if n != stage.name)
@@ -365,16 +414,26 @@ class Engine:
                 since_eval = total - (previous["train_seconds"] if previous else 0.0)
                 if derived:  # steps since this stage's last evaluation, and cheap enough by now
                     since_step = done - (previous["step"] if previous and previous["stage"] == stage.name else 0)
-                    due = (since_step >= every or bool(every_seconds) and since_eval >= every_seconds) and \
-                        since_eval * EVAL_SHARE >= eval_cost * (1 - EVAL_SHARE)
+                    due = (
+                        since_step >= every or bool(every_seconds) and since_eval >= every_seconds
+                    ) and since_eval * EVAL_SHARE >= eval_cost * (1 - EVAL_SHARE)
                 else:
-                    due = bool(eval_every) and done % eval_every == 0 or \
-                        bool(eval_seconds) and since_eval >= eval_seconds
-                share_used = max_seconds is not None and stage.budget_share is not None and \
-                    elapsed >= stage.budget_share * max_seconds
-                over_budget, due, save_time, share_used = distributed.agree([
-                    max_seconds is not None and total >= max_seconds, due,
-                    time.perf_counter() - last_saved >= self.cfg.checkpoint_seconds, share_used])
+                    due = (
+                        bool(eval_every) and done % eval_every == 0 or bool(eval_seconds) and since_eval >= eval_seconds
+                    )
+                share_used = (
+                    max_seconds is not None
+                    and stage.budget_share is not None
+                    and elapsed >= stage.budget_share * max_seconds
+                )
+                over_budget, due, save_time, share_used = distributed.agree(
+                    [
+                        max_seconds is not None and total >= max_seconds,
+                        due,
+                        time.perf_counter() - last_saved >= self.cfg.checkpoint_seconds,
+                        share_used,
+                    ]
+                )
                 stage_over = done == stage.steps or share_used
                 last = stage_over or over_budget
                 if scored and (due or last):
@@ -384,7 +443,8 @@ class Engine:
                     elapsed = time.perf_counter() - started
                 position["seconds"][stage.name] = elapsed
                 self.stage_progress = distributed.agree_value(
-                    min(1.0, max(done / stage.steps, elapsed / allowed if allowed else 0.0)))
+                    min(1.0, max(done / stage.steps, elapsed / allowed if allowed else 0.0))
+                )
                 if over_budget:
                     position["budget_hit"] = True
                 if done % self.cfg.checkpoint_every == 0 or last or save_time:
@@ -396,12 +456,22 @@ class Engine:
                     started += last_saved - saving
                 if over_budget or stage_over:
                     if share_used and done < stage.steps:
-                        self.metrics.write({"event": f"{stage.name} stage ended at step {done} of {stage.steps}: "
-                                                     f"its share of the budget ({stage.budget_share:g}) is used"})
+                        self.metrics.write(
+                            {
+                                "event": f"{stage.name} stage ended at step {done} of {stage.steps}: "
+                                f"its share of the budget ({stage.budget_share:g}) is used"
+                            }
+                        )
                     break
             bar.close()
-        return RunResult(dict(position["seconds"]), position["budget_hit"], position["evaluations"],
-                         dict(self.sections), self._check_replicas(), position["evaluation_seconds"])
+        return RunResult(
+            dict(position["seconds"]),
+            position["budget_hit"],
+            position["evaluations"],
+            dict(self.sections),
+            self._check_replicas(),
+            position["evaluation_seconds"],
+        )
 
     def _check_replicas(self) -> list[str]:
         """Each rank's digest of its replicas; ranks that drifted apart are an error, not a result."""
@@ -409,8 +479,10 @@ class Engine:
             return []
         digests = distributed.gather_objects(distributed.state_sha256(self.replicas))
         if len(set(digests)) > 1:
-            raise DfktError(f"the {self.world_size} processes ended with different weights ({len(set(digests))} "
-                            "versions); this is a bug in dfkt, please report it with the run's config.yaml")
+            raise DfktError(
+                f"the {self.world_size} processes ended with different weights ({len(set(digests))} "
+                "versions); this is a bug in dfkt, please report it with the run's config.yaml"
+            )
         return digests
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -423,9 +495,14 @@ class Engine:
         # Per-rank noise streams of every rank, so a resume on as many ranks or fewer continues them.
         rank_rngs = distributed.gather_objects(self._per_rank_states(state))
         if self.is_main:
-            payload = {"format": 1, "config": json.dumps(run_config, sort_keys=True),
-                       "position": json.dumps({k: v for k, v in position.items() if k != "rng"}),
-                       "state": state.state_dict(), "rng": checkpoint.rng_state(), "rank_rngs": rank_rngs}
+            payload = {
+                "format": 1,
+                "config": json.dumps(run_config, sort_keys=True),
+                "position": json.dumps({k: v for k, v in position.items() if k != "rng"}),
+                "state": state.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "rank_rngs": rank_rngs,
+            }
             checkpoint.save_atomic(payload, path)
         self.fabric.barrier()
 
@@ -450,8 +527,10 @@ class Engine:
         saved = json.loads(payload["config"])
         if saved != json.loads(json.dumps(run_config, sort_keys=True)):
             changed = sorted(_diff_keys(saved, run_config))
-            raise DfktError(f"cannot resume {path.parent}: the config differs from the saved run in "
-                            f"{', '.join(changed)}; rerun with the same settings or a new --out folder")
+            raise DfktError(
+                f"cannot resume {path.parent}: the config differs from the saved run in "
+                f"{', '.join(changed)}; rerun with the same settings or a new --out folder"
+            )
         state.load_state_dict(payload["state"])
         self._restore_rank_rngs(state, payload.get("rank_rngs", []))
         position = json.loads(payload["position"])

@@ -30,8 +30,10 @@ class TrainState:
         for thing in things:
             table = self._table_for(thing)
             if name in table:
-                raise ValueError(f"{type(self).__name__} already keeps a {type(thing).__name__} named {name!r} in "
-                                 "its checkpoint; give the new one its own name")
+                raise ValueError(
+                    f"{type(self).__name__} already keeps a {type(thing).__name__} named {name!r} in "
+                    "its checkpoint; give the new one its own name"
+                )
             table[name] = thing
 
     def _table_for(self, thing: Any) -> dict[str, Any]:
@@ -45,8 +47,10 @@ class TrainState:
             return self.optimizers
         if isinstance(thing, torch.optim.lr_scheduler.LRScheduler):
             return self.schedulers
-        raise TypeError(f"cannot keep a {type(thing).__name__} in a checkpoint: it is not a module, optimizer, "
-                        "lr scheduler, random stream or tensor")
+        raise TypeError(
+            f"cannot keep a {type(thing).__name__} in a checkpoint: it is not a module, optimizer, "
+            "lr scheduler, random stream or tensor"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {

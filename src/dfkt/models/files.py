@@ -32,8 +32,9 @@ class ModelInfo:
     std: tuple[float, ...]
     dataset: str = ""
 
-    def check_fits(self, num_classes: int, channels: int, image_size: int, what: str,
-                   size_key: str = "data.image_size") -> None:
+    def check_fits(
+        self, num_classes: int, channels: int, image_size: int, what: str, size_key: str = "data.image_size"
+    ) -> None:
         """Raise a one-line error when data of this shape cannot be fed to the model."""
         problems = []
         if num_classes != self.num_classes:
@@ -43,9 +44,11 @@ class ModelInfo:
         if image_size != self.image_size:
             problems.append(f"{image_size}px images vs the model's {self.image_size}px")
         if problems:
-            raise ModelFileError(f"{what} does not fit the model ({'; '.join(problems)}); "
-                                 f"use the data the model was trained on ({self.dataset or 'unknown'}) "
-                                 f"or set {size_key} to match")
+            raise ModelFileError(
+                f"{what} does not fit the model ({'; '.join(problems)}); "
+                f"use the data the model was trained on ({self.dataset or 'unknown'}) "
+                f"or set {size_key} to match"
+            )
 
 
 def save_model(model: nn.Module, info: ModelInfo, path: str | Path) -> Path:
@@ -87,21 +90,29 @@ def read_info(path: str | Path) -> ModelInfo:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
     except Exception as exc:  # safetensors raises its own error type for truncated files
-        raise ModelFileError(f"model file {path} is corrupt or truncated ({exc.__class__.__name__}); "
-                             "re-create it with 'dfkt train-teacher'") from None
+        raise ModelFileError(
+            f"model file {path} is corrupt or truncated ({exc.__class__.__name__}); "
+            "re-create it with 'dfkt train-teacher'"
+        ) from None
     if meta.get("format") != FORMAT:
-        raise ModelFileError(f"model file {path} is a safetensors file without dfkt metadata; "
-                             "save it with dfkt.models.save_model(model, ModelInfo(...), path)")
+        raise ModelFileError(
+            f"model file {path} is a safetensors file without dfkt metadata; "
+            "save it with dfkt.models.save_model(model, ModelInfo(...), path)"
+        )
     try:
         raw = json.loads(meta["info"])
         raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
         info = ModelInfo(**raw)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"model file {path} has damaged dfkt metadata ({exc.__class__.__name__}); "
-                             "re-create it with 'dfkt train-teacher'") from None
+        raise ModelFileError(
+            f"model file {path} has damaged dfkt metadata ({exc.__class__.__name__}); "
+            "re-create it with 'dfkt train-teacher'"
+        ) from None
     if info.arch not in MODELS:
-        raise ModelFileError(f"model file {path} names architecture {info.arch!r}, which this dfkt does not "
-                             f"know (known: {', '.join(MODELS.names())})")
+        raise ModelFileError(
+            f"model file {path} names architecture {info.arch!r}, which this dfkt does not "
+            f"know (known: {', '.join(MODELS.names())})"
+        )
     return info
 
 
@@ -117,8 +128,10 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
             state = {key: handle.get_tensor(key) for key in handle.keys()}
         model.load_state_dict(state)
     except Exception as exc:
-        raise ModelFileError(f"model file {path} does not hold valid weights for {info.arch} "
-                             f"({exc.__class__.__name__}); re-create it with 'dfkt train-teacher'") from None
+        raise ModelFileError(
+            f"model file {path} does not hold valid weights for {info.arch} "
+            f"({exc.__class__.__name__}); re-create it with 'dfkt train-teacher'"
+        ) from None
     return model, info
 
 

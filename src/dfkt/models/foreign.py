@@ -78,11 +78,16 @@ class ForeignClassifier(nn.Module):
 
     def require_features(self) -> nn.Linear:
         if self.linear is None:
-            why = ("a TorchScript teacher hides its layers" if self.kind == "torchscript"
-                   else "this teacher has no nn.Linear layer to take them from")
-            raise ConfigError(f"this method needs the teacher's penultimate features and {why}; use a method that "
-                              "needs only its outputs (rdskd, dfad, zskt, zskd, deepinversion with "
-                              "--set params.w_bn=0), or load the teacher as torchvision:NAME or module:function")
+            why = (
+                "a TorchScript teacher hides its layers"
+                if self.kind == "torchscript"
+                else "this teacher has no nn.Linear layer to take them from"
+            )
+            raise ConfigError(
+                f"this method needs the teacher's penultimate features and {why}; use a method that "
+                "needs only its outputs (rdskd, dfad, zskt, zskd, deepinversion with "
+                "--set params.w_bn=0), or load the teacher as torchvision:NAME or module:function"
+            )
         return self.linear
 
     def forward(self, x: Tensor) -> Tensor:
@@ -107,22 +112,29 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     a checkpoint wrapping it under 'state_dict' or 'model', and DDP's 'module.' prefixes, are undone."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError(f"weights file {path} does not exist; pass the teacher's state dict with --teacher-weights")
+        raise ModelFileError(
+            f"weights file {path} does not exist; pass the teacher's state dict with --teacher-weights"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (each loader has its own error types)
-        raise ModelFileError(f"weights file {path} could not be read as a state dict ({exc.__class__.__name__}); "
-                             "save it with torch.save(model.state_dict(), FILE) or safetensors") from None
+        raise ModelFileError(
+            f"weights file {path} could not be read as a state dict ({exc.__class__.__name__}); "
+            "save it with torch.save(model.state_dict(), FILE) or safetensors"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ModelFileError(f"weights file {path} does not hold a state dict of tensors; "
-                             "save it with torch.save(model.state_dict(), FILE)")
+        raise ModelFileError(
+            f"weights file {path} does not hold a state dict of tensors; "
+            "save it with torch.save(model.state_dict(), FILE)"
+        )
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -148,8 +160,9 @@ def _callable_net(spec: str) -> nn.Module:
         for part in attribute.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"cannot import {spec!r} ({exc}); the module must be importable (on PYTHONPATH) "
-                          "and define the function") from None
+        raise ConfigError(
+            f"cannot import {spec!r} ({exc}); the module must be importable (on PYTHONPATH) and define the function"
+        ) from None
     net = target()
     if not isinstance(net, nn.Module):
         raise ConfigError(f"{spec}() returned {type(net).__name__}, not a torch.nn.Module")
@@ -163,8 +176,10 @@ def _load_weights(net: nn.Module, state: dict[str, Tensor], spec: str, weights: 
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise ModelFileError(f"{weights} does not fit {spec}: {(lines[1:] or lines)[0]}") from None
     if missing or unexpected:
-        raise ModelFileError(f"{weights} does not fit {spec}: {len(missing)} missing keys (e.g. "
-                             f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        raise ModelFileError(
+            f"{weights} does not fit {spec}: {len(missing)} missing keys (e.g. "
+            f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
 
 
 def load_foreign(spec: str, kind: str, weights: str | None, declared: DeclaredInfo) -> nn.Module:
@@ -179,8 +194,10 @@ def load_foreign(spec: str, kind: str, weights: str | None, declared: DeclaredIn
         except Exception as exc:  # noqa: BLE001
             raise ModelFileError(f"TorchScript file {spec} could not be loaded ({exc.__class__.__name__})") from None
     if not weights:
-        raise ConfigError(f"{spec} needs its weights: pass --teacher-weights FILE (a state dict); "
-                          "random weights make a useless teacher")
+        raise ConfigError(
+            f"{spec} needs its weights: pass --teacher-weights FILE (a state dict); "
+            "random weights make a useless teacher"
+        )
     state = read_state_dict(weights)
     if kind == "torchvision":
         net = _torchvision_net(spec.removeprefix(TORCHVISION), declared.num_classes or _classes_in(state))
@@ -199,15 +216,18 @@ def infer_info(net: nn.Module, spec: str, declared: DeclaredInfo, data: ImageDat
         with torch.no_grad():
             out = net(torch.zeros(2, channels, size, size))
     except Exception as exc:  # noqa: BLE001  (whatever the network raises on a wrong shape)
-        raise ModelFileError(f"{spec} fails on {channels}×{size}×{size} images ({exc.__class__.__name__}); "
-                             "declare its input with --set teacher_info.in_channels=C teacher_info.image_size=S "
-                             "and pick data of that shape") from None
+        raise ModelFileError(
+            f"{spec} fails on {channels}×{size}×{size} images ({exc.__class__.__name__}); "
+            "declare its input with --set teacher_info.in_channels=C teacher_info.image_size=S "
+            "and pick data of that shape"
+        ) from None
     if not isinstance(out, Tensor) or out.dim() != 2:
         raise ModelFileError(f"{spec} returns {getattr(out, 'shape', type(out).__name__)}, not N×classes logits")
     classes = int(out.shape[1])
     if declared.num_classes and declared.num_classes != classes:
-        raise ModelFileError(f"{spec} outputs {classes} classes, not the declared teacher_info.num_classes "
-                             f"{declared.num_classes}")
+        raise ModelFileError(
+            f"{spec} outputs {classes} classes, not the declared teacher_info.num_classes {declared.num_classes}"
+        )
     mean, std = tuple(declared.mean or data.mean), tuple(declared.std or data.std)
     if len(mean) != channels or len(std) != channels:
         raise ConfigError(f"teacher_info.mean and .std need {channels} values (one per channel)")

@@ -17,14 +17,14 @@ square, so it is the knob that sizes synthesis to a CPU budget (``multiply_adds`
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
 from dfkt.errors import ConfigError
 from dfkt.registry import GENERATORS
-
 
 MAX_LINEAR_WEIGHTS = 50_000_000  # past this (e.g. nz 1000 at 224x224: 401M) the deep generator is the fit
 GeneratorOutput = Literal["bn", "pixels", "clamped"]
@@ -36,8 +36,9 @@ class ToImage(nn.Module):
     space, kept inside the teacher's input domain), or a sigmoid in pixel space then the teacher's
     normalisation ("pixels": inside that range too, but it starts as flat grey)."""
 
-    def __init__(self, channels: int, output: GeneratorOutput, mean: Sequence[float] | None,
-                 std: Sequence[float] | None):
+    def __init__(
+        self, channels: int, output: GeneratorOutput, mean: Sequence[float] | None, std: Sequence[float] | None
+    ):
         super().__init__()
         self.output = output
         if output != "pixels":
@@ -48,10 +49,16 @@ class ToImage(nn.Module):
             raise ConfigError(f"generator output '{output}' needs the teacher's normalisation mean and std")
         if len(mean) not in (1, channels) or len(std) not in (1, channels):
             raise ConfigError(f"normalisation for {channels} channels, got mean {list(mean)} and std {list(std)}")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).expand(
-            1, channels, 1, 1).clone(), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).expand(
-            1, channels, 1, 1).clone(), persistent=False)
+        self.register_buffer(
+            "mean",
+            torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).expand(1, channels, 1, 1).clone(),
+            persistent=False,
+        )
+        self.register_buffer(
+            "std",
+            torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).expand(1, channels, 1, 1).clone(),
+            persistent=False,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.output == "bn":
@@ -64,9 +71,16 @@ class ToImage(nn.Module):
 class DAFLGenerator(nn.Module):
     """Noise (N, nz) -> images (N, out_channels, image_size, image_size)."""
 
-    def __init__(self, nz: int, out_channels: int, image_size: int, width: int = 128,
-                 output: GeneratorOutput = "bn", mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None):
+    def __init__(
+        self,
+        nz: int,
+        out_channels: int,
+        image_size: int,
+        width: int = 128,
+        output: GeneratorOutput = "bn",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
         super().__init__()
         if image_size < 4 or image_size % 4 != 0:
             raise ConfigError(
@@ -76,8 +90,10 @@ class DAFLGenerator(nn.Module):
             raise ConfigError(f"generator width must be an even number of channels >= 2, got {width}")
         weights = nz * width * (image_size // 4) ** 2
         if weights > MAX_LINEAR_WEIGHTS:
-            raise ConfigError(f"the dafl generator's first layer would have {weights:,} weights at {image_size}x"
-                              f"{image_size}; use --set params.generator=deep (or a paper-imagenet preset)")
+            raise ConfigError(
+                f"the dafl generator's first layer would have {weights:,} weights at {image_size}x"
+                f"{image_size}; use --set params.generator=deep (or a paper-imagenet preset)"
+            )
         self.nz = nz
         self.out_channels = out_channels
         self.image_size = image_size
@@ -109,23 +125,36 @@ class DeepGenerator(nn.Module):
     to a 256-channel init x init map, then k stages of x2 nearest upsampling, conv3x3, BatchNorm
     (eps 0.8, as DAFL's) and LeakyReLU 0.2, the channels halving down to 32."""
 
-    def __init__(self, nz: int, out_channels: int, image_size: int, width: int = 256,
-                 output: GeneratorOutput = "bn", mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None):
+    def __init__(
+        self,
+        nz: int,
+        out_channels: int,
+        image_size: int,
+        width: int = 256,
+        output: GeneratorOutput = "bn",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
         super().__init__()
         stages, init = 0, image_size
         while init > 8 and init % 2 == 0:
             stages, init = stages + 1, init // 2
         if init > 8 or stages == 0:
-            raise ConfigError(f"the deep generator needs image_size = a number up to 8 times a power of two (e.g. 32, "
-                              f"64, 224), got {image_size}; resize the data")
+            raise ConfigError(
+                f"the deep generator needs image_size = a number up to 8 times a power of two (e.g. 32, "
+                f"64, 224), got {image_size}; resize the data"
+            )
         self.nz, self.out_channels, self.image_size, self.init_size = nz, out_channels, image_size, init
         widths = [max(min(32, width), width >> i) for i in range(stages + 1)]
         self.fc = nn.Linear(nz, widths[0] * init**2)
         layers: list[nn.Module] = [nn.BatchNorm2d(widths[0])]
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1),
-                       nn.BatchNorm2d(c_out, eps=0.8), nn.LeakyReLU(0.2, inplace=True)]
+            layers += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.BatchNorm2d(c_out, eps=0.8),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
         layers += [nn.Conv2d(widths[-1], out_channels, 3, padding=1), ToImage(out_channels, output, mean, std)]
         self.body = nn.Sequential(*layers)
         self.first_width = widths[0]

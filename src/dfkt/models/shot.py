@@ -25,9 +25,16 @@ BOTTLENECK = 256
 
 def _lenet_extractor(in_channels: int) -> nn.Module:
     """SHOT's digit LeNet: conv5 -> 20, pool, ReLU, conv5 -> 50, Dropout2d 0.5, pool, ReLU."""
-    return nn.Sequential(nn.Conv2d(in_channels, 20, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True),
-                         nn.Conv2d(20, 50, 5), nn.Dropout2d(0.5), nn.MaxPool2d(2), nn.ReLU(inplace=True),
-                         nn.Flatten())
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 20, 5),
+        nn.MaxPool2d(2),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(20, 50, 5),
+        nn.Dropout2d(0.5),
+        nn.MaxPool2d(2),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+    )
 
 
 def _dtn_extractor(in_channels: int) -> nn.Module:
@@ -42,12 +49,18 @@ def _shot(extractor: nn.Module, num_classes: int, in_channels: int, image_size: 
     with torch.no_grad():
         extractor_dim = extractor.eval()(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
     extractor.train()
-    backbone = nn.Sequential(OrderedDict(
-        extractor=extractor, bottleneck=nn.Linear(extractor_dim, BOTTLENECK), bn=nn.BatchNorm1d(BOTTLENECK),
-        dropout=nn.Dropout(0.5)))
+    backbone = nn.Sequential(
+        OrderedDict(
+            extractor=extractor,
+            bottleneck=nn.Linear(extractor_dim, BOTTLENECK),
+            bn=nn.BatchNorm1d(BOTTLENECK),
+            dropout=nn.Dropout(0.5),
+        )
+    )
     head = weight_norm(nn.Linear(BOTTLENECK, num_classes))
-    return Classifier(backbone, head, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                      feature_dim=BOTTLENECK)
+    return Classifier(
+        backbone, head, num_classes=num_classes, in_channels=in_channels, image_size=image_size, feature_dim=BOTTLENECK
+    )
 
 
 @MODELS.register("shot_lenet")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from torch import Tensor
@@ -27,8 +28,9 @@ def image_reader(images: Tensor, batch: int = CALIBRATION_BATCH):
 
     class ImageReader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches: Iterator[np.ndarray] = iter([images[i:i + batch].float().contiguous().numpy()
-                                                       for i in range(0, len(images), batch)])
+            self.batches: Iterator[np.ndarray] = iter(
+                [images[i : i + batch].float().contiguous().numpy() for i in range(0, len(images), batch)]
+            )
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             chunk = next(self.batches, None)
@@ -37,8 +39,16 @@ def image_reader(images: Tensor, batch: int = CALIBRATION_BATCH):
     return ImageReader()
 
 
-def quantize_onnx(fp32: Path, out: Path, images: Tensor, method: str, percentile: float, per_channel: bool,
-                  activation_type: str, work: Path) -> dict[str, Any]:
+def quantize_onnx(
+    fp32: Path,
+    out: Path,
+    images: Tensor,
+    method: str,
+    percentile: float,
+    per_channel: bool,
+    activation_type: str,
+    work: Path,
+) -> dict[str, Any]:
     """Write the int8 QDQ model of ``fp32`` to ``out``, calibrated on ``images``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -50,19 +60,36 @@ def quantize_onnx(fp32: Path, out: Path, images: Tensor, method: str, percentile
     except Exception:  # an unusual graph that its optimiser rejects is still quantizable as exported
         source = fp32
     reader = image_reader(images)
-    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                 "percentile": CalibrationMethod.Percentile}[method]
+    calibrate = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
     extra: dict[str, Any] = {}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
     activation = QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8
     with contextlib.redirect_stdout(io.StringIO()):  # the entropy calibrator prints its progress
-        quantize_static(str(source), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=activation, weight_type=QuantType.QInt8, calibrate_method=calibrate,
-                        extra_options=extra)
-    return {"format": "QDQ", "per_channel": per_channel, "activation_type": activation_type, "weight_type": "int8",
-            "calibrate_method": method, **({"percentile": percentile} if method == "percentile" else {}),
-            "preprocessed": source == prepared}
+        quantize_static(
+            str(source),
+            str(out),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=activation,
+            weight_type=QuantType.QInt8,
+            calibrate_method=calibrate,
+            extra_options=extra,
+        )
+    return {
+        "format": "QDQ",
+        "per_channel": per_channel,
+        "activation_type": activation_type,
+        "weight_type": "int8",
+        "calibrate_method": method,
+        **({"percentile": percentile} if method == "percentile" else {}),
+        "preprocessed": source == prepared,
+    }
 
 
 def session(path: Path, threads: int | None = None):
@@ -78,8 +105,12 @@ def session(path: Path, threads: int | None = None):
 
 
 def logits(sess, images: Tensor, batch: int = 256) -> np.ndarray:
-    return np.concatenate([sess.run([OUTPUT], {INPUT: images[i:i + batch].float().contiguous().numpy()})[0]
-                           for i in range(0, len(images), batch)])
+    return np.concatenate(
+        [
+            sess.run([OUTPUT], {INPUT: images[i : i + batch].float().contiguous().numpy()})[0]
+            for i in range(0, len(images), batch)
+        ]
+    )
 
 
 def add_metadata(path: Path, metadata: dict[str, str]) -> None:

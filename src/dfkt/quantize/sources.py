@@ -48,8 +48,13 @@ class CalibrationContext:
     progress: bool | None = None
 
     def bar(self, desc: str, total: int) -> tqdm:
-        return tqdm(total=total, desc=desc, disable=None if self.progress is None else not self.progress,
-                    dynamic_ncols=True, leave=False)
+        return tqdm(
+            total=total,
+            desc=desc,
+            disable=None if self.progress is None else not self.progress,
+            dynamic_ncols=True,
+            leave=False,
+        )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -108,8 +113,10 @@ class Real(CalibrationSource):
         info.check_fits(dataset.num_classes, dataset.channels, dataset.image_size, f"dataset {dataset.name}")
         available = len(dataset.train_images)
         if n > available:
-            raise ConfigError(f"calibration source real: {n} images asked (calibration + check images) but "
-                              f"{dataset.name} has {available} training images; lower --calibration-images")
+            raise ConfigError(
+                f"calibration source real: {n} images asked (calibration + check images) but "
+                f"{dataset.name} has {available} training images; lower --calibration-images"
+            )
         index = torch.randperm(available, generator=self.ctx.rng("real_images"))[:n]
         return normalize(dataset.train_images[index], info.mean, info.std)
 
@@ -132,8 +139,10 @@ class BNInversion(CalibrationSource):
     def __init__(self, cfg: BNInversionConfig, ctx: CalibrationContext):
         super().__init__(cfg, ctx)
         if not batchnorm_layers(ctx.model):
-            raise ConfigError(f"calibration source bn-inversion matches BatchNorm statistics and this {ctx.info.arch} "
-                              "model has no BatchNorm layers; use --calibration generator (or gaussian)")
+            raise ConfigError(
+                f"calibration source bn-inversion matches BatchNorm statistics and this {ctx.info.arch} "
+                "model has no BatchNorm layers; use --calibration generator (or gaussian)"
+            )
 
     def images(self, n: int) -> Tensor:
         cfg, ctx = self.cfg, self.ctx
@@ -174,8 +183,9 @@ class BNInversion(CalibrationSource):
 
 
 class GeneratorSourceConfig(StrictModel):
-    objective: Literal["rdskd", "dafl"] = Field("rdskd", description="the generator's loss: RDSKD's weight-free "
-                                                                     "loss or DAFL's weighted one")
+    objective: Literal["rdskd", "dafl"] = Field(
+        "rdskd", description="the generator's loss: RDSKD's weight-free loss or DAFL's weighted one"
+    )
     steps: int = Field(200, ge=1, description="generator steps")
     batch: int = Field(64, ge=2, description="generator batch (even: RDSKD pairs its halves)")
     lr: float | None = Field(None, gt=0, description="Adam lr; default the objective's (rdskd 1e-3, dafl 0.2)")
@@ -186,9 +196,12 @@ class GeneratorSourceConfig(StrictModel):
     w_oh: float = Field(1.0, ge=0, description="dafl objective weight")
     w_a: float = Field(0.1, ge=0, description="dafl objective weight")
     w_ie: float = Field(5.0, ge=0, description="dafl objective weight")
-    from_run: str | None = Field(None, description="a distill run folder whose frozen generator (or pool) to sample "
-                                                   "instead of training one; default: MODEL's run folder when it is "
-                                                   "a distill run with a generator or pool")
+    from_run: str | None = Field(
+        None,
+        description="a distill run folder whose frozen generator (or pool) to sample "
+        "instead of training one; default: MODEL's run folder when it is "
+        "a distill run with a generator or pool",
+    )
     retrain: bool = Field(False, description="train a generator even when MODEL is a distill run folder")
 
 
@@ -219,11 +232,20 @@ class GeneratorSource(CalibrationSource):
             raise ConfigError("the dafl objective reads the model's penultimate features; use params.objective=rdskd")
         if cfg.objective == "dafl" and hasattr(ctx.model, "require_features"):
             ctx.model.require_features()
-        engine = Engine(EngineConfig(precision="32-true", channels_last=False, seed=ctx.seed, progress=False,
-                                     accelerator="cpu"))
+        engine = Engine(
+            EngineConfig(precision="32-true", channels_last=False, seed=ctx.seed, progress=False, accelerator="cpu")
+        )
         info = ctx.info
-        net = build_generator(cfg.generator, cfg.nz, info.in_channels, info.image_size, width=cfg.width,
-                              output=cfg.output, mean=info.mean, std=info.std)
+        net = build_generator(
+            cfg.generator,
+            cfg.nz,
+            info.in_channels,
+            info.image_size,
+            width=cfg.width,
+            output=cfg.output,
+            mean=info.mean,
+            std=info.std,
+        )
         references = torch.zeros(2)
         reset = [False]
 
@@ -260,10 +282,10 @@ def _distill_run(run_dir: Path | None) -> Path | None:
 
 def _from_run(run: Path, n: int, ctx: CalibrationContext) -> Tensor:
     """Samples of a distill run's frozen generator, or images of its pool when it has no generator."""
+    from dfkt.api.common import method_config
     from dfkt.dfkd.base import build_method_generator
     from dfkt.engine import checkpoint
     from dfkt.registry import METHODS
-    from dfkt.api.common import method_config
 
     config_file, checkpoint_file = run / "config.yaml", run / "checkpoint.pt"
     if not config_file.is_file() or not checkpoint_file.is_file():
@@ -287,8 +309,10 @@ def _from_run(run: Path, n: int, ctx: CalibrationContext) -> Tensor:
         raise ConfigError(f"the {method} run {run} has neither a generator nor a pool of images to calibrate with")
     size = min(len(pool), int(buffers["pool.added"].item()))
     if size < n:
-        raise ConfigError(f"the pool of {run} holds {size} images and {n} are needed (calibration + check images); "
-                          "lower --calibration-images or params.check_images")
+        raise ConfigError(
+            f"the pool of {run} holds {size} images and {n} are needed (calibration + check images); "
+            "lower --calibration-images or params.check_images"
+        )
     index = torch.randperm(size, generator=ctx.rng("run_pool"))[:n]
     return pool[index].float()
 

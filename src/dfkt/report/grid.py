@@ -11,8 +11,15 @@ from torch import Tensor
 from dfkt.data import denormalize
 
 
-def save_class_grid(images: Tensor, predicted: Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-                    num_classes: int, path: str | Path, per_class: int = 10) -> list[int]:
+def save_class_grid(
+    images: Tensor,
+    predicted: Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    num_classes: int,
+    path: str | Path,
+    per_class: int = 10,
+) -> list[int]:
     """Save up to ``per_class`` samples for each predicted class; returns the class histogram."""
     pixels = denormalize(images.float().cpu(), mean, std)
     predicted = predicted.cpu()

@@ -59,36 +59,54 @@ def _curve_figures(run: Path, summary: dict, out: Path, tag: str) -> list[tuple[
     figures = []
     curve = [e for e in summary.get("curve", []) if e.get("test_acc") is not None or e.get("adapted_acc") is not None]
     if curve:
+
         def accuracy(ax):
             # The evaluated stage from its start (the run's first evaluation) to its end.
             x = [e["train_seconds"] for e in curve]
             key = "test_acc" if "test_acc" in curve[0] else "adapted_acc"
             shown = [e[key] for e in curve]
             ax.plot(x, shown, marker=".", label=f"{key} (test labels: for the report only)")
-            for name, what in (("teacher_agreement", "teacher agreement on held-out synthetic images (label-free)"),
-                               ("label_free_score", "information maximisation on the target (label-free)")):
+            for name, what in (
+                ("teacher_agreement", "teacher agreement on held-out synthetic images (label-free)"),
+                ("label_free_score", "information maximisation on the target (label-free)"),
+            ):
                 values = [e.get(name) for e in curve]
                 if any(v is not None for v in values):
-                    ax.plot([xi for xi, v in zip(x, values) if v is not None], [v for v in values if v is not None],
-                            marker=".", label=what)
+                    ax.plot(
+                        [xi for xi, v in zip(x, values) if v is not None],
+                        [v for v in values if v is not None],
+                        marker=".",
+                        label=what,
+                    )
                     shown += [v for v in values if v is not None]
             if summary.get("teacher_acc") is not None:
-                ax.axhline(summary["teacher_acc"], color="gray", linestyle="--", linewidth=1,
-                           label=f"teacher ({pct(summary['teacher_acc'])})")
+                ax.axhline(
+                    summary["teacher_acc"],
+                    color="gray",
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"teacher ({pct(summary['teacher_acc'])})",
+                )
                 shown.append(summary["teacher_acc"])
             if x[-1] > x[0]:
                 ax.set_xlim(x[0], x[-1])
             ax.set_ylim(*accuracy_limits(shown))
             ax.set_xlabel("training seconds"), ax.set_ylabel("accuracy, score")
             ax.legend(fontsize=7, loc="lower right")  # the curve rises at the left
+
         figures.append(("Accuracy over training time", _figure(out / f"{tag}-accuracy.png", accuracy)))
     records = [r for r in read_metrics(run / "metrics.jsonl") if "stage" in r and "step" in r and "event" not in r]
     for stage in dict.fromkeys(r["stage"] for r in records):
         rows = [r for r in records if r["stage"] == stage]
-        keys = [k for k in dict.fromkeys(k for r in rows for k in r)
-                if k not in ("stage", "step", "seconds") and isinstance(rows[-1].get(k), (int, float))]
-        for group, names in (("loss terms", [k for k in keys if k not in EXP_WEIGHTS]),
-                             ("RDSKD exponential weights exp(L - r)", [k for k in keys if k in EXP_WEIGHTS])):
+        keys = [
+            k
+            for k in dict.fromkeys(k for r in rows for k in r)
+            if k not in ("stage", "step", "seconds") and isinstance(rows[-1].get(k), (int, float))
+        ]
+        for group, names in (
+            ("loss terms", [k for k in keys if k not in EXP_WEIGHTS]),
+            ("RDSKD exponential weights exp(L - r)", [k for k in keys if k in EXP_WEIGHTS]),
+        ):
             if not names:
                 continue
 
@@ -99,8 +117,13 @@ def _curve_figures(run: Path, summary: dict, out: Path, tag: str) -> list[tuple[
                 ax.set_xlabel(f"{stage} step"), ax.set_title(group, fontsize=9), ax.legend(fontsize=7)
                 if group == "loss terms" and all(r[n] > 0 for r in rows for n in names if n in r):
                     ax.set_yscale("log")
-            figures.append((f"{stage} stage: {group} ({', '.join(names)})",
-                            _figure(out / f"{tag}-{stage}-{len(figures)}.png", losses)))
+
+            figures.append(
+                (
+                    f"{stage} stage: {group} ({', '.join(names)})",
+                    _figure(out / f"{tag}-{stage}-{len(figures)}.png", losses),
+                )
+            )
     return figures
 
 
@@ -109,28 +132,41 @@ def run_section(run: Path, out: Path, tag: str) -> Section:
     summary = json.loads((run / "summary.json").read_text())
     section = Section(f"{summary.get('method', '?')} — {run}")
     if "student_acc" in summary:
-        section.facts += [("teacher", f"{summary['teacher']} ({pct(summary['teacher_acc'])})"),
-                          ("student (final)", pct(summary["student_acc"])),
-                          ("student (label-free selection)", pct(summary.get("student_selected_acc"))),
-                          ("student (best on test, oracle)", pct(summary["student_best_on_test_acc"])),
-                          ("seconds: synthesis / student / total",
-                           " / ".join(f"{summary['seconds'][k]:.0f}" for k in ("synthesis", "student", "total")))]
+        section.facts += [
+            ("teacher", f"{summary['teacher']} ({pct(summary['teacher_acc'])})"),
+            ("student (final)", pct(summary["student_acc"])),
+            ("student (label-free selection)", pct(summary.get("student_selected_acc"))),
+            ("student (best on test, oracle)", pct(summary["student_best_on_test_acc"])),
+            (
+                "seconds: synthesis / student / total",
+                " / ".join(f"{summary['seconds'][k]:.0f}" for k in ("synthesis", "student", "total")),
+            ),
+        ]
         if "evaluation" in summary["seconds"]:
-            section.facts.append(("evaluations (test set and teacher agreement)",
-                                  f"{len(summary.get('curve', []))}, {summary['seconds']['evaluation']:.1f} s "
-                                  f"({summary['seconds']['evaluation'] / max(summary['seconds']['total'], 1e-9):.1%} "
-                                  "of the training time)"))
+            section.facts.append(
+                (
+                    "evaluations (test set and teacher agreement)",
+                    f"{len(summary.get('curve', []))}, {summary['seconds']['evaluation']:.1f} s "
+                    f"({summary['seconds']['evaluation'] / max(summary['seconds']['total'], 1e-9):.1%} "
+                    "of the training time)",
+                )
+            )
         samples = summary.get("samples", {})
         diversity = samples.get("diversity") or {}
-        section.facts += [("teacher confidence on samples", f"{samples.get('teacher_confidence', 0):.3f}"),
-                          ("sample diversity (1 - cos of " + diversity.get("features", "features") + ")",
-                           f"within class {diversity.get('within_class') or 0:.4f}, across "
-                           f"{diversity.get('across') or 0:.4f}")]
+        section.facts += [
+            ("teacher confidence on samples", f"{samples.get('teacher_confidence', 0):.3f}"),
+            (
+                "sample diversity (1 - cos of " + diversity.get("features", "features") + ")",
+                f"within class {diversity.get('within_class') or 0:.4f}, across {diversity.get('across') or 0:.4f}",
+            ),
+        ]
         histogram = samples.get("class_histogram")
         if histogram:
+
             def bars(ax):
                 ax.bar(range(len(histogram)), histogram)
                 ax.set_xlabel("teacher-predicted class"), ax.set_ylabel("samples")
+
             section.figures.append(("Class histogram of the generated samples", _figure(out / f"{tag}-hist.png", bars)))
         if (run / "samples.png").is_file():
             section.figures.append(("Generated samples by teacher-predicted class", run / "samples.png"))
@@ -138,16 +174,26 @@ def run_section(run: Path, out: Path, tag: str) -> Section:
             section.facts.append((f"reference {name}", pct(ref["student_acc"])))
         section.warnings = summary.get("warnings", [])
     else:
-        section.facts += [("target", summary["target"]),
-                          ("transductive: adapted / source only",
-                           f"{pct(summary['adapted']['transductive'])} / {pct(summary['source_only']['transductive'])}"),
-                          ("inductive: adapted / source only",
-                           f"{pct(summary['adapted']['inductive'])} / {pct(summary['source_only']['inductive'])}")]
+        section.facts += [
+            ("target", summary["target"]),
+            (
+                "transductive: adapted / source only",
+                f"{pct(summary['adapted']['transductive'])} / {pct(summary['source_only']['transductive'])}",
+            ),
+            (
+                "inductive: adapted / source only",
+                f"{pct(summary['adapted']['inductive'])} / {pct(summary['source_only']['inductive'])}",
+            ),
+        ]
         selected = summary.get("selected")
         if selected is not None:  # runs from before the label-free selection have none
             epoch = "final weights" if selected["epoch"] is None else f"epoch {selected['epoch']:g}"
-            section.facts.append((f"label-free selection ({epoch}): transductive / inductive",
-                                  f"{pct(selected['transductive'])} / {pct(selected['inductive'])}"))
+            section.facts.append(
+                (
+                    f"label-free selection ({epoch}): transductive / inductive",
+                    f"{pct(selected['transductive'])} / {pct(selected['inductive'])}",
+                )
+            )
         section.warnings = summary.get("warnings", [])
     section.figures[:0] = _curve_figures(run, summary, out, tag)
     if (run / "config.yaml").is_file():
@@ -159,23 +205,43 @@ def sweep_sections(sweeps: list[Path], out: Path) -> list[Section]:
     results = [json.loads((s / "sweep.json").read_text()) for s in sweeps]
     sections = []
     if results:
+
         def boxes(ax):
             ax.boxplot([r["student_acc"].get("values", []) for r in results], showmeans=True)
             ax.set_xticks(range(1, len(results) + 1), [r["method"] for r in results])
             ax.set_ylabel("final student accuracy"), ax.set_title("every setting x seed", fontsize=9)
+
         overview = Section("Sweeps: final student accuracy per method")
         overview.figures.append(("Box plot over the sweep's trials", _figure(out / "sweep-box.png", boxes)))
         head = ["method", "trials", "mean", "std", "min", "max", "label-free selected (mean)", "best on test (oracle)"]
-        rows = [[r["method"], f"{r['trials_finished']}/{r['trials_planned']}",
-                 *(pct(r["student_acc"][k]) for k in ("mean", "std", "min", "max")),
-                 pct(r["student_selected_acc"]["mean"]), pct(r["student_best_on_test_acc"]["mean"])] for r in results]
+        rows = [
+            [
+                r["method"],
+                f"{r['trials_finished']}/{r['trials_planned']}",
+                *(pct(r["student_acc"][k]) for k in ("mean", "std", "min", "max")),
+                pct(r["student_selected_acc"]["mean"]),
+                pct(r["student_best_on_test_acc"]["mean"]),
+            ]
+            for r in results
+        ]
         overview.tables.append(("Final student accuracy over all trials", head, rows))
         sections.append(overview)
     for path, r in zip(sweeps, results):
         section = Section(f"Sweep {r['method']} — {path}")
-        section.tables.append(("Per setting (mean over seeds)", ["setting", "overrides", "mean", "std", "min", "max"],
-                               [[str(s["setting"]), " ".join(s["overrides"]) or "(preset)",
-                                 *(pct(s[k]) for k in ("mean", "std", "min", "max"))] for s in r["settings"]]))
+        section.tables.append(
+            (
+                "Per setting (mean over seeds)",
+                ["setting", "overrides", "mean", "std", "min", "max"],
+                [
+                    [
+                        str(s["setting"]),
+                        " ".join(s["overrides"]) or "(preset)",
+                        *(pct(s[k]) for k in ("mean", "std", "min", "max")),
+                    ]
+                    for s in r["settings"]
+                ],
+            )
+        )
         section.warnings = [f"trial {k} failed: {v}" for k, v in r.get("failed", {}).items()]
         if (path / "sweep.yaml").is_file():
             section.blocks.append(("sweep.yaml", (path / "sweep.yaml").read_text()))
@@ -188,20 +254,28 @@ def _html(sections: list[Section]) -> str:
         data = base64.b64encode(path.read_bytes()).decode()
         return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
 
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>dfkt report</title><style>",
-             "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "text-align:left}img{max-width:100%;display:block;margin:.3em 0 1em}pre{background:#f5f5f5;"
-             "padding:.6em;overflow:auto;font-size:12px}.warn{color:#a00}</style></head><body><h1>dfkt report</h1>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>dfkt report</title><style>",
+        "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:left}img{max-width:100%;display:block;margin:.3em 0 1em}pre{background:#f5f5f5;"
+        "padding:.6em;overflow:auto;font-size:12px}.warn{color:#a00}</style></head><body><h1>dfkt report</h1>",
+    ]
     for s in sections:
         parts.append(f"<section><h2>{html.escape(s.title)}</h2>")
         parts += [f"<p class='warn'>warning: {html.escape(w)}</p>" for w in s.warnings]
         if s.facts:
-            parts.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-                                             for k, v in s.facts) + "</table>")
+            parts.append(
+                "<table>"
+                + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in s.facts)
+                + "</table>"
+            )
         for caption, head, rows in s.tables:
-            parts.append(f"<h3>{html.escape(caption)}</h3><table><tr>" + "".join(f"<th>{html.escape(h)}</th>"
-                                                                                for h in head) + "</tr>")
+            parts.append(
+                f"<h3>{html.escape(caption)}</h3><table><tr>"
+                + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+                + "</tr>"
+            )
             parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
             parts.append("</table>")
         for caption, path in s.figures:
@@ -220,16 +294,30 @@ def _markdown(sections: list[Section], out: Path) -> str:
         if s.facts:
             lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in s.facts], ""]
         for caption, head, rows in s.tables:
-            lines += [f"**{caption}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-                      *["| " + " | ".join(row) + " |" for row in rows], ""]
+            lines += [
+                f"**{caption}**",
+                "",
+                "| " + " | ".join(head) + " |",
+                "|" + "---|" * len(head),
+                *["| " + " | ".join(row) + " |" for row in rows],
+                "",
+            ]
         for caption, path in s.figures:
             target = path if path.parent == out else out / f"{path.parent.name}-{path.name}"
             if target != path:
                 target.write_bytes(path.read_bytes())
             lines += [f"![{caption}]({target.name})", ""]
         for caption, text in s.blocks:
-            lines += [f"<details><summary>{caption}</summary>", "", "```yaml", text.rstrip(), "```", "", "</details>",
-                      ""]
+            lines += [
+                f"<details><summary>{caption}</summary>",
+                "",
+                "```yaml",
+                text.rstrip(),
+                "```",
+                "",
+                "</details>",
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -248,5 +336,9 @@ def write_report(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
     sections = sweep_sections(sweeps, out) + [run_section(r, out, f"run{i}") for i, r in enumerate(runs)]
     (out / "report.html").write_text(_html(sections))
     (out / "report.md").write_text(_markdown(sections, out))
-    return {"html": str(out / "report.html"), "markdown": str(out / "report.md"), "runs": len(runs),
-            "sweeps": len(sweeps)}
+    return {
+        "html": str(out / "report.html"),
+        "markdown": str(out / "report.md"),
+        "runs": len(runs),
+        "sweeps": len(sweeps),
+    }

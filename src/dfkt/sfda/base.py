@@ -9,8 +9,9 @@ several epochs and are scored after adapting.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -45,20 +46,27 @@ class OnlineConfig(StrictModel):
 
 
 class BatchNormConfig(OnlineConfig):
-    include_batchnorm1d: bool = Field(False, description="adapt BatchNorm1d layers too (e.g. a bottleneck's); by "
-                                      "default only BatchNorm2d, as the authors' Tent")
+    include_batchnorm1d: bool = Field(
+        False,
+        description="adapt BatchNorm1d layers too (e.g. a bottleneck's); by "
+        "default only BatchNorm2d, as the authors' Tent",
+    )
 
 
 class OfflineConfig(StrictModel):
     batch_size: int = Field(64, ge=2)
     epochs: int = Field(30, ge=1)
     lr: float = Field(0.01, gt=0)
-    backbone_lr_mult: float = Field(1.0, ge=0, description="lr multiplier of the feature extractor "
-                                    "(NRC/AaD/SHOT-objects authors: 0.1)")
+    backbone_lr_mult: float = Field(
+        1.0, ge=0, description="lr multiplier of the feature extractor (NRC/AaD/SHOT-objects authors: 0.1)"
+    )
     bottleneck_lr_mult: float = Field(1.0, ge=0, description="lr multiplier of the bottleneck (Linear, BatchNorm1d)")
     head_lr_mult: float = Field(1.0, ge=0, description="lr multiplier of the classifier head, when it trains")
-    lr_decay: bool = Field(True, description="SHOT's decay lr·(1 + 10t/T)^-0.75 over the run; false keeps the lr "
-                           "constant (AaD's Office-31 code)")
+    lr_decay: bool = Field(
+        True,
+        description="SHOT's decay lr·(1 + 10t/T)^-0.75 over the run; false keeps the lr "
+        "constant (AaD's Office-31 code)",
+    )
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(1e-3, ge=0)
@@ -85,8 +93,9 @@ class AdaptMethod(TrainState):
         self.keep("model", self.model)
         self.batches = EpochBatches(self, self.engine, len(self.images), getattr(cfg, "batch_size", 1))
         # Online methods' predictions as the stream went by (-1: not seen yet).
-        self.keep("online_predictions",
-                  torch.full((len(self.images),), -1, dtype=torch.long, device=self.engine.device))
+        self.keep(
+            "online_predictions", torch.full((len(self.images),), -1, dtype=torch.long, device=self.engine.device)
+        )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -100,8 +109,10 @@ class AdaptMethod(TrainState):
         """The method's optimizer over ``params``: parameters, or param groups (dicts with their own lr)."""
         cfg = self.cfg
         return self.engine.prepare_optimizer(
-            make_optimizer(params, cfg.optimizer, cfg.lr, getattr(cfg, "momentum", 0.9), cfg.weight_decay,
-                           nesterov=True))
+            make_optimizer(
+                params, cfg.optimizer, cfg.lr, getattr(cfg, "momentum", 0.9), cfg.weight_decay, nesterov=True
+            )
+        )
 
     def stages(self) -> list[Stage]:
         raise NotImplementedError
@@ -122,8 +133,9 @@ def model_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return parts
 
 
-def parameter_groups(model: nn.Module, params: list[nn.Parameter], lr: float,
-                     multipliers: dict[str, float]) -> list[dict[str, Any]]:
+def parameter_groups(
+    model: nn.Module, params: list[nn.Parameter], lr: float, multipliers: dict[str, float]
+) -> list[dict[str, Any]]:
     """Param groups of ``params`` (the trainable ones), one per part of ``model_parts`` that has any,
     each with lr = ``lr`` × its part's multiplier and a ``name``."""
     wanted = {id(p) for p in params}
@@ -160,18 +172,23 @@ def dropout_off(*modules: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def batchnorm_layers(model: nn.Module, method: str, include_batchnorm1d: bool = False
-                     ) -> list[nn.modules.batchnorm._BatchNorm]:
+def batchnorm_layers(
+    model: nn.Module, method: str, include_batchnorm1d: bool = False
+) -> list[nn.modules.batchnorm._BatchNorm]:
     """The BatchNorm layers Tent and BN-adapt adapt: BatchNorm2d, and BatchNorm1d when asked."""
     every = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not every:
-        raise ConfigError(f"{method} adapts BatchNorm layers and this source model has none; use shot, nrc or "
-                          "aad, or a source model with BatchNorm2d (e.g. 'dfkt train-source --model shot_dtn')")
+        raise ConfigError(
+            f"{method} adapts BatchNorm layers and this source model has none; use shot, nrc or "
+            "aad, or a source model with BatchNorm2d (e.g. 'dfkt train-source --model shot_dtn')"
+        )
     kinds = (nn.BatchNorm2d, nn.BatchNorm1d) if include_batchnorm1d else (nn.BatchNorm2d,)
     layers = [m for m in every if isinstance(m, kinds)]
     if not layers:
         has = ", ".join(sorted({type(m).__name__ for m in every}))
-        raise ConfigError(f"{method} adapts BatchNorm2d layers (as the authors' Tent) and this source model has only "
-                          f"{has}; pass --set params.include_batchnorm1d=true to adapt its BatchNorm1d, or use a "
-                          "source model with BatchNorm2d (e.g. 'dfkt train-source --model shot_dtn')")
+        raise ConfigError(
+            f"{method} adapts BatchNorm2d layers (as the authors' Tent) and this source model has only "
+            f"{has}; pass --set params.include_batchnorm1d=true to adapt its BatchNorm1d, or use a "
+            "source model with BatchNorm2d (e.g. 'dfkt train-source --model shot_dtn')"
+        )
     return layers

@@ -13,8 +13,15 @@ from dfkt import losses
 from dfkt.engine import Stage
 from dfkt.errors import ConfigError
 from dfkt.registry import ADAPT_METHODS
-from dfkt.sfda.base import (AdaptMethod, AdaptSetup, OfflineConfig, OnlineConfig, bottleneck_modules, dropout_off,
-                             parameter_groups)
+from dfkt.sfda.base import (
+    AdaptMethod,
+    AdaptSetup,
+    OfflineConfig,
+    OnlineConfig,
+    bottleneck_modules,
+    dropout_off,
+    parameter_groups,
+)
 from dfkt.sfda.clustering import shot_pseudo_labels
 from dfkt.training import shot_decay
 
@@ -35,16 +42,25 @@ class OfflineMethod(AdaptMethod):
         super().__init__(cfg, setup)
         self.total_steps = cfg.epochs * self.batches.steps_per_epoch
         optimizer = self.optimizer(self.parameter_groups())
-        self.keep("model", optimizer, shot_decay(optimizer, self.total_steps) if cfg.lr_decay else
-                  torch.optim.lr_scheduler.LambdaLR(optimizer, _constant))
+        self.keep(
+            "model",
+            optimizer,
+            shot_decay(optimizer, self.total_steps)
+            if cfg.lr_decay
+            else torch.optim.lr_scheduler.LambdaLR(optimizer, _constant),
+        )
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.parameters())
 
     def parameter_groups(self) -> list[dict]:
         cfg = self.cfg
-        return parameter_groups(self.model, self.trainable_parameters(), cfg.lr, {
-            "backbone": cfg.backbone_lr_mult, "bottleneck": cfg.bottleneck_lr_mult, "head": cfg.head_lr_mult})
+        return parameter_groups(
+            self.model,
+            self.trainable_parameters(),
+            cfg.lr,
+            {"backbone": cfg.backbone_lr_mult, "bottleneck": cfg.bottleneck_lr_mult, "head": cfg.head_lr_mult},
+        )
 
     @torch.no_grad()
     def features_and_probs(self) -> tuple[Tensor, Tensor]:
@@ -60,7 +76,7 @@ class OfflineMethod(AdaptMethod):
         features, probs = [], []
         with self.engine.eval_mode(self.model), torch.autocast(self.engine.device.type, enabled=False):
             for start in range(0, len(mine), CHUNK):
-                f = self.model.forward_features(self.images[mine[start:start + CHUNK]].float()).float()
+                f = self.model.forward_features(self.images[mine[start : start + CHUNK]].float()).float()
                 features.append(f)
                 probs.append(F.softmax(self.model.classify(f).float(), dim=1))
         return self.engine.gather_rows(torch.cat(features))[:n], self.engine.gather_rows(torch.cat(probs))[:n]
@@ -93,9 +109,12 @@ class OfflineMethod(AdaptMethod):
 
 
 class SHOTBaseConfig(OfflineConfig):
-    bottleneck_dropout: bool = Field(True, description="the bottleneck's dropout layers stay on in the training "
-                                     "step (SHOT's digit code); false turns them off, as in its object code, whose "
-                                     "bottleneck applies no dropout")
+    bottleneck_dropout: bool = Field(
+        True,
+        description="the bottleneck's dropout layers stay on in the training "
+        "step (SHOT's digit code); false turns them off, as in its object code, whose "
+        "bottleneck applies no dropout",
+    )
 
 
 class SHOTConfig(SHOTBaseConfig):
@@ -110,8 +129,14 @@ class SHOTIMConfig(SHOTBaseConfig):
 # Office-Home): cls_par 0.3, 15 epochs, batch 64, lr 1e-2 with the backbone at 0.1x and the bottleneck at
 # 1x, pseudo-labels refreshed once per epoch, and a bottleneck (Linear, BatchNorm1d) whose forward
 # applies no dropout. Its VisDA-C runs use lr 1e-3 (--set params.lr=1e-3).
-SHOT_OBJECTS = {"beta": 0.3, "epochs": 15, "lr": 0.01, "backbone_lr_mult": 0.1, "bottleneck_lr_mult": 1.0,
-                "bottleneck_dropout": False}
+SHOT_OBJECTS = {
+    "beta": 0.3,
+    "epochs": 15,
+    "lr": 0.01,
+    "backbone_lr_mult": 0.1,
+    "bottleneck_lr_mult": 1.0,
+    "bottleneck_dropout": False,
+}
 
 
 @ADAPT_METHODS.register("shot")
@@ -160,29 +185,46 @@ class SHOTIM(SHOT):
     Config = SHOTIMConfig
     name = "shot_im"
     summary = "offline: frozen head; information maximisation only"
-    presets = {"paper": {}, "paper-objects": {k: v for k, v in SHOT_OBJECTS.items() if k != "beta"},
-               "cpu": {"epochs": 5}}
+    presets = {
+        "paper": {},
+        "paper-objects": {k: v for k, v in SHOT_OBJECTS.items() if k != "beta"},
+        "cpu": {"epochs": 5},
+    }
 
 
 class NRCConfig(OfflineConfig):
     k: int = Field(3, ge=1, description="nearest neighbours in the feature bank")
     m: int = Field(2, ge=1, description="neighbours of each neighbour (the expanded neighbourhood)")
-    reciprocal_within: Literal["m", "k"] = Field("m", description="a neighbour counts as reciprocal when the "
-                                                 "sample is among its m nearest (authors' code) or k nearest (paper)")
+    reciprocal_within: Literal["m", "k"] = Field(
+        "m",
+        description="a neighbour counts as reciprocal when the "
+        "sample is among its m nearest (authors' code) or k nearest (paper)",
+    )
 
 
 class AaDConfig(OfflineConfig):
     k: int = Field(5, ge=1, description="nearest neighbours in the feature bank")
     alpha: float = Field(1.0, ge=0, description="dispersion weight at the start: λ_t = α(1 + 10t/T)^-β")
-    beta: float = Field(5.0, ge=0, description="decay of the dispersion weight: 5 VisDA, 1 Office-31, 0 (none) "
-                        "Office-Home")
+    beta: float = Field(
+        5.0, ge=0, description="decay of the dispersion weight: 5 VisDA, 1 Office-31, 0 (none) Office-Home"
+    )
 
 
 # AaD's Office-31 recipe (Albert0147/AaD_SFDA, office-home/office31_tar.py and office31_tar.sh): K 3,
 # β 1 (α 1), 50 epochs, batch 64, SGD lr 1e-3 (nesterov, momentum 0.9, weight decay 5e-4) with the
 # backbone at 0.1x and the bottleneck and head at 1x, and no lr decay (its scheduler call is commented out).
-AAD_OFFICE31 = {"k": 3, "alpha": 1.0, "beta": 1.0, "epochs": 50, "lr": 1e-3, "backbone_lr_mult": 0.1,
-                "bottleneck_lr_mult": 1.0, "head_lr_mult": 1.0, "weight_decay": 5e-4, "lr_decay": False}
+AAD_OFFICE31 = {
+    "k": 3,
+    "alpha": 1.0,
+    "beta": 1.0,
+    "epochs": 50,
+    "lr": 1e-3,
+    "backbone_lr_mult": 0.1,
+    "bottleneck_lr_mult": 1.0,
+    "head_lr_mult": 1.0,
+    "weight_decay": 5e-4,
+    "lr_decay": False,
+}
 
 
 class NeighbourMethod(OfflineMethod):
@@ -199,8 +241,9 @@ class NeighbourMethod(OfflineMethod):
         super().__init__(cfg, setup)
         needed = max(cfg.k, getattr(cfg, "m", 0)) + 2
         if len(self.images) < needed:
-            raise ConfigError(f"{self.name} needs at least {needed} target images to adapt on (k={cfg.k}); "
-                              f"got {len(self.images)}")
+            raise ConfigError(
+                f"{self.name} needs at least {needed} target images to adapt on (k={cfg.k}); got {len(self.images)}"
+            )
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         with dropout_off(self.model):
@@ -274,8 +317,12 @@ class AaD(NeighbourMethod):
     Config = AaDConfig
     name = "aad"
     summary = "offline: attract neighbours' predictions, disperse the batch's"
-    presets = {"paper": {"lr": 1e-3, "backbone_lr_mult": 0.1}, "paper-office31": AAD_OFFICE31,
-               "cpu": {"epochs": 5}, "cpu-office31": {"epochs": 5, "k": 3, "beta": 1.0}}
+    presets = {
+        "paper": {"lr": 1e-3, "backbone_lr_mult": 0.1},
+        "paper-office31": AAD_OFFICE31,
+        "cpu": {"epochs": 5},
+        "cpu-office31": {"epochs": 5, "k": 3, "beta": 1.0},
+    }
 
     def loss(self, i: int, index: Tensor, features: Tensor, logits: Tensor) -> dict[str, Tensor]:
         probs = F.softmax(logits.float(), dim=1)

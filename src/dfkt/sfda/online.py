@@ -60,8 +60,16 @@ class BNAdapt(AdaptMethod):
 
     def stages(self) -> list[Stage]:
         # The engine puts the model in eval mode, then its BatchNorm layers in train mode.
-        return [Stage("adapt", self.batches.steps_per_epoch, self.step, train=list(self.bn), frozen=[self.model],
-                      evaluate=True)]
+        return [
+            Stage(
+                "adapt",
+                self.batches.steps_per_epoch,
+                self.step,
+                train=list(self.bn),
+                frozen=[self.model],
+                evaluate=True,
+            )
+        ]
 
 
 @ADAPT_METHODS.register("tent")
@@ -76,8 +84,9 @@ class Tent(BNAdapt):
         self.model.requires_grad_(False)
         params = [p for layer in self.bn for p in (layer.weight, layer.bias) if p is not None]
         if not params:
-            raise ConfigError("tent trains BatchNorm affine parameters and this model's BatchNorm layers have "
-                              "none; use bn_adapt")
+            raise ConfigError(
+                "tent trains BatchNorm affine parameters and this model's BatchNorm layers have none; use bn_adapt"
+            )
         for p in params:
             p.requires_grad_(True)
         self.keep("model", self.optimizer(params))

@@ -7,5 +7,13 @@ from dfkt.synthesis.generator_inversion import GeneratorInversion
 from dfkt.synthesis.inversion import PixelInversion
 from dfkt.synthesis.pool import ImagePool
 
-__all__ = ["BNStatsPrior", "GeneratorInversion", "GeneratorSynthesizer", "ImagePool", "PixelInversion",
-           "Synthesizer", "bn_prior_or_none", "forward_with_prior"]
+__all__ = [
+    "BNStatsPrior",
+    "GeneratorInversion",
+    "GeneratorSynthesizer",
+    "ImagePool",
+    "PixelInversion",
+    "Synthesizer",
+    "bn_prior_or_none",
+    "forward_with_prior",
+]

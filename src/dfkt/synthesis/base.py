@@ -7,7 +7,8 @@ inverted batch added to a pool) and returns named values to log; ``sample(n, rng
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor

@@ -20,7 +20,8 @@ Fashion-MNIST the last BatchNorm (running variance ~31) held half of the raw los
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Literal
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,18 +30,31 @@ from dfkt.errors import ConfigError
 
 
 class BNStatsPrior:
-    def __init__(self, teacher: nn.Module, method: str, first_multiplier: float = 1.0,
-                 momentum: float | None = None, distance: Literal["raw", "standardised"] = "raw"):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        method: str,
+        first_multiplier: float = 1.0,
+        momentum: float | None = None,
+        distance: Literal["raw", "standardised"] = "raw",
+    ):
         # Only layers that remember statistics: track_running_stats=False ones have nothing to match.
-        self.layers = [m for m in teacher.modules()
-                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+        self.layers = [
+            m
+            for m in teacher.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+        ]
         if not self.layers:
             scripted = any(isinstance(m, torch.jit.ScriptModule) for m in teacher.modules())
-            why = ("a TorchScript teacher hides them (load it as torchvision:NAME or module:function instead)"
-                   if scripted else "this teacher has none that keep running statistics")
+            why = (
+                "a TorchScript teacher hides them (load it as torchvision:NAME or module:function instead)"
+                if scripted
+                else "this teacher has none that keep running statistics"
+            )
             raise ConfigError(
                 f"{method} needs a teacher with BatchNorm layers (it matches their stored statistics) and {why}; "
-                "use rdskd, dafl, mskd, dfad, zskt or zskd, or turn the prior off with --set params.w_bn=0")
+                "use rdskd, dafl, mskd, dfad, zskt or zskd, or turn the prior off with --set params.w_bn=0"
+            )
         self.first_multiplier = first_multiplier
         self.momentum = momentum
         self.standardised = distance == "standardised"
@@ -63,8 +77,10 @@ class BNStatsPrior:
             if not self.active:
                 return
             if layer.training:  # the forward has just moved running_mean/var towards this very batch
-                raise RuntimeError("the BatchNorm prior read a teacher layer in train mode: its running statistics "
-                                   "are no longer the real data's; put the teacher in eval mode")
+                raise RuntimeError(
+                    "the BatchNorm prior read a teacher layer in train mode: its running statistics "
+                    "are no longer the real data's; put the teacher in eval mode"
+                )
             x = inputs[0].float()
             dims = [0] + list(range(2, x.dim()))
             mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
@@ -79,6 +95,7 @@ class BNStatsPrior:
                 var_error = var_error / (layer.running_var + layer.eps)
             loss = torch.linalg.vector_norm(mean_error) + torch.linalg.vector_norm(var_error)
             self.terms[index] = loss * (self.first_multiplier if index == 0 else 1.0)
+
         return hook
 
     @contextlib.contextmanager
@@ -102,8 +119,14 @@ class BNStatsPrior:
             return
         for index, (mean, var) in self.batch_stats.items():
             ema = self.ema[index]
-            self.ema[index] = (mean, var) if ema is None else (
-                self.momentum * ema[0] + (1 - self.momentum) * mean, self.momentum * ema[1] + (1 - self.momentum) * var)
+            self.ema[index] = (
+                (mean, var)
+                if ema is None
+                else (
+                    self.momentum * ema[0] + (1 - self.momentum) * mean,
+                    self.momentum * ema[1] + (1 - self.momentum) * var,
+                )
+            )
 
     def ema_state(self) -> Tensor:
         """The EMA as one flat tensor, for checkpoints (empty before the first update)."""
@@ -117,20 +140,28 @@ class BNStatsPrior:
         offset = 0
         for index, layer in enumerate(self.layers):
             c = layer.running_mean.numel()
-            self.ema[index] = (flat[offset:offset + c].to(layer.running_mean.device),
-                               flat[offset + c:offset + 2 * c].to(layer.running_mean.device))
+            self.ema[index] = (
+                flat[offset : offset + c].to(layer.running_mean.device),
+                flat[offset + c : offset + 2 * c].to(layer.running_mean.device),
+            )
             offset += 2 * c
 
 
-def bn_prior_or_none(teacher: nn.Module, method: str, weight: float, first_multiplier: float = 1.0,
-                     momentum: float | None = None, distance: Literal["raw", "standardised"] = "raw"
-                     ) -> BNStatsPrior | None:
+def bn_prior_or_none(
+    teacher: nn.Module,
+    method: str,
+    weight: float,
+    first_multiplier: float = 1.0,
+    momentum: float | None = None,
+    distance: Literal["raw", "standardised"] = "raw",
+) -> BNStatsPrior | None:
     """The prior, or None when its weight is 0 (so a BatchNorm-free teacher can run without it)."""
     return BNStatsPrior(teacher, method, first_multiplier, momentum, distance) if weight > 0 else None
 
 
-def forward_with_prior(prior: BNStatsPrior | None, forward: Callable[[Tensor], Tensor],
-                       images: Tensor) -> tuple[Tensor, Tensor]:
+def forward_with_prior(
+    prior: BNStatsPrior | None, forward: Callable[[Tensor], Tensor], images: Tensor
+) -> tuple[Tensor, Tensor]:
     """``forward(images)`` and the prior's loss on that forward (0 without a prior)."""
     if prior is None:
         out = forward(images)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +10,6 @@ from torch import Tensor, nn
 from dfkt.engine import Engine
 from dfkt.engine.state import TrainState
 from dfkt.synthesis.base import Batch, Objective
-
 
 
 class GeneratorSynthesizer:
@@ -28,10 +27,21 @@ class GeneratorSynthesizer:
     multiplies its initial lr, so it can follow another schedule.
     """
 
-    def __init__(self, state: TrainState, engine: Engine, generator: nn.Module, nz: int, lr: float, batch: int,
-                 objective: Objective, betas: tuple[float, float] = (0.9, 0.999), reuse_latest: bool = False,
-                 redraw_after_update: bool = False, clip_norm: float | None = None,
-                 lr_factor: Callable[[], float] | None = None):
+    def __init__(
+        self,
+        state: TrainState,
+        engine: Engine,
+        generator: nn.Module,
+        nz: int,
+        lr: float,
+        batch: int,
+        objective: Objective,
+        betas: tuple[float, float] = (0.9, 0.999),
+        reuse_latest: bool = False,
+        redraw_after_update: bool = False,
+        clip_norm: float | None = None,
+        lr_factor: Callable[[], float] | None = None,
+    ):
         self.engine = engine
         self.nz = nz
         self.batch = batch

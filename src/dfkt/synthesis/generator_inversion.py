@@ -11,7 +11,7 @@ scripts default to first-order MAML; Reptile is their other option and the one s
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,6 @@ from dfkt.engine import Engine
 from dfkt.engine.state import TrainState
 from dfkt.synthesis.base import Batch, Objective
 from dfkt.synthesis.pool import ImagePool
-
 
 
 def reinitialise(module: nn.Module) -> None:
@@ -33,11 +32,25 @@ class GeneratorInversion:
     """``synthesize()`` trains a generator from a fresh (CMI) or meta-learned (Fast) start for one
     batch and adds its images to the pool; ``sample()`` draws from the pool."""
 
-    def __init__(self, state: TrainState, engine: Engine, teacher: nn.Module, pool: ImagePool,
-                 objective: Objective, num_classes: int, generator: nn.Module, nz: int, batch: int,
-                 iterations: int, lr: float, z_lr: float, betas: tuple[float, float],
-                 meta: bool = False, on_round_end: Callable[[], None] | None = None,
-                 extra_params: list[nn.Parameter] = ()):
+    def __init__(
+        self,
+        state: TrainState,
+        engine: Engine,
+        teacher: nn.Module,
+        pool: ImagePool,
+        objective: Objective,
+        num_classes: int,
+        generator: nn.Module,
+        nz: int,
+        batch: int,
+        iterations: int,
+        lr: float,
+        z_lr: float,
+        betas: tuple[float, float],
+        meta: bool = False,
+        on_round_end: Callable[[], None] | None = None,
+        extra_params: list[nn.Parameter] = (),
+    ):
         self.engine, self.teacher, self.pool, self.objective = engine, teacher, pool, objective
         self.num_classes, self.nz, self.batch, self.iterations = num_classes, nz, batch, iterations
         self.lr, self.z_lr, self.betas, self.meta = lr, z_lr, betas, meta

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dfkt.errors import ConfigError
-
 from dfkt.engine import Engine
 from dfkt.engine.state import TrainState
+from dfkt.errors import ConfigError
 from dfkt.synthesis.base import Batch, Objective
 from dfkt.synthesis.pool import ImagePool
 
@@ -54,17 +54,36 @@ class PixelInversion:
     and a few dozen steps from black leave them dim (pixel std ~0.34 on a WRN-16-2), which trains the
     student's BatchNorm statistics on the wrong scale."""
 
-    def __init__(self, state: TrainState, engine: Engine, teacher: nn.Module, pool: ImagePool,
-                 objective: Objective, targets: Targets, shape: tuple[int, int, int], batch: int, iterations: int,
-                 lr: float, betas: tuple[float, float], max_shift: int, flip: bool,
-                 pixel_range: tuple[Tensor, Tensor] | None = None, start: Start = "noise",
-                 resolution: int | None = None, standardise: bool = False):
+    def __init__(
+        self,
+        state: TrainState,
+        engine: Engine,
+        teacher: nn.Module,
+        pool: ImagePool,
+        objective: Objective,
+        targets: Targets,
+        shape: tuple[int, int, int],
+        batch: int,
+        iterations: int,
+        lr: float,
+        betas: tuple[float, float],
+        max_shift: int,
+        flip: bool,
+        pixel_range: tuple[Tensor, Tensor] | None = None,
+        start: Start = "noise",
+        resolution: int | None = None,
+        standardise: bool = False,
+    ):
         if start == "dark" and pixel_range is None:
-            raise ConfigError("start=dark needs the teacher's input range (its normalisation mean and std) and "
-                              "clamping on; set start=noise")
+            raise ConfigError(
+                "start=dark needs the teacher's input range (its normalisation mean and std) and "
+                "clamping on; set start=noise"
+            )
         if standardise and pixel_range is None:
-            raise ConfigError("standardise=true needs the teacher's input normalisation (mean and std) with "
-                              "clamp=true; set clamp=true, or standardise=false")
+            raise ConfigError(
+                "standardise=true needs the teacher's input normalisation (mean and std) with "
+                "clamp=true; set clamp=true, or standardise=false"
+            )
         if resolution is not None and not 1 <= resolution <= shape[-1]:
             raise ConfigError(f"resolution must be between 1 and the image side {shape[-1]}, got {resolution}")
         self.engine, self.teacher, self.pool = engine, teacher, pool
@@ -92,8 +111,9 @@ class PixelInversion:
         optimizer = torch.optim.Adam([latent], lr=self.lr, betas=self.betas)
         terms: dict[str, Tensor] = {}
         for _ in range(self.iterations):
-            terms = self.objective(jitter_and_flip(self.to_images(latent), self.max_shift, self.flip, self.rng),
-                                   targets)
+            terms = self.objective(
+                jitter_and_flip(self.to_images(latent), self.max_shift, self.flip, self.rng), targets
+            )
             self.engine.optimize(terms["loss"], optimizer, "pixel inversion loss")
             if self.pixel_range is not None:
                 with torch.no_grad():

@@ -59,8 +59,11 @@ class ImagePool:
 
     def held_out(self) -> Tensor | None:
         """The validation images, once there are ``holdout`` of them (a fixed set to compare against)."""
-        return self.state.buffers[self.validation.keys[0]] if self.validation is not None and self.validation.full \
+        return (
+            self.state.buffers[self.validation.keys[0]]
+            if self.validation is not None and self.validation.full
             else None
+        )
 
     def class_counts(self) -> Tensor:
         """How many held images the teacher puts in each class (argmax of the stored logits)."""
