@@ -78,3 +78,24 @@ def test_every_adaptation_preset_validates_and_builds_the_method(name, preset):
     assert {"order"} <= set(runner.rngs) and streams_are_distinct(runner), sorted(runner.rngs)
     predictions = runner.report().stream_predictions
     assert (predictions.tolist() == [-1] * 16) if cls.online else (predictions is None)  # online: none made yet
+
+
+def test_a_method_file_registers_itself_without_an_import_line(tmp_path, monkeypatch):
+    """The method packages import each of their modules (dfkt.registry.import_package_modules): a package with a
+    new file, and nothing else changed, registers what that file defines."""
+    import importlib
+    import sys
+
+    package = tmp_path / "methods_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from dfkt.registry import import_package_modules\nimport_package_modules(__name__, __path__)\n"
+    )
+    (package / "shared.py").write_text("from dfkt.registry import Registry\nFOUND = Registry('test method')\n")
+    (package / "new_method.py").write_text(
+        "from methods_pkg.shared import FOUND\n\n@FOUND.register('new')\nclass NewMethod:\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert importlib.import_module("methods_pkg").shared.FOUND.names() == ["new"]
+    for name in ("methods_pkg", "methods_pkg.shared", "methods_pkg.new_method"):
+        monkeypatch.delitem(sys.modules, name)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from dfkt.errors import UnknownNameError
 
 T = TypeVar("T")
+
+
+def import_package_modules(package: str, path: Iterable[str]) -> None:
+    """Import every module of a package (call from its ``__init__`` with ``__name__, __path__``), so a method
+    registers itself by being a file in the package: adding one means adding a file, not an import line."""
+    for module in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{module.name}")
 
 
 class Registry(Generic[T]):

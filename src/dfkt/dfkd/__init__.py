@@ -1,3 +1,5 @@
-"""Data-free knowledge distillation methods; importing this package registers them."""
+"""Data-free knowledge distillation methods: every module here is imported, so each method registers itself."""
 
-from dfkt.dfkd import cmi, dafl, deepinversion, dfad, fast, mskd, rdskd, zskd, zskt  # noqa: F401
+from dfkt.registry import import_package_modules
+
+import_package_modules(__name__, __path__)

@@ -1,3 +1,5 @@
-"""Source-free domain adaptation methods; importing this package registers them."""
+"""Source-free domain adaptation methods: every module here is imported, so each method registers itself."""
 
-from dfkt.sfda import offline, online  # noqa: F401
+from dfkt.registry import import_package_modules
+
+import_package_modules(__name__, __path__)
