@@ -327,6 +327,15 @@ def test_collapse_warnings_for_missing_classes_and_for_near_copies_in_the_teache
     (pixels,) = collapse_warnings(images, [500] + [0] * 9, "deepinversion", DeepInversionConfig())
     assert "synthesis_iterations" in pixels and "use rdskd" in pixels
     assert collapse_warnings(images, [4] * 10, "rdskd", RDSKDConfig(), {"within_class": 0.06}) == []
+    # One class absent from 500 samples (the WRN pair's RDSKD drew no sneaker): named, with RDSKD's remedy.
+    (missing,) = collapse_warnings(images, [60] * 7 + [0, 40, 40], "rdskd", RDSKDConfig(student_data="pool"))
+    assert "none of 500 generated samples falls in teacher class(es) 7," in missing
+    assert "--set params.pool_search=500" in missing
+    (still,) = collapse_warnings(
+        images, [60] * 7 + [0, 40, 40], "rdskd", RDSKDConfig(student_data="pool", pool_search=500)
+    )
+    assert "pool_search" not in still  # already on: the pool was topped up, the generator still misses the class
+    assert collapse_warnings(images, [6] * 7 + [0, 4, 4], "rdskd", RDSKDConfig()) == []  # 5 per class: chance
 
 
 def test_collapse_warning_on_a_batchnorm_teacher_does_not_send_the_user_to_rdskd():

@@ -19,6 +19,8 @@ MIN_RELATIVE_SPREAD = 0.05
 # images 0.057, 200 copies of one image with 1% noise 0.00001.
 MIN_WITHIN_CLASS_DIVERSITY = 0.005
 MIN_CLASS_COVERAGE = 0.5  # share of classes with at least one sample, with 5 or more classes
+# With this many samples per class expected, a class with none is missing, not unlucky (P ≈ e^-10 or less).
+MISSING_CLASS_SAMPLES = 10
 # Mean over a teacher's BatchNorm layers of the standardised distance between the samples' statistics and
 # the stored ones (dfkt.synthesis.bn_prior). WRN-16-2 on Fashion-MNIST, 256 images: real train and test
 # batches 0.25 and 0.41; samples of the runs whose students stayed at 18-29% read 4.7-25.6
@@ -101,6 +103,9 @@ def collapse_fix(method: str, params: BaseModel, teacher_has_batchnorm: bool = F
             f"--max-seconds a larger params.gen_budget_share, now {params.gen_budget_share}) or another "
             f"learning rate (params.gen_lr, now {params.gen_lr:g})"
         )
+        if params.pool_search == 0:  # the WRN-16-2 pair's generator drew no sneaker in 20,000 images
+            pool = "" if params.student_data == "pool" else "params.student_data=pool "
+            fixes.append(f"top up the classes it misses by latent search (--set {pool}params.pool_search=500)")
     elif hasattr(params, "gen_lr"):
         fixes.append(f"lower the generator learning rate (--set params.gen_lr=..., now {params.gen_lr:g})")
     if hasattr(params, "w_ie"):
@@ -143,6 +148,12 @@ def collapse_warnings(
         elif covered / len(histogram) < MIN_CLASS_COVERAGE:  # spread over a few classes, the rest missing
             warnings.append(
                 f"mode collapse: the generated samples cover only {covered} of {len(histogram)} teacher classes; {fix}"
+            )
+        elif covered < len(histogram) and total >= MISSING_CLASS_SAMPLES * len(histogram):
+            missing = ", ".join(str(c) for c, count in enumerate(histogram) if not count)
+            warnings.append(
+                f"missing classes: none of {total} generated samples falls in teacher class(es) {missing}, so the "
+                f"student learns nothing of them; {fix}"
             )
     flat = images.float().flatten(1)
     if flat.shape[0] > 1:
