@@ -2,6 +2,7 @@
 student-side augmentation relabelled by the teacher, stages sharing the time budget, pool refresh and
 mining."""
 
+import dataclasses
 import itertools
 import math
 
@@ -390,19 +391,21 @@ def test_deepinversion_flips_while_inverting_only_mirror_safe_data(digits_teache
 
 
 def test_deepinversion_downscale_optimises_images_a_fraction_of_the_teachers_side(digits_teacher):
-    """``downscale`` is ``resolution`` relative to the teacher (8×8 digits: 4×4 at 2, 1×1 at 16), and the two
-    cannot be set together."""
+    """``downscale`` is ``resolution`` relative to the teacher, never below 8 pixels a side (so 8×8 digits stay
+    whole), and the two cannot be set together."""
     from dfkt.dfkd.deepinversion import DeepInversion, DeepInversionConfig
 
-    def latent_side(**params):
+    def latent_side(image_size=8, **params):
         cfg = DeepInversionConfig(synthesis_batch=8, pool_size=32, start="dark", **params)
-        return DeepInversion(cfg, _setup(digits_teacher, mirror=False)).source.latent_shape[-1]
+        setup = dataclasses.replace(_setup(digits_teacher, mirror=False), image_size=image_size)
+        return DeepInversion(cfg, setup).source.latent_shape[-1]
 
-    assert (latent_side(), latent_side(downscale=2), latent_side(downscale=16), latent_side(resolution=3)) == (
-        8,
-        4,
-        1,
-        3,
-    )
+    assert (
+        latent_side(32),
+        latent_side(32, downscale=2),
+        latent_side(32, downscale=3),
+        latent_side(64, downscale=16),
+    ) == (32, 16, 10, 8)
+    assert (latent_side(downscale=2), latent_side(resolution=3)) == (8, 3)
     with pytest.raises(ConfigError, match="not both"):
         latent_side(resolution=4, downscale=2)
