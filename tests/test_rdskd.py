@@ -95,33 +95,6 @@ def test_stages_train_the_right_modules_without_nan(digits_teacher):
     assert not changed(teacher_before, method.teacher.state_dict())
 
 
-def test_pool_search_tops_up_the_classes_the_pool_lacks_with_images_the_teacher_puts_there(digits_teacher):
-    """A pool holding only class 0 (as the WRN pair's pool held no sneaker): every other class is searched for in
-    the generator's latent space until it has pool_search images (or its tries run out), each an image the teacher
-    assigns to that class, and each top-up is reported."""
-    method = make_method(digits_teacher, pool_size=200, pool_search=8)
-    gen_stage, _ = method.stages()
-    for i in range(gen_stage.steps):  # the search starts from a trained generator, as in a run
-        gen_stage.step(i)
-    method.pool.add(
-        torch.zeros(200, 1, 8, 8), torch.nn.functional.one_hot(torch.zeros(200, dtype=torch.long), 10) * 5.0
-    )
-    events = []
-    method.engine.metrics.write = events.append
-    method.search_short_classes(torch.Generator().manual_seed(0))
-    counts = method.pool.class_counts()
-    assert counts[1:].min().item() >= 8 and method.pool.size == 200
-    stored = method.buffers["pool.logits"].argmax(1)
-    searched = stored != 0  # the rows the search overwrote
-    assert torch.equal(method.teacher(method.buffers["pool.images"][searched]).argmax(1), stored[searched])
-    assert len(events) == 9 and all("latent search added" in e["event"] for e in events)
-
-
-def test_pool_options_need_a_pool(digits_teacher):
-    with pytest.raises(ConfigError, match="student_data=pool"):
-        make_method(digits_teacher, student_data="fresh", pool_balance=True)
-
-
 def test_odd_generator_batch_is_rejected():
     with pytest.raises(ConfigError, match="even"):
         validate(RDSKDConfig, {"gen_batch": 33})

@@ -15,7 +15,6 @@ import time
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
@@ -32,11 +31,6 @@ POOL_CHUNK = 1024
 # or teacher (a WRN-16-2 pair overran a 2-minute budget by 50 s here) leaves the student its steps; the
 # pool then holds what was drawn (at least one chunk).
 POOL_FILL_SHARE = 0.25
-# Latent search for a class the frozen generator does not draw (pool_search): Adam on z toward the class.
-# On the WRN-16-2 pair, whose generator drew no sneaker in 20,000 images, 40 steps at this lr reached the
-# class for every z of a batch (27% after 10 steps); redrawing around the found z (σ 0.25) hit it 12% of
-# the time, so each image is searched. The search may take this share of the budget left after drawing.
-SEARCH_STEPS, SEARCH_LR, SEARCH_BATCH, SEARCH_SHARE = 40, 0.05, 256, 0.15
 
 
 class RDSKDConfig(StudentTrainingConfig, GeneratorFields):
@@ -63,18 +57,6 @@ class RDSKDConfig(StudentTrainingConfig, GeneratorFields):
         description="pool_refresh only: candidates drawn per image kept; the kept "
         "ones are those where the student disagrees most with the teacher "
         "(KL), so the pool fills with what the student has yet to learn",
-    )
-    pool_balance: bool = Field(
-        False,
-        description="pool only: student batches draw each of the teacher's classes "
-        "equally often (an image weighs 1 / its class's count in the pool)",
-    )
-    pool_search: int = Field(
-        0,
-        ge=0,
-        description="pool only: a class of which the frozen generator drew fewer "
-        "images gets the rest, up to this many, by searching the generator's "
-        "latent space toward it (0: off)",
     )
     gen_train_every: int = Field(
         0,
@@ -175,15 +157,13 @@ class RDSKD(DistillMethod):
                 "params.gen_train_every needs params.student_data=pool and params.pool_refresh=0: the "
                 "generator's own batches refresh the pool"
             )
-        if self.pool is None and (cfg.pool_balance or cfg.pool_search):
-            raise ConfigError("params.pool_balance and params.pool_search need params.student_data=pool")
         if self.pool is None:
             student_source, every = self.source, 0
         elif cfg.gen_train_every:
-            student_source, every = TrainedPool(self, self.pool, cfg.pool_balance), cfg.gen_train_every
+            student_source, every = TrainedPool(self, self.pool), cfg.gen_train_every
         else:
             student_source, every = (
-                RefreshedPool(self, self.pool, cfg.pool_refresh, cfg.pool_mining, cfg.pool_balance),
+                RefreshedPool(self, self.pool, cfg.pool_refresh, cfg.pool_mining),
                 int(cfg.pool_refresh > 0),
             )
         self.student_trainer = StudentTrainer(self, cfg, student_source, synthesize_every=every)
@@ -220,6 +200,7 @@ class RDSKD(DistillMethod):
             while not self.pool.full and (self.pool.size == 0 or deadline is None or time.perf_counter() < deadline):
                 images, _ = self.source.sample(min(POOL_CHUNK, self.cfg.pool_size - self.pool.size), rng)
                 self.pool.add(images, self.teacher(images))
+        self.keep("pool_drawn", torch.tensor(self.pool.size))
         if not self.pool.full:
             self.engine.metrics.write(
                 {
@@ -227,53 +208,6 @@ class RDSKD(DistillMethod):
                     f"{POOL_FILL_SHARE:g} of the {left:.0f} s of budget left"
                 }
             )
-        if self.cfg.pool_search:
-            self.search_short_classes(rng)
-        self.keep("pool_drawn", torch.tensor(self.pool.size))
-
-    def search_short_classes(self, rng: torch.Generator) -> None:
-        """Top up every teacher class the pool holds fewer than ``pool_search`` images of with images found by
-        latent search (``search_class``); the new images replace the oldest drawn ones. Each class topped up is
-        reported as an event, since a generator that misses a class teaches the student nothing of it."""
-        left = self.engine.budget_left
-        deadline = None if left is None else time.perf_counter() + SEARCH_SHARE * left
-        for k, drawn in enumerate(self.pool.class_counts().tolist()):
-            found = tries = 0
-            while (
-                drawn + found < self.cfg.pool_search
-                and tries < 4 * -(-self.cfg.pool_search // SEARCH_BATCH)
-                and (deadline is None or time.perf_counter() < deadline)
-            ):
-                need = self.cfg.pool_search - drawn - found
-                with self.engine.eval_mode(self.generator):  # it may train in this stage (gen_train_every)
-                    images, logits = self.search_class(k, min(SEARCH_BATCH, 2 * need), rng)  # not every z arrives
-                images, logits = images[:need], logits[:need]
-                self.pool.add(images, logits)
-                found, tries = found + len(images), tries + 1
-            if tries:
-                self.engine.metrics.write(
-                    {
-                        "event": f"class {k}: the generator drew {drawn} of {self.pool.size} pool "
-                        f"images; latent search added {found}"
-                    }
-                )
-
-    def search_class(self, k: int, n: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Up to ``n`` images of the frozen generator that the teacher puts in class ``k``: ``SEARCH_STEPS`` Adam
-        steps on fresh latents z minimising CE(T(G(z)), k); the images the teacher then assigns to ``k``."""
-        z = self.source.noise(n, rng).requires_grad_(True)
-        optimizer = torch.optim.Adam([z], lr=SEARCH_LR)
-        targets = torch.full((n,), k, device=z.device)
-        with torch.enable_grad():
-            for _ in range(SEARCH_STEPS):
-                with self.engine.autocast():
-                    logits = self.teacher(self.generator(z))
-                self.engine.optimize(F.cross_entropy(logits.float(), targets), optimizer, "latent search loss")
-        with self.engine.autocast():
-            images = self.generator(z.detach())
-            logits = self.teacher(images)
-        hit = logits.argmax(1) == k
-        return images[hit], logits[hit]
 
     def stages(self) -> list[Stage]:
         gen_stage = Stage(
@@ -300,8 +234,8 @@ class TrainedPool:
     generator step (the steps continue the generator stage's count, so its reference resets carry on) and
     puts that step's batch, with the teacher's logits on it, in place of the oldest pool images."""
 
-    def __init__(self, method: RDSKD, pool: ImagePool, balanced: bool = False):
-        self.method, self.pool, self.balanced = method, pool, balanced
+    def __init__(self, method: RDSKD, pool: ImagePool):
+        self.method, self.pool = method, pool
         method.keep("generator_steps", torch.tensor(method.cfg.gen_epochs * method.cfg.gen_steps_per_epoch))
 
     def synthesize(self) -> dict[str, Tensor | float]:
@@ -314,7 +248,7 @@ class TrainedPool:
         return terms
 
     def sample(self, n: int, rng: torch.Generator):
-        return self.pool.sample(n, rng, self.balanced)
+        return self.pool.sample(n, rng)
 
 
 class RefreshedPool:
@@ -327,8 +261,8 @@ class RefreshedPool:
     adversarial idea of DFAD and ZSKT applied to which samples of the frozen generator the student sees,
     leaving the generator and its loss as RDSKD's."""
 
-    def __init__(self, method: RDSKD, pool: ImagePool, refresh: int, mining: int = 1, balanced: bool = False):
-        self.method, self.pool, self.refresh, self.mining, self.balanced = method, pool, refresh, mining, balanced
+    def __init__(self, method: RDSKD, pool: ImagePool, refresh: int, mining: int = 1):
+        self.method, self.pool, self.refresh, self.mining = method, pool, refresh, mining
         self.rng = method.engine.rng("pool_refresh")
         method.keep("pool_refresh", self.rng)
 
@@ -347,4 +281,4 @@ class RefreshedPool:
         return {"mined_kl": gap[keep].mean()}
 
     def sample(self, n: int, rng: torch.Generator):
-        return self.pool.sample(n, rng, self.balanced)
+        return self.pool.sample(n, rng)

@@ -65,22 +65,9 @@ class ImagePool:
             else None
         )
 
-    def class_counts(self) -> Tensor:
-        """How many held images the teacher puts in each class (argmax of the stored logits)."""
-        logits = self.state.buffers[self.keys[1]][: self.size]
-        return torch.bincount(logits.argmax(1), minlength=logits.shape[1])
-
-    def sample(self, n: int, rng: torch.Generator, balanced: bool = False) -> Batch:
-        """``n`` images drawn uniformly, or with ``balanced`` each of the teacher's classes equally often
-        (an image weighs 1 / the number of held images of its class), so a class the pool holds few of
-        is seen as often as the rest."""
+    def sample(self, n: int, rng: torch.Generator) -> Batch:
         if self.size == 0:
             raise RuntimeError("sample() from an empty pool: synthesize() must run first")
-        images, logits = self.state.buffers[self.keys[0]], self.state.buffers[self.keys[1]]
-        if balanced:
-            classes = logits[: self.size].argmax(1)
-            weights = 1.0 / torch.bincount(classes, minlength=logits.shape[1])[classes].float()
-            index = torch.multinomial(weights, n, replacement=True, generator=rng)
-        else:
-            index = torch.randint(0, self.size, (n,), device=images.device, generator=rng)
-        return images[index], logits[index]
+        images = self.state.buffers[self.keys[0]]
+        index = torch.randint(0, self.size, (n,), device=images.device, generator=rng)
+        return images[index], self.state.buffers[self.keys[1]][index]
