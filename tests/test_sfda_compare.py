@@ -69,6 +69,22 @@ def test_source_preset_reaches_train_source_and_another_recipe_is_refused(tmp_pa
         bench.trained_source(args, "shot_lenet", "fmnist", [])
 
 
+def test_each_bench_has_its_default_source_recipe():
+    assert bench.parse_args([]).source_preset == "cpu"
+    assert bench.parse_args(["--bench", "b5"]).source_preset == "paper-augment"
+    assert bench.parse_args(["--bench", "b5", "--source-preset", "paper"]).source_preset == "paper"
+
+
+def test_the_paper_preset_reaches_dfkt_adapt_and_keeps_its_runs_apart(tmp_path):
+    presets = {p: bench.parse_args(["--preset", p, "--work", str(tmp_path)]) for p in ("cpu", "paper")}
+    folders = {p: bench.run_dir(args, "fmnist-c:contrast:3:mnist-c", "shot", 1) for p, args in presets.items()}
+    assert folders["cpu"].parent.name == "shot" and folders["paper"].parent.name == "shot-paper"
+    assert bench.b5_run_dir(presets["paper"], "t", "nrc", 2).parent.name == "nrc-paper"
+    source = tmp_path / "model.safetensors"
+    command = bench.adapt_run(presets["paper"], source, "digits", "shot", 1, folders["paper"]).command
+    assert command[command.index("--preset") + 1] == "paper"
+
+
 def result(accuracy: float) -> dict:
     return {"inductive": accuracy, "transductive": accuracy}
 
