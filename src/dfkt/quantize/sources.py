@@ -127,7 +127,7 @@ class BNInversionConfig(StrictModel):
     lr: float = Field(0.5, gt=0, description="Adam lr on the pixels (ZeroQ: 0.5)")
     batch: int = Field(64, ge=2, description="images optimised together (their statistics are matched as a batch)")
     # ZeroQ does not clamp. Unclamped pixels on the B6 WRN-16-2 spread over -6.5..7.3 against real images'
-    # -0.66..2.35 (normalised), which widens the int8 input and early activation ranges about 3x; clamped,
+    # -0.66..2.35 (normalised): the int8 input range over 4x too wide, early activation ranges 2-3x; clamped,
     # int8 accuracy over 3 seeds was 93.30 against 93.15 (fp32 93.41, gaussian 93.24).
     clamp: bool = Field(True, description="clamp pixels into the model's input range after every step (ZeroQ: no)")
 
@@ -197,9 +197,9 @@ class GeneratorSourceConfig(StrictModel):
     generator: str = "dafl"
     width: int | None = Field(64, ge=2, description="generator channels (DAFL's: 128)")
     # "clamped" keeps the DAFL authors' spread (tanh + BatchNorm, about ±4.8 normalised) but inside the range
-    # real images occupy. WRN-16-2 (B6 settings): int8 93.32 / 93.39 over 2 seeds against 93.13 with "bn" and
-    # 93.24 for gaussian; LeNet-5: 90.32, as with "bn". "pixels" (a sigmoid) gave 93.36 on WRN-16-2 but
-    # 56-60 on LeNet-5: its 200-step samples stay narrow, so real activations were clipped.
+    # real images occupy. B6, 3 seeds: WRN-16-2 int8 93.33 against 93.13 with "bn" and 93.24 for gaussian;
+    # LeNet-5 90.33, as with "bn". "pixels" (a sigmoid) gave 93.36 on WRN-16-2 but 56-60 on LeNet-5: its
+    # 200-step samples stay narrow, so real activations were clipped.
     output: GeneratorOutput = Field("clamped", description="last layer: clamped (default), bn or pixels")
     w_oh: float = Field(1.0, ge=0, description="dafl objective weight")
     w_a: float = Field(0.1, ge=0, description="dafl objective weight")
