@@ -22,6 +22,7 @@ from dfkt.errors import ConfigError
 from dfkt.models import build_generator, build_model
 from dfkt.models.cost import multiply_adds
 from dfkt.models.files import load_model
+from dfkt.registry import METHODS
 from dfkt.synthesis import ImagePool, PixelInversion
 from tests.conftest import FAST_ENGINE
 
@@ -390,15 +391,22 @@ def test_deepinversion_flips_while_inverting_only_mirror_safe_data(digits_teache
     assert DeepInversion(cfg, _setup(digits_teacher, mirror=True)).source.flip is True
 
 
-def test_deepinversion_downscale_optimises_images_a_fraction_of_the_teachers_side(digits_teacher):
+@pytest.mark.parametrize("name", ["deepinversion", "zskd"])
+def test_pixel_methods_downscale_optimises_images_a_fraction_of_the_teachers_side(digits_teacher, name):
     """``downscale`` is ``resolution`` relative to the teacher, never below 8 pixels a side (so 8×8 digits stay
-    whole), and the two cannot be set together."""
-    from dfkt.dfkd.deepinversion import DeepInversion, DeepInversionConfig
+    whole), and the two cannot be set together; every pixel-inversion method takes them, and its start and
+    rescaling, to its source."""
+    method = METHODS.get(name)
+
+    def source(image_size=8, **params):
+        cfg = method.Config(synthesis_batch=8, pool_size=32, start="dark", standardise=True, **params)
+        setup = dataclasses.replace(_setup(digits_teacher, mirror=False), image_size=image_size)
+        return method(cfg, setup).source
 
     def latent_side(image_size=8, **params):
-        cfg = DeepInversionConfig(synthesis_batch=8, pool_size=32, start="dark", **params)
-        setup = dataclasses.replace(_setup(digits_teacher, mirror=False), image_size=image_size)
-        return DeepInversion(cfg, setup).source.latent_shape[-1]
+        return source(image_size, **params).latent_shape[-1]
+
+    assert (source().start, source().standardise) == ("dark", True)
 
     assert (
         latent_side(32),
