@@ -1,16 +1,17 @@
-"""Which label-free score picks an adapted model's epoch best? Information maximisation (the one
-`dfkt adapt` uses) against soft neighbourhood density and mean entropy, on one run.
+"""Which label-free score picks an adapted model's epoch best? MixVal (the one `dfkt adapt` uses by
+default) and information maximisation against soft neighbourhood density and mean entropy, on one run.
 
     python benchmarks/label_free_scores.py --method shot --source SOURCE.safetensors --target digits --out DIR
 
 Runs `dfkt.adapt` in this process with every evaluation (one per epoch) also scored by:
+- mixval: inter-cluster MixVal, dfkt.selection.mixval_score (higher is better);
 - im: information maximisation, dfkt.selection.information_maximization_score (higher is better);
 - snd: soft neighbourhood density (Saito et al., ICCV 2021): the mean entropy of
   softmax(cos(p_i, p_j) / 0.05 over j != i) on the softmax outputs (higher is better);
 - neg_entropy: minus the mean prediction entropy / ln K (higher is better);
-and the source model too. Prints each epoch's transductive accuracy beside the scores, which epoch
-each score would keep, and whether it would call the final model worse than the source; writes
-DIR.json. Exploratory, one run at a time: no seeds loop, no table.
+and the source model too. Prints each epoch's transductive accuracy beside the scores,
+which epoch each score would keep, and whether it would call the final model worse than the source;
+writes DIR.json. Exploratory, one run at a time: no seeds loop, no table.
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ def snd(probs: torch.Tensor, temperature: float = 0.05) -> float:
     return float(-(q * torch.log(q.clamp_min(1e-300))).sum(dim=1).mean())
 
 
-def scores(probs: torch.Tensor) -> dict[str, float]:
+def scores(predict, images: torch.Tensor, probs: torch.Tensor) -> dict[str, float]:
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1).mean() / math.log(probs.shape[1])
-    return {"im": selection.information_maximization_score(probs), "snd": snd(probs), "neg_entropy": -float(entropy)}
+    return {
+        "mixval": selection.mixval_score(predict, images, probs),
+        "im": selection.information_maximization_score(probs),
+        "snd": snd(probs),
+        "neg_entropy": -float(entropy),
+    }
 
 
 def main() -> None:
@@ -53,11 +59,13 @@ def main() -> None:
 
     @torch.no_grad()
     def score(self, net):  # every model the run scores: the source first, then one per evaluation
-        probs = []
         with self.engine.eval_mode(net), torch.autocast(self.engine.device.type, enabled=False):
-            for start in range(0, len(self.images), 1000):
-                probs.append(F.softmax(net(self.images[start : start + 1000].float()).float(), dim=1))
-        seen.append(scores(torch.cat(probs)))
+
+            def predict(images: torch.Tensor) -> torch.Tensor:
+                return net(images.float()).float()
+
+            probs = [F.softmax(predict(self.images[i : i + 1000]), dim=1) for i in range(0, len(self.images), 1000)]
+            seen.append(scores(predict, self.images, torch.cat(probs)))
         return original(self, net)
 
     selection.TargetScoreSelection.score = score

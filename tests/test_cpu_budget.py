@@ -112,6 +112,42 @@ def test_flip_only_on_mirror_safe_data_and_the_teacher_labels_what_the_student_s
         assert torch.allclose(logits, clothes.teacher(images), atol=1e-5)  # relabelled, not the cached pool logits
 
 
+def test_adversarial_samples_raise_the_disagreement_stay_in_range_and_leave_weights_alone(digits_teacher):
+    """A share of each student batch is moved to where the student disagrees with the teacher; the
+    teacher labels the moved images; the student's weights and gradients are untouched by the move."""
+    cfg = RDSKDConfig(
+        gen_batch=16,
+        gen_epochs=1,
+        gen_steps_per_epoch=2,
+        student_batch=16,
+        student_data="pool",
+        pool_size=32,
+        adversarial_steps=3,
+        adversarial_step_size=0.1,
+        adversarial_share=0.5,
+    )
+    method = RDSKD(cfg, _setup(digits_teacher, mirror=False))
+    for stage in method.stages()[:1]:
+        stage.step(0)
+    method.fill_pool()
+    trainer, student, teacher = method.student_trainer, method.student, method.teacher
+    clean, _ = method.pool.sample(16, torch.Generator().manual_seed(0))
+    weights = {k: v.clone() for k, v in student.state_dict().items()}
+    moved = trainer.adversarial(clean)
+    assert all(p.grad is None for p in student.parameters())
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in weights.items())
+    low, high = trainer.pixel_range
+    assert (moved >= low - 1e-6).all() and (moved <= high + 1e-6).all()
+    assert torch.equal(moved[8:], clean[8:]) and not torch.equal(moved[:8], clean[:8])  # half of the batch
+    with torch.no_grad():
+        before = losses.kl_per_sample(teacher(clean[:8]), student(clean[:8]))
+        after = losses.kl_per_sample(teacher(moved[:8]), student(moved[:8]))
+    assert after.mean() > 2 * before.mean()
+    images, logits = trainer.batch()
+    with torch.no_grad():
+        assert torch.allclose(logits, teacher(images), atol=1e-5)  # the teacher labels the moved images
+
+
 def test_old_augment_switch_still_reads():
     assert RDSKDConfig(augment=True).augment == ["shift", "flip"]
     assert RDSKDConfig(augment=False).augment == []

@@ -332,6 +332,25 @@ def test_information_maximization_score_by_hand():
     assert im(p) == pytest.approx(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)) / math.log(3))
 
 
+def test_mixval_score_by_hand():
+    """One-pixel images and the classifier 'class 1 if x > 0', with one-hot pseudo-labels: the mixed
+    image 0.55·x_a + 0.45·x_b should keep x_a's class."""
+    from dfkt.selection import mixval_score
+
+    def predict(x):
+        x = x.flatten(1)
+        return torch.cat([-x, x], dim=1)
+
+    def score(*pixels):
+        images = torch.tensor(pixels).view(-1, 1, 1, 1)
+        return mixval_score(predict, images, F.one_hot((images.flatten() > 0).long(), 2).float())
+
+    assert score(1.0, -1.0) == 1.0  # both mixes (+0.1, -0.1) keep the dominant image's class
+    # a = 1, b = -3: 0.55 - 1.35 < 0, class 0 against a's 1 (miss); a = -3, b = 1: -1.2, class 0 (hit)
+    assert score(1.0, -3.0) == 0.5
+    assert score(1.0, 2.0, 3.0) == 0.0  # one predicted class for everything: no pair to score
+
+
 class RuinConfig(OfflineConfig):
     clean_epochs: int = Field(1, ge=0, description="epochs that change nothing before the ruin starts")
 

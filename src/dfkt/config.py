@@ -179,6 +179,12 @@ class AdaptRunConfig(StrictModel):
     )
     eval_seconds: float | None = Field(None, gt=0, description="also evaluate after this many training seconds")
     max_seconds: float | None = Field(None, gt=0, description="wall-time budget for adapting")
+    selection_score: Literal["mixval", "im"] = Field(
+        "mixval",
+        description="label-free score that picks model_selected.safetensors among the evaluations and "
+        "is compared with the source model's: 'mixval' (inter-cluster MixVal, Hu et al. 2023) or 'im' "
+        "(information maximisation, SHOT-IM's objective, which favours their last epoch)",
+    )
     engine: EngineConfig = EngineConfig()
 
 

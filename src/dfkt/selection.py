@@ -6,9 +6,9 @@ share of equal arg-max predictions) on a fixed set of synthetic images it never 
 most agreeing weights are kept. The best-on-test student stays in reports only as a labelled oracle.
 
 Adaptation: no labels on the target either, and no teacher. At every evaluation (by default each
-epoch) the adapted model is scored on the unlabelled target images it adapts on by
-:func:`information_maximization_score`, the weights with the highest score are kept, and the source
-model's own score is the bar an adapted model should clear.
+epoch) the adapted model is scored on the unlabelled target images it adapts on by one of
+:data:`TARGET_SCORES` (by default :func:`mixval_score`), the weights with the highest score are kept,
+and the source model's own score is the bar an adapted model should clear.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -123,21 +124,83 @@ def information_maximization_score(probs: Tensor) -> float:
     return float((entropy(p.mean(dim=0)) - entropy(p).mean()) / math.log(k))
 
 
-SCORE_NAME = "information maximisation (IM)"
-SCORE_CRITERION = (
-    "IM = (H(mean_i p_i) - mean_i H(p_i)) / ln K of the softmax outputs on the adapted target "
-    "images (no labels); higher is better"
-)
-CHUNK = 1000
+CHUNK = 1000  # images per forward pass when scoring
+MIXVAL_LAMBDA = 0.55
+
+
+@torch.no_grad()
+def mixval_score(
+    predict: Callable[[Tensor], Tensor], images: Tensor, probs: Tensor, lam: float = MIXVAL_LAMBDA
+) -> float:
+    """Label-free score of a classifier on unlabelled target ``images`` (N×C×H×W), given its softmax
+    outputs ``probs`` (N×K) on them and ``predict`` (images -> logits), higher is better, in [0, 1]:
+    the inter-cluster MixVal score of Hu, Liang, Liew, Xue, Bai & Wang, "Mixed Samples as Probes for
+    Unsupervised Model Selection in Domain Adaptation" (NeurIPS 2023).
+
+    Every image a is paired with one other, b (a fixed shuffled order against its reverse, so each
+    image is once a and once b; the authors flip each shuffled batch of 128 instead). Over the pairs
+    whose predicted classes ŷ = argmax p differ (ŷ_a ≠ ŷ_b),
+
+        MixVal = mean[ argmax f(λ·x_a + (1−λ)·x_b) = ŷ_a ],   λ = 0.55,
+
+    the share of mixed images the model gives the class of the image that dominates them (the
+    authors' one-hot pseudo-labels mixed with λ > 1/2). A model whose decision boundary runs between
+    its own clusters (the cluster assumption that adaptation relies on) scores high; one whose
+    confident clusters cut through the data scores low. Unlike information maximisation it is not the
+    quantity SHOT/SHOT-IM maximise, so their later, more confident epochs do not win by construction.
+    A model that predicts one class for everything has no pair to score and gets 0 (dfkt's convention).
+    """
+    if probs.shape[0] != images.shape[0] or probs.shape[0] == 0:
+        raise ValueError(f"need one probability row per image, got {tuple(probs.shape)} for {len(images)} images")
+    if not 0.5 < lam < 1:
+        raise ValueError(f"lam must be in (0.5, 1) so that the first image dominates the mix, got {lam}")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).to(images.device)
+    a, b = order, order.flip(0)
+    pseudo = probs.argmax(dim=1).to(images.device)
+    inter = pseudo[a] != pseudo[b]
+    if not inter.any():
+        return 0.0
+    a, b = a[inter], b[inter]
+    hits = 0
+    for start in range(0, len(a), CHUNK):
+        ia, ib = a[start : start + CHUNK], b[start : start + CHUNK]
+        predicted = predict(lam * images[ia].float() + (1 - lam) * images[ib].float()).argmax(dim=1)
+        hits += int((predicted == pseudo[ia]).sum())
+    return hits / len(a)
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """A label-free score of an adapted model: ``fn(predict, images, probs)``, higher is better."""
+
+    name: str
+    criterion: str
+    fn: Callable[[Callable[[Tensor], Tensor], Tensor, Tensor], float]
+
+
+TARGET_SCORES = {
+    "mixval": TargetScore(
+        "MixVal (inter-cluster)",
+        "share of mixed target images 0.55·x_a + 0.45·x_b (pairs of different predicted classes) the model "
+        "assigns to x_a's predicted class, on the adapted target images (no labels); higher is better",
+        mixval_score,
+    ),
+    "im": TargetScore(
+        "information maximisation (IM)",
+        "IM = (H(mean_i p_i) - mean_i H(p_i)) / ln K of the softmax outputs on the adapted target "
+        "images (no labels); higher is better",
+        lambda predict, images, probs: information_maximization_score(probs),
+    ),
+}
 
 
 class TargetScoreSelection:
     """Keeps, in ``state`` (so the checkpoint carries it), the adapted weights of ``model`` with the
-    highest :func:`information_maximization_score` on the unlabelled target ``images`` seen so far;
+    highest ``score`` (a :class:`TargetScore`) on the unlabelled target ``images`` seen so far;
     ``score(net)`` scores any model (e.g. the source model) the same way."""
 
-    def __init__(self, state: TrainState, model: nn.Module, images: Tensor, engine: Engine):
-        self.state, self.model, self.images, self.engine = state, model, images, engine
+    def __init__(self, state: TrainState, model: nn.Module, images: Tensor, engine: Engine, score: TargetScore):
+        self.state, self.model, self.images, self.engine, self.target_score = state, model, images, engine, score
         state.keep("selected_model", copy.deepcopy(model).requires_grad_(False))
         state.keep("selection.score", torch.tensor(-1.0, dtype=torch.float64))
         state.keep("selection.updates", torch.tensor(0))
@@ -146,11 +209,15 @@ class TargetScoreSelection:
     @torch.no_grad()
     def score(self, net: nn.Module) -> float:
         """The score of ``net`` in eval mode (BatchNorm running statistics, no dropout) and fp32."""
-        probs = []
         with self.engine.eval_mode(net), torch.autocast(self.engine.device.type, enabled=False):
-            for start in range(0, len(self.images), CHUNK):
-                probs.append(F.softmax(net(self.images[start : start + CHUNK].float()).float(), dim=1))
-        return information_maximization_score(torch.cat(probs))
+
+            def predict(images: Tensor) -> Tensor:
+                return net(images.float()).float()
+
+            probs = torch.cat(
+                [F.softmax(predict(self.images[i : i + CHUNK]), dim=1) for i in range(0, len(self.images), CHUNK)]
+            )
+            return self.target_score.fn(predict, self.images, probs)
 
     def update(self) -> float:
         """Score the adapted model now; keep its weights if they score best so far."""

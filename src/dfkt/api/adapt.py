@@ -22,7 +22,7 @@ from dfkt.engine import Engine, RunResult
 from dfkt.errors import ConfigError
 from dfkt.models.files import ModelInfo, load_model, model_path, model_sha256, read_info
 from dfkt.registry import ADAPT_METHODS
-from dfkt.selection import SCORE_CRITERION, SCORE_NAME, TargetScoreSelection
+from dfkt.selection import TARGET_SCORES, TargetScoreSelection
 from dfkt.sfda.base import AdaptSetup
 from dfkt.supervised import evaluate_model
 
@@ -126,7 +126,7 @@ def adapt(
     and on the second (inductive). Labels are used only to score.
 
     At every evaluation (by default after each epoch) the adapted model gets a label-free score on the
-    adapted half (``dfkt.selection.information_maximization_score``); the best-scoring weights are
+    adapted half (``selection_score``: by default ``dfkt.selection.mixval_score``); the best-scoring weights are
     written as ``model_selected.safetensors`` beside the final ``model.safetensors``, and a warning
     (in ``summary["warnings"]``) says when the final or the selected model scores below the source
     model.
@@ -164,7 +164,8 @@ class Adaptation:
             engine.prepare(self.model, trainable=True), engine.to_device(self.images[self.adapted_half]), engine
         )
         self.runner = ADAPT_METHODS.get(cfg.method)(self.method_cfg, self.setup)
-        self.selection = TargetScoreSelection(self.runner, self.model, self.setup.images, engine)
+        self.target_score = TARGET_SCORES[cfg.selection_score]
+        self.selection = TargetScoreSelection(self.runner, self.model, self.setup.images, engine, self.target_score)
         self.source_score = self.selection.score(self.source_model)
         self.steps_per_epoch = self.runner.steps_per_epoch
 
@@ -250,13 +251,13 @@ class Adaptation:
                 "epoch": None if chosen is None else chosen["epoch"],
             },
             "selection": {
-                "score": SCORE_NAME,
-                "criterion": SCORE_CRITERION,
+                "score": self.target_score.name,
+                "criterion": self.target_score.criterion,
                 "file": "model_selected.safetensors",
                 "note": "the evaluation (by default each epoch) with the highest score; the final "
                 "weights when there was none",
             },
-            "warnings": adaptation_warnings(self.source_score, final_score, selected_score),
+            "warnings": adaptation_warnings(self.target_score.name, self.source_score, final_score, selected_score),
             "seconds": {
                 "adapt": sum(result.seconds.values()),
                 "evaluation": result.evaluation_seconds,
@@ -273,19 +274,19 @@ class Adaptation:
         )
 
 
-def adaptation_warnings(source_score: float, final_score: float, selected_score: float) -> list[str]:
+def adaptation_warnings(score_name: str, source_score: float, final_score: float, selected_score: float) -> list[str]:
     """At most one line: when the label-free score says the adapted model (final, or also the selected
     one) is worse than the source model."""
     if final_score >= source_score and selected_score >= source_score:
         return []
     if selected_score < source_score:
         return [
-            f"the label-free score ({SCORE_NAME}) says adapting made the model worse than the source model "
+            f"the label-free score ({score_name}) says adapting made the model worse than the source model "
             f"(source {source_score:.3f}, final {final_score:.3f}, best epoch {selected_score:.3f}): keep the "
             "source model, or try another method or setting"
         ]
     return [
-        f"the label-free score ({SCORE_NAME}) says the final adapted model is worse than the source model "
+        f"the label-free score ({score_name}) says the final adapted model is worse than the source model "
         f"(source {source_score:.3f}, final {final_score:.3f}); model_selected.safetensors scores "
         f"{selected_score:.3f}: use it"
     ]

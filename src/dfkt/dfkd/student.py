@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, field_validator
-from torch import Tensor
+from torch import Tensor, nn
 
 from dfkt import losses
 from dfkt.config import StrictModel
@@ -85,6 +85,17 @@ class StudentTrainingConfig(StrictModel):
         "side)",
     )
 
+    adversarial_steps: int = Field(
+        0,
+        ge=0,
+        description="signed-gradient steps that move a share of each student batch to where the student "
+        "disagrees with the teacher (ascent on KL(T‖S)), then relabelled by the teacher; 0: off",
+    )
+    adversarial_step_size: float = Field(
+        0.1, gt=0, description="each adversarial step moves every pixel by this much, in the teacher's normalised units"
+    )
+    adversarial_share: float = Field(0.5, gt=0, le=1, description="share of each student batch moved so")
+
     @field_validator("augment", mode="before")
     @classmethod
     def _augment_flag(cls, value):
@@ -93,6 +104,35 @@ class StudentTrainingConfig(StrictModel):
         if isinstance(value, str):  # --set params.augment=shift,mixup
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+
+def disagreement_ascent(
+    images: Tensor,
+    teacher: nn.Module,
+    student: nn.Module,
+    steps: int,
+    step_size: float,
+    pixel_range: tuple[Tensor, Tensor] | None,
+) -> Tensor:
+    """``images`` moved towards where ``student`` disagrees with ``teacher``, by ``steps`` signed-gradient
+    ascent steps on the per-sample KL divergence (projected gradient ascent, Madry et al. 2018, with KD's
+    divergence in place of the classification loss):
+
+        x_{k+1} = clip(x_k + α · sign(∇_x KL(softmax T(x_k) ‖ softmax S(x_k)))),
+
+    clipped to ``pixel_range`` (the teacher's input domain) when known. Samples near the teacher's
+    decision boundaries, which a pool of confident class templates lacks, are what the student most
+    needs to copy the teacher; the caller lets the teacher label the result. Only the images get
+    gradients: the networks' weights and their ``.grad`` are untouched. Modes are the caller's."""
+    x = images.detach()
+    for _ in range(steps):
+        x.requires_grad_(True)
+        kl = losses.kl_per_sample(teacher(x), student(x)).sum()
+        (grad,) = torch.autograd.grad(kl, x)
+        x = (x + step_size * grad.sign()).detach()
+        if pixel_range is not None:
+            x = torch.maximum(torch.minimum(x, pixel_range[1]), pixel_range[0])
+    return x
 
 
 class StudentTrainer:
@@ -138,8 +178,8 @@ class StudentTrainer:
         setup = method.setup
         self.augmentations = [k for k in AUGMENTATIONS if k in cfg.augment and (k != "flip" or setup.mirror_safe)]
         # What a shifted or rotated image is padded with: black, in the teacher's normalised units.
-        pixel_range = setup.pixel_range()
-        self.fill = None if pixel_range is None else pixel_range[0]
+        self.pixel_range = setup.pixel_range()
+        self.fill = None if self.pixel_range is None else self.pixel_range[0]
 
     def lr_factor(self) -> float:
         """The student's current lr over its initial one: what its schedule has done so far (a generator whose lr
@@ -183,12 +223,30 @@ class StudentTrainer:
                 ),
                 None,
             )
+        if self.cfg.adversarial_steps:
+            images, logits = self.adversarial(images), None
         if logits is None:
             with torch.no_grad():
                 logits = self.method.teacher(images)
         if self.first_batch_sha256 is None:
             self.first_batch_sha256 = hashlib.sha256(images.detach().float().cpu().numpy().tobytes()).hexdigest()
         return images, logits
+
+    def adversarial(self, images: Tensor) -> Tensor:
+        """The first ``adversarial_share`` of the batch moved by :func:`disagreement_ascent`; the student
+        judges as in the adversarial synthesis terms (eval mode, no gradients for its weights)."""
+        cfg, method = self.cfg, self.method
+        moved = max(1, round(cfg.adversarial_share * len(images)))
+        with method.student_as_judge(), torch.enable_grad():
+            hard = disagreement_ascent(
+                images[:moved],
+                method.teacher,
+                method.student,
+                cfg.adversarial_steps,
+                cfg.adversarial_step_size,
+                self.pixel_range,
+            )
+        return torch.cat([hard, images[moved:]])
 
     def step(self, i: int) -> dict[str, Tensor | float]:
         if (

@@ -66,9 +66,11 @@ def _curve_figures(run: Path, summary: dict, out: Path, tag: str) -> list[tuple[
             key = "test_acc" if "test_acc" in curve[0] else "adapted_acc"
             shown = [e[key] for e in curve]
             ax.plot(x, shown, marker=".", label=f"{key} (test labels: for the report only)")
+            selection = summary.get("selection")  # train-source writes a sentence here; adapt, a mapping
+            score = selection.get("score") if isinstance(selection, dict) else None
             for name, what in (
                 ("teacher_agreement", "teacher agreement on held-out synthetic images (label-free)"),
-                ("label_free_score", "information maximisation on the target (label-free)"),
+                ("label_free_score", f"{score or 'label-free score'} on the target (label-free)"),
             ):
                 values = [e.get(name) for e in curve]
                 if any(v is not None for v in values):
