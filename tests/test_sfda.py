@@ -349,6 +349,10 @@ def test_mixval_score_by_hand():
     # a = 1, b = -3: 0.55 - 1.35 < 0, class 0 against a's 1 (miss); a = -3, b = 1: -1.2, class 0 (hit)
     assert score(1.0, -3.0) == 0.5
     assert score(1.0, 2.0, 3.0) == 0.0  # one predicted class for everything: no pair to score
+    # Nearly collapsed: of the 10 pairs only the 2 with the one negative image cross the boundary; a = -0.1,
+    # b = 1 mixes to +0.395, class 1 (miss); a = 1, b = -0.1 keeps class 1 (hit). Pairs within a class
+    # count as misses, so 1/10 (over the crossing pairs alone it would be 1/2).
+    assert score(*[1.0] * 9, -0.1) == pytest.approx(0.1)
 
 
 class RuinConfig(OfflineConfig):

@@ -182,7 +182,7 @@ class AdaptRunConfig(StrictModel):
     selection_score: Literal["mixval", "im"] = Field(
         "mixval",
         description="label-free score that picks model_selected.safetensors among the evaluations and "
-        "is compared with the source model's: 'mixval' (inter-cluster MixVal, Hu et al. 2023) or 'im' "
+        "is compared with the source model's: 'mixval' (inter-cluster MixVal, Hu et al. 2023, over all pairs) or 'im' "
         "(information maximisation, SHOT-IM's objective, which favours their last epoch)",
     )
     engine: EngineConfig = EngineConfig()
