@@ -15,6 +15,7 @@ from dfkt.config import EngineConfig
 from dfkt.data.augment import augment_batch, mirror_safe
 from dfkt.dfkd.base import DistillSetup
 from dfkt.dfkd.rdskd import RDSKD, RDSKDConfig
+from dfkt.dfkd.student import disagreement_ascent
 from dfkt.engine import Engine, Stage
 from dfkt.engine import engine as engine_module
 from dfkt.engine.state import TrainState
@@ -138,6 +139,9 @@ def test_adversarial_samples_raise_the_disagreement_stay_in_range_and_leave_weig
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in weights.items())
     low, high = trainer.pixel_range
     assert (moved >= low - 1e-6).all() and (moved <= high + 1e-6).all()
+    with method.student_as_judge():  # 1.5 units in all: more than most pixels' margin to the range's edge
+        far = disagreement_ascent(clean, teacher, student, 3, 0.5, trainer.pixel_range)
+    assert (far >= low - 1e-6).all() and (far <= high + 1e-6).all()
     assert torch.equal(moved[8:], clean[8:]) and not torch.equal(moved[:8], clean[:8])  # half of the batch
     with torch.no_grad():
         before = losses.kl_per_sample(teacher(clean[:8]), student(clean[:8]))
