@@ -113,6 +113,7 @@ def disagreement_ascent(
     steps: int,
     step_size: float,
     pixel_range: tuple[Tensor, Tensor] | None,
+    gradient: Callable[[Tensor, Tensor], Tensor] = lambda loss, x: torch.autograd.grad(loss, x)[0],
 ) -> Tensor:
     """``images`` moved towards where ``student`` disagrees with ``teacher``, by ``steps`` signed-gradient
     ascent steps on the per-sample KL divergence (projected gradient ascent, Madry et al. 2018, with KD's
@@ -123,13 +124,13 @@ def disagreement_ascent(
     clipped to ``pixel_range`` (the teacher's input domain) when known. Samples near the teacher's
     decision boundaries, which a pool of confident class templates lacks, are what the student most
     needs to copy the teacher; the caller lets the teacher label the result. Only the images get
-    gradients: the networks' weights and their ``.grad`` are untouched. Modes are the caller's."""
+    gradients: the networks' weights and their ``.grad`` are untouched. Modes are the caller's. ``gradient(loss,
+    x)`` gives ∂loss/∂x (in a run: :meth:`dfkt.engine.Engine.input_gradient`, which mixed precision needs)."""
     x = images.detach()
     for _ in range(steps):
         x.requires_grad_(True)
         kl = losses.kl_per_sample(teacher(x), student(x)).sum()
-        (grad,) = torch.autograd.grad(kl, x)
-        x = (x + step_size * grad.sign()).detach()
+        x = (x + step_size * gradient(kl, x).sign()).detach()
         if pixel_range is not None:
             x = torch.maximum(torch.minimum(x, pixel_range[1]), pixel_range[0])
     return x
@@ -245,6 +246,7 @@ class StudentTrainer:
                 cfg.adversarial_steps,
                 cfg.adversarial_step_size,
                 self.pixel_range,
+                method.engine.input_gradient,
             )
         return torch.cat([hard, images[moved:]])
 

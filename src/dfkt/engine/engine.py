@@ -252,6 +252,17 @@ class Engine:
             self.sections[section] = self.sections.get(section, 0.0) + time.perf_counter() - started
 
     # -- optimisation -----------------------------------------------------------------------
+    def input_gradient(self, loss: Tensor, inputs: Tensor) -> Tensor:
+        """∂loss/∂inputs for a leaf ``inputs`` that requires grad. Through Fabric's backward: its wrapped
+        modules refuse a bare ``torch.autograd.grad`` under mixed precision. A loss scaler's factor (16-mixed)
+        is divided out. Weights that require grad get ``.grad`` too: callers freeze what must stay clean."""
+        inputs.grad = None
+        self.fabric.backward(loss)
+        grad = inputs.grad
+        inputs.grad = None
+        scaler = getattr(self.fabric.strategy.precision, "scaler", None)
+        return grad / scaler.get_scale() if scaler is not None else grad
+
     def optimize(
         self, loss: Tensor, optimizer: torch.optim.Optimizer, what: str = "loss", clip_norm: float | None = None
     ) -> None:
