@@ -193,13 +193,14 @@ def test_collapse_is_reported_with_the_fix(digits_teacher, tmp_path, capsys):
     assert summary["warnings"] and "mode collapse" in summary["warnings"][0]
 
 
-@pytest.mark.parametrize("method", ["deepinversion", "fast"])
-def test_pool_and_bn_ema_resume_exactly(method, digits_teacher, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, extra", [("deepinversion", {}), ("fast", {}), ("deepinversion", {"average_decay": 0.99})])
+def test_pool_and_bn_ema_resume_exactly(method, extra, digits_teacher, tmp_path, monkeypatch):
     """Stopped by its time budget and resumed, a pool method ends bit-identical to an uninterrupted run:
-    the pool (images that cannot be redrawn) and Fast's BatchNorm EMA come back from the checkpoint."""
+    the pool (images that cannot be redrawn), Fast's BatchNorm EMA and the student's weight average come
+    back from the checkpoint."""
     from safetensors.torch import load_file
 
-    settings = overrides(method, student_steps_per_epoch=240) + ["engine.deterministic=true"]
+    settings = overrides(method, student_steps_per_epoch=240, **extra) + ["engine.deterministic=true"]
     fake_clock(monkeypatch, per_read=0.001)  # the budget falls on the same step whatever the machine's load
     whole = dfkt.distill(method, digits_teacher, preset="cpu", overrides=settings, out=tmp_path / "whole")
     part = dfkt.distill(
@@ -215,6 +216,38 @@ def test_pool_and_bn_ema_resume_exactly(method, digits_teacher, tmp_path, monkey
     assert not resumed["stopped_by_budget"] and resumed["student_acc"] == whole["student_acc"]
     a, b = load_file(tmp_path / "whole/student.safetensors"), load_file(tmp_path / "part/student.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_student_weight_average_is_what_is_tested_selected_and_saved(digits_teacher, tmp_path):
+    """With ``average_decay`` the run keeps an exponential moving average of the student's weights (warm-up
+    d_i = min(decay, (1 + i)/(10 + i))), and it, not the last trained weights, is tested and saved."""
+    from safetensors.torch import load_file
+
+    runner = make_method("deepinversion", digits_teacher, average_decay=0.9)
+    stage, trainer = runner.stages()[-1], runner.student_trainer
+    assert runner.evaluated_student() is trainer.average
+    expected = {k: v.clone() for k, v in trainer.trained.state_dict().items()}
+    for i in range(25):
+        stage.step(i)
+        d = min(0.9, (1 + i) / (10 + i))
+        expected = {
+            k: d * expected[k] + (1 - d) * v if v.is_floating_point() else v.clone()  # BatchNorm's step count
+            for k, v in trainer.trained.state_dict().items()
+        }
+    average = trainer.average.state_dict()
+    assert all(torch.allclose(average[k], expected[k], atol=1e-6) for k in expected)
+    assert changed(weights(trainer.trained), {k: average[k] for k in weights(trainer.trained)})
+    plain = make_method("deepinversion", digits_teacher)
+    assert plain.student_trainer.average is None and plain.evaluated_student() is plain.student_trainer.trained
+
+    summary = dfkt.distill(
+        "deepinversion", digits_teacher, preset="cpu", overrides=overrides("deepinversion", average_decay=0.9), out=tmp_path
+    )
+    saved = load_file(tmp_path / "student.safetensors")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["modules"]
+    assert all(torch.equal(saved[k], state["student_average"][k]) for k in saved)
+    assert any(not torch.equal(saved[k], state["student"][k]) for k in saved)
+    assert summary["curve"][-1]["test_acc"] == summary["student_acc"]
 
 
 @pytest.mark.parametrize("refresh", [0, 16])

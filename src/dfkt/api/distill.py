@@ -124,8 +124,9 @@ class Distillation:
             mirror_safe(info.dataset),
         )
         self.runner = METHODS.get(cfg.method)(self.method_cfg, self.setup)
+        self.evaluated = self.runner.evaluated_student()  # the student, or the average of its weights
         self.selection = TeacherAgreementSelection(
-            self.runner, self.student, self.teacher, engine, self.runner.validation_samples
+            self.runner, self.evaluated, self.teacher, engine, self.runner.validation_samples
         )
         self.test_images = normalized(loaded.dataset.test_images, info)
         settings = {
@@ -143,7 +144,7 @@ class Distillation:
             self.stages,
             settings,
             lambda: {
-                "test_acc": self.test_acc(engine, self.setup.student),
+                "test_acc": self.test_acc(engine, self.evaluated),
                 "teacher_agreement": self.selection.update(),
             },
             cfg.eval_every,
@@ -166,7 +167,7 @@ class Distillation:
                 f"the time budget ({cfg.max_seconds:g} s) ran out before the {self.stages[-1].name} "
                 f"stage began; continue with --resume --out {engine.run_dir} and a larger --max-seconds"
             )
-        final = self.evaluate(engine, self.setup.student)
+        final = self.evaluate(engine, self.evaluated)
         selected = selection.chosen
         report = self.runner.report()
         samples, warnings = _sample_diagnostics(
@@ -233,7 +234,7 @@ class Distillation:
                 engine.run_dir,
                 self.resume,
             )
-        weights = {"student.safetensors": (self.student, self.student_info)}
+        weights = {"student.safetensors": (self.evaluated, self.student_info)}
         if selected is not None:
             weights["student_selected.safetensors"] = (selected, self.student_info)
         return Outcome(summary, weights)

@@ -229,6 +229,12 @@ class DistillMethod(TrainState):
         not yet enough): new draws from the generator; pool methods hold some of their batches out."""
         return self.samples(n, stream="validation_samples")
 
+    def evaluated_student(self) -> nn.Module:
+        """What is tested, selected and saved: the average of the student's weights when the run keeps one
+        (``average_decay``), else the student as trained (the module itself, not Fabric's wrapper)."""
+        trainer = self.student_trainer
+        return trainer.trained if trainer.average is None else trainer.average
+
     @contextlib.contextmanager
     def student_as_judge(self, eval_mode: bool = True) -> Iterator[None]:
         """The student scores synthetic images (adversarial terms): no gradients for its weights,

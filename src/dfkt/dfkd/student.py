@@ -10,6 +10,7 @@ when the source has them. A flip is only applied to data declared mirror-safe (n
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Callable
@@ -85,6 +86,14 @@ class StudentTrainingConfig(StrictModel):
         "side)",
     )
 
+    average_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="evaluate, select and save an exponential moving average of the student's weights "
+        "(Polyak averaging), updated after every step with this decay (0.999: about the last 1,000 steps); "
+        "none: the weights as trained",
+    )
     adversarial_steps: int = Field(
         0,
         ge=0,
@@ -173,6 +182,12 @@ class StudentTrainer:
             milestones = [m * cfg.student_steps_per_epoch for m in cfg.lr_milestones]
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, cfg.lr_gamma)
         method.keep("student", self.optimizer, self.scheduler, engine.rng("student"))
+        # The trained module itself: Fabric's wrapper keeps it as ``.module``.
+        self.trained = getattr(method.student, "module", method.student)
+        self.average: nn.Module | None = None
+        if cfg.average_decay is not None:
+            self.average = copy.deepcopy(self.trained).requires_grad_(False).eval()
+            method.keep("student_average", self.average)
         self.last_synthesis: dict[str, Tensor | float] = {}
         # Of the first batch this process trains on: ranks must each see their own data.
         self.first_batch_sha256: str | None = None
@@ -250,6 +265,18 @@ class StudentTrainer:
             )
         return torch.cat([hard, images[moved:]])
 
+    @torch.no_grad()
+    def update_average(self, i: int) -> None:
+        """average ← d·average + (1 − d)·student, with d = min(decay, (1 + i)/(10 + i)) so that the first
+        steps' averages are not held at the random initialisation (the warm-up of TensorFlow's
+        ExponentialMovingAverage). Integer buffers (BatchNorm's step count) are copied."""
+        decay = min(self.cfg.average_decay, (1 + i) / (10 + i))
+        for mean, now in zip(self.average.state_dict().values(), self.trained.state_dict().values()):
+            if mean.is_floating_point():
+                mean.lerp_(now, 1 - decay)
+            else:
+                mean.copy_(now)
+
     def step(self, i: int) -> dict[str, Tensor | float]:
         if (
             self.synthesize_every
@@ -264,5 +291,7 @@ class StudentTrainer:
         terms = self.loss(self.method.student(images), teacher_logits, images)
         self.method.engine.optimize(terms["loss"], self.optimizer, "student loss", self.cfg.student_clip_norm)
         self.scheduler.step()
+        if self.average is not None:
+            self.update_average(i)
         values.update({f"s_{k}" if k == "loss" else k: v for k, v in terms.items()})
         return values
