@@ -193,7 +193,9 @@ def test_collapse_is_reported_with_the_fix(digits_teacher, tmp_path, capsys):
     assert summary["warnings"] and "mode collapse" in summary["warnings"][0]
 
 
-@pytest.mark.parametrize("method, extra", [("deepinversion", {}), ("fast", {}), ("deepinversion", {"average_decay": 0.99})])
+@pytest.mark.parametrize(
+    "method, extra", [("deepinversion", {}), ("fast", {}), ("deepinversion", {"average_decay": 0.99})]
+)
 def test_pool_and_bn_ema_resume_exactly(method, extra, digits_teacher, tmp_path, monkeypatch):
     """Stopped by its time budget and resumed, a pool method ends bit-identical to an uninterrupted run:
     the pool (images that cannot be redrawn), Fast's BatchNorm EMA and the student's weight average come
@@ -241,7 +243,11 @@ def test_the_student_weight_average_is_what_is_tested_selected_and_saved(digits_
     assert plain.student_trainer.average is None and plain.evaluated_student() is plain.student_trainer.trained
 
     summary = dfkt.distill(
-        "deepinversion", digits_teacher, preset="cpu", overrides=overrides("deepinversion", average_decay=0.9), out=tmp_path
+        "deepinversion",
+        digits_teacher,
+        preset="cpu",
+        overrides=overrides("deepinversion", average_decay=0.9),
+        out=tmp_path,
     )
     saved = load_file(tmp_path / "student.safetensors")
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["modules"]
