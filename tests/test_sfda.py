@@ -12,6 +12,7 @@ import dfkt
 from dfkt.cli import main
 from dfkt.config import EngineConfig
 from dfkt.engine import Engine
+from dfkt.errors import DfktError
 from dfkt.models.files import load_model
 from dfkt.registry import ADAPT_METHODS
 from dfkt.selection import TARGET_SCORES
@@ -131,6 +132,16 @@ def test_adaptation_resumes_exactly_with_its_banks(digits_source, tmp_path, monk
         max_seconds=whole["seconds"]["adapt"] / 3,
     )
     assert part["stopped_by_budget"] and 0 < part["curve"][-1]["epoch"] < 6  # stopped inside the run
+    with pytest.raises(DfktError, match="differs from the saved run in selection_score"):  # best so far is mixval's
+        dfkt.adapt(
+            "nrc",
+            digits_source,
+            "digits-c:rotate:3",
+            overrides=settings,
+            out=tmp_path / "part",
+            resume=True,
+            selection_score="im",
+        )
     dfkt.adapt("nrc", digits_source, "digits-c:rotate:3", overrides=settings, out=tmp_path / "part", resume=True)
     for name in ("model", "model_selected"):  # the selection's state is in the checkpoint too
         a, b = load_file(tmp_path / f"whole/{name}.safetensors"), load_file(tmp_path / f"part/{name}.safetensors")

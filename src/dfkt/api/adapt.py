@@ -184,6 +184,7 @@ class Adaptation:
             "method_params": self.method_cfg.model_dump(mode="json"),
             "target": self.target_name,
             "split_seed": cfg.split_seed,
+            "selection_score": cfg.selection_score,  # a resume must not compare scores of two kinds
             "source_sha256": model_sha256(self.source_path),
             **engine.fingerprint(),
         }
