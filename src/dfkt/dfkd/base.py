@@ -107,7 +107,14 @@ class PixelInversionFields(StrictModel):
     )
     start: Start = Field(
         "noise",
-        description="noise: pixels start as N(0, 1), the authors'; dark: at black plus N(0, 0.1²) noise (needs clamp)",
+        description="noise: pixels start as N(0, 1), the authors'; dark: at black plus N(0, start_noise²) noise "
+        "(needs clamp)",
+    )
+    start_noise: float = Field(
+        0.1,
+        ge=0,
+        description="start=dark: the std of the noise added to black, in normalised units (larger: images of one "
+        "class start, and end, further apart)",
     )
     resolution: int | None = Field(
         None,

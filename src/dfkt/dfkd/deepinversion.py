@@ -98,6 +98,7 @@ class DeepInversion(PooledMethod):
             cfg.start,
             cfg.inverted_side(setup.image_size),
             cfg.standardise,
+            cfg.start_noise,
         )
 
     def random_labels(self, n: int, rng: torch.Generator) -> Tensor:

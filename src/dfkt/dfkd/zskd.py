@@ -116,6 +116,7 @@ class ZSKD(PooledMethod):
             start=cfg.start,
             resolution=cfg.inverted_side(setup.image_size),
             standardise=cfg.standardise,
+            start_noise=cfg.start_noise,
         )
 
     def soft_targets(self, n: int, rng: torch.Generator) -> Tensor:

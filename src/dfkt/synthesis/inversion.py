@@ -46,8 +46,8 @@ class PixelInversion:
     authors' code clips to valid images.
 
     Two departures from the authors, for short budgets (dfkt's; benchmarks/analysis/batchnorm_pairs.md):
-    ``start="dark"`` starts every pixel at black (the low end of ``pixel_range``) plus N(0, 0.1²) noise
-    instead of N(0, 1); ``resolution=r`` optimises r×r images, bilinearly upsampled to the teacher's size,
+    ``start="dark"`` starts every pixel at black (the low end of ``pixel_range``) plus N(0, σ²) noise
+    (σ = ``start_noise``, 0.1 by default) instead of N(0, 1); ``resolution=r`` optimises r×r images, bilinearly upsampled to the teacher's size,
     so they are smooth from the first step. Both keep a few dozen steps from leaving the images as
     high-contrast noise. ``standardise=True`` rescales every finished batch, per channel, to mean 0 and
     variance 1 and clamps it again: the teacher's input normalisation gives real batches these statistics,
@@ -73,6 +73,7 @@ class PixelInversion:
         start: Start = "noise",
         resolution: int | None = None,
         standardise: bool = False,
+        start_noise: float = 0.1,
     ):
         if start == "dark" and pixel_range is None:
             raise ConfigError(
@@ -91,13 +92,14 @@ class PixelInversion:
         self.shape, self.batch, self.iterations = shape, batch, iterations
         self.lr, self.betas, self.max_shift, self.flip = lr, betas, max_shift, flip
         self.pixel_range, self.start, self.standardise = pixel_range, start, standardise
+        self.start_noise = start_noise
         self.latent_shape = (shape[0], resolution, resolution) if resolution else shape
         self.rng = engine.rng("inversion")
         state.keep("inversion", self.rng)
 
     def initial_latent(self) -> Tensor:
         noise = torch.randn((self.batch, *self.latent_shape), device=self.engine.device, generator=self.rng)
-        return noise if self.start == "noise" else self.pixel_range[0] + 0.1 * noise
+        return noise if self.start == "noise" else self.pixel_range[0] + self.start_noise * noise
 
     def to_images(self, latent: Tensor) -> Tensor:
         """The optimised tensor as teacher-sized images (bilinear: a convex mix, so clamped stays clamped)."""
