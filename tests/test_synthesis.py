@@ -161,6 +161,11 @@ def test_pixel_inversion_can_start_dark_and_optimise_smooth_low_resolution_image
     coarse = torch.linalg.lstsq(basis.view(4, 64).T, images.view(4, 64).T).solution
     assert torch.allclose((basis.view(4, 64).T @ coarse).T, images.view(4, 64), atol=1e-5)
     assert images.min() >= -0.8 - 1e-6 and images.max() <= 2.0 + 1e-6
+    for sigma in (0.1, 1.0):  # start_noise: how far apart a dark start puts the images
+        inversion.start_noise = sigma
+        start = inversion.initial_latent()
+        assert start.mean().item() == pytest.approx(-0.8, abs=0.6 * sigma)
+        assert start.std().item() == pytest.approx(sigma, rel=0.5)
     with pytest.raises(ConfigError, match="start=dark"):
         PixelInversion(
             state,

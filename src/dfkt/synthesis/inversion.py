@@ -46,12 +46,12 @@ class PixelInversion:
     authors' code clips to valid images.
 
     Two departures from the authors, for short budgets (dfkt's; benchmarks/analysis/batchnorm_pairs.md):
-    ``start="dark"`` starts every pixel at black (the low end of ``pixel_range``) plus N(0, σ²) noise
-    (σ = ``start_noise``, 0.1 by default) instead of N(0, 1); ``resolution=r`` optimises r×r images, bilinearly upsampled to the teacher's size,
-    so they are smooth from the first step. Both keep a few dozen steps from leaving the images as
-    high-contrast noise. ``standardise=True`` rescales every finished batch, per channel, to mean 0 and
-    variance 1 and clamps it again: the teacher's input normalisation gives real batches these statistics,
-    and a few dozen steps from black leave them dim (pixel std ~0.34 on a WRN-16-2), which trains the
+    ``start="dark"`` starts every pixel at black (the low end of ``pixel_range``) plus N(0, σ²) noise (σ =
+    ``start_noise``, 0.1 by default) instead of N(0, 1); ``resolution=r`` optimises r×r images, bilinearly
+    upsampled to the teacher's size, so they are smooth from the first step. Both keep a few dozen steps from
+    leaving the images as high-contrast noise. ``standardise=True`` rescales every finished batch, per channel, to
+    mean 0 and variance 1 and clamps it again: the teacher's input normalisation gives real batches these
+    statistics, and a few dozen steps from black leave them dim (pixel std ~0.34 on a WRN-16-2), which trains the
     student's BatchNorm statistics on the wrong scale."""
 
     def __init__(
