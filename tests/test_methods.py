@@ -239,7 +239,7 @@ def test_the_student_weight_average_is_what_is_tested_selected_and_saved(digits_
     average = trainer.average.state_dict()
     assert all(torch.allclose(average[k], expected[k], atol=1e-6) for k in expected)
     assert changed(weights(trainer.trained), {k: average[k] for k in weights(trainer.trained)})
-    plain = make_method("deepinversion", digits_teacher)
+    plain = make_method("deepinversion", digits_teacher, average_decay=None)
     assert plain.student_trainer.average is None and plain.evaluated_student() is plain.student_trainer.trained
 
     summary = dfkt.distill(

@@ -46,6 +46,10 @@ class DeepInversionConfig(PooledConfig, BNPriorFields, PixelInversionFields):
 # Cutmix on the student's batches (relabelled by the teacher): 81.7 ± 1.7 against 78.9 ± 1.2 on B2 at 10 minutes,
 # every seed higher, and 81.6 against 76.4 at 5 (benchmarks/results/ablation_b2_deepinversion_adi_cutmix.md);
 # the ADI competition term in the same run: 79.5 ± 0.4, within the spread, so it stays in `cpu-adi` only.
+# A batch every 60 student steps (pool 40,000) with the student's weight average (decay 0.999): 83.3 ± 1.0 on B2
+# at 10 minutes (83.1 / 84.5 / 82.4) against 82.0 ± 1.7; each alone 83.0 ± 0.4 and 82.7 ± 0.8, the weakest seed
+# raised by 2-3 points (benchmarks/analysis/ablation_b2_deepinversion.md). On the WRN pair (before cutmix) 60 and
+# 120 steps per batch were within the seed spread (72.5 ± 2.5, 74.2 ± 2.5); neither change is measured there yet.
 CPU = {
     "synthesis_batch": 64,
     "synthesis_iterations": 50,
@@ -55,12 +59,13 @@ CPU = {
     "bn_distance": "standardised",
     "w_bn": 1.0,
     "student_batch": 128,
-    "student_steps_per_synthesis": 120,
+    "student_steps_per_synthesis": 60,
     "student_epochs": 400,
     "student_steps_per_epoch": 100,
     "temperature": 4.0,
     "augment": ["shift", "flip", "cutmix"],
-    "pool_size": 20000,
+    "pool_size": 40000,
+    "average_decay": 0.999,
 }
 
 
