@@ -48,8 +48,8 @@ class DeepInversionConfig(PooledConfig, BNPriorFields, PixelInversionFields):
 # the ADI competition term in the same run: 79.5 ± 0.4, within the spread, so it stays in `cpu-adi` only.
 # A batch every 60 student steps (pool 40,000) with the student's weight average (decay 0.999): 83.3 ± 1.0 on B2
 # at 10 minutes (83.1 / 84.5 / 82.4) against 82.0 ± 1.7; each alone 83.0 ± 0.4 and 82.7 ± 0.8, the weakest seed
-# raised by 2-3 points (benchmarks/analysis/ablation_b2_deepinversion.md). On the WRN pair (before cutmix) 60 and
-# 120 steps per batch were within the seed spread (72.5 ± 2.5, 74.2 ± 2.5); neither change is measured there yet.
+# raised by 2-3 points (benchmarks/analysis/ablation_b2_deepinversion.md). On the WRN pair: 79.6 ± 0.6 against
+# 80.6 ± 2.0 (benchmarks/results/ablation_wrn_deepinversion_round10.md), synthesis there taking 331 of 600 s.
 CPU = {
     "synthesis_batch": 64,
     "synthesis_iterations": 50,
