@@ -459,3 +459,57 @@ def test_pixel_methods_downscale_optimises_images_a_fraction_of_the_teachers_sid
     assert (latent_side(downscale=2), latent_side(resolution=3)) == (8, 3)
     with pytest.raises(ConfigError, match="not both"):
         latent_side(resolution=4, downscale=2)
+
+
+@pytest.mark.parametrize("share, syntheses", [(None, 12), (0.5, 4)])
+def test_synthesis_share_skips_due_syntheses_once_synthesis_has_had_its_share(
+    digits_teacher, monkeypatch, share, syntheses
+):
+    """A fake clock: a synthesis takes 3 s and a student step 1 s. Every step is due; with a share of one half,
+    step 0 synthesizes (nothing spent yet), then one step in three does (3 s of 6 per three steps)."""
+    from dfkt.dfkd.deepinversion import DeepInversion, DeepInversionConfig
+
+    clock = [0.0]
+    monkeypatch.setattr(engine_module.time, "perf_counter", lambda: clock[0])
+    cfg = DeepInversionConfig(
+        synthesis_batch=8, synthesis_iterations=1, student_batch=8, student_steps_per_synthesis=1, pool_size=64
+    )
+    method = DeepInversion(cfg.model_copy(update={"synthesis_share": share}), _setup(digits_teacher, mirror=False))
+    trainer, synthesize, batch = method.student_trainer, method.source.synthesize, method.student_trainer.batch
+    calls = []
+
+    def slow_synthesis():
+        calls.append(1)
+        clock[0] += 3.0
+        return synthesize()
+
+    def slow_batch():
+        clock[0] += 1.0
+        return batch()
+
+    monkeypatch.setattr(method.source, "synthesize", slow_synthesis)
+    monkeypatch.setattr(trainer, "batch", slow_batch)
+    for i in range(12):
+        trainer.step(i)
+    assert len(calls) == syntheses
+    sections = method.engine.sections
+    assert sections == {"synthesis": 3.0 * syntheses, "distillation": 12.0}
+
+
+def test_deepinversion_target_mix_aims_a_share_of_each_batch_between_two_classes(digits_teacher):
+    from dfkt.dfkd.deepinversion import DeepInversion, DeepInversionConfig
+
+    cfg = DeepInversionConfig(synthesis_batch=16, synthesis_iterations=2, pool_size=64, target_mix=0.5)
+    method = DeepInversion(cfg, _setup(digits_teacher, mirror=False))
+    targets = method.random_labels(16, torch.Generator().manual_seed(0))
+    assert targets.shape == (16, 10)
+    assert torch.allclose(targets.sum(dim=1), torch.ones(16))
+    classes = (targets > 0).sum(dim=1)
+    assert classes[:8].tolist() == [2] * 8 and classes[8:].tolist() == [1] * 8
+    top = targets[:8].max(dim=1).values
+    assert bool(((top >= 0.5) & (top < 1)).all())
+    method.source.synthesize()  # the inversion's cross-entropy takes the probability targets
+    assert method.pool.size > 0
+
+    plain = DeepInversion(cfg.model_copy(update={"target_mix": 0.0}), _setup(digits_teacher, mirror=False))
+    assert plain.random_labels(16, torch.Generator().manual_seed(0)).dtype == torch.long

@@ -29,6 +29,13 @@ class DeepInversionConfig(PooledConfig, BNPriorFields, PixelInversionFields):
     w_tv: float = Field(2.5e-5, ge=0)
     w_l2: float = Field(0.0, ge=0)
     w_adi: float = Field(0.0, ge=0, description="competition weight; > 0 is Adaptive DeepInversion")
+    target_mix: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of each inverted batch aimed at two classes at once, λ·a + (1 − λ)·b with λ ~ U(0.5, 1) "
+        "(images between classes, which one template per class lacks); 0: one class each, as the authors",
+    )
     max_shift: int = Field(2, ge=0, description="random jitter in pixels")
     flip: bool = Field(
         True, description="random horizontal flips while inverting (only on mirror-safe data: never digits)"
@@ -107,7 +114,18 @@ class DeepInversion(PooledMethod):
         )
 
     def random_labels(self, n: int, rng: torch.Generator) -> Tensor:
-        return torch.randint(0, self.setup.num_classes, (n,), generator=rng, device=rng.device)
+        """n uniform class labels; with ``target_mix``, probability targets whose first ``target_mix`` share
+        mixes each label with a second, different class."""
+        k = self.setup.num_classes
+        labels = torch.randint(0, k, (n,), generator=rng, device=rng.device)
+        mixed = round(self.cfg.target_mix * n)
+        if not mixed:
+            return labels
+        targets = F.one_hot(labels, k).float()
+        other = (labels[:mixed] + torch.randint(1, k, (mixed,), generator=rng, device=rng.device)) % k
+        weight = 0.5 + 0.5 * torch.rand(mixed, 1, generator=rng, device=rng.device)
+        targets[:mixed] = weight * targets[:mixed] + (1 - weight) * F.one_hot(other, k).float()
+        return targets
 
     def objective(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         cfg = self.cfg

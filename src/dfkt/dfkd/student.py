@@ -104,6 +104,14 @@ class StudentTrainingConfig(StrictModel):
         0.1, gt=0, description="each adversarial step moves every pixel by this much, in the teacher's normalised units"
     )
     adversarial_share: float = Field(0.5, gt=0, le=1, description="share of each student batch moved so")
+    synthesis_share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="the most of the student stage's time that synthesis may take: a due synthesis is skipped "
+        "while synthesis has taken more than this share so far, and the student goes on with what it has "
+        "(a costly teacher then gets fewer new images, not a starved student); none: every due synthesis runs",
+    )
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -277,21 +285,33 @@ class StudentTrainer:
             else:
                 mean.copy_(now)
 
+    def synthesis_due(self, i: int) -> bool:
+        """Whether step ``i`` synthesizes: every ``synthesize_every`` steps, at most ``max_syntheses`` times, and
+        with ``synthesis_share`` only while synthesis has had at most that share of the stage's time (both parts
+        are timed sections, which a checkpoint carries, so a resumed run decides on the time spent before)."""
+        if not self.synthesize_every or i % self.synthesize_every:
+            return False
+        if self.max_syntheses is not None and i // self.synthesize_every >= self.max_syntheses:
+            return False
+        share, sections = self.cfg.synthesis_share, self.method.engine.sections
+        if share is None:
+            return True
+        spent = sections.get("synthesis", 0.0)
+        return spent <= share * (spent + sections.get("distillation", 0.0))
+
     def step(self, i: int) -> dict[str, Tensor | float]:
-        if (
-            self.synthesize_every
-            and i % self.synthesize_every == 0
-            and (self.max_syntheses is None or i // self.synthesize_every < self.max_syntheses)
-        ):
-            with self.method.engine.timed("synthesis"), self.method.engine.autocast():
+        engine = self.method.engine
+        if self.synthesis_due(i):
+            with engine.timed("synthesis"), engine.autocast():
                 terms = self.source.synthesize()
             self.last_synthesis = {k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()}
         values = dict(self.last_synthesis)  # logged on every step, whichever steps the log falls on
-        images, teacher_logits = self.batch()
-        terms = self.loss(self.method.student(images), teacher_logits, images)
-        self.method.engine.optimize(terms["loss"], self.optimizer, "student loss", self.cfg.student_clip_norm)
-        self.scheduler.step()
-        if self.average is not None:
-            self.update_average(i)
+        with engine.timed("distillation"):
+            images, teacher_logits = self.batch()
+            terms = self.loss(self.method.student(images), teacher_logits, images)
+            engine.optimize(terms["loss"], self.optimizer, "student loss", self.cfg.student_clip_norm)
+            self.scheduler.step()
+            if self.average is not None:
+                self.update_average(i)
         values.update({f"s_{k}" if k == "loss" else k: v for k, v in terms.items()})
         return values
