@@ -57,6 +57,9 @@ class DeepInversionConfig(PooledConfig, BNPriorFields, PixelInversionFields):
 # at 10 minutes (83.1 / 84.5 / 82.4) against 82.0 ± 1.7; each alone 83.0 ± 0.4 and 82.7 ± 0.8, the weakest seed
 # raised by 2-3 points (benchmarks/analysis/ablation_b2_deepinversion.md). On the WRN pair: 79.6 ± 0.6 against
 # 80.6 ± 2.0 (benchmarks/results/ablation_wrn_deepinversion_round10.md), synthesis there taking 331 of 600 s.
+# Left out, each within the seed spread on B2 (fp32 on AVX2, 3 seeds, ablation_b2_deepinversion.md): half of each
+# batch aimed between two classes (target_mix=0.5) 82.3 ± 1.6, rotate + scale 81.9 ± 1.7, mixup 81.7 ± 1.2, against
+# the preset's 82.2 ± 1.8 in the same run.
 CPU = {
     "synthesis_batch": 64,
     "synthesis_iterations": 50,
