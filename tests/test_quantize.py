@@ -274,3 +274,21 @@ def test_calibration_sources_are_listed(capsys):
     assert main(["list", "calibration-sources"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert names == ["bn-inversion", "gaussian", "generator", "real"]
+
+
+@pytest.mark.parametrize(
+    "flags, reduced",
+    [
+        ("fpu sse2 avx avx2 fma", True),  # AVX2 only: 16-bit pair sums saturate on 8-bit weights
+        ("fpu sse2 avx avx2 avx512f avx512_vnni", False),
+        ("fpu sse2 avx avx2 avx_vnni", False),
+        ("fp asimd asimddp", False),  # not x86
+    ],
+)
+def test_weights_lose_a_bit_only_on_x86_cpus_without_vnni(tmp_path, flags, reduced):
+    from dfkt.quantize.backend import needs_reduced_range
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert needs_reduced_range(cpuinfo) is reduced
+    assert needs_reduced_range(tmp_path / "missing") is False

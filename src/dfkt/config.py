@@ -373,6 +373,11 @@ class QuantizeConfig(StrictModel):
     activation_type: Literal["uint8", "int8"] = Field(
         "uint8", description="activations: uint8 (with int8 weights, the fast U8S8 kernels on x86) or int8"
     )
+    reduce_range: bool | None = Field(
+        None,
+        description="weights in 7 bits: x86 int8 kernels without VNNI add products in 16 bits, which saturate on "
+        "full-range weights (ONNX Runtime's advice); unset: on when this x86 CPU lacks AVX512-VNNI and AVX-VNNI",
+    )
     params: dict[str, Any] = {}
     seed: int = Field(1, description="seed of the calibration images")
     threads: int | None = Field(None, ge=1, description="CPU threads for synthesis; unset: torch's default")

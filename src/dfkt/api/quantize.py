@@ -106,6 +106,7 @@ def quantize(
                 cfg.per_channel,
                 cfg.activation_type,
                 work,
+                cfg.reduce_range,
             )
             quantize_seconds = time.perf_counter() - started
             int8_logits = backend.logits(backend.session(placeholder), held_out)

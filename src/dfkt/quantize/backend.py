@@ -39,6 +39,17 @@ def image_reader(images: Tensor, batch: int = CALIBRATION_BATCH):
     return ImageReader()
 
 
+def needs_reduced_range(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True on an x86 CPU without AVX512-VNNI or AVX-VNNI, whose int8 kernels add pairs of products in 16 bits
+    (measured on an AVX2-only AMD EPYC: the digits teacher's int8 model agreed with fp32 on 81% of held-out
+    synthetic images with 8-bit weights, above 90% with 7-bit ones). False elsewhere or when unknown."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and "avx512_vnni" not in flags and "avx_vnni" not in flags
+
+
 def quantize_onnx(
     fp32: Path,
     out: Path,
@@ -48,8 +59,10 @@ def quantize_onnx(
     per_channel: bool,
     activation_type: str,
     work: Path,
+    reduce_range: bool | None = None,
 ) -> dict[str, Any]:
-    """Write the int8 QDQ model of ``fp32`` to ``out``, calibrated on ``images``."""
+    """Write the int8 QDQ model of ``fp32`` to ``out``, calibrated on ``images``; ``reduce_range`` None: on for
+    an x86 CPU without VNNI (:func:`needs_reduced_range`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -69,6 +82,7 @@ def quantize_onnx(
     if method == "percentile":
         extra["CalibPercentile"] = percentile
     activation = QuantType.QUInt8 if activation_type == "uint8" else QuantType.QInt8
+    reduce_range = needs_reduced_range() if reduce_range is None else reduce_range
     with contextlib.redirect_stdout(io.StringIO()):  # the entropy calibrator prints its progress
         quantize_static(
             str(source),
@@ -78,6 +92,7 @@ def quantize_onnx(
             per_channel=per_channel,
             activation_type=activation,
             weight_type=QuantType.QInt8,
+            reduce_range=reduce_range,
             calibrate_method=calibrate,
             extra_options=extra,
         )
@@ -86,6 +101,7 @@ def quantize_onnx(
         "per_channel": per_channel,
         "activation_type": activation_type,
         "weight_type": "int8",
+        "reduce_range": reduce_range,
         "calibrate_method": method,
         **({"percentile": percentile} if method == "percentile" else {}),
         "preprocessed": source == prepared,
