@@ -437,3 +437,29 @@ def test_model_selected_and_a_warning_when_adapting_makes_the_model_worse(
     else:  # every epoch is worse: keep the source model
         assert "keep the source model" in warnings[0]
         assert summary["selected"]["label_free_score"] < source["label_free_score"]
+
+
+def test_source_share_writes_the_weights_between_the_adapted_and_the_source_model(digits_source, tmp_path):
+    from safetensors.torch import load_file
+
+    def run(share: float) -> tuple[dict, dict]:
+        out = tmp_path / str(share)
+        settings = [*FAST_ENGINE, "params.epochs=2", f"source_share={share}"]
+        summary = dfkt.adapt("shot", digits_source, "digits-c:contrast:5", overrides=settings, out=out)
+        return summary, {name: load_file(out / f"{name}.safetensors") for name in ("model", "model_selected")}
+
+    (plain, adapted), (half, halfway), (whole, source_again) = run(0.0), run(0.5), run(1.0)
+    source = load_file(digits_source)
+    assert plain["before_interpolation"] is None and half["source_share"] == 0.5
+    for name in ("model", "model_selected"):
+        for k, w in source.items():
+            if w.is_floating_point():  # counters (num_batches_tracked) are the adapted model's
+                assert torch.allclose(halfway[name][k], (adapted[name][k] + w) / 2, atol=1e-6), (name, k)
+                assert torch.equal(source_again[name][k], w), (name, k)
+    # The figures of the adapted weights are kept; those of the written weights are the interpolation's.
+    for part in ("adapted", "selected"):
+        for kind in ("transductive", "inductive"):
+            assert half["before_interpolation"][part][kind] == plain[part][kind]
+            assert whole[part][kind] == whole["source_only"][kind]
+    assert whole["adapted"]["label_free_score"] == pytest.approx(whole["source_only"]["label_free_score"])
+    assert whole["warnings"] == []

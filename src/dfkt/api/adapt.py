@@ -24,6 +24,7 @@ from dfkt.models.files import ModelInfo, load_model, model_path, model_sha256, r
 from dfkt.registry import ADAPT_METHODS
 from dfkt.selection import TARGET_SCORES, TargetScoreSelection
 from dfkt.sfda.base import AdaptSetup
+from dfkt.sfda.interpolation import interpolate_with_source
 from dfkt.supervised import evaluate_model
 
 
@@ -227,6 +228,21 @@ class Adaptation:
         starts = sum(1 for e in curve if e["step"] == 0)  # scored, never chosen
         chosen = None if selection.chosen_at is None else curve[selection.chosen_at + starts]
         selected_score = final_score if chosen is None else selection.best_score
+        before_interpolation = None
+        if self.cfg.source_share > 0:
+            before_interpolation = {
+                "adapted": {"transductive": transductive, "inductive": self.accuracy(engine, model, held_out)},
+                "selected": {
+                    "transductive": self.accuracy(engine, selected, adapted_half),
+                    "inductive": self.accuracy(engine, selected, held_out),
+                },
+            }
+            model, selected = (
+                interpolate_with_source(self.source_model, net, self.cfg.source_share) for net in (model, selected)
+            )
+            if predictions is None:  # an online method's transductive figure is the stream's, whatever is written
+                transductive = self.accuracy(engine, model, adapted_half)
+            final_score, selected_score = selection.score(model), selection.score(selected)
         summary = {
             "method": self.cfg.method,
             "online": self.runner.online,
@@ -241,7 +257,7 @@ class Adaptation:
             },
             "adapted": {
                 "transductive": transductive,
-                "inductive": self.accuracy(engine, self.setup.model, held_out),
+                "inductive": self.accuracy(engine, model, held_out),
                 "label_free_score": final_score,
             },
             "selected": {
@@ -251,6 +267,8 @@ class Adaptation:
                 "step": None if chosen is None else chosen["step"],
                 "epoch": None if chosen is None else chosen["epoch"],
             },
+            "source_share": self.cfg.source_share,
+            "before_interpolation": before_interpolation,  # None unless source_share > 0
             "selection": {
                 "score": self.target_score.name,
                 "criterion": self.target_score.criterion,
