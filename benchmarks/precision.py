@@ -16,7 +16,7 @@ import torch
 from report import machine, write
 
 from dfkt import losses
-from dfkt.engine.engine import cpu_has_native_bf16
+from dfkt.engine.cpu import cpu_has_native_bf16
 from dfkt.models import build_generator, build_model
 
 

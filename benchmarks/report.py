@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dfkt.engine.metrics import cpu_model
+from dfkt.engine.cpu import cpu_model
 
 
 def machine() -> dict:

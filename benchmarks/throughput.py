@@ -25,7 +25,7 @@ from flags import add_report_arguments, positive_int
 from report import machine, write
 
 from dfkt import losses
-from dfkt.engine.engine import cpu_has_native_bf16
+from dfkt.engine.cpu import cpu_has_native_bf16
 from dfkt.models import build_generator, build_model
 
 LATENT = 100

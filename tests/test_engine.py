@@ -156,3 +156,22 @@ def test_costly_evaluations_are_spaced_to_a_small_share_of_the_training_time(mon
     assert [e["train_seconds"] for e in result.evaluations][-1] == 200  # evaluation is not training time
     explicit = clocked_run(monkeypatch, 200, 1.0, 2.0, eval_every=10)  # a set interval is kept as set
     assert [e["step"] for e in explicit.evaluations] == list(range(0, 201, 10))
+
+
+@pytest.mark.parametrize(
+    "text, model, native_bf16",
+    [
+        ("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16\n", "Xeon", True),
+        ("processor\t: 0\nmodel name\t: EPYC\nflags\t\t: avx2 fma\n", "EPYC", False),
+        ("processor\t: 0\nFeatures\t: fp asimd bf16\n", None, False),  # Arm: bf16 is not AVX512-BF16
+    ],
+)
+def test_cpu_name_and_flags_from_cpuinfo(tmp_path, text, model, native_bf16):
+    from dfkt.engine.cpu import cpu_flags, cpu_has_native_bf16, cpu_model
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text)
+    assert cpu_has_native_bf16(cpuinfo) is native_bf16
+    assert "avx2" in cpu_flags(cpuinfo) or "asimd" in cpu_flags(cpuinfo)
+    assert cpu_model(cpuinfo) == model or (model is None and cpu_model(cpuinfo))
+    assert cpu_flags(tmp_path / "missing") == set() and cpu_has_native_bf16(tmp_path / "missing") is False

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from dfkt.config import EngineConfig
 from dfkt.engine import checkpoint, distributed
+from dfkt.engine.cpu import cpu_has_native_bf16
 from dfkt.engine.metrics import MetricsLog, environment
 from dfkt.engine.streams import stream_seed
 from dfkt.errors import DfktError, TrainingDivergedError
@@ -558,16 +559,6 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with AMX or AVX512-BF16; elsewhere bf16 autocast is emulated and slow
-    (measured 16x slower than fp32 on an AVX2-only AMD EPYC)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from dfkt.engine.cpu import cpu_model
+
 
 class MetricsLog:
     """Appends one JSON object per line; line-buffered so a killed run keeps what it logged."""
@@ -33,16 +35,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device, precision: str, world_size: int) -> dict[str, Any]:

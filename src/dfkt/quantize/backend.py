@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from dfkt.engine.cpu import CPUINFO, cpu_flags
+
 CALIBRATION_BATCH = 64  # images per calibration forward in ONNX Runtime
 INPUT, OUTPUT = "image", "logits"
 
@@ -39,15 +41,12 @@ def image_reader(images: Tensor, batch: int = CALIBRATION_BATCH):
     return ImageReader()
 
 
-def needs_reduced_range(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def needs_reduced_range(cpuinfo: Path = CPUINFO) -> bool:
     """True on an x86 CPU without AVX512-VNNI or AVX-VNNI, whose int8 kernels add pairs of products in 16 bits
     (measured on an AVX2-only AMD EPYC: the digits teacher's int8 model agreed with fp32 on 81% of held-out
     synthetic images with 8-bit weights, above 90% with 7-bit ones). False elsewhere or when unknown."""
-    try:
-        flags = cpuinfo.read_text()
-    except OSError:
-        return False
-    return " avx2" in flags and "avx512_vnni" not in flags and "avx_vnni" not in flags
+    flags = cpu_flags(cpuinfo)
+    return "avx2" in flags and not {"avx512_vnni", "avx_vnni"} & flags
 
 
 def quantize_onnx(
