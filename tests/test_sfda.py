@@ -444,7 +444,7 @@ def test_source_share_writes_the_weights_between_the_adapted_and_the_source_mode
 
     def run(share: float) -> tuple[dict, dict]:
         out = tmp_path / str(share)
-        settings = [*FAST_ENGINE, "params.epochs=2", f"source_share={share}"]
+        settings = [*FAST_ENGINE, "params.epochs=2", f"params.source_share={share}"]
         summary = dfkt.adapt("shot", digits_source, "digits-c:contrast:5", overrides=settings, out=out)
         return summary, {name: load_file(out / f"{name}.safetensors") for name in ("model", "model_selected")}
 

@@ -185,14 +185,6 @@ class AdaptRunConfig(StrictModel):
         "is compared with the source model's: 'mixval' (inter-cluster MixVal, Hu et al. 2023, over all pairs) or 'im' "
         "(information maximisation, SHOT-IM's objective, which favours their last epoch)",
     )
-    source_share: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="share of the source model in the models written: weights (1 - s)·adapted + s·source "
-        "(WiSE-FT's weight-space ensemble), for the final and the selected model alike; 0 keeps the "
-        "adapted weights. The summary also gives the figures before interpolating",
-    )
     engine: EngineConfig = EngineConfig()
 
 

@@ -228,8 +228,8 @@ class Adaptation:
         starts = sum(1 for e in curve if e["step"] == 0)  # scored, never chosen
         chosen = None if selection.chosen_at is None else curve[selection.chosen_at + starts]
         selected_score = final_score if chosen is None else selection.best_score
-        before_interpolation = None
-        if self.cfg.source_share > 0:
+        before_interpolation, share = None, getattr(self.method_cfg, "source_share", 0.0)
+        if share > 0:
             before_interpolation = {
                 "adapted": {"transductive": transductive, "inductive": self.accuracy(engine, model, held_out)},
                 "selected": {
@@ -237,11 +237,8 @@ class Adaptation:
                     "inductive": self.accuracy(engine, selected, held_out),
                 },
             }
-            model, selected = (
-                interpolate_with_source(self.source_model, net, self.cfg.source_share) for net in (model, selected)
-            )
-            if predictions is None:  # an online method's transductive figure is the stream's, whatever is written
-                transductive = self.accuracy(engine, model, adapted_half)
+            model, selected = (interpolate_with_source(self.source_model, net, share) for net in (model, selected))
+            transductive = self.accuracy(engine, model, adapted_half)  # offline methods only have a share
             final_score, selected_score = selection.score(model), selection.score(selected)
         summary = {
             "method": self.cfg.method,
@@ -267,7 +264,7 @@ class Adaptation:
                 "step": None if chosen is None else chosen["step"],
                 "epoch": None if chosen is None else chosen["epoch"],
             },
-            "source_share": self.cfg.source_share,
+            "source_share": share,
             "before_interpolation": before_interpolation,  # None unless source_share > 0
             "selection": {
                 "score": self.target_score.name,

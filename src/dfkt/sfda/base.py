@@ -70,6 +70,14 @@ class OfflineConfig(StrictModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(1e-3, ge=0)
+    source_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of the source model in the models written: weights (1 - s)·adapted + s·source "
+        "(WiSE-FT's weight-space ensemble), for the final and the selected model alike; 0 (the authors') "
+        "keeps the adapted weights. The summary also gives the figures before interpolating",
+    )
 
 
 class AdaptMethod(TrainState):
