@@ -609,8 +609,8 @@ def selection_check(summary: dict) -> dict | None:
     """One run's label-free choice against its best epoch (transductive accuracy on the adapted half,
     over the curve's evaluations); None for a failed run or one without a multi-epoch curve."""
     curve = [e["adapted_acc"] for e in summary.get("curve", []) if e.get("adapted_acc") is not None]
-    # The curve is of the adapted weights: compare it with the choice before any interpolation with the source.
-    chosen = (summary.get("before_interpolation") or summary).get("selected", {}).get("transductive")
+    # The curve is of the weights as adapting left them: compare it with the choice before any interpolation.
+    chosen = (summary.get("as_adapted") or summary).get("selected", {}).get("transductive")
     if "failed" in summary or len(curve) < 2 or chosen is None:
         return None
     best = max(curve)

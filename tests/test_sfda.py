@@ -450,7 +450,7 @@ def test_source_share_writes_the_weights_between_the_adapted_and_the_source_mode
 
     (plain, adapted), (half, halfway), (whole, source_again) = run(0.0), run(0.5), run(1.0)
     source = load_file(digits_source)
-    assert plain["before_interpolation"] is None and half["source_share"] == 0.5
+    assert plain["as_adapted"] is None and half["source_share"] == {"setting": 0.5, "final": 0.5, "selected": 0.5}
     for name in ("model", "model_selected"):
         for k, w in source.items():
             if w.is_floating_point():  # counters (num_batches_tracked) are the adapted model's
@@ -459,7 +459,49 @@ def test_source_share_writes_the_weights_between_the_adapted_and_the_source_mode
     # The figures of the adapted weights are kept; those of the written weights are the interpolation's.
     for part in ("adapted", "selected"):
         for kind in ("transductive", "inductive"):
-            assert half["before_interpolation"][part][kind] == plain[part][kind]
+            assert half["as_adapted"][part][kind] == plain[part][kind]
             assert whole[part][kind] == whole["source_only"][kind]
     assert whole["adapted"]["label_free_score"] == pytest.approx(whole["source_only"]["label_free_score"])
     assert whole["warnings"] == []
+
+
+def test_source_share_by_agreement_is_the_squared_share_of_images_both_models_put_in_one_class(digits_source, tmp_path):
+    from dfkt.api.adapt import target_halves, target_images
+    from dfkt.api.common import normalized
+    from dfkt.config import DataConfig
+    from dfkt.models.files import read_info
+
+    settings = [*FAST_ENGINE, "params.epochs=2"]
+    dfkt.adapt("shot", digits_source, "digits-c:contrast:5", overrides=settings, out=tmp_path / "plain")
+    summary = dfkt.adapt(
+        "shot",
+        digits_source,
+        "digits-c:contrast:5",
+        overrides=[*settings, "params.source_share=agreement"],
+        out=tmp_path / "agreement",
+    )
+    info = read_info(digits_source)
+    target = target_images(DataConfig(name="digits-c:contrast:5"), info)
+    images = normalized(target.images, info)[target_halves(len(target.images), 0)[0]]
+    with torch.no_grad():
+        source = load_model(digits_source)[0].eval()(images).argmax(1)
+        for part, name in (("final", "model"), ("selected", "model_selected")):
+            adapted = load_model(tmp_path / "plain" / f"{name}.safetensors")[0].eval()(images).argmax(1)
+            r = (adapted == source).float().mean().item()
+            assert 0 < r < 1 and summary["source_share"][part] == pytest.approx(r**2, abs=1e-6)
+    assert summary["source_share"]["setting"] == "agreement" and summary["as_adapted"] is not None
+
+
+def test_reestimated_batchnorm_statistics_are_those_of_the_features_with_dropout_off():
+    from dfkt.sfda.interpolation import reestimate_batchnorm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    net[0].train(), net[1].eval(), net[2].eval()
+    images = torch.randn(600, 4) * 3 + 1
+    reestimate_batchnorm(net, images, batch_size=200)
+    features = net[1](images).detach()  # with dropout on, the variance would be about twice as large
+    assert torch.allclose(net[2].running_mean, features.mean(0), atol=1e-5)  # equal batches: the mean of means
+    assert torch.allclose(net[2].running_var, features.var(0), rtol=0.05)
+    assert (net[0].training, net[1].training, net[2].training) == (True, False, False)  # modes as before
+    assert net[2].momentum == 0.1 and net[2].weight.requires_grad

@@ -117,19 +117,24 @@ class RealDataTraining(TrainState):
 
 
 @torch.no_grad()
+def predict_classes(model: nn.Module, images: Tensor, engine: Engine, batch_size: int = 1000) -> Tensor:
+    """The class ``model`` (in eval mode, at the run's precision) predicts for each normalised image, on the CPU."""
+    with engine.eval_mode(model), engine.autocast():
+        return torch.cat(
+            [
+                model(engine.to_device(images[start : start + batch_size])).argmax(dim=1).cpu()
+                for start in range(0, len(images), batch_size)
+            ]
+        )
+
+
 def evaluate_model(
     model: nn.Module, images: Tensor, labels: Tensor, engine: Engine, num_classes: int, batch_size: int = 1000
 ) -> dict:
     """Accuracy, per-class accuracy and confusion matrix (rows: true class) on normalised images."""
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    with torch.no_grad(), engine.eval_mode(model), engine.autocast():
-        for start in range(0, len(images), batch_size):
-            x = engine.to_device(images[start : start + batch_size])
-            predicted = model(x).argmax(dim=1).cpu()
-            truth = labels[start : start + batch_size].cpu()
-            confusion += torch.bincount(truth * num_classes + predicted, minlength=num_classes**2).reshape(
-                num_classes, num_classes
-            )
+    predicted = predict_classes(model, images, engine, batch_size)
+    confusion = torch.bincount(labels.cpu() * num_classes + predicted, minlength=num_classes**2)
+    confusion = confusion.reshape(num_classes, num_classes)
     per_class = (confusion.diag().float() / confusion.sum(dim=1).clamp_min(1)).tolist()
     return {
         "accuracy": confusion.diag().sum().item() / max(1, confusion.sum().item()),

@@ -24,8 +24,8 @@ from dfkt.models.files import ModelInfo, load_model, model_path, model_sha256, r
 from dfkt.registry import ADAPT_METHODS
 from dfkt.selection import TARGET_SCORES, TargetScoreSelection
 from dfkt.sfda.base import AdaptSetup
-from dfkt.sfda.interpolation import interpolate_with_source
-from dfkt.supervised import evaluate_model
+from dfkt.sfda.interpolation import agreement_share, interpolate_with_source, reestimate_batchnorm
+from dfkt.supervised import evaluate_model, predict_classes
 
 
 def target_halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,16 +228,31 @@ class Adaptation:
         starts = sum(1 for e in curve if e["step"] == 0)  # scored, never chosen
         chosen = None if selection.chosen_at is None else curve[selection.chosen_at + starts]
         selected_score = final_score if chosen is None else selection.best_score
-        before_interpolation, share = None, getattr(self.method_cfg, "source_share", 0.0)
-        if share > 0:
-            before_interpolation = {
+        setting = getattr(self.method_cfg, "source_share", 0.0)  # offline methods only
+        reestimate = getattr(self.method_cfg, "reestimate_batchnorm", False)
+        as_adapted, shares = None, {"setting": setting, "final": 0.0, "selected": 0.0}
+        if setting or reestimate:
+            as_adapted = {
                 "adapted": {"transductive": transductive, "inductive": self.accuracy(engine, model, held_out)},
                 "selected": {
                     "transductive": self.accuracy(engine, selected, adapted_half),
                     "inductive": self.accuracy(engine, selected, held_out),
                 },
             }
-            model, selected = (interpolate_with_source(self.source_model, net, share) for net in (model, selected))
+            source_classes = predict_classes(self.source_model, self.setup.images, engine)
+            for part, net in (("final", model), ("selected", selected)):
+                shares[part] = (
+                    agreement_share(source_classes, predict_classes(net, self.setup.images, engine))
+                    if setting == "agreement"
+                    else setting
+                )
+            model, selected = (
+                interpolate_with_source(self.source_model, net, shares[part])
+                for part, net in (("final", model), ("selected", selected))
+            )
+            if reestimate:
+                for net in (model, selected):
+                    reestimate_batchnorm(net, self.setup.images)
             transductive = self.accuracy(engine, model, adapted_half)  # offline methods only have a share
             final_score, selected_score = selection.score(model), selection.score(selected)
         summary = {
@@ -264,8 +279,11 @@ class Adaptation:
                 "step": None if chosen is None else chosen["step"],
                 "epoch": None if chosen is None else chosen["epoch"],
             },
-            "source_share": share,
-            "before_interpolation": before_interpolation,  # None unless source_share > 0
+            "source_share": shares,
+            "batchnorm_reestimated": reestimate,
+            # The figures of the weights as adapting left them, when the written ones differ (source_share,
+            # reestimate_batchnorm); None otherwise.
+            "as_adapted": as_adapted,
             "selection": {
                 "score": self.target_score.name,
                 "criterion": self.target_score.criterion,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -70,13 +70,19 @@ class OfflineConfig(StrictModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(1e-3, ge=0)
-    source_share: float = Field(
+    source_share: Annotated[float, Field(ge=0, le=1)] | Literal["agreement"] = Field(
         0.0,
-        ge=0,
-        le=1,
-        description="share of the source model in the models written: weights (1 - s)·adapted + s·source "
-        "(WiSE-FT's weight-space ensemble), for the final and the selected model alike; 0 (the authors') "
-        "keeps the adapted weights. The summary also gives the figures before interpolating",
+        description="share s of the source model in the models written, weights (1 - s)·adapted + s·source "
+        "(WiSE-FT's weight-space ensemble), for the final and the selected model alike: a number, or "
+        "'agreement': s = r², r the share of the adapted images on which the adapted model predicts the "
+        "source model's class (label-free: near 1 on a mild shift, where adapting can lose accuracy, near "
+        "chance on a large one). 0 (the authors') keeps the adapted weights. The summary also gives the "
+        "figures before interpolating",
+    )
+    reestimate_batchnorm: bool = Field(
+        False,
+        description="recompute the written models' BatchNorm running statistics on the adapted images, with "
+        "dropout off (after any interpolation with the source), as SWA does after averaging weights",
     )
 
 

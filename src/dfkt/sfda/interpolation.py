@@ -6,6 +6,11 @@ over every floating-point tensor of the state dict (BatchNorm running statistics
 counters are the adapted model's). The weight-space ensembles of WiSE-FT (Wortsman et al., "Robust
 fine-tuning of zero-shot models", CVPR 2022): a model fine-tuned from another stays in its basin, so
 the line between them holds models that keep part of each one's accuracy, and often beat both.
+
+How much of the source to keep can be read from the two models' agreement, without labels
+(``agreement_share``): on B4's tuning corruptions (benchmarks/analysis/sfda_compare.md, twelfth session)
+the best share was 0.5-0.75 where the adapted model kept the source's class on 70-85% of the images
+(mild noise, scale) and 0-0.25 where it kept it on 40-47% (motion blur).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 @torch.no_grad()
@@ -30,3 +35,33 @@ def interpolate_with_source(source: nn.Module, adapted: nn.Module, source_share:
         {k: torch.lerp(wa[k], ws[k].to(wa[k]), source_share) if wa[k].is_floating_point() else wa[k] for k in wa}
     )
     return net
+
+
+def agreement_share(source_classes: Tensor, adapted_classes: Tensor) -> float:
+    """s = r², r the share of images on which the two models predict the same class."""
+    return float((source_classes == adapted_classes).float().mean()) ** 2
+
+
+@torch.no_grad()
+def reestimate_batchnorm(net: nn.Module, images: Tensor, batch_size: int = 256) -> None:
+    """Every BatchNorm layer's running statistics recomputed on ``images`` (a cumulative average over
+    batches; dropout off, weights untouched), as SWA does after averaging weights: the mean and variance
+    of interpolated weights' features are not the interpolated means and variances."""
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not layers:
+        return
+    before = [(m, m.training) for m in net.modules()]
+    momenta = [m.momentum for m in layers]
+    net.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for start in range(0, len(images), batch_size):
+            net(images[start : start + batch_size])
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        for m, training in before:
+            m.training = training

@@ -125,13 +125,6 @@ class SHOTIMConfig(SHOTBaseConfig):
     beta: float = Field(0.0, ge=0, le=0, description="SHOT-IM has no pseudo-label term")
 
 
-# The cpu presets' share of the source model in the written weights (params.source_share), chosen on B4's
-# tuning corruptions (impulse_noise-3, motion_blur-3, scale-3; shot_lenet, 3 seeds, the label-free choice
-# interpolated at shares 0, 0.25, 0.5, 0.75; benchmarks/analysis/sfda_compare.md, twelfth session): the share
-# with the best mean inductive accuracy per method. Half keeps SHOT, SHOT-IM and AaD above the source on the
-# mild noise, where their adapted weights fall below it; NRC, which does not lose there, does best at a quarter.
-CPU_SOURCE_SHARE = {"shot": 0.5, "shot_im": 0.5, "aad": 0.5, "nrc": 0.25}
-
 # SHOT's object recipe (tim-learn/SHOT, object/image_target.py and object/network.py, for Office-31 and
 # Office-Home): cls_par 0.3, 15 epochs, batch 64, lr 1e-2 with the backbone at 0.1x and the bottleneck at
 # 1x, pseudo-labels refreshed once per epoch, and a bottleneck (Linear, BatchNorm1d) whose forward
@@ -162,7 +155,7 @@ class SHOT(OfflineMethod):
     presets = {
         "paper": {},
         "paper-objects": SHOT_OBJECTS,
-        "cpu": {"epochs": 5, "source_share": CPU_SOURCE_SHARE["shot"]},
+        "cpu": {"epochs": 5},
     }
 
     def __init__(self, cfg: SHOTConfig, setup: AdaptSetup):
@@ -199,7 +192,7 @@ class SHOTIM(SHOT):
     presets = {
         "paper": {},
         "paper-objects": {k: v for k, v in SHOT_OBJECTS.items() if k != "beta"},
-        "cpu": {"epochs": 5, "source_share": CPU_SOURCE_SHARE["shot_im"]},
+        "cpu": {"epochs": 5},
     }
 
 
@@ -296,7 +289,7 @@ class NRC(NeighbourMethod):
     summary = "offline: neighbourhood clustering with reciprocal affinities over feature/score banks"
     presets = {
         "paper": {"k": 5, "m": 5, "lr": 1e-3, "backbone_lr_mult": 0.1},
-        "cpu": {"epochs": 5, "source_share": CPU_SOURCE_SHARE["nrc"]},
+        "cpu": {"epochs": 5},
     }
 
     def loss(self, i: int, index: Tensor, features: Tensor, logits: Tensor) -> dict[str, Tensor]:
@@ -334,8 +327,8 @@ class AaD(NeighbourMethod):
     presets = {
         "paper": {"lr": 1e-3, "backbone_lr_mult": 0.1},
         "paper-office31": AAD_OFFICE31,
-        "cpu": {"epochs": 5, "source_share": CPU_SOURCE_SHARE["aad"]},
-        "cpu-office31": {"epochs": 5, "k": 3, "beta": 1.0, "source_share": CPU_SOURCE_SHARE["aad"]},
+        "cpu": {"epochs": 5},
+        "cpu-office31": {"epochs": 5, "k": 3, "beta": 1.0},
     }
 
     def loss(self, i: int, index: Tensor, features: Tensor, logits: Tensor) -> dict[str, Tensor]:
