@@ -117,3 +117,27 @@ def test_each_training_command_closes_its_engine_when_its_method_fails(command, 
         run(overrides=FAST_ENGINE, out=tmp_path / "run")
     assert len(engines) == 1 and closed(engines[0])
     assert (tmp_path / "run" / "env.json").is_file()  # the run had begun: folder and engine
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from dfkt.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = "import sys, time; from pathlib import Path; from dfkt.engine.lock import lock_run_dir; "
+    hold += "held = lock_run_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["train-teacher", "--model", "digits_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)]
+        assert main([*args, *[x for s in FAST_ENGINE for x in ("--set", s)]]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by another dfkt process (PID {holder.pid})" in err and not (out / "checkpoint.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main([*args, *[x for s in FAST_ENGINE for x in ("--set", s)]]) == 0  # free again once it has ended
+    assert (out / "summary.json").is_file()

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from dfkt.config import EngineConfig
 from dfkt.engine import checkpoint, distributed
 from dfkt.engine.cpu import cpu_has_native_bf16
+from dfkt.engine.lock import lock_run_dir
 from dfkt.engine.metrics import MetricsLog, environment
 from dfkt.engine.streams import stream_seed
 from dfkt.errors import DfktError, TrainingDivergedError
@@ -120,9 +121,10 @@ class Engine:
         self.budget_left: float | None = None
         # Every rank writes into rank 0's folder (its default name carries rank 0's clock).
         self.run_dir = self.fabric.broadcast(run_dir, 0) if several else run_dir
-        log_path = None
+        log_path, self.run_lock = None, None
         if self.run_dir is not None and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_lock = lock_run_dir(self.run_dir)
             env = environment(self.device, self.precision, self.world_size)
             env["channels_last"] = cfg.channels_last
             (self.run_dir / "env.json").write_text(json.dumps(env, indent=2))
@@ -552,6 +554,9 @@ class Engine:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.run_lock is not None:
+            self.run_lock.close()  # releases the folder
+            self.run_lock = None
 
     # A run's engine is used as ``with Engine(...) as engine:``, so it closes however the run ends.
     def __enter__(self) -> Engine:
