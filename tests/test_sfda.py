@@ -490,6 +490,24 @@ def test_source_share_by_agreement_is_the_squared_share_of_images_both_models_pu
             r = (adapted == source).float().mean().item()
             assert 0 < r < 1 and summary["source_share"][part] == pytest.approx(r**2, abs=1e-6)
     assert summary["source_share"]["setting"] == "agreement" and summary["as_adapted"] is not None
+    # The statistics step alone: the written weights are the adapted ones with BatchNorm recomputed on the images.
+    from safetensors.torch import load_file
+
+    from dfkt.sfda.interpolation import reestimate_batchnorm
+
+    recomputed = dfkt.adapt(
+        "shot",
+        digits_source,
+        "digits-c:contrast:5",
+        overrides=[*settings, "params.reestimate_batchnorm=true"],
+        out=tmp_path / "recomputed",
+    )
+    assert recomputed["batchnorm_reestimated"] and recomputed["source_share"]["final"] == 0.0
+    plain = load_model(tmp_path / "plain" / "model.safetensors")[0]
+    reestimate_batchnorm(plain, images)
+    written = load_file(tmp_path / "recomputed" / "model.safetensors")
+    stats = [k for k in written if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.allclose(written[k], plain.state_dict()[k], atol=1e-5) for k in stats)
 
 
 def test_reestimated_batchnorm_statistics_are_those_of_the_features_with_dropout_off():
