@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -47,6 +48,16 @@ def scores(net: torch.nn.Module, adapted: tuple, held_out: tuple) -> dict[str, f
     }
 
 
+@functools.cache
+def run_halves(source: str, target: str) -> tuple[tuple, tuple]:
+    """The target images of runs from ``source`` on ``target``, normalised for the source model, as
+    (images, labels) of the adapted half and of the held-out half (`dfkt adapt`'s default split)."""
+    info = read_info(Path(source))
+    images = target_images(DataConfig(name=target), info)
+    normal, (first, second) = normalized(images.images, info), target_halves(len(images.images), 0)
+    return (normal[first], images.labels[first]), (normal[second], images.labels[second])
+
+
 def interpolated(source: torch.nn.Module, adapted: torch.nn.Module, alpha: float) -> torch.nn.Module:
     net, ws, wa = copy.deepcopy(source), source.state_dict(), adapted.state_dict()
     net.load_state_dict({k: alpha * wa[k] + (1 - alpha) * ws[k] if ws[k].is_floating_point() else wa[k] for k in ws})
@@ -68,7 +79,6 @@ def main() -> None:
     rows = json.loads(args.out.read_text()) if args.out.is_file() else []
     rows = [{**row, "by_alpha": {float(a): v for a, v in row["by_alpha"].items()}} for row in rows]  # JSON keys
     done = {(row["run"], row["weights"]) for row in rows}
-    targets = {}
     for summary_file in sorted(args.work.glob("adapt/**/seed*/summary.json")):
         run, summary = summary_file.parent, json.loads(summary_file.read_text())
         if not (run / "model_selected.safetensors").is_file():
@@ -76,18 +86,13 @@ def main() -> None:
         if all((str(run), which) in done for which in args.weights):
             continue
         source_file = Path(summary["source"])
-        key = (str(source_file), summary["target"])
-        if key not in targets:
-            info = read_info(source_file)
-            target = target_images(DataConfig(name=summary["target"]), info)
-            images, (first, second) = normalized(target.images, info), target_halves(len(target.images), 0)
-            targets[key] = ((images[first], target.labels[first]), (images[second], target.labels[second]))
+        halves = run_halves(str(source_file), summary["target"])
         source = load_model(source_file)[0].eval()
         for which in args.weights:
             if (str(run), which) in done:
                 continue
             adapted = load_model(run / which)[0].eval()
-            by_alpha = {a: scores(interpolated(source, adapted, a), *targets[key]) for a in ALPHAS}
+            by_alpha = {a: scores(interpolated(source, adapted, a), *halves) for a in ALPHAS}
             rows.append(
                 {
                     "run": str(run),

@@ -22,11 +22,9 @@ import statistics
 from pathlib import Path
 
 import torch
+from interpolation_probe import run_halves  # benchmarks/, beside this script
 
-from dfkt.api.adapt import target_halves, target_images
-from dfkt.api.common import normalized
-from dfkt.config import DataConfig
-from dfkt.models.files import load_model, read_info
+from dfkt.models.files import load_model
 from dfkt.sfda.interpolation import agreement_share, interpolate_with_source, reestimate_batchnorm
 
 COLUMNS = ("source", "source_bn", "as_adapted", "as_adapted_bn", "agreement", "agreement_bn")
@@ -57,22 +55,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = json.loads(args.out.read_text()) if args.out.is_file() else []
-    done, targets = {row["run"] for row in rows}, {}
+    done = {row["run"] for row in rows}
     for summary_file in sorted(args.work.glob("adapt/**/seed*/summary.json")):
         run, summary = summary_file.parent, json.loads(summary_file.read_text())
         wanted = not args.targets or any(t in summary["target"] for t in args.targets)
         if str(run) in done or not wanted or not (run / "model_selected.safetensors").is_file():
             continue
         source_file = Path(summary["source"])
-        key = (str(source_file), summary["target"])
-        if key not in targets:
-            info = read_info(source_file)
-            target = target_images(DataConfig(name=summary["target"]), info)
-            images, (first, second) = normalized(target.images, info), target_halves(len(target.images), 0)
-            targets[key] = (images[first], (images[second], target.labels[second]))
+        (adapted_half, _), held_out = run_halves(str(source_file), summary["target"])
         source, adapted = load_model(source_file)[0], load_model(run / "model_selected.safetensors")[0]
         row = {"run": str(run), "target": summary["target"], "method": summary["method"]}
-        rows.append({**row, **probe(source, adapted, *targets[key])})
+        rows.append({**row, **probe(source, adapted, adapted_half, held_out)})
         args.out.write_text(json.dumps(rows, indent=1))
         print(run, {c: round(100 * rows[-1][c], 1) for c in COLUMNS}, flush=True)
     groups = collections.defaultdict(list)
