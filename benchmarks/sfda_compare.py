@@ -607,18 +607,23 @@ def failures(runs: dict, oracles: dict) -> list[dict]:
 
 def selection_check(summary: dict) -> dict | None:
     """One run's label-free choice against its best epoch (transductive accuracy on the adapted half,
-    over the curve's evaluations); None for a failed run or one without a multi-epoch curve."""
-    curve = [e["adapted_acc"] for e in summary.get("curve", []) if e.get("adapted_acc") is not None]
+    over the curve's evaluations after adapting began); None for a failed run or one without a
+    multi-epoch curve."""
+    curve = [e for e in summary.get("curve", []) if e.get("adapted_acc") is not None]
+    # Step 0 is the source model, scored but never chosen: the choice is among the epochs after it.
+    epochs = [e["adapted_acc"] for e in curve if e.get("step") != 0]
+    before = [e["adapted_acc"] for e in curve if e.get("step") == 0]
     # The curve is of the weights as adapting left them: compare it with the choice before any interpolation.
     chosen = (summary.get("as_adapted") or summary).get("selected", {}).get("transductive")
-    if "failed" in summary or len(curve) < 2 or chosen is None:
+    if "failed" in summary or len(epochs) < 2 or chosen is None:
         return None
-    best = max(curve)
+    best = max(epochs)
     return {
         "best_epoch_acc": best,
         "selected_acc": chosen,
-        "final_acc": curve[-1],
+        "final_acc": epochs[-1],
         "within_1_point": chosen >= best - WITHIN - 1e-9,
+        "source_above_every_epoch": bool(before) and before[0] > best,
         "warned": bool(summary.get("warnings")),
     }
 
@@ -642,6 +647,7 @@ def selection(runs: dict) -> dict:
         "by_method": {m: share(cs) for m, cs in checks.items()},
         "all": share(every),
         "warned": sum(c["warned"] for c in every),
+        "source_above_every_epoch": sum(c.get("source_above_every_epoch", False) for c in every),
     }
 
 
@@ -955,7 +961,9 @@ def selection_lines(sel: dict) -> list[str]:
     return [
         f"Over the runs with several evaluations: the label-free choice is within 1 point of the "
         f"run's best epoch (transductive accuracy) in **{sel['all']['within']} of {sel['all']['runs']}** runs; "
-        f"{sel['warned']} of them warned that the score finds the adapted model worse than the source model.",
+        f"{sel['warned']} of them warned that the score finds the adapted model worse than the source model. "
+        f"In {sel.get('source_above_every_epoch', 'n/a')} of them the source model (scored before the first "
+        "step, never chosen) was above every epoch.",
         "",
         *by_method,
     ]

@@ -247,3 +247,30 @@ def test_b5_aims_computed_from_the_results_and_printed():
     report = bench.b5_markdown(data, None)
     aims = report[report.index("## Aims of issue 14 for B5") : report.index("Published anchor")]
     assert [line.split("**")[1] for line in aims.splitlines() if line.startswith("- ")] == verdicts(data)
+
+
+def test_the_label_free_choice_is_checked_against_the_epochs_it_could_choose():
+    """Step 0 is the source model, scored but never chosen: a run whose every epoch falls below the
+    source is judged on its epochs, and counted apart as one where the source was above them all."""
+    falling = {
+        "curve": [
+            {"step": 0, "adapted_acc": 0.86},
+            *({"step": 79 * k, "adapted_acc": 0.83 - 0.01 * k} for k in (1, 2, 3)),
+        ],
+        "selected": {"transductive": 0.82},
+        "as_adapted": {"selected": {"transductive": 0.82}},  # the figures before a source share
+    }
+    check = bench.selection_check({**falling, "selected": {"transductive": 0.85}})
+    assert check["best_epoch_acc"] == 0.82 and check["within_1_point"] and check["source_above_every_epoch"]
+    rising = {
+        "curve": [
+            {"step": 0, "adapted_acc": 0.60},
+            {"step": 79, "adapted_acc": 0.70},
+            {"step": 158, "adapted_acc": 0.75},
+        ],
+        "selected": {"transductive": 0.70},
+    }
+    check = bench.selection_check(rising)
+    assert not check["within_1_point"] and not check["source_above_every_epoch"]
+    counted = bench.selection({"t": {"shot": {1: falling, 2: rising}}})
+    assert counted["all"]["within"] == 1 and counted["source_above_every_epoch"] == 1
