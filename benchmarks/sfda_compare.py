@@ -473,8 +473,11 @@ def oracles(args: argparse.Namespace, tasks: dict[str, tuple[str, str, Path]]) -
 
 # -- the adaptation runs -------------------------------------------------------------------------
 def method_folder(args: argparse.Namespace, method: str) -> str:
-    """METHOD for the cpu preset (the folders of earlier runs), METHOD-PRESET for another one."""
-    return method if args.preset == "cpu" else f"{method}-{args.preset}"
+    """METHOD for the cpu preset (the folders of earlier runs), METHOD-PRESET for another one, then
+    +KEY=VALUE for each --set setting: runs with other settings are never taken for these (a resume
+    would refuse them anyway), and one --work can hold both beside the same sources and oracles."""
+    name = method if args.preset == "cpu" else f"{method}-{args.preset}"
+    return "+".join([name, *sorted(o.replace("/", "_") for o in args.overrides)])
 
 
 def run_dir(args: argparse.Namespace, target: str, method: str, seed: int) -> Path:

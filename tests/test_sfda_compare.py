@@ -83,6 +83,12 @@ def test_the_paper_preset_reaches_dfkt_adapt_and_keeps_its_runs_apart(tmp_path):
     source = tmp_path / "model.safetensors"
     command = bench.adapt_run(presets["paper"], source, "digits", "shot", 1, folders["paper"]).command
     assert command[command.index("--preset") + 1] == "paper"
+    # --set settings name the folders too, so a run with other settings is never taken for one without.
+    settings = ["params.source_share=agreement", "params.reestimate_batchnorm=true"]
+    tagged = bench.parse_args(["--work", str(tmp_path), "--set", *settings])
+    folder = bench.run_dir(tagged, "fmnist-c:contrast:3:mnist-c", "shot", 1)
+    assert folder.parent.name == "shot+params.reestimate_batchnorm=true+params.source_share=agreement"
+    assert folder.parents[1] == folders["cpu"].parents[1]  # beside the untagged runs of the same target
 
 
 def result(accuracy: float) -> dict:
