@@ -141,3 +141,41 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
         holder.wait()
     assert main([*args, *[x for s in FAST_ENGINE for x in ("--set", s)]]) == 0  # free again once it has ended
     assert (out / "summary.json").is_file()
+
+
+def test_a_run_folder_in_use_stops_every_rank_of_a_multi_process_run(tmp_path):
+    """Rank 0 holds the lock; the other ranks must stop with its reason, not in a broken collective."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = "import sys, time; from pathlib import Path; from dfkt.engine.lock import lock_run_dir; "
+    hold += "held = lock_run_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["train-teacher", "--model", "digits_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)]
+        for setting in (*FAST_ENGINE, "engine.devices=2", "engine.threads=1"):
+            args += ["--set", setting]
+        run = subprocess.run([sys.executable, "-m", "dfkt.cli", *args], capture_output=True, text=True, timeout=240)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.returncode == 2
+    assert run.stderr.count(f"in use by another dfkt process (PID {holder.pid})") == 2, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from dfkt.engine.lock import lock_run_dir
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="not guarded"):
+        assert lock_run_dir(tmp_path) is None

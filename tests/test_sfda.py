@@ -458,11 +458,20 @@ def test_source_share_writes_the_weights_between_the_adapted_and_the_source_mode
                 assert torch.equal(source_again[name][k], w), (name, k)
     # The figures of the adapted weights are kept; those of the written weights are the interpolation's.
     for part in ("adapted", "selected"):
-        for kind in ("transductive", "inductive"):
-            assert half["as_adapted"][part][kind] == plain[part][kind]
+        for kind in ("transductive", "inductive", "label_free_score"):
+            assert half["as_adapted"][part][kind] == pytest.approx(plain[part][kind])
             assert whole[part][kind] == whole["source_only"][kind]
     assert whole["adapted"]["label_free_score"] == pytest.approx(whole["source_only"]["label_free_score"])
     assert whole["warnings"] == []
+
+
+def test_source_share_is_a_number_or_agreement_not_a_switch():
+    from pydantic import ValidationError
+
+    shot = ADAPT_METHODS.get("shot")
+    assert shot.Config(source_share="agreement").source_share == "agreement"
+    with pytest.raises(ValidationError, match="a number in \\[0, 1\\] or 'agreement', not true/false"):
+        shot.Config(source_share=True)  # would write the source model itself
 
 
 def test_source_share_by_agreement_is_the_squared_share_of_images_both_models_put_in_one_class(digits_source, tmp_path):
@@ -523,3 +532,8 @@ def test_reestimated_batchnorm_statistics_are_those_of_the_features_with_dropout
     assert torch.allclose(net[2].running_var, features.var(0), rtol=0.05)
     assert (net[0].training, net[1].training, net[2].training) == (True, False, False)  # modes as before
     assert net[2].momentum == 0.1 and net[2].weight.requires_grad
+    # 513 images at batch 256: a last batch of one would fail in BatchNorm1d, and a short last batch
+    # would weigh as much as a full one; near-equal chunks weigh every image alike.
+    images = torch.cat([torch.randn(470, 4), torch.randn(43, 4) + 10])
+    reestimate_batchnorm(net, images)
+    assert torch.allclose(net[2].running_mean, net[1](images).detach().mean(0), atol=0.02)

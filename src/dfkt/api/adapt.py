@@ -233,10 +233,15 @@ class Adaptation:
         as_adapted, shares = None, {"setting": setting, "final": 0.0, "selected": 0.0}
         if setting or reestimate:
             as_adapted = {
-                "adapted": {"transductive": transductive, "inductive": self.accuracy(engine, model, held_out)},
+                "adapted": {
+                    "transductive": transductive,
+                    "inductive": self.accuracy(engine, model, held_out),
+                    "label_free_score": final_score,
+                },
                 "selected": {
                     "transductive": self.accuracy(engine, selected, adapted_half),
                     "inductive": self.accuracy(engine, selected, held_out),
+                    "label_free_score": selected_score,
                 },
             }
             source_classes = predict_classes(self.source_model, self.setup.images, engine)

@@ -121,10 +121,18 @@ class Engine:
         self.budget_left: float | None = None
         # Every rank writes into rank 0's folder (its default name carries rank 0's clock).
         self.run_dir = self.fabric.broadcast(run_dir, 0) if several else run_dir
-        log_path, self.run_lock = None, None
+        log_path, self.run_lock, refused = None, None, None
         if self.run_dir is not None and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.run_lock = lock_run_dir(self.run_dir)
+            try:
+                self.run_lock = lock_run_dir(self.run_dir)
+            except DfktError as exc:
+                refused = str(exc)
+        if several and self.run_dir is not None:
+            refused = self.fabric.broadcast(refused, 0)  # every rank stops with rank 0's reason
+        if refused:
+            raise DfktError(refused)
+        if self.run_dir is not None and self.is_main:
             env = environment(self.device, self.precision, self.world_size)
             env["channels_last"] = cfg.channels_last
             (self.run_dir / "env.json").write_text(json.dumps(env, indent=2))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import warnings
 from pathlib import Path
 from typing import IO
 
@@ -14,7 +16,7 @@ LOCK = ".lock"
 def lock_run_dir(run_dir: Path) -> IO[str] | None:
     """Hold an exclusive lock on ``run_dir`` until the returned file is closed (or the process ends);
     an error naming the holder's PID when another process holds it. None where file locks are not
-    available (not POSIX)."""
+    available (not POSIX, or a file system without flock)."""
     try:
         import fcntl
     except ImportError:
@@ -22,7 +24,12 @@ def lock_run_dir(run_dir: Path) -> IO[str] | None:
     handle = open(run_dir / LOCK, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            # A file system without flock (some NFS, FUSE or Lustre mounts): run unguarded, not refused.
+            handle.close()
+            warnings.warn(f"cannot lock run folder {run_dir} ({exc.strerror}); runs into it are not guarded")
+            return None
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from dfkt.config import StrictModel
@@ -84,6 +84,13 @@ class OfflineConfig(StrictModel):
         description="recompute the written models' BatchNorm running statistics on the adapted images, with "
         "dropout off (after any interpolation with the source), as SWA does after averaging weights",
     )
+
+    @field_validator("source_share", mode="before")
+    @classmethod
+    def _share_is_not_a_switch(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # true would silently write the source model itself (s = 1)
+            raise ValueError("source_share takes a number in [0, 1] or 'agreement', not true/false")
+        return value
 
 
 class AdaptMethod(TrainState):

@@ -58,8 +58,10 @@ def reestimate_batchnorm(net: nn.Module, images: Tensor, batch_size: int = 256) 
         m.momentum = None
         m.train()
     try:
-        for start in range(0, len(images), batch_size):
-            net(images[start : start + batch_size])
+        # Near-equal chunks: the cumulative average weighs batches, not images, so a short last batch
+        # would count as much as a full one (and a batch of one image fails in BatchNorm1d).
+        for chunk in torch.tensor_split(images, max(1, -(-len(images) // batch_size))):
+            net(chunk)
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
