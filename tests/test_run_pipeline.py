@@ -1,8 +1,13 @@
 """The one run pipeline of distill, adapt and the trainers (dfkt.api.pipeline): run folder, engine
 (closed however the run ends), method, run, summary, weights."""
 
+import contextlib
 import functools
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,51 +124,47 @@ def test_each_training_command_closes_its_engine_when_its_method_fails(command, 
     assert (tmp_path / "run" / "env.json").is_file()  # the run had begun: folder and engine
 
 
-def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
-    import subprocess
-    import sys
-
-    from dfkt.cli import main
-
-    out = tmp_path / "run"
-    out.mkdir()
+@contextlib.contextmanager
+def held_by_another_process(folder: Path) -> Iterator[int]:
+    """``folder`` locked by a separate Python process (its PID yielded) until the block ends."""
+    folder.mkdir()
     hold = "import sys, time; from pathlib import Path; from dfkt.engine.lock import lock_run_dir; "
     hold += "held = lock_run_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        args = ["train-teacher", "--model", "digits_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)]
-        assert main([*args, *[x for s in FAST_ENGINE for x in ("--set", s)]]) == 2
-        err = capsys.readouterr().err
-        assert f"in use by another dfkt process (PID {holder.pid})" in err and not (out / "checkpoint.pt").exists()
+        yield holder.pid
     finally:
         holder.kill()
         holder.wait()
-    assert main([*args, *[x for s in FAST_ENGINE for x in ("--set", s)]]) == 0  # free again once it has ended
+
+
+TEACHER_ARGS = ["train-teacher", "--model", "digits_cnn", "--data", "digits", "--epochs", "1"]
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
+    from dfkt.cli import main
+
+    out = tmp_path / "run"
+    args = [*TEACHER_ARGS, "--out", str(out), *[x for s in FAST_ENGINE for x in ("--set", s)]]
+    with held_by_another_process(out) as pid:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"in use by another dfkt process (PID {pid})" in err and not (out / "checkpoint.pt").exists()
+    assert main(args) == 0  # free again once it has ended
     assert (out / "summary.json").is_file()
 
 
 def test_a_run_folder_in_use_stops_every_rank_of_a_multi_process_run(tmp_path):
     """Rank 0 holds the lock; the other ranks must stop with its reason, not in a broken collective."""
-    import subprocess
-    import sys
-
     out = tmp_path / "run"
-    out.mkdir()
-    hold = "import sys, time; from pathlib import Path; from dfkt.engine.lock import lock_run_dir; "
-    hold += "held = lock_run_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        args = ["train-teacher", "--model", "digits_cnn", "--data", "digits", "--epochs", "1", "--out", str(out)]
-        for setting in (*FAST_ENGINE, "engine.devices=2", "engine.threads=1"):
-            args += ["--set", setting]
+    args = [*TEACHER_ARGS, "--out", str(out)]
+    for setting in (*FAST_ENGINE, "engine.devices=2", "engine.threads=1"):
+        args += ["--set", setting]
+    with held_by_another_process(out) as pid:
         run = subprocess.run([sys.executable, "-m", "dfkt.cli", *args], capture_output=True, text=True, timeout=240)
-    finally:
-        holder.kill()
-        holder.wait()
     assert run.returncode == 2
-    assert run.stderr.count(f"in use by another dfkt process (PID {holder.pid})") == 2, run.stderr[-2000:]
+    assert run.stderr.count(f"in use by another dfkt process (PID {pid})") == 2, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
 
 
