@@ -67,8 +67,17 @@ from report import analysis_section, command_line, heading, mean_std, pool_machi
 from runner import Run, dfkt_command, engine_settings, finished, run_pool, threads_alone  # noqa: E402
 
 from dfkt import api  # noqa: E402
+from dfkt.api.common import method_config  # noqa: E402
 from dfkt.commands import TRAIN_SOURCE  # noqa: E402
-from dfkt.config import SOURCE_PRESETS, DataConfig, EngineConfig, RealTrainingConfig, load_yaml, parse_override  # noqa: E402
+from dfkt.config import (  # noqa: E402
+    SOURCE_PRESETS,
+    DataConfig,
+    EngineConfig,
+    RealTrainingConfig,
+    apply_overrides,
+    load_yaml,
+    parse_override,
+)
 from dfkt.data import normalize  # noqa: E402
 from dfkt.data.corruptions import CORRUPTIONS, DEFAULT_SCALE, GEOMETRIC, MNIST_C_SEVERITY, SCALES  # noqa: E402
 from dfkt.data.shifted import parse_shift  # noqa: E402
@@ -485,12 +494,30 @@ def run_dir(args: argparse.Namespace, target: str, method: str, seed: int) -> Pa
     return args.work / "adapt" / args.models[0] / folder_name(target) / method_folder(args, method) / f"seed{seed}"
 
 
+def settings_changed(folder: Path, method: str, preset: str, settings: list[str]) -> list[str]:
+    """How the method settings (``params``) of a finished run in ``folder`` differ from those its command
+    would now resolve to: a finished run is reused without running, so a preset changed since would
+    otherwise pass its old results off as the new preset's."""
+    if finished(folder) is None or not (folder / "config.yaml").is_file():
+        return []
+    given = apply_overrides({}, [s for s in settings if s.startswith("params.")]).get("params", {})
+    now = method_config(ADAPT_METHODS.get(method), method, preset, given).model_dump(mode="json")
+    then = load_yaml(folder / "config.yaml").get("params", {})
+    return [f"{key}: {then.get(key)!r} there, {value!r} now" for key, value in now.items() if then.get(key) != value]
+
+
 def adapt_run(args: argparse.Namespace, source_file: Path, target: str, method: str, seed: int, folder: Path) -> Run:
     """One `dfkt adapt` run with the method's --preset; --resume makes a run killed midway continue."""
     settings = [*engine_settings(seed, args.threads_per_run), *args.overrides]
     if method in ("tent", "bn_adapt") and read_info(source_file).arch == "shot_lenet":
         # shot_lenet's only BatchNorm is its bottleneck's BatchNorm1d, which Tent leaves alone by default.
         settings.append("params.include_batchnorm1d=true")
+    changed = settings_changed(folder, method, args.preset, settings)
+    if changed:
+        raise SystemExit(
+            f"{folder} finished with other method settings than this command gives ({'; '.join(changed)}), "
+            "e.g. a preset that has changed since: use another --work, or move that folder away to run it again"
+        )
     return Run(
         dfkt_command(
             "adapt",

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import sfda_compare as bench  # noqa: E402
@@ -89,6 +90,23 @@ def test_the_paper_preset_reaches_dfkt_adapt_and_keeps_its_runs_apart(tmp_path):
     folder = bench.run_dir(tagged, "fmnist-c:contrast:3:mnist-c", "shot", 1)
     assert folder.parent.name == "shot+params.reestimate_batchnorm=true+params.source_share=agreement"
     assert folder.parents[1] == folders["cpu"].parents[1]  # beside the untagged runs of the same target
+
+
+def test_a_finished_run_of_other_method_settings_is_refused_not_reused(tmp_path):
+    args = bench.parse_args(["--work", str(tmp_path)])
+    folder = bench.run_dir(args, "fmnist-c:contrast:3:mnist-c", "shot", 1)
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text("{}")
+    then = bench.method_config(bench.ADAPT_METHODS.get("shot"), "shot", "cpu", {}).model_dump(mode="json")
+    (folder / "config.yaml").write_text(yaml.safe_dump({"params": then}))
+    source = tmp_path / "model.safetensors"
+    assert bench.adapt_run(args, source, "t", "shot", 1, folder).folder == folder  # same settings: reused
+    # The run as an older cpu preset made it (the authors' weights as adapted), then the preset changed.
+    (folder / "config.yaml").write_text(yaml.safe_dump({"params": {**then, "source_share": 0.0}}))
+    with pytest.raises(SystemExit, match="source_share: 0.0 there, .* now"):
+        bench.adapt_run(args, source, "t", "shot", 1, folder)
+    (folder / "summary.json").unlink()  # not finished: dfkt adapt --resume decides (and refuses a change)
+    assert bench.adapt_run(args, source, "t", "shot", 1, folder).folder == folder
 
 
 def result(accuracy: float) -> dict:
