@@ -61,6 +61,23 @@ def make(method: str, source: str, **params):
     return cls(cls.Config(**{**cls.presets["cpu"], **epochs, **params}), AdaptSetup(model, images, engine))
 
 
+@pytest.mark.parametrize(
+    "images, max_steps, steps",
+    [
+        (96, None, 30 * 2),  # 96 images in batches of 64: 2 steps an epoch, every epoch
+        (96, 400, 30 * 2),  # a small target keeps every epoch under the cap
+        (64 * 30, 400, 13 * 30),  # 30 steps an epoch: the whole epochs that fit in 400
+        (64 * 30, 20, 30),  # a cap below one epoch still runs one
+    ],
+)
+def test_a_step_cap_keeps_the_whole_epochs_that_fit(images, max_steps, steps, digits_source):
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    model = engine.prepare(load_model(digits_source)[0], trainable=True)
+    cls = ADAPT_METHODS.get("shot")
+    runner = cls(cls.Config(epochs=30, max_steps=max_steps), AdaptSetup(model, torch.randn(images, 1, 8, 8), engine))
+    assert runner.total_steps == steps == runner.stages()[0].steps
+
+
 def run_steps(runner, n: int) -> None:
     """The first ``n`` steps of each stage, through the engine (which sets the modes)."""
     for stage in runner.stages():

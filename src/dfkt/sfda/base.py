@@ -56,6 +56,12 @@ class BatchNormConfig(OnlineConfig):
 class OfflineConfig(StrictModel):
     batch_size: int = Field(64, ge=2)
     epochs: int = Field(30, ge=1)
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="a cap on the run's steps: it keeps as many whole epochs of `epochs` as fit (at least "
+        "one), so a large target costs at most this much and a small one gets every epoch",
+    )
     lr: float = Field(0.01, gt=0)
     backbone_lr_mult: float = Field(
         1.0, ge=0, description="lr multiplier of the feature extractor (NRC/AaD/SHOT-objects authors: 0.1)"
