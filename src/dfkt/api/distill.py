@@ -26,6 +26,7 @@ from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
 from dfkt.models.files import ModelInfo, load_model, model_path, model_sha256, read_info
 from dfkt.models.foreign import ForeignClassifier, foreign_kind, foreign_sha256, infer_info, load_foreign
+from dfkt.models.slicing import init_from_teacher
 from dfkt.registry import METHODS, MODELS
 from dfkt.report.grid import save_class_grid
 from dfkt.selection import VALIDATION_IMAGES, TeacherAgreementSelection
@@ -112,6 +113,8 @@ class Distillation:
         cfg, loaded, info = self.cfg, self.loaded, self.loaded.info
         self.teacher = engine.prepare(loaded.net, trainable=False)
         self.student = build_model(self.student_info.arch, info.num_classes, info.in_channels, info.image_size)
+        if cfg.student_init == "teacher":
+            init_from_teacher(self.student, loaded.net)
         self.setup = DistillSetup(
             self.teacher,
             engine.prepare(self.student, trainable=True),
