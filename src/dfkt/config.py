@@ -224,11 +224,6 @@ class DistillConfig(StrictModel):
     )
     teacher_info: DeclaredInfo = DeclaredInfo()
     student: str | None = Field(None, description="student architecture; default: the teacher's half-width partner")
-    student_init: Literal["random", "teacher"] = Field(
-        "random",
-        description="the student's starting weights: random (the papers), or teacher: the leading "
-        "slice of each of the teacher's tensors, for a student that is the teacher with fewer channels",
-    )
     data: DataConfig = DataConfig()
     params: dict[str, Any] = {}
     eval_every: int | None = Field(

@@ -26,7 +26,7 @@ from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
 from dfkt.models.files import ModelInfo, load_model, model_path, model_sha256, read_info
 from dfkt.models.foreign import ForeignClassifier, foreign_kind, foreign_sha256, infer_info, load_foreign
-from dfkt.models.slicing import init_from_teacher
+from dfkt.models.slicing import init_from_teacher, leading_slice_state
 from dfkt.registry import METHODS, MODELS
 from dfkt.report.grid import save_class_grid
 from dfkt.selection import VALIDATION_IMAGES, TeacherAgreementSelection
@@ -108,12 +108,16 @@ class Distillation:
         self.student_info = ModelInfo(
             student_arch, info.num_classes, info.in_channels, info.image_size, info.mean, info.std, info.dataset
         )
+        if method_cfg.student_init == "teacher":  # refuse a student the teacher cannot start now, not later
+            leading_slice_state(
+                build_model(student_arch, info.num_classes, info.in_channels, info.image_size), loaded.net
+            )
 
     def start(self, engine: Engine) -> Training:
         cfg, loaded, info = self.cfg, self.loaded, self.loaded.info
         self.teacher = engine.prepare(loaded.net, trainable=False)
         self.student = build_model(self.student_info.arch, info.num_classes, info.in_channels, info.image_size)
-        if cfg.student_init == "teacher":
+        if self.method_cfg.student_init == "teacher":
             init_from_teacher(self.student, loaded.net)
         self.setup = DistillSetup(
             self.teacher,

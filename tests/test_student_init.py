@@ -1,0 +1,84 @@
+"""Tests for params.student_init=teacher: a narrower student started from its teacher's weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dfkt import api
+from dfkt.api.distill import Distillation, resolve_distill_config
+from dfkt.errors import ConfigError
+from dfkt.models import build_model
+from dfkt.models.slicing import init_from_teacher, leading_slice_state
+from tests.conftest import tiny_rdskd
+
+
+def doubled_teacher(name: str, half: torch.nn.Module, in_channels: int, image_size: int) -> torch.nn.Module:
+    """A teacher whose every doubled dimension repeats the half network's weights: each channel beyond
+    the first half copies one of it, and each input it reads beyond the first half reads the copy. It
+    then computes what the half network computes with its fan-in doubled."""
+    teacher = build_model(name, 10, in_channels, image_size)
+    state = teacher.state_dict()
+    for key, small in half.state_dict().items():
+        big = state[key]
+        value = small.clone()
+        for dim, (s, b) in enumerate(zip(small.shape, big.shape, strict=True)):
+            if b != s:
+                assert b == 2 * s, (key, small.shape, big.shape)
+                value = torch.cat([value, value], dim=dim)
+        if small.dim() >= 2 and big.shape[1] == 2 * small.shape[1]:
+            value = value / 2  # each input is read twice, so each read counts half
+        state[key] = value
+    teacher.load_state_dict(state)
+    return teacher
+
+
+@pytest.mark.parametrize(
+    ("teacher_name", "student_name", "in_channels", "image_size"),
+    [("lenet5", "lenet5_half", 1, 32), ("digits_cnn", "digits_cnn_half", 1, 8)],
+)
+def test_a_student_sliced_from_a_teacher_with_repeated_channels_computes_the_teacher(
+    teacher_name, student_name, in_channels, image_size
+):
+    torch.manual_seed(0)
+    half = build_model(student_name, 10, in_channels, image_size)
+    for module in half.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    teacher = doubled_teacher(teacher_name, half, in_channels, image_size).eval()
+    student = build_model(student_name, 10, in_channels, image_size)
+    init_from_teacher(student, teacher)
+    x = torch.randn(8, in_channels, image_size, image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(student.eval()(x), teacher(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_student_that_is_not_the_teacher_narrowed_is_refused():
+    teacher = build_model("digits_cnn_half", 10, 1, 8)
+    with pytest.raises(ConfigError, match="fewer channels"):  # wider than the teacher
+        leading_slice_state(build_model("digits_cnn", 10, 1, 8), teacher)
+    with pytest.raises(ConfigError, match="half-width partner"):  # another architecture
+        leading_slice_state(build_model("wrn16_1", 10, 1, 8), teacher)
+
+
+def test_distill_starts_the_student_from_the_teacher(digits_teacher, tmp_path):
+    # A student as wide as the teacher starts as its copy: the first evaluation is the teacher's accuracy.
+    summary = api.distill(
+        "rdskd",
+        digits_teacher,
+        "digits_cnn",
+        overrides=tiny_rdskd(student_init="teacher"),
+        out=tmp_path / "run",
+    )
+    assert summary["curve"][0]["step"] == 0
+    assert summary["curve"][0]["test_acc"] == pytest.approx(summary["teacher_acc"])
+
+
+def test_distill_refuses_a_student_the_teacher_cannot_start_before_the_run_begins(digits_teacher):
+    # Checked where the job is made (in the launching process), not in start() (in every worker).
+    cfg, method_cfg = resolve_distill_config(
+        "rdskd", digits_teacher, "wrn16_1", overrides=tiny_rdskd(student_init="teacher")
+    )
+    with pytest.raises(ConfigError, match="half-width partner"):
+        Distillation(cfg, method_cfg, resume=False)
