@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from dfkt import api
-from dfkt.api.distill import Distillation, resolve_distill_config
+from dfkt.api.distill import Distillation, resolve_distill_config, student_start
 from dfkt.errors import ConfigError
 from dfkt.models import build_model
+from dfkt.models.files import ModelInfo, load_model, read_info
+from dfkt.models.foreign import ForeignClassifier
 from dfkt.models.slicing import init_from_teacher, leading_slice_state
 from tests.conftest import tiny_rdskd
 
@@ -54,12 +56,40 @@ def test_a_student_sliced_from_a_teacher_with_repeated_channels_computes_the_tea
         torch.testing.assert_close(student.eval()(x), teacher(x), rtol=1e-4, atol=1e-5)
 
 
-def test_a_student_that_is_not_the_teacher_narrowed_is_refused():
-    teacher = build_model("digits_cnn_half", 10, 1, 8)
-    with pytest.raises(ConfigError, match="fewer channels"):  # wider than the teacher
-        leading_slice_state(build_model("digits_cnn", 10, 1, 8), teacher)
-    with pytest.raises(ConfigError, match="half-width partner"):  # another architecture
-        leading_slice_state(build_model("wrn16_1", 10, 1, 8), teacher)
+def test_each_tensor_is_the_teachers_leading_slice_with_the_fan_in_rescaled():
+    torch.manual_seed(0)
+    teacher = build_model("lenet5", 10, 1, 32)  # random weights: the two halves of every tensor differ
+    state = leading_slice_state(build_model("lenet5_half", 10, 1, 32), teacher)
+    source = teacher.state_dict()
+    torch.testing.assert_close(state["backbone.0.weight"], source["backbone.0.weight"][:3])  # 1 input: kept
+    torch.testing.assert_close(state["backbone.3.weight"], source["backbone.3.weight"][:8, :3] * 2)
+    torch.testing.assert_close(state["backbone.6.weight"], source["backbone.6.weight"][:60, :8] * 2)
+    torch.testing.assert_close(state["head.2.weight"], source["head.2.weight"][:, :42] * 2)
+    torch.testing.assert_close(state["head.2.bias"], source["head.2.bias"])
+
+
+@pytest.mark.parametrize(
+    ("teacher_name", "student_name", "message"),
+    [
+        ("digits_cnn_half", "digits_cnn", "fewer channels"),  # wider than the teacher
+        ("digits_cnn", "wrn16_1", "half-width partner"),  # another architecture
+        ("wrn16_2", "wrn16_1", "half-width partner"),  # a projection shortcut only the teacher has
+        ("resnet34", "resnet18", "half-width partner"),  # shallower, not narrower
+    ],
+)
+def test_a_student_that_is_not_the_teacher_narrowed_is_refused(teacher_name, student_name, message):
+    with pytest.raises(ConfigError, match=message):
+        leading_slice_state(build_model(student_name, 10, 1, 8), build_model(teacher_name, 10, 1, 8))
+
+
+def test_a_teacher_from_outside_dfkt_starts_the_student_at_random_or_is_refused():
+    net = build_model("lenet5", 10, 1, 32)
+    info = ModelInfo("lenet5", 10, 1, 32, (0.5,), (0.5,), None)
+    outside = ForeignClassifier(net, "callable")
+    assert student_start("auto", "lenet5_half", info, outside) == "random"
+    assert student_start("auto", "lenet5_half", info, net) == "teacher"
+    with pytest.raises(ConfigError, match="built by dfkt"):
+        student_start("teacher", "lenet5_half", info, outside)
 
 
 def test_distill_starts_the_student_from_the_teacher(digits_teacher, tmp_path):
@@ -71,14 +101,22 @@ def test_distill_starts_the_student_from_the_teacher(digits_teacher, tmp_path):
         overrides=tiny_rdskd(student_init="teacher"),
         out=tmp_path / "run",
     )
-    assert summary["curve"][0]["step"] == 0
+    assert summary["student_init"] == "teacher" and summary["curve"][0]["step"] == 0
     assert summary["curve"][0]["test_acc"] == pytest.approx(summary["teacher_acc"])
 
 
 def test_distill_refuses_a_student_the_teacher_cannot_start_before_the_run_begins(digits_teacher):
-    # Checked where the job is made (in the launching process), not in start() (in every worker).
+    # Checked when the job is made, before any folder is written, not in start().
     cfg, method_cfg = resolve_distill_config(
         "rdskd", digits_teacher, "wrn16_1", overrides=tiny_rdskd(student_init="teacher")
     )
     with pytest.raises(ConfigError, match="half-width partner"):
         Distillation(cfg, method_cfg, resume=False)
+
+
+def test_auto_starts_from_the_teacher_only_where_it_can(digits_teacher):
+    info = read_info(digits_teacher)
+    teacher, _ = load_model(digits_teacher)
+    assert student_start("auto", "digits_cnn_half", info, teacher) == "teacher"
+    assert student_start("auto", "wrn16_1", info, teacher) == "random"
+    assert student_start("random", "digits_cnn_half", info, teacher) == "random"

@@ -76,6 +76,29 @@ def distill(
     return pipeline.run(Distillation(cfg, method_cfg, resume), out, resume)
 
 
+def student_start(setting: str, student_arch: str, info: ModelInfo, teacher: torch.nn.Module) -> str:
+    """``random`` or ``teacher``: how the student starts. ``teacher`` is checked when the job is made,
+    before any folder is written; ``auto`` starts from the teacher when the student is the teacher with
+    fewer channels, else at random."""
+    if setting == "random":
+        return setting
+    if isinstance(teacher, (ForeignClassifier, torch.jit.ScriptModule)):
+        if setting == "teacher":
+            raise ConfigError(
+                "student_init=teacher needs a teacher built by dfkt (a model.safetensors from 'dfkt "
+                "train-teacher'), whose tensors a dfkt student shares; a teacher brought in from outside "
+                "starts the student with student_init=random (or auto)"
+            )
+        return "random"
+    try:
+        leading_slice_state(build_model(student_arch, info.num_classes, info.in_channels, info.image_size), teacher)
+    except ConfigError:
+        if setting == "teacher":
+            raise
+        return "random"
+    return "teacher"
+
+
 class Distillation:
     """``dfkt distill`` as a job of the run pipeline. Made before anything is written: it loads the
     teacher and checks the student and the data."""
@@ -108,16 +131,13 @@ class Distillation:
         self.student_info = ModelInfo(
             student_arch, info.num_classes, info.in_channels, info.image_size, info.mean, info.std, info.dataset
         )
-        if method_cfg.student_init == "teacher":  # refuse a student the teacher cannot start now, not later
-            leading_slice_state(
-                build_model(student_arch, info.num_classes, info.in_channels, info.image_size), loaded.net
-            )
+        self.student_start = student_start(method_cfg.student_init, student_arch, info, loaded.net)
 
     def start(self, engine: Engine) -> Training:
         cfg, loaded, info = self.cfg, self.loaded, self.loaded.info
         self.teacher = engine.prepare(loaded.net, trainable=False)
         self.student = build_model(self.student_info.arch, info.num_classes, info.in_channels, info.image_size)
-        if self.method_cfg.student_init == "teacher":
+        if self.student_start == "teacher":
             init_from_teacher(self.student, loaded.net)
         self.setup = DistillSetup(
             self.teacher,
@@ -197,6 +217,7 @@ class Distillation:
             "dataset": loaded.dataset.name,
             "teacher": loaded.name,
             "student": self.student_info.arch,
+            "student_init": self.student_start,
             "teacher_acc": self.test_acc(engine, self.teacher),
             "student_acc": final["accuracy"],
             "student_best_on_test_acc": max([e["test_acc"] for e in curve] + [final["accuracy"]]),

@@ -63,11 +63,12 @@ class StudentTrainingConfig(StrictModel):
         "(ZSKT's authors: 5); none: no clipping",
     )
     temperature: float = Field(10.0, gt=0)
-    student_init: Literal["random", "teacher"] = Field(
+    student_init: Literal["random", "teacher", "auto"] = Field(
         "random",
-        description="the student's starting weights: random (the papers), or teacher: the leading slice of "
-        "each of the teacher's tensors, for a student that is the teacher with fewer channels "
-        "(lenet5 -> lenet5_half)",
+        description="the student's starting weights: random (the papers); teacher: the leading slice of each "
+        "of the teacher's tensors, for a student that is the teacher with fewer channels (lenet5 -> "
+        "lenet5_half); auto: teacher where the student is such a network, else random (summary.json: "
+        "student_init)",
     )
     student_precision: Literal["engine", "32", "auto"] = Field(
         "engine",

@@ -1,14 +1,17 @@
 """A narrower student started from its teacher's weights: every tensor's leading slice.
 
-A half-width student (``lenet5_half`` for ``lenet5``, ``wrn16_1`` for ``wrn16_2``) has the
-teacher's parameter names with fewer channels. Taking the first k channels of every tensor
+A half-width student (``lenet5_half`` for ``lenet5``, ``digits_cnn_half`` for ``digits_cnn``) has the
+teacher's tensor names with fewer channels. Taking the first k channels of every tensor
 keeps the channel choice consistent from one layer to the next, through residual sums and
 channel-major flattening alike, with no knowledge of the graph: output channel i of a layer is
 input channel i of the next in both networks. The student starts with filters the teacher
-learned on real images instead of random ones; distillation then fine-tunes them.
+learned on real images instead of random ones; distillation then fine-tunes them. This is weight
+selection (Xu et al., "Initializing Models with Larger Ones", ICLR 2024) with the same leading
+indices in every layer, applied here to data-free distillation.
 
 A layer that now sums over fewer inputs is scaled by (teacher inputs / student inputs), so its
-pre-activations keep about their size (the same correction as inverted dropout).
+pre-activations keep about their size (the correction of inverted dropout; our addition: on B2's
+LeNet-5 the sliced student scores 33% on the test set with it and 28% without).
 """
 
 from __future__ import annotations
@@ -20,21 +23,31 @@ from dfkt.errors import ConfigError
 
 
 def leading_slice_state(student: nn.Module, teacher: nn.Module) -> dict[str, torch.Tensor]:
-    """The student's state dict filled from the teacher's: equal shapes copied, narrower ones
-    sliced (and fan-in rescaled). Raises ConfigError when the two do not share parameter names or a
-    student tensor is larger than the teacher's in some dimension."""
+    """The student's state dict filled from the teacher's: equal shapes copied, fewer output or input
+    channels sliced (and fan-in rescaled). Raises ConfigError unless the two have the same tensor names and
+    every student tensor differs from the teacher's only in its first two dimensions: a shallower student
+    (resnet34 -> resnet18) or one whose blocks differ (wrn16_2 -> wrn16_1, where the teacher projects a
+    shortcut the student adds unchanged) is not the teacher with fewer channels."""
     target, source = student.state_dict(), teacher.state_dict()
-    missing = [name for name in target if name not in source]
-    if missing:
+    if target.keys() != source.keys():
+        only_student = [name for name in target if name not in source]
+        only_teacher = [name for name in source if name not in target]
+        example = (
+            f"the teacher has no {only_student[0]!r}" if only_student else f"the student has no {only_teacher[0]!r}"
+        )
         raise ConfigError(
-            f"student_init=teacher needs a student built like the teacher with fewer channels; the teacher "
-            f"has no {missing[0]!r} ({len(missing)} of the student's {len(target)} tensors missing). Use the "
-            "teacher's half-width partner (e.g. lenet5 -> lenet5_half) or student_init=random"
+            f"student_init=teacher needs the student to be the teacher with fewer channels; {example} "
+            f"({len(only_student)} student and {len(only_teacher)} teacher tensors unmatched). Use the "
+            "teacher's half-width partner (e.g. lenet5 -> lenet5_half, digits_cnn -> digits_cnn_half) or "
+            "student_init=random"
         )
     state = {}
     for name, mine in target.items():
         theirs = source[name]
-        if mine.dim() != theirs.dim() or any(s > t for s, t in zip(mine.shape, theirs.shape, strict=True)):
+        narrower = mine.dim() == theirs.dim() and all(
+            s == t or (dim < 2 and s < t) for dim, (s, t) in enumerate(zip(mine.shape, theirs.shape, strict=True))
+        )
+        if not narrower:
             raise ConfigError(
                 f"student_init=teacher: the student's {name} is {tuple(mine.shape)}, the teacher's "
                 f"{tuple(theirs.shape)}; the student must be the teacher with fewer channels, or use "
