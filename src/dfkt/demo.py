@@ -1,4 +1,4 @@
-"""``dfkt demo``: the whole pipeline offline on scikit-learn digits, in about 70 s on 2 cores (README)."""
+"""``dfkt demo``: the whole pipeline offline on scikit-learn digits, in 35-90 s on 2 cores (README)."""
 
 from __future__ import annotations
 

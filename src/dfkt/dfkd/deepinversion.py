@@ -60,6 +60,9 @@ class DeepInversionConfig(PooledConfig, BNPriorFields, PixelInversionFields):
 # Left out, each within the seed spread on B2 (fp32 on AVX2, 3 seeds, ablation_b2_deepinversion.md): half of each
 # batch aimed between two classes (target_mix=0.5) 82.3 ± 1.6, rotate + scale 81.9 ± 1.7, mixup 81.7 ± 1.2, against
 # the preset's 82.2 ± 1.8 in the same run.
+# The student started from the teacher's weights where it is the teacher with fewer channels (student_init=auto):
+# 83.4 ± 0.3 on B2 at 10 minutes against 82.2 ± 1.8, and 83.2 ± 0.4 against 81.1 ± 2.2 at 5 (fp32 on AVX2, 3 seeds,
+# benchmarks/analysis/student_init.md).
 CPU = {
     "synthesis_batch": 64,
     "synthesis_iterations": 50,
@@ -76,6 +79,7 @@ CPU = {
     "augment": ["shift", "flip", "cutmix"],
     "pool_size": 40000,
     "average_decay": 0.999,
+    "student_init": "auto",
 }
 
 
