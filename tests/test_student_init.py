@@ -82,14 +82,14 @@ def test_a_student_that_is_not_the_teacher_narrowed_is_refused(teacher_name, stu
         leading_slice_state(build_model(student_name, 10, 1, 8), build_model(teacher_name, 10, 1, 8))
 
 
-def test_a_teacher_from_outside_dfkt_starts_the_student_at_random_or_is_refused():
-    net = build_model("lenet5", 10, 1, 32)
+def test_a_teacher_from_outside_dfkt_starts_the_student_where_its_network_is_the_students_wider_self():
     info = ModelInfo("lenet5", 10, 1, 32, (0.5,), (0.5,), None)
-    outside = ForeignClassifier(net, "callable")
-    assert student_start("auto", "lenet5_half", info, outside) == "random"
-    assert student_start("auto", "lenet5_half", info, net) == "teacher"
-    with pytest.raises(ConfigError, match="built by dfkt"):
-        student_start("teacher", "lenet5_half", info, outside)
+    wrapped = ForeignClassifier(build_model("lenet5", 10, 1, 32), "callable")  # dfkt's lenet5 via module:function
+    assert student_start("auto", "lenet5_half", info, wrapped) == "teacher"
+    other = ForeignClassifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 10)), "callable")
+    assert student_start("auto", "lenet5_half", info, other) == "random"
+    with pytest.raises(ConfigError, match="half-width partner"):
+        student_start("teacher", "lenet5_half", info, other)
 
 
 def test_distill_starts_the_student_from_the_teacher(digits_teacher, tmp_path):

@@ -82,21 +82,21 @@ def student_start(setting: str, student_arch: str, info: ModelInfo, teacher: tor
     fewer channels, else at random."""
     if setting == "random":
         return setting
-    if isinstance(teacher, (ForeignClassifier, torch.jit.ScriptModule)):
-        if setting == "teacher":
-            raise ConfigError(
-                "student_init=teacher needs a teacher built by dfkt (a model.safetensors from 'dfkt "
-                "train-teacher'), whose tensors a dfkt student shares; a teacher brought in from outside "
-                "starts the student with student_init=random (or auto)"
-            )
-        return "random"
     try:
-        leading_slice_state(build_model(student_arch, info.num_classes, info.in_channels, info.image_size), teacher)
+        leading_slice_state(
+            build_model(student_arch, info.num_classes, info.in_channels, info.image_size), own_network(teacher)
+        )
     except ConfigError:
         if setting == "teacher":
             raise
         return "random"
     return "teacher"
+
+
+def own_network(teacher: torch.nn.Module) -> torch.nn.Module:
+    """The network whose tensors a student is sliced from: a teacher brought in from outside is wrapped,
+    and its tensor names are those of the network inside (a dfkt architecture keeps its names)."""
+    return teacher.net if isinstance(teacher, ForeignClassifier) else teacher
 
 
 class Distillation:
@@ -138,7 +138,7 @@ class Distillation:
         self.teacher = engine.prepare(loaded.net, trainable=False)
         self.student = build_model(self.student_info.arch, info.num_classes, info.in_channels, info.image_size)
         if self.student_start == "teacher":
-            init_from_teacher(self.student, loaded.net)
+            init_from_teacher(self.student, own_network(loaded.net))
         self.setup = DistillSetup(
             self.teacher,
             engine.prepare(self.student, trainable=True),

@@ -24,10 +24,11 @@ from dfkt.errors import ConfigError
 
 def leading_slice_state(student: nn.Module, teacher: nn.Module) -> dict[str, torch.Tensor]:
     """The student's state dict filled from the teacher's: equal shapes copied, fewer output or input
-    channels sliced (and fan-in rescaled). Raises ConfigError unless the two have the same tensor names and
-    every student tensor differs from the teacher's only in its first two dimensions: a shallower student
-    (resnet34 -> resnet18) or one whose blocks differ (wrn16_2 -> wrn16_1, where the teacher projects a
-    shortcut the student adds unchanged) is not the teacher with fewer channels."""
+    channels sliced (and fan-in rescaled); counters keep the student's own value. Raises ConfigError
+    unless the two have the same tensor names and every student tensor differs from the teacher's only
+    in its first two dimensions: a shallower student (resnet34 -> resnet18) or one whose blocks differ
+    (wrn16_2 -> wrn16_1, where the teacher projects a shortcut the student adds unchanged) is not the
+    teacher with fewer channels."""
     target, source = student.state_dict(), teacher.state_dict()
     if target.keys() != source.keys():
         only_student = [name for name in target if name not in source]
@@ -53,8 +54,11 @@ def leading_slice_state(student: nn.Module, teacher: nn.Module) -> dict[str, tor
                 f"{tuple(theirs.shape)}; the student must be the teacher with fewer channels, or use "
                 "student_init=random"
             )
+        if not mine.is_floating_point():  # a counter (BatchNorm's num_batches_tracked), not a weight
+            state[name] = mine.clone()
+            continue
         piece = theirs[tuple(slice(0, n) for n in mine.shape)].clone().to(mine.dtype)
-        if mine.dim() >= 2 and mine.is_floating_point() and mine.shape[1] < theirs.shape[1]:
+        if mine.dim() >= 2 and mine.shape[1] < theirs.shape[1]:
             piece *= theirs.shape[1] / mine.shape[1]
         state[name] = piece
     return state
