@@ -1,4 +1,5 @@
-"""Tests for params.student_init=teacher: a narrower student started from its teacher's weights."""
+"""Tests for params.student_init=teacher (a narrower student started from its teacher's weights) and
+params.feature_weight (its layers kept at the teacher's leading channels)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import torch
 from dfkt import api
 from dfkt.api.distill import Distillation, resolve_distill_config, student_start
 from dfkt.errors import ConfigError
+from dfkt.losses import leading_channel_loss
 from dfkt.models import build_model
 from dfkt.models.files import ModelInfo, load_model, read_info
 from dfkt.models.foreign import ForeignClassifier
-from dfkt.models.slicing import init_from_teacher, leading_slice_state
+from dfkt.models.slicing import LayerOutputs, init_from_teacher, leading_slice_state, narrower_layers
 from tests.conftest import tiny_rdskd
 
 
@@ -120,3 +122,68 @@ def test_auto_starts_from_the_teacher_only_where_it_can(digits_teacher):
     assert student_start("auto", "digits_cnn_half", info, teacher) == "teacher"
     assert student_start("auto", "wrn16_1", info, teacher) == "random"
     assert student_start("random", "digits_cnn_half", info, teacher) == "random"
+
+
+def test_the_hint_loss_compares_each_layer_with_the_teachers_leading_channels_only():
+    torch.manual_seed(0)
+    student = [torch.randn(4, 3, 5, 5), torch.randn(4, 6)]
+    teacher = [torch.randn(4, 6, 5, 5), torch.randn(4, 12)]
+    expected = sum(
+        ((s - t[:, : s.shape[1]]) ** 2).sum() / (t[:, : s.shape[1]] ** 2).sum() for s, t in zip(student, teacher)
+    )
+    torch.testing.assert_close(leading_channel_loss(student, teacher), expected / 2)
+    changed = [t.clone() for t in teacher]
+    changed[0][:, 3:] += 100.0  # the channels beyond the student's count
+    changed[1][:, 6:] -= 100.0
+    torch.testing.assert_close(leading_channel_loss(student, changed), expected / 2)
+    exact = [t[:, : s.shape[1]].clone() for s, t in zip(student, teacher)]
+    assert leading_channel_loss(exact, teacher).item() == 0.0
+    # Each layer relative to the teacher's energy: a layer ten times larger weighs the same.
+    scaled = [student[0] * 10, student[1]], [teacher[0] * 10, teacher[1]]
+    torch.testing.assert_close(leading_channel_loss(*scaled), expected / 2)
+
+
+def test_the_hinted_layers_are_the_narrower_ones_and_not_the_classifier():
+    teacher, student = build_model("lenet5", 10, 1, 32), build_model("lenet5_half", 10, 1, 32)
+    names = {id(m): n for n, m in student.named_modules()}
+    pairs = narrower_layers(student, teacher)
+    assert [names[id(mine)] for mine, _ in pairs] == ["backbone.0", "backbone.3", "backbone.6", "head.0"]
+    assert all(theirs is dict(teacher.named_modules())[names[id(mine)]] for mine, theirs in pairs)
+    recorder = LayerOutputs([theirs for _, theirs in pairs])
+    x = torch.randn(2, 1, 32, 32)
+    teacher(x)
+    assert recorder.outputs == [None] * 4  # only while recording
+    recorder.recording = True
+    teacher(x)
+    assert [o.shape[1] for o in recorder.outputs] == [6, 16, 120, 84]
+
+
+def test_distill_with_the_hint_loss_keeps_the_student_at_the_teachers_leading_channels(digits_teacher, tmp_path):
+    teacher, _ = load_model(digits_teacher)
+    x = torch.randn(256, 1, 8, 8)
+
+    def distance(run: str) -> float:
+        student, _ = load_model(tmp_path / run / "student.safetensors")
+        pairs = narrower_layers(student, teacher)
+        mine, theirs = LayerOutputs([m for m, _ in pairs]), LayerOutputs([t for _, t in pairs])
+        mine.recording = theirs.recording = True
+        with torch.no_grad():
+            student.eval()(x), teacher.eval()(x)
+        return leading_channel_loss(mine.outputs, theirs.outputs).item()
+
+    for run, weight in (("plain", 0), ("hinted", 30)):
+        api.distill(
+            "rdskd",
+            digits_teacher,
+            "digits_cnn_half",
+            overrides=tiny_rdskd(student_init="teacher", feature_weight=weight, student_lr=0.01),
+            out=tmp_path / run,
+        )
+        logged = (tmp_path / run / "metrics.jsonl").read_text()
+        assert ('"feature"' in logged) == (weight > 0)
+    assert distance("hinted") < 0.5 * distance("plain")
+
+
+def test_the_hint_loss_is_refused_for_a_student_with_no_narrower_layer(digits_teacher, tmp_path):
+    with pytest.raises(ConfigError, match="params.feature_weight"):
+        api.distill("rdskd", digits_teacher, "digits_cnn", overrides=tiny_rdskd(feature_weight=1), out=tmp_path / "run")

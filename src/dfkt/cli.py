@@ -98,7 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--precision", choices=["bf16-mixed", "32-true"], default=None, help="default bf16-mixed on CPU")
+    p.add_argument(
+        "--precision",
+        choices=["bf16-mixed", "32-true"],
+        default=None,
+        help="default: engine.precision=auto, bf16-mixed where the CPU computes bf16 natively "
+        "(AVX512-BF16 or AMX), else 32-true",
+    )
 
     for name, what in (
         ("train-teacher", "train a classifier (a teacher) on real labelled data"),

@@ -30,6 +30,23 @@ def kd_loss(
     return kl * temperature**2
 
 
+def leading_channel_loss(student_features: list[Tensor], teacher_features: list[Tensor]) -> Tensor:
+    """Relative squared error between each student layer's output and the teacher's leading channels
+    of the same layer, averaged over layers:
+
+        L_feat = (1/|L|) Σ_l ‖s_l − t_l[:, :c_l]‖² / ‖t_l[:, :c_l]‖²,
+
+    c_l the student's channel count at layer l. A hint loss (FitNets, Romero et al. ICLR 2015) without
+    FitNets' regressor: a student sliced from its teacher (dfkt.models.slicing) already computes, channel
+    for channel, an approximation of the teacher's leading channels, and this keeps it so while it learns
+    the teacher's outputs on synthetic images. Dividing by the teacher's energy weighs every layer alike."""
+    terms = []
+    for s, t in zip(student_features, teacher_features, strict=True):
+        target = t[:, : s.shape[1]].float()
+        terms.append((s.float() - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
 def kl_per_sample(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(softmax(t/τ) ‖ softmax(s/τ)) of each sample, shape (N,): how far the student is from the
     teacher on it (used to mine samples the student has yet to learn)."""

@@ -25,7 +25,7 @@ from dfkt.engine.distributed import gather_objects
 from dfkt.errors import ConfigError, DfktError
 from dfkt.models import build_model
 from dfkt.models.files import ModelInfo, load_model, model_path, model_sha256, read_info
-from dfkt.models.foreign import ForeignClassifier, foreign_kind, foreign_sha256, infer_info, load_foreign
+from dfkt.models.foreign import ForeignClassifier, foreign_kind, foreign_sha256, infer_info, load_foreign, own_network
 from dfkt.models.slicing import init_from_teacher, leading_slice_state
 from dfkt.registry import METHODS, MODELS
 from dfkt.report.grid import save_class_grid
@@ -91,12 +91,6 @@ def student_start(setting: str, student_arch: str, info: ModelInfo, teacher: tor
             raise
         return "random"
     return "teacher"
-
-
-def own_network(teacher: torch.nn.Module) -> torch.nn.Module:
-    """The network whose tensors a student is sliced from: a teacher brought in from outside is wrapped,
-    and its tensor names are those of the network inside (a dfkt architecture keeps its names)."""
-    return teacher.net if isinstance(teacher, ForeignClassifier) else teacher
 
 
 class Distillation:

@@ -10,10 +10,11 @@ when the source has them. A flip is only applied to data declared mirror-safe (n
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -24,7 +25,10 @@ from dfkt import losses
 from dfkt.config import StrictModel
 from dfkt.data.augment import AUGMENTATIONS, augment_batch
 from dfkt.engine import Stage
+from dfkt.errors import ConfigError
 from dfkt.models.cost import multiply_adds
+from dfkt.models.foreign import own_network
+from dfkt.models.slicing import LayerOutputs, narrower_layers
 from dfkt.synthesis import Synthesizer
 from dfkt.training import make_optimizer
 
@@ -69,6 +73,13 @@ class StudentTrainingConfig(StrictModel):
         "of the teacher's tensors, for a student that is the teacher with fewer channels (lenet5 -> "
         "lenet5_half); auto: teacher where the student is such a network, else random (summary.json: "
         "student_init)",
+    )
+    feature_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of a hint loss keeping each of the student's narrower layers' outputs at the "
+        "teacher's leading channels of the same layer (dfkt.losses.leading_channel_loss), for a student that is "
+        "the teacher with fewer channels, started from it (student_init=teacher); 0: off",
     )
     student_precision: Literal["engine", "32", "auto"] = Field(
         "engine",
@@ -203,6 +214,16 @@ class StudentTrainer:
         if cfg.average_decay is not None:
             self.average = copy.deepcopy(self.trained).requires_grad_(False).eval()
             method.keep("student_average", self.average)
+        self.student_layers = self.teacher_layers = None
+        if cfg.feature_weight:
+            pairs = narrower_layers(self.trained, own_network(getattr(method.teacher, "module", method.teacher)))
+            if not pairs:
+                raise ConfigError(
+                    "params.feature_weight needs a student that is the teacher with fewer channels (e.g. lenet5 -> "
+                    "lenet5_half), whose layers are named like the teacher's; set params.feature_weight=0"
+                )
+            self.student_layers = LayerOutputs([mine for mine, _ in pairs])
+            self.teacher_layers = LayerOutputs([theirs for _, theirs in pairs])
         self.last_synthesis: dict[str, Tensor | float] = {}
         # Of the first batch this process trains on: ranks must each see their own data.
         self.first_batch_sha256: str | None = None
@@ -256,8 +277,8 @@ class StudentTrainer:
             )
         if self.cfg.adversarial_steps:
             images, logits = self.adversarial(images), None
-        if logits is None:
-            with torch.no_grad():
+        if logits is None or self.teacher_layers is not None:  # the hint loss needs the teacher's layers too
+            with torch.no_grad(), self.recording(self.teacher_layers):
                 logits = self.method.teacher(images)
         if self.first_batch_sha256 is None:
             self.first_batch_sha256 = hashlib.sha256(images.detach().float().cpu().numpy().tobytes()).hexdigest()
@@ -279,6 +300,19 @@ class StudentTrainer:
                 method.engine.input_gradient,
             )
         return torch.cat([hard, images[moved:]])
+
+    @staticmethod
+    @contextlib.contextmanager
+    def recording(layers: LayerOutputs | None) -> Iterator[None]:
+        """Keep ``layers``' outputs of the forward passes inside (nothing when there are none)."""
+        if layers is None:
+            yield
+            return
+        layers.recording = True
+        try:
+            yield
+        finally:
+            layers.recording = False
 
     @torch.no_grad()
     def update_average(self, i: int) -> None:
@@ -315,7 +349,12 @@ class StudentTrainer:
         values = dict(self.last_synthesis)  # logged on every step, whichever steps the log falls on
         with engine.timed("distillation"):
             images, teacher_logits = self.batch()
-            terms = self.loss(self.method.student(images), teacher_logits, images)
+            with self.recording(self.student_layers):
+                student_logits = self.method.student(images)
+            terms = self.loss(student_logits, teacher_logits, images)
+            if self.student_layers is not None:
+                terms["feature"] = losses.leading_channel_loss(self.student_layers.outputs, self.teacher_layers.outputs)
+                terms["loss"] = terms["loss"] + self.cfg.feature_weight * terms["feature"]
             engine.optimize(terms["loss"], self.optimizer, "student loss", self.cfg.student_clip_norm)
             self.scheduler.step()
             if self.average is not None:

@@ -240,3 +240,10 @@ def foreign_sha256(spec: str, weights: str | None) -> str:
     for path in (p for p in (spec, weights) if p and Path(p).is_file()):
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()
+
+
+def own_network(model: nn.Module) -> nn.Module:
+    """The network whose tensors a student is sliced from or matched against: a model brought in from
+    outside is wrapped, and its tensor names are those of the network inside (a dfkt architecture keeps
+    its names)."""
+    return model.net if isinstance(model, ForeignClassifier) else model

@@ -67,3 +67,36 @@ def leading_slice_state(student: nn.Module, teacher: nn.Module) -> dict[str, tor
 def init_from_teacher(student: nn.Module, teacher: nn.Module) -> None:
     """Load :func:`leading_slice_state` into ``student`` in place."""
     student.load_state_dict(leading_slice_state(student, teacher))
+
+
+def narrower_layers(student: nn.Module, teacher: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(student layer, teacher layer) for every convolution and linear layer the two networks name alike
+    where the student has fewer output channels: after :func:`init_from_teacher`, the student's output
+    channel i of such a layer approximates the teacher's channel i. The classifier (as many outputs in
+    both) is left out."""
+    teacher_layers = dict(teacher.named_modules())
+    pairs = []
+    for name, mine in student.named_modules():
+        theirs = teacher_layers.get(name)
+        if isinstance(mine, nn.Conv2d | nn.Linear) and type(theirs) is type(mine):
+            if mine.weight.shape[0] < theirs.weight.shape[0]:
+                pairs.append((mine, theirs))
+    return pairs
+
+
+class LayerOutputs:
+    """The last output of each given module, kept by forward hooks while ``recording`` is true (so the
+    many teacher passes of synthesis keep no reference to their graphs)."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.outputs: list[torch.Tensor | None] = [None] * len(modules)
+        self.recording = False
+        for index, module in enumerate(modules):
+            module.register_forward_hook(self._hook(index))
+
+    def _hook(self, index: int):
+        def keep(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if self.recording:
+                self.outputs[index] = output
+
+        return keep
