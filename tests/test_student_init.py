@@ -8,6 +8,10 @@ import torch
 
 from dfkt import api
 from dfkt.api.distill import Distillation, resolve_distill_config, student_start
+from dfkt.config import EngineConfig
+from dfkt.dfkd.base import DistillSetup
+from dfkt.dfkd.rdskd import RDSKD, RDSKDConfig
+from dfkt.engine import Engine
 from dfkt.errors import ConfigError
 from dfkt.losses import leading_channel_loss
 from dfkt.models import build_model
@@ -184,6 +188,36 @@ def test_distill_with_the_hint_loss_keeps_the_student_at_the_teachers_leading_ch
     assert distance("hinted") < 0.5 * distance("plain")
 
 
-def test_the_hint_loss_is_refused_for_a_student_with_no_narrower_layer(digits_teacher, tmp_path):
-    with pytest.raises(ConfigError, match="params.feature_weight"):
-        api.distill("rdskd", digits_teacher, "digits_cnn", overrides=tiny_rdskd(feature_weight=1), out=tmp_path / "run")
+def test_the_hint_loss_is_refused_for_a_student_started_at_random(digits_teacher, tmp_path):
+    with pytest.raises(ConfigError, match="params.student_init=teacher"):
+        api.distill(
+            "rdskd",
+            digits_teacher,
+            "digits_cnn_half",
+            overrides=tiny_rdskd(student_init="random", feature_weight=1),
+            out=tmp_path / "run",
+        )
+
+
+@pytest.mark.parametrize(("student", "init", "hinted"), [("digits_cnn_half", "auto", 4), ("digits_cnn", "teacher", 0)])
+def test_the_hint_loss_is_on_where_the_student_started_from_a_wider_teacher(
+    digits_teacher, tmp_path, student, init, hinted
+):
+    # A student as wide as the teacher starts as its copy: no layer is narrower, nothing to hint.
+    summary = api.distill(
+        "rdskd", digits_teacher, student, overrides=tiny_rdskd(student_init=init, feature_weight=1), out=tmp_path
+    )
+    assert summary["feature_hint_layers"] == hinted
+    assert ('"feature"' in (tmp_path / "metrics.jsonl").read_text()) == (hinted > 0)
+
+
+@pytest.mark.parametrize(("start", "hinted"), [("teacher", 4), ("random", 0)])
+def test_with_auto_the_hint_loss_follows_where_the_student_started(digits_teacher, start, hinted):
+    # student_init=auto falls back to a random start where slicing does not apply; its channels are then not
+    # the teacher's, and the hint loss stays off.
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    teacher = engine.prepare(load_model(digits_teacher)[0], trainable=False)
+    student = engine.prepare(build_model("digits_cnn_half", 10, 1, 8), trainable=True)
+    cfg = RDSKDConfig(student_init="auto", feature_weight=1.0, gen_batch=32, student_data="pool", pool_size=64)
+    setup = DistillSetup(teacher, student, 10, 1, 8, engine, (0.3,), (0.4,), student_start=start)
+    assert RDSKD(cfg, setup).student_trainer.hinted_layers == hinted

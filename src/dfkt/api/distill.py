@@ -143,6 +143,7 @@ class Distillation:
             tuple(info.mean),
             tuple(info.std),
             mirror_safe(info.dataset),
+            self.student_start,
         )
         self.runner = METHODS.get(cfg.method)(self.method_cfg, self.setup)
         self.evaluated = self.runner.evaluated_student()  # the student, or the average of its weights
@@ -212,6 +213,7 @@ class Distillation:
             "teacher": loaded.name,
             "student": self.student_info.arch,
             "student_init": self.student_start,
+            "feature_hint_layers": self.runner.student_trainer.hinted_layers,
             "teacher_acc": self.test_acc(engine, self.teacher),
             "student_acc": final["accuracy"],
             "student_best_on_test_acc": max([e["test_acc"] for e in curve] + [final["accuracy"]]),

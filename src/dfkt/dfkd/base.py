@@ -47,6 +47,7 @@ class DistillSetup:
     mean: tuple[float, ...] | None = None  # the teacher's input normalisation, per channel
     std: tuple[float, ...] | None = None
     mirror_safe: bool = False  # a horizontal flip keeps the data's classes (clothes: yes; digits: no)
+    student_start: Literal["random", "teacher"] = "random"  # the student's weights: its own, or sliced from the teacher
 
     def pixel_range(self) -> tuple[Tensor, Tensor] | None:
         """Per channel (1×C×1×1), the normalised values of pixels 0 and 1: the teacher's input domain."""

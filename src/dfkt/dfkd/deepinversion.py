@@ -63,6 +63,9 @@ class DeepInversionConfig(PooledConfig, BNPriorFields, PixelInversionFields):
 # The student started from the teacher's weights where it is the teacher with fewer channels (student_init=auto):
 # 83.4 ± 0.3 on B2 at 10 minutes against 82.2 ± 1.8, and 83.2 ± 0.4 against 81.1 ± 2.2 at 5 (fp32 on AVX2, 3 seeds,
 # benchmarks/analysis/student_init.md).
+# With it, the student's layers held at the teacher's leading channels by a hint loss (feature_weight, on where the
+# student started from the teacher): 84.9 ± 0.1 on B2 at 10 minutes against 83.4 ± 0.3, pullovers 70-73% against
+# 37-47%; weights 1 and 10 gave 84.3 ± 0.2 and about 84.5 (fp32 on AVX2, 3 seeds, benchmarks/analysis/feature_hints.md).
 CPU = {
     "synthesis_batch": 64,
     "synthesis_iterations": 50,
@@ -80,6 +83,7 @@ CPU = {
     "pool_size": 40000,
     "average_decay": 0.999,
     "student_init": "auto",
+    "feature_weight": 3.0,
 }
 
 

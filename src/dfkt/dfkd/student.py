@@ -18,14 +18,13 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from dfkt import losses
 from dfkt.config import StrictModel
 from dfkt.data.augment import AUGMENTATIONS, augment_batch
 from dfkt.engine import Stage
-from dfkt.errors import ConfigError
 from dfkt.models.cost import multiply_adds
 from dfkt.models.foreign import own_network
 from dfkt.models.slicing import LayerOutputs, narrower_layers
@@ -77,9 +76,10 @@ class StudentTrainingConfig(StrictModel):
     feature_weight: float = Field(
         0.0,
         ge=0,
-        description="weight of a hint loss keeping each of the student's narrower layers' outputs at the "
-        "teacher's leading channels of the same layer (dfkt.losses.leading_channel_loss), for a student that is "
-        "the teacher with fewer channels, started from it (student_init=teacher); 0: off",
+        description="weight of a hint loss keeping the outputs of each student layer narrower than the teacher's "
+        "at the teacher's leading channels of that layer (dfkt.losses.leading_channel_loss). Only a student "
+        "started from the teacher computes those channels: with student_init=auto the loss is on where the "
+        "student starts from the teacher and off elsewhere (summary.json: feature_hint_layers); 0: off",
     )
     student_precision: Literal["engine", "32", "auto"] = Field(
         "engine",
@@ -130,6 +130,15 @@ class StudentTrainingConfig(StrictModel):
         "while synthesis has taken more than this share so far, and the student goes on with what it has "
         "(a costly teacher then gets fewer new images, not a starved student); none: every due synthesis runs",
     )
+
+    @model_validator(mode="after")
+    def _hints_need_a_sliced_student(self):
+        if self.feature_weight and self.student_init == "random":
+            raise ValueError(
+                "params.feature_weight matches the teacher's leading channels, which only a student started from "
+                "the teacher computes; set params.student_init=teacher (or auto), or params.feature_weight=0"
+            )
+        return self
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -214,14 +223,14 @@ class StudentTrainer:
         if cfg.average_decay is not None:
             self.average = copy.deepcopy(self.trained).requires_grad_(False).eval()
             method.keep("student_average", self.average)
+        # The hint loss, where the student started from the teacher and has layers narrower than the teacher's
+        # (one as wide as the teacher is its copy: nothing to hint).
         self.student_layers = self.teacher_layers = None
-        if cfg.feature_weight:
+        pairs = []
+        if cfg.feature_weight and method.setup.student_start == "teacher":
             pairs = narrower_layers(self.trained, own_network(getattr(method.teacher, "module", method.teacher)))
-            if not pairs:
-                raise ConfigError(
-                    "params.feature_weight needs a student that is the teacher with fewer channels (e.g. lenet5 -> "
-                    "lenet5_half), whose layers are named like the teacher's; set params.feature_weight=0"
-                )
+        self.hinted_layers = len(pairs)
+        if pairs:
             self.student_layers = LayerOutputs([mine for mine, _ in pairs])
             self.teacher_layers = LayerOutputs([theirs for _, theirs in pairs])
         self.last_synthesis: dict[str, Tensor | float] = {}
