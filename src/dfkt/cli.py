@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="offline end-to-end run on scikit-learn digits (about 70 s on 2 cores)",
+        help="offline end-to-end run on scikit-learn digits (35-95 s on 2 cores, see the README)",
         description="Train a digits teacher, distil it with RDSKD without data, train the "
         "reference students, print a table and write a sample grid.",
     )

@@ -1,4 +1,4 @@
-"""``dfkt demo``: the whole pipeline offline on scikit-learn digits, in 35-90 s on 2 cores (README)."""
+"""``dfkt demo``: the whole pipeline offline on scikit-learn digits, in 35-95 s on 2 cores (README)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from dfkt.runs import write_json
 
 # Settings sized for 8×8 digits on a 2-core CPU; everything else is the RDSKD cpu preset. A width-64 generator
 # (a quarter of the authors' cost per image) and cutmix on the student's batches: on the demo's teachers of seeds
-# 1-3 (one thread), cutmix gave 98.4 / 98.4 / 98.7% against 98.2 / 97.8 / 97.8%, and the narrower generator
-# took the RDSKD step from about 117 s to 90 s at the same accuracy (benchmarks/analysis/feature_hints.md).
+# 1-3 (one thread), cutmix gave students of 98.44 / 98.44 / 98.67% against 98.22 / 97.78 / 97.78%, and the whole
+# demo took 78-93 s against 117 s for the width-128 generator in the same hour (fp32 on AVX2;
+# benchmarks/analysis/feature_hints.md).
 TEACHER_EPOCHS = 30
 RDSKD_PARAMS = [
     "params.gen_batch=256",

@@ -65,7 +65,7 @@ class DeepInversionConfig(PooledConfig, BNPriorFields, PixelInversionFields):
 # benchmarks/analysis/student_init.md).
 # With it, the student's layers held at the teacher's leading channels by a hint loss (feature_weight, on where the
 # student started from the teacher): 84.9 ± 0.1 on B2 at 10 minutes against 83.4 ± 0.3, pullovers 70-73% against
-# 37-47%; weights 1 and 10 gave 84.3 ± 0.2 and about 84.5 (fp32 on AVX2, 3 seeds, benchmarks/analysis/feature_hints.md).
+# 37-47%; weights 1 and 10 gave 84.3 ± 0.2 and 84.6 ± 0.1 (fp32 on AVX2, 3 seeds, benchmarks/analysis/feature_hints.md).
 CPU = {
     "synthesis_batch": 64,
     "synthesis_iterations": 50,
