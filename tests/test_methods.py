@@ -41,7 +41,10 @@ TINY = {
     "mskd": JOINT,
     "dfad": JOINT,
     "zskt": JOINT,
-    "deepinversion": {**POOLED, "synthesis_iterations": 30},
+    # A student started from the teacher and held at its channels (the cpu preset's student_init and
+    # feature_weight) learns nearly as well from noise (0.936 against the method's 0.980 on digits): random
+    # start, no hint, so the control measures what the inverted images teach.
+    "deepinversion": {**POOLED, "synthesis_iterations": 30, "student_init": "random", "feature_weight": 0},
     "zskd": {**POOLED, "synthesis_iterations": 30},
     "cmi": {**POOLED, "synthesis_iterations": 10},
     "fast": {**POOLED, "synthesis_iterations": 3},
