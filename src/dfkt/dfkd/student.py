@@ -14,7 +14,7 @@ import contextlib
 import copy
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -311,17 +311,9 @@ class StudentTrainer:
         return torch.cat([hard, images[moved:]])
 
     @staticmethod
-    @contextlib.contextmanager
-    def recording(layers: LayerOutputs | None) -> Iterator[None]:
-        """Keep ``layers``' outputs of the forward passes inside (nothing when there are none)."""
-        if layers is None:
-            yield
-            return
-        layers.recording = True
-        try:
-            yield
-        finally:
-            layers.recording = False
+    def recording(layers: LayerOutputs | None) -> contextlib.AbstractContextManager:
+        """``layers.record()``, or nothing when the hint loss is off."""
+        return contextlib.nullcontext() if layers is None else layers.record()
 
     @torch.no_grad()
     def update_average(self, i: int) -> None:

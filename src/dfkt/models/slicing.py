@@ -16,6 +16,9 @@ LeNet-5 the sliced student scores 33% on the test set with it and 28% without).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -93,6 +96,15 @@ class LayerOutputs:
         self.recording = False
         for index, module in enumerate(modules):
             module.register_forward_hook(self._hook(index))
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[None]:
+        """Keep the outputs of the forward passes inside."""
+        self.recording = True
+        try:
+            yield
+        finally:
+            self.recording = False
 
     def _hook(self, index: int):
         def keep(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
