@@ -654,7 +654,8 @@ def selection_check(summary: dict) -> dict | None:
         "final_acc": epochs[-1],
         "within_1_point": chosen >= best - WITHIN - 1e-9,
         "source_above_every_epoch": bool(before) and before[0] > best,
-        "warned": bool(summary.get("warnings")),
+        "warned": any("worse than the source model" in w for w in summary.get("warnings", [])),
+        "warned_chance": any("no more than chance" in w for w in summary.get("warnings", [])),
     }
 
 
@@ -677,6 +678,7 @@ def selection(runs: dict) -> dict:
         "by_method": {m: share(cs) for m, cs in checks.items()},
         "all": share(every),
         "warned": sum(c["warned"] for c in every),
+        "warned_chance": sum(c.get("warned_chance", False) for c in every),
         "source_above_every_epoch": sum(c.get("source_above_every_epoch", False) for c in every),
     }
 
@@ -991,7 +993,8 @@ def selection_lines(sel: dict) -> list[str]:
     return [
         f"Over the runs with several evaluations: the label-free choice is within 1 point of the "
         f"run's best epoch (transductive accuracy) in **{sel['all']['within']} of {sel['all']['runs']}** runs; "
-        f"{sel['warned']} of them warned that the score finds the adapted model worse than the source model. "
+        f"{sel['warned']} of them warned that the score finds the adapted model worse than the source model, "
+        f"{sel.get('warned_chance', 'n/a')} that it agrees with the source model no more than chance. "
         f"In {sel.get('source_above_every_epoch', 'n/a')} of them the source model (scored before the first "
         "step, never chosen) was above every epoch.",
         "",

@@ -16,6 +16,7 @@ from dfkt.errors import DfktError
 from dfkt.models.files import load_model
 from dfkt.registry import ADAPT_METHODS
 from dfkt.selection import TARGET_SCORES
+from dfkt.sfda.agreement import CHANCE_KAPPA
 from dfkt.sfda.base import AdaptSetup, OfflineConfig
 from dfkt.sfda.offline import OfflineMethod
 from tests.conftest import FAST_ENGINE, fake_clock
@@ -437,8 +438,11 @@ def test_model_selected_and_a_warning_when_adapting_makes_the_model_worse(
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("dfkt: warning: ")]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(warnings) == 1 and summary["warnings"] == [warnings[0].removeprefix("dfkt: warning: ")]
+    assert summary["warnings"] == [w.removeprefix("dfkt: warning: ") for w in warnings]
     assert "worse than the source model" in warnings[0]
+    advice = warnings[0].rsplit("; ", 1)[1]
+    assert all(w.endswith(advice) for w in warnings)  # the score and the agreement check advise alike
+    agreement = summary["agreement_with_source"]
     assert [e["epoch"] for e in summary["curve"]] == [0, 1, 2, 3]  # the start, then after every epoch
     final, source = summary["adapted"], summary["source_only"]
     assert summary["selection"]["score"] == TARGET_SCORES[score].name
@@ -451,9 +455,67 @@ def test_model_selected_and_a_warning_when_adapting_makes_the_model_worse(
         assert "use it" in warnings[0] and summary["selected"]["epoch"] == 1
         assert selected.keys() == weights.keys() and all(torch.equal(selected[k], weights[k]) for k in weights)
         assert summary["selected"]["inductive"] == source["inductive"]
+        assert agreement["selected"]["kappa"] == 1.0
     else:  # every epoch is worse: keep the source model
         assert "keep the source model" in warnings[0]
+        # Three epochs towards class 0: no more alike the source than chance (the source spreads over classes).
+        assert agreement["final"]["kappa"] < CHANCE_KAPPA and agreement["final"]["source_top_class"] <= 0.5
+        assert len(warnings) == 2 and "no more than chance" in warnings[1]
         assert summary["selected"]["label_free_score"] < source["label_free_score"]
+
+
+def test_chance_corrected_agreement_by_hand():
+    from dfkt.sfda.agreement import chance_corrected_agreement
+
+    def kappa(source, adapted, classes=3):
+        return chance_corrected_agreement(torch.tensor(source), torch.tensor(adapted), classes)
+
+    assert kappa([0, 1, 2, 2], [0, 1, 2, 2])["kappa"] == 1.0
+    assert kappa([0, 1, 0, 1], [0, 0, 1, 1])["kappa"] == 0.0  # half alike, as two fair coins would be
+    assert kappa([0, 1, 0, 1], [1, 0, 1, 0])["kappa"] == -1.0  # classes swapped
+    assert kappa([2, 2, 2], [2, 2, 2])["kappa"] == 1.0  # one class for everything, the same one
+    # p_o = 4/6; p_source = (3, 1, 2)/6, p_adapted = (3, 2, 1)/6, so p_e = (9 + 2 + 2)/36 = 13/36.
+    figures = kappa([0, 0, 0, 1, 2, 2], [0, 0, 1, 1, 2, 0])
+    assert figures["agreement"] == pytest.approx(4 / 6) and figures["chance"] == pytest.approx(13 / 36)
+    assert figures["kappa"] == pytest.approx((24 - 13) / 23) and figures["source_top_class"] == 0.5
+    with pytest.raises(ValueError):
+        kappa([], [])
+    with pytest.raises(ValueError):
+        kappa([0, 1], [0])
+
+
+def test_agreement_and_score_warnings_advise_the_written_model_that_passes_both():
+    from dfkt.api.adapt import adaptation_warnings
+
+    def figures(kappa, top=0.2):
+        return {"agreement": 0.1, "chance": 0.1, "kappa": kappa, "source_top_class": top}
+
+    def warn(final, selected, kappa_final, kappa_selected, top=0.2):
+        scores = {"final": final, "selected": selected}
+        return adaptation_warnings(
+            "S", 0.5, scores, {"final": figures(kappa_final, top), "selected": figures(kappa_selected, top)}
+        )
+
+    assert warn(0.6, 0.7, 0.5, 0.9) == []
+    assert warn(0.6, 0.7, CHANCE_KAPPA, 0.9) == []  # κ at the threshold is not below it
+    [line] = warn(0.6, 0.7, 0.02, 0.6)
+    assert line.startswith("the final model agrees") and line.endswith(
+        "model_selected.safetensors passes both checks: use it"
+    )
+    [line] = warn(0.6, 0.7, 0.6, -0.1)
+    assert line.startswith("the selected model agrees") and line.endswith(
+        "(model.safetensors) pass both checks: use them"
+    )
+    [line] = warn(0.6, 0.7, 0.0, 0.05)
+    assert "keep the source model" in line and "Cohen's kappa 0.00" in line and "Cohen's kappa 0.05" in line
+    # The final model fails the score, the selected one the agreement: neither passes, keep the source.
+    score_line, chance_line = warn(0.4, 0.7, 0.5, 0.0)
+    assert "final adapted model is worse" in score_line
+    assert score_line.endswith("keep the source model, or try another method or setting")
+    assert chance_line.endswith("keep the source model, or try another method or setting")
+    # A source that puts more than half the images in one class says nothing through κ: no warning.
+    assert warn(0.6, 0.7, 0.0, 0.0, top=0.51) == []
+    assert len(warn(0.6, 0.7, 0.0, 0.0, top=0.5)) == 1
 
 
 def test_source_share_writes_the_weights_between_the_adapted_and_the_source_model(digits_source, tmp_path):

@@ -341,6 +341,11 @@ def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
             f"{fmt(sel['transductive'])}, inductive {fmt(sel['inductive'])}; score {sel['label_free_score']:.3f} "
             f"(final {s['adapted']['label_free_score']:.3f}, source {s['source_only']['label_free_score']:.3f})"
         )
+        agree = s["agreement_with_source"]
+        print(
+            "agreement with the source model's classes on the target (label-free): "
+            + ", ".join(f"{part} {agree[part]['agreement']:.0%} (kappa {agree[part]['kappa']:.2f})" for part in agree)
+        )
         if s["target_resized"]:
             print(
                 f"target images resized from {s['target_resized']['from']} px to the source model's "

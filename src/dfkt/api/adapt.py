@@ -23,6 +23,7 @@ from dfkt.errors import ConfigError
 from dfkt.models.files import ModelInfo, load_model, model_path, model_sha256, read_info
 from dfkt.registry import ADAPT_METHODS
 from dfkt.selection import TARGET_SCORES, TargetScoreSelection
+from dfkt.sfda.agreement import agrees_only_by_chance, chance_corrected_agreement
 from dfkt.sfda.base import AdaptSetup
 from dfkt.sfda.interpolation import agreement_share, interpolate_with_source, reestimate_batchnorm
 from dfkt.supervised import evaluate_model, predict_classes
@@ -128,9 +129,10 @@ def adapt(
 
     At every evaluation (by default after each epoch) the adapted model gets a label-free score on the
     adapted half (``selection_score``: by default ``dfkt.selection.mixval_score``); the best-scoring weights are
-    written as ``model_selected.safetensors`` beside the final ``model.safetensors``, and a warning
-    (in ``summary["warnings"]``) says when the final or the selected model scores below the source
-    model.
+    written as ``model_selected.safetensors`` beside the final ``model.safetensors``. Warnings (in
+    ``summary["warnings"]``) say when the final or the selected model scores below the source model, and
+    when either agrees with the source model's predictions no more than chance (a collapse the score
+    can miss; ``summary["agreement_with_source"]``).
     """
     cfg, method_cfg = resolve_adapt_config(*args, config=config, overrides=overrides, **settings)
     return pipeline.run(Adaptation(cfg, method_cfg), out, resume)
@@ -231,6 +233,7 @@ class Adaptation:
         setting = getattr(self.method_cfg, "source_share", 0.0)  # offline methods only
         reestimate = getattr(self.method_cfg, "reestimate_batchnorm", False)
         as_adapted, shares = None, {"setting": setting, "final": 0.0, "selected": 0.0}
+        source_classes = predict_classes(self.source_model, self.setup.images, engine)
         if setting or reestimate:
             as_adapted = {
                 "adapted": {
@@ -244,7 +247,6 @@ class Adaptation:
                     "label_free_score": selected_score,
                 },
             }
-            source_classes = predict_classes(self.source_model, self.setup.images, engine)
             for part, net in (("final", model), ("selected", selected)):
                 shares[part] = (
                     agreement_share(source_classes, predict_classes(net, self.setup.images, engine))
@@ -260,6 +262,12 @@ class Adaptation:
                     reestimate_batchnorm(net, self.setup.images)
             transductive = self.accuracy(engine, model, adapted_half)  # offline methods only have a share
             final_score, selected_score = selection.score(model), selection.score(selected)
+        agreement = {
+            part: chance_corrected_agreement(
+                source_classes, predict_classes(net, self.setup.images, engine), self.info.num_classes
+            )
+            for part, net in (("final", model), ("selected", selected))
+        }
         summary = {
             "method": self.cfg.method,
             "online": self.runner.online,
@@ -286,6 +294,8 @@ class Adaptation:
             },
             "source_share": shares,
             "batchnorm_reestimated": reestimate,
+            # Of the written weights, on the adapted half: κ near 0 means the source's predictions were discarded.
+            "agreement_with_source": agreement,
             # The figures of the weights as adapting left them, when the written ones differ (source_share,
             # reestimate_batchnorm); None otherwise.
             "as_adapted": as_adapted,
@@ -296,7 +306,9 @@ class Adaptation:
                 "note": "the evaluation (by default each epoch) with the highest score; the final "
                 "weights when there was none",
             },
-            "warnings": adaptation_warnings(self.target_score.name, self.source_score, final_score, selected_score),
+            "warnings": adaptation_warnings(
+                self.target_score.name, self.source_score, {"final": final_score, "selected": selected_score}, agreement
+            ),
             "seconds": {
                 "adapt": sum(result.seconds.values()),
                 "evaluation": result.evaluation_seconds,
@@ -313,19 +325,43 @@ class Adaptation:
         )
 
 
-def adaptation_warnings(score_name: str, source_score: float, final_score: float, selected_score: float) -> list[str]:
-    """At most one line: when the label-free score says the adapted model (final, or also the selected
-    one) is worse than the source model."""
-    if final_score >= source_score and selected_score >= source_score:
+def adaptation_warnings(
+    score_name: str, source_score: float, scores: dict[str, float], agreement: dict[str, dict[str, float]]
+) -> list[str]:
+    """Up to two lines, for the final and the selected model (``scores`` and ``agreement`` map "final" and
+    "selected" to their label-free score and :func:`chance_corrected_agreement`'s figures): one when the
+    score says a model is worse than the source model, one when a model agrees with the source model no
+    more than chance. Both end with the same advice: the written model that passes both checks, or the
+    source model when neither does."""
+    worse = [part for part in ("final", "selected") if scores[part] < source_score]
+    by_chance = [part for part in ("final", "selected") if agrees_only_by_chance(agreement[part])]
+    if not worse and not by_chance:
         return []
-    if selected_score < source_score:
-        return [
-            f"the label-free score ({score_name}) says adapting made the model worse than the source model "
-            f"(source {source_score:.3f}, final {final_score:.3f}, best epoch {selected_score:.3f}): keep the "
-            "source model, or try another method or setting"
-        ]
-    return [
-        f"the label-free score ({score_name}) says the final adapted model is worse than the source model "
-        f"(source {source_score:.3f}, final {final_score:.3f}); model_selected.safetensors scores "
-        f"{selected_score:.3f}: use it"
-    ]
+    passing = [part for part in ("final", "selected") if part not in worse and part not in by_chance]
+    if not passing:
+        advice = "keep the source model, or try another method or setting"
+    elif passing[0] == "selected":  # the final model failed a check
+        advice = "model_selected.safetensors passes both checks: use it"
+    else:
+        advice = "the final weights (model.safetensors) pass both checks: use them"
+    lines = []
+    if worse:
+        figures = ", ".join(f"{part} {scores[part]:.3f}" for part in worse)
+        which = "adapting made the model" if len(worse) == 2 else f"the {worse[0]} adapted model is"
+        lines.append(
+            f"the label-free score ({score_name}) says {which} worse than the source model "
+            f"(source {source_score:.3f}, {figures}); {advice}"
+        )
+    if by_chance:
+        figures = "; ".join(
+            f"{part}: {agreement[part]['agreement']:.0%} of the images in the source's class, "
+            f"{agreement[part]['chance']:.0%} expected by chance, Cohen's kappa {agreement[part]['kappa']:.2f}"
+            for part in by_chance
+        )
+        which = "the final and the selected model agree" if len(by_chance) == 2 else f"the {by_chance[0]} model agrees"
+        lines.append(
+            f"{which} with the source model on the target no more than chance would ({figures}): adapting "
+            f"discarded what the source model predicted, which means a collapse or a source model with little "
+            f"signal on this target; {advice}"
+        )
+    return lines
