@@ -459,7 +459,7 @@ def test_model_selected_and_a_warning_when_adapting_makes_the_model_worse(
     else:  # every epoch is worse: keep the source model
         assert "keep the source model" in warnings[0]
         # Three epochs towards class 0: no more alike the source than chance (the source spreads over classes).
-        assert agreement["final"]["kappa"] < CHANCE_KAPPA and agreement["final"]["source_top_class"] <= 0.5
+        assert agreement["final"]["kappa"] < CHANCE_KAPPA and agreement["final"]["source_top_class"] <= 0.7
         assert len(warnings) == 2 and "no more than chance" in warnings[1]
         assert summary["selected"]["label_free_score"] < source["label_free_score"]
 
@@ -513,9 +513,9 @@ def test_agreement_and_score_warnings_advise_the_written_model_that_passes_both(
     assert "final adapted model is worse" in score_line
     assert score_line.endswith("keep the source model, or try another method or setting")
     assert chance_line.endswith("keep the source model, or try another method or setting")
-    # A source that puts more than half the images in one class says nothing through κ: no warning.
-    assert warn(0.6, 0.7, 0.0, 0.0, top=0.51) == []
-    assert len(warn(0.6, 0.7, 0.0, 0.0, top=0.5)) == 1
+    # A source that puts more than 70% of the images in one class says nothing through κ: no warning.
+    assert warn(0.6, 0.7, 0.0, 0.0, top=0.71) == []
+    assert len(warn(0.6, 0.7, 0.0, 0.0, top=0.7)) == 1
 
 
 def test_source_share_writes_the_weights_between_the_adapted_and_the_source_model(digits_source, tmp_path):
