@@ -161,7 +161,7 @@ def test_adversarial_discrepancy_is_nonzero_and_the_generator_step_leaves_the_st
 
 
 def test_collapse_is_reported_with_the_fix(digits_teacher, tmp_path, capsys):
-    """DAFL without its class-balance term, at the published lr 0.2, collapses onto one class."""
+    """DAFL without its class-balance term, at ten times the published lr 0.2, collapses onto one class."""
     from dfkt.cli import main
 
     args = [
@@ -184,12 +184,15 @@ def test_collapse_is_reported_with_the_fix(digits_teacher, tmp_path, capsys):
         "params.student_epochs=1",
         "--set",
         "params.student_steps_per_epoch=60",
+        "--set",
+        "params.gen_lr=2.0",
     ]
     for arg in FAST_ENGINE:
         args += ["--set", arg]
     assert main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    # Most samples in one class (72% on an AVX512 machine, over 80% on an AVX2 one): a collapse either way.
+    # Most samples in one class. At the published lr the collapse depended on the CPU (72% in one class on an
+    # Intel AVX512 machine, over 80% on AVX2, 33% on an AMD EPYC with AVX512-BF16); at 2.0, 497 of 500 there.
     assert max(summary["samples"]["class_histogram"]) >= 300
     err = capsys.readouterr().err
     assert "dfkt: warning: mode collapse" in err and "gen_lr" in err
