@@ -12,10 +12,12 @@ from dfkt.runs import write_json
 # (a quarter of the authors' cost per image) and cutmix on the student's batches: on the demo's teachers of seeds
 # 1-3 (one thread), cutmix gave students of 98.44 / 98.44 / 98.67% against 98.22 / 97.78 / 97.78%, and the whole
 # demo took 78-93 s against 117 s for the width-128 generator in the same hour (fp32 on AVX2;
-# benchmarks/analysis/feature_hints.md).
+# benchmarks/analysis/feature_hints.md). Student batches of 256, the preset's before it halved them for costly
+# students: at 128 the demo's student of seed 3 fell to 98.22% (98.7% of its teacher) against 98.67%.
 TEACHER_EPOCHS = 30
 RDSKD_PARAMS = [
     "params.gen_batch=256",
+    "params.student_batch=256",
     "params.gen_epochs=3",
     "params.gen_width=64",
     "params.student_epochs=10",

@@ -128,11 +128,15 @@ class RDSKD(DistillMethod):
         # (student_init=auto): 77.3 ± 1.5 on B2 at 10 minutes against 75.8 ± 1.6 (fp32 on AVX2; two seeds of
         # three up, every seed ahead after the student's first 120 s), and the digits demo's student higher on two
         # seeds of three and level on the third (benchmarks/analysis/student_init.md).
+        # Student batches of 128, not 256: where each step is costly (a WRN-16-2 teacher on an EPYC without AMX,
+        # ~460 steps of 256 in 10 minutes) twice the steps on the same images per second gave 56.8 / 65.5 / 52.2
+        # against 52.0 / 54.5 / 51.6; on B2, where the student has steps to spare, 77.9 / 79.2 / 80.0 against
+        # 78.2 / 79.2 / 77.5 (benchmarks/analysis/batchnorm_pairs.md, eighteenth session).
         "cpu": {
             "gen_batch": 128,
             "gen_epochs": 2,
             "gen_budget_share": 0.4,
-            "student_batch": 256,
+            "student_batch": 128,
             "student_epochs": 200,
             "student_data": "pool",
             "pool_size": 20000,
