@@ -190,8 +190,10 @@ def distill_run(
 
 
 def prior_off(bench: Bench, method: str) -> list[str]:
-    """A teacher without BatchNorm has no statistics to match: those methods run without that prior."""
-    uses_prior = "w_bn" in METHODS.get(method).Config.model_fields
+    """A teacher without BatchNorm has no statistics to match: the methods built on them (a prior on by default;
+    RDSKD's is opt-in and leaves itself out on such a teacher) run without it."""
+    field = METHODS.get(method).Config.model_fields.get("w_bn")
+    uses_prior = field is not None and field.default > 0
     return [] if bench.teacher_has_batchnorm or not uses_prior else ["params.w_bn=0"]
 
 

@@ -37,7 +37,7 @@ from dfkt.api.export import export_onnx
 from dfkt.data import load_dataset, normalize
 from dfkt.models.files import load_model
 from dfkt.quantize import backend
-from dfkt.quantize.sources import batchnorm_layers
+from dfkt.synthesis import statistics_layers
 
 
 def latency(paths: dict[str, Path], batch: int, shape: tuple[int, ...], threads: int, seconds: float) -> dict:
@@ -99,7 +99,7 @@ def one_model(name: str, spec: str, args, work: Path, generator_runs: list[str])
     for key, value in options.items():  # any other option: a global setting for this model only
         setattr(args, key, type(getattr(args, key))(value))
     net, info = load_model(path)
-    has_bn = bool(batchnorm_layers(net))
+    has_bn = bool(statistics_layers(net))
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
     fp32_onnx = export_onnx(net.eval(), info, folder / "fp32.onnx", optimize=False)

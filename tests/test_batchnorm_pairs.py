@@ -149,14 +149,19 @@ def test_student_batchnorm_statistics_move_only_on_its_kd_steps(method, digits_t
     assert tracked and set(tracked.values()) == {steps}
 
 
-def test_a_foreign_batchnorm_teacher_distils_exactly_like_the_native_one(digits_teacher, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("method", "extra"), [("deepinversion", {}), ("rdskd", {"w_bn": 0.1, "bn_distance": "standardised"})]
+)
+def test_a_foreign_batchnorm_teacher_distils_exactly_like_the_native_one(
+    method, extra, digits_teacher, tmp_path, monkeypatch
+):
     (tmp_path / "bn_nets.py").write_text(
         "from dfkt.models import build_model\n\ndef digits():\n    return build_model('digits_cnn', 10, 1, 8)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     model, _ = load_model(digits_teacher)
     save_file(model.state_dict(), str(tmp_path / "weights.safetensors"))
-    params = {**TINY["deepinversion"], "student_batch": 32, "student_epochs": 1, "student_steps_per_epoch": 20}
+    params = {**TINY[method], **extra, "student_batch": 32, "student_epochs": 1, "student_steps_per_epoch": 20}
     overrides = FAST_ENGINE + ["eval_every=10"] + [f"params.{k}={v}" for k, v in params.items()]
     digests = []
     for name, teacher, weights in (
@@ -164,7 +169,7 @@ def test_a_foreign_batchnorm_teacher_distils_exactly_like_the_native_one(digits_
         ("foreign", "bn_nets:digits", str(tmp_path / "weights.safetensors")),
     ):
         api.distill(
-            "deepinversion",
+            method,
             teacher,
             student="digits_cnn_half",
             data="digits",
@@ -234,7 +239,10 @@ def test_samples_unlike_the_teachers_data_are_warned_about_and_its_own_data_is_n
     gap = bn_statistics_gap(net, unlike)
     assert gap > MAX_BN_STATISTICS_GAP
     (rdskd,) = bn_statistics_warning(gap, "rdskd", RDSKDConfig())
-    assert "deepinversion" in rdskd and "unlike the teacher's training data" in rdskd
+    assert "unlike the teacher's training data" in rdskd
+    assert "--set params.w_bn=0.3" in rdskd and "deepinversion" in rdskd  # its prior is off: turn it on
+    (rdskd_prior,) = bn_statistics_warning(gap, "rdskd", RDSKDConfig(w_bn=0.1))
+    assert "params.w_bn, now 0.1" in rdskd_prior
     (prior,) = bn_statistics_warning(gap, "deepinversion", DeepInversionConfig())
     assert "params.w_bn" in prior
     assert not bn_statistics_warning(bn_statistics_gap(net, training_like[256:]), "rdskd", RDSKDConfig())

@@ -1,4 +1,5 @@
 import copy
+import json
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from dfkt.engine import Engine
 from dfkt.errors import ConfigError
 from dfkt.models import build_model
 from dfkt.models.files import load_model
+from dfkt.synthesis import BNStatsPrior, forward_with_prior
 
 
 def make_method(teacher_path, **params):
@@ -72,6 +74,42 @@ def test_generator_loss_is_weight_free_sum(digits_teacher):
     assert [terms[k].item() for k in ("oh", "ie", "ds")] == pytest.approx([oh.item(), ie.item(), ds.item()], rel=1e-5)
     expected = math.exp(oh.item() - 0.5) + math.exp(ie.item() + 1.0) + ds.item()
     assert terms["loss"].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("distance", ["raw", "standardised"])
+def test_batchnorm_prior_adds_its_weighted_loss_to_the_papers(digits_teacher, distance):
+    """w_bn > 0: L_G + w_bn · L_bn, with L_bn the prior's loss on the teacher's forward of the same images."""
+    plain = make_method(digits_teacher)
+    method = make_method(digits_teacher, w_bn=0.3, bn_distance=distance)
+    assert plain.prior is None
+    images = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    references = torch.tensor([0.5, -1.0])
+    method.buffers["references"] = plain.buffers["references"] = references
+    with torch.no_grad():
+        terms = method.objective(images, torch.zeros(16, 1))
+        paper = plain.objective(images, torch.zeros(16, 1))
+        reference = BNStatsPrior(method.teacher, "test", distance=distance)
+        l_bn = forward_with_prior(reference, method.teacher, images)[1]
+        reference.remove()
+    assert "bn" not in paper and terms["bn"].item() == pytest.approx(l_bn.item(), rel=1e-5)
+    assert l_bn.item() > 0.1
+    assert terms["loss"].item() == pytest.approx(paper["loss"].item() + 0.3 * l_bn.item(), rel=1e-5)
+
+
+def test_batchnorm_prior_is_left_out_on_a_teacher_without_batchnorm(tmp_path):
+    """The cpu preset's w_bn must not stop a BatchNorm-free teacher (LeNet-5) from distilling: RDSKD's own loss,
+    and the run's log says why."""
+    engine = Engine(EngineConfig(precision="32-true", progress=False), run_dir=tmp_path)
+    teacher = engine.prepare(build_model("lenet5", 10, 1, 32).eval(), trainable=False)
+    student = engine.prepare(build_model("lenet5_half", 10, 1, 32), trainable=True)
+    setup = DistillSetup(teacher, student, 10, 1, 32, engine, (0.3,), (0.4,))
+    with_prior, plain = (RDSKD(RDSKDConfig(gen_batch=16, w_bn=w), setup) for w in (0.3, 0.0))
+    assert with_prior.prior is None
+    images = torch.randn(16, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert with_prior.objective(images, None)["loss"].item() == plain.objective(images, None)["loss"].item()
+    events = [json.loads(line).get("event", "") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum("params.w_bn unused" in e and "none that keep running statistics" in e for e in events) == 1
 
 
 def test_stages_train_the_right_modules_without_nan(digits_teacher):

@@ -316,10 +316,15 @@ def test_collapse_warnings_for_missing_classes_and_for_near_copies_in_the_teache
     assert "synthesis_iterations" in pixels and "use rdskd" in pixels
     assert collapse_warnings(images, [4] * 10, "rdskd", RDSKDConfig(), {"within_class": 0.06}) == []
     # One class absent from 500 samples (the WRN pair's RDSKD drew no sneaker): named, and on a BatchNorm teacher
-    # the remedy is a method that matches its statistics (DeepInversion reached sneakers there; RDSKD settings did not).
+    # the remedy is to match its statistics (RDSKD's prior drew sneakers there; its other settings did not).
     (missing,) = collapse_warnings(images, [60] * 7 + [0, 40, 40], "rdskd", RDSKDConfig(), teacher_has_batchnorm=True)
     assert "none of 500 generated samples falls in teacher class(es) 7," in missing
-    assert "--method deepinversion" in missing
+    assert "--set params.w_bn=0.3" in missing and "deepinversion" not in missing
+    (with_prior,) = collapse_warnings(
+        images, [60] * 7 + [0, 40, 40], "rdskd", RDSKDConfig(w_bn=0.1), teacher_has_batchnorm=True
+    )
+    assert "params.w_bn, now 0.1" in with_prior and "--method deepinversion" in with_prior
+    assert "bn_distance=standardised" in with_prior  # the raw distance, weighed by the last layer
     (plain,) = collapse_warnings(images, [60] * 7 + [0, 40, 40], "rdskd", RDSKDConfig())
     assert "deepinversion" not in plain and "gen_epochs" in plain
     assert collapse_warnings(images, [6] * 7 + [0, 4, 4], "rdskd", RDSKDConfig()) == []  # 5 per class: chance

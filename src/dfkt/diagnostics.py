@@ -78,7 +78,18 @@ def bn_statistics_warning(gap: float | None, method: str, params: BaseModel) -> 
     teacher's labels on them then teach the student little about real images."""
     if gap is None or gap <= MAX_BN_STATISTICS_GAP:
         return []
-    if hasattr(params, "w_bn"):
+    if method == "rdskd" and params.w_bn == 0:  # its paper loss: the prior is there, off
+        fix = (
+            "turn RDSKD's BatchNorm prior on (--set params.w_bn=0.3 --set params.bn_distance=standardised, the "
+            "cpu preset's) or use deepinversion"
+        )
+    elif method == "rdskd":
+        fix = (
+            f"give the prior another weight (params.w_bn, now {params.w_bn:g}) or the generator more steps "
+            f"(params.gen_epochs, now {params.gen_epochs}; with --max-seconds params.gen_budget_share, now "
+            f"{params.gen_budget_share})"
+        )
+    elif hasattr(params, "w_bn"):
         fix = (
             f"give the prior more weight or time (params.w_bn, now {params.w_bn:g}; more synthesis iterations "
             "or a longer --max-seconds)"
@@ -94,8 +105,8 @@ def bn_statistics_warning(gap: float | None, method: str, params: BaseModel) -> 
 
 def collapse_fix(method: str, params: BaseModel, teacher_has_batchnorm: bool = False) -> str:
     """The remedy for ``method``, in terms of the settings it has. "Use rdskd" only to another method on a
-    teacher without BatchNorm: on a BatchNorm teacher (WRN-16-2) RDSKD collapsed too and no method swap
-    was measured to help (benchmarks/analysis/batchnorm_pairs.md)."""
+    teacher without BatchNorm: on a BatchNorm teacher (WRN-16-2) RDSKD's own loss left classes out too, until
+    its generator also matched the teacher's BatchNorm statistics (benchmarks/analysis/batchnorm_pairs.md)."""
     fixes = []
     if method == "rdskd":  # its loss has no weights; an undertrained generator is the usual cause
         fixes.append(
@@ -103,10 +114,16 @@ def collapse_fix(method: str, params: BaseModel, teacher_has_batchnorm: bool = F
             f"--max-seconds a larger params.gen_budget_share, now {params.gen_budget_share}) or another "
             f"learning rate (params.gen_lr, now {params.gen_lr:g})"
         )
-        if teacher_has_batchnorm:  # WRN-16-2 pair: RDSKD's generator never drew a sneaker, whatever its settings
+        # WRN-16-2 pair: without the prior RDSKD's generator never drew a sneaker, whatever its other settings
+        if teacher_has_batchnorm and params.w_bn == 0:
             fixes.append(
-                "on a BatchNorm teacher, --method deepinversion (its cpu preset matches the teacher's BatchNorm "
-                "statistics; 74% against RDSKD's 60% on a WRN-16-2 pair where RDSKD missed a class)"
+                "on a BatchNorm teacher, match its statistics too (--set params.w_bn=0.3 --set "
+                "params.bn_distance=standardised, the cpu preset's)"
+            )
+        elif teacher_has_batchnorm:
+            fixes.append(
+                f"another weight for the BatchNorm prior (params.w_bn, now {params.w_bn:g}), or --method deepinversion "
+                "(its cpu preset optimises the images themselves against the teacher's statistics)"
             )
     elif hasattr(params, "gen_lr"):
         fixes.append(f"lower the generator learning rate (--set params.gen_lr=..., now {params.gen_lr:g})")
@@ -114,7 +131,7 @@ def collapse_fix(method: str, params: BaseModel, teacher_has_batchnorm: bool = F
         fixes.append(f"raise the class-diversity weight (params.w_ie, now {params.w_ie:g})")
     if hasattr(params, "synthesis_iterations"):
         fixes.append(f"optimise each batch longer (params.synthesis_iterations, now {params.synthesis_iterations})")
-    if getattr(params, "bn_distance", None) == "raw" and teacher_has_batchnorm:
+    if getattr(params, "bn_distance", None) == "raw" and getattr(params, "w_bn", 0) > 0 and teacher_has_batchnorm:
         fixes.append(
             "weigh every BatchNorm layer alike (params.bn_distance=standardised; the raw distance is "
             "dominated by the last layer)"

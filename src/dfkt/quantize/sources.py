@@ -32,7 +32,7 @@ from dfkt.errors import ConfigError, DfktError
 from dfkt.models.files import ModelInfo
 from dfkt.models.generator import GeneratorOutput
 from dfkt.registry import CALIBRATION_SOURCES
-from dfkt.synthesis.bn_prior import BNStatsPrior
+from dfkt.synthesis.bn_prior import BNStatsPrior, statistics_layers
 
 RDSKD_EPOCH = 120  # generator steps per reference reset, as in the RDSKD authors' code
 
@@ -81,10 +81,6 @@ class CalibrationSource:
 
 def source_config(name: str, params: dict[str, Any]) -> StrictModel:
     return validate(CALIBRATION_SOURCES.get(name).Config, params, where=f"{name} params")
-
-
-def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
 
 
 class NoParams(StrictModel):
@@ -142,7 +138,7 @@ class BNInversion(CalibrationSource):
 
     def __init__(self, cfg: BNInversionConfig, ctx: CalibrationContext):
         super().__init__(cfg, ctx)
-        if not batchnorm_layers(ctx.model):
+        if not statistics_layers(ctx.model):
             raise ConfigError(
                 f"calibration source bn-inversion matches BatchNorm statistics and this {ctx.info.arch} "
                 "model has no BatchNorm layers; use --calibration generator (or gaussian)"

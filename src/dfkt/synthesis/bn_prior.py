@@ -29,6 +29,18 @@ from torch import Tensor, nn
 from dfkt.errors import ConfigError
 
 
+def statistics_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers that remember statistics (track_running_stats=False ones have nothing to match)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+
+
+def no_statistics_reason(model: nn.Module) -> str:
+    """Why ``statistics_layers(model)`` found none, for messages."""
+    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        return "a TorchScript teacher hides them (load it as torchvision:NAME or module:function instead)"
+    return "this teacher has none that keep running statistics"
+
+
 class BNStatsPrior:
     def __init__(
         self,
@@ -38,19 +50,9 @@ class BNStatsPrior:
         momentum: float | None = None,
         distance: Literal["raw", "standardised"] = "raw",
     ):
-        # Only layers that remember statistics: track_running_stats=False ones have nothing to match.
-        self.layers = [
-            m
-            for m in teacher.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-        ]
+        self.layers = statistics_layers(teacher)
         if not self.layers:
-            scripted = any(isinstance(m, torch.jit.ScriptModule) for m in teacher.modules())
-            why = (
-                "a TorchScript teacher hides them (load it as torchvision:NAME or module:function instead)"
-                if scripted
-                else "this teacher has none that keep running statistics"
-            )
+            why = no_statistics_reason(teacher)
             raise ConfigError(
                 f"{method} needs a teacher with BatchNorm layers (it matches their stored statistics) and {why}; "
                 "use rdskd, dafl, mskd, dfad, zskt or zskd, or turn the prior off with --set params.w_bn=0"
