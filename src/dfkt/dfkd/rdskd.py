@@ -151,7 +151,8 @@ class RDSKD(DistillMethod):
         # The teacher's BatchNorm statistics as a prior on the generator, where the teacher has them (w_bn 0.3,
         # standardised): on the WRN pair RDSKD's own loss drew no sneaker and 0-1 ankle boot in 500, whatever its
         # other settings; with the prior every class is drawn and the student reaches 79.7 / 74.8 / 69.1 against
-        # 56.8 / 65.5 / 52.2 (10 minutes; 0.1: 71.5 ± 5.8, 0.03 and 1 lower on seed 1; nineteenth session).
+        # 56.8 / 65.5 / 52.2 (10 minutes; 0.1: 71.5 ± 5.8, 0.03 and 1 lower on seed 1; nineteenth session), 57.5 ±
+        # 2.9 against 44.7 ± 4.7 at 5 minutes; at 2 minutes (~40 generator steps) 24.3 ± 7.5 against 28.2 ± 0.6.
         # Teachers without BatchNorm (B2's LeNet-5) run RDSKD's own loss.
         "cpu": {
             "gen_batch": 128,
