@@ -108,7 +108,7 @@ def collapse_fix(method: str, params: BaseModel, teacher_has_batchnorm: bool = F
     teacher without BatchNorm: on a BatchNorm teacher (WRN-16-2) RDSKD's own loss left classes out too, until
     its generator also matched the teacher's BatchNorm statistics (benchmarks/analysis/batchnorm_pairs.md)."""
     fixes = []
-    if method == "rdskd":  # its loss has no weights; an undertrained generator is the usual cause
+    if method == "rdskd":  # its own loss has no weights to tune; an undertrained generator is the usual cause
         fixes.append(
             f"give the generator more steps (--set params.gen_epochs=..., now {params.gen_epochs}; with "
             f"--max-seconds a larger params.gen_budget_share, now {params.gen_budget_share}) or another "

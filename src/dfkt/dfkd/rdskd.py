@@ -187,7 +187,9 @@ class RDSKD(DistillMethod):
             self.prior = BNStatsPrior(self.teacher, "rdskd", distance=cfg.bn_distance)
         elif cfg.w_bn > 0:  # the cpu preset sets it for any teacher; one without BatchNorm runs the paper's loss
             why = no_statistics_reason(self.teacher)
-            self.engine.metrics.write({"event": f"params.w_bn unused, BatchNorm statistics: {why}; RDSKD's own loss"})
+            self.engine.metrics.write(
+                {"event": f"params.w_bn unused (BatchNorm statistics: {why}); the generator trains on RDSKD's own loss"}
+            )
         self.keep("references", torch.zeros(2, device=self.engine.device))  # r_oh, r_ie
         self.reset_references = False
         self.pool = ImagePool(self, cfg.pool_size) if cfg.student_data == "pool" else None
