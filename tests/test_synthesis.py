@@ -325,6 +325,11 @@ def test_collapse_warnings_for_missing_classes_and_for_near_copies_in_the_teache
     )
     assert "params.w_bn, now 0.1" in with_prior and "--method deepinversion" in with_prior
     assert "bn_distance=standardised" in with_prior  # the raw distance, weighed by the last layer
+    from dfkt.dfkd.rdskd import RDSKD
+    from dfkt.diagnostics import RDSKD_PRIOR_ON
+
+    cpu = RDSKD.presets["cpu"]  # the advice is the preset's settings, kept in step with it
+    assert f"params.w_bn={cpu['w_bn']:g} " in RDSKD_PRIOR_ON and f"bn_distance={cpu['bn_distance']}," in RDSKD_PRIOR_ON
     (plain,) = collapse_warnings(images, [60] * 7 + [0, 40, 40], "rdskd", RDSKDConfig())
     assert "deepinversion" not in plain and "gen_epochs" in plain
     assert collapse_warnings(images, [6] * 7 + [0, 4, 4], "rdskd", RDSKDConfig()) == []  # 5 per class: chance

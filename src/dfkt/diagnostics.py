@@ -26,6 +26,8 @@ MISSING_CLASS_SAMPLES = 10
 # batches 0.25 and 0.41; samples of the runs whose students stayed at 18-29% read 4.7-25.6
 # (benchmarks/analysis/batchnorm_pairs.md).
 MAX_BN_STATISTICS_GAP = 2.0
+# How an RDSKD run turns its BatchNorm prior on: the cpu preset's settings (dfkt.dfkd.rdskd).
+RDSKD_PRIOR_ON = "--set params.w_bn=0.3 --set params.bn_distance=standardised, the cpu preset's"
 
 
 @torch.no_grad()
@@ -79,10 +81,7 @@ def bn_statistics_warning(gap: float | None, method: str, params: BaseModel) -> 
     if gap is None or gap <= MAX_BN_STATISTICS_GAP:
         return []
     if method == "rdskd" and params.w_bn == 0:  # its paper loss: the prior is there, off
-        fix = (
-            "turn RDSKD's BatchNorm prior on (--set params.w_bn=0.3 --set params.bn_distance=standardised, the "
-            "cpu preset's) or use deepinversion"
-        )
+        fix = f"turn RDSKD's BatchNorm prior on ({RDSKD_PRIOR_ON}) or use deepinversion"
     elif method == "rdskd":
         fix = (
             f"give the prior another weight (params.w_bn, now {params.w_bn:g}) or the generator more steps "
@@ -116,10 +115,7 @@ def collapse_fix(method: str, params: BaseModel, teacher_has_batchnorm: bool = F
         )
         # WRN-16-2 pair: without the prior RDSKD's generator never drew a sneaker, whatever its other settings
         if teacher_has_batchnorm and params.w_bn == 0:
-            fixes.append(
-                "on a BatchNorm teacher, match its statistics too (--set params.w_bn=0.3 --set "
-                "params.bn_distance=standardised, the cpu preset's)"
-            )
+            fixes.append(f"on a BatchNorm teacher, match its statistics too ({RDSKD_PRIOR_ON})")
         elif teacher_has_batchnorm:
             fixes.append(
                 f"another weight for the BatchNorm prior (params.w_bn, now {params.w_bn:g}), or --method deepinversion "
