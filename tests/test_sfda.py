@@ -549,12 +549,24 @@ def test_source_share_writes_the_weights_between_the_adapted_and_the_source_mode
     assert whole["warnings"] == []
 
 
+def test_agreement_ramp_keeps_no_source_below_30_percent_agreement_and_all_of_it_from_80():
+    from dfkt.sfda.interpolation import agreement_ramp_share, agreement_share
+
+    source = torch.zeros(20, dtype=torch.long)
+    for agree, ramp in ((0, 0.0), (6, 0.0), (11, 0.5), (16, 1.0), (18, 1.0), (20, 1.0)):
+        adapted = torch.cat([torch.zeros(agree), torch.ones(20 - agree)]).long()
+        assert agreement_ramp_share(source, adapted) == pytest.approx(ramp, abs=1e-6)
+        assert agreement_share(source, adapted) == pytest.approx((agree / 20) ** 2)
+
+
 def test_source_share_is_a_number_or_agreement_not_a_switch():
     from pydantic import ValidationError
 
     shot = ADAPT_METHODS.get("shot")
     assert shot.Config(source_share="agreement").source_share == "agreement"
-    with pytest.raises(ValidationError, match="a number in \\[0, 1\\] or 'agreement', not true/false"):
+    with pytest.raises(
+        ValidationError, match="a number in \\[0, 1\\], 'agreement' or 'agreement_ramp', not true/false"
+    ):
         shot.Config(source_share=True)  # would write the source model itself
 
 
@@ -584,6 +596,16 @@ def test_source_share_by_agreement_is_the_squared_share_of_images_both_models_pu
             r = (adapted == source).float().mean().item()
             assert 0 < r < 1 and summary["source_share"][part] == pytest.approx(r**2, abs=1e-6)
     assert summary["source_share"]["setting"] == "agreement" and summary["as_adapted"] is not None
+    ramp = dfkt.adapt(
+        "shot",
+        digits_source,
+        "digits-c:contrast:5",
+        overrides=[*settings, "params.source_share=agreement_ramp"],
+        out=tmp_path / "ramp",
+    )
+    adapted = load_model(tmp_path / "plain" / "model.safetensors")[0].eval()(images).argmax(1)
+    r = (adapted == source).float().mean().item()
+    assert ramp["source_share"]["final"] == pytest.approx(min(1, max(0, (r - 0.3) / 0.5)), abs=1e-6)
     # The statistics step alone: the written weights are the adapted ones with BatchNorm recomputed on the images.
     from safetensors.torch import load_file
 

@@ -25,7 +25,7 @@ from dfkt.registry import ADAPT_METHODS
 from dfkt.selection import TARGET_SCORES, TargetScoreSelection
 from dfkt.sfda.agreement import agrees_only_by_chance, chance_corrected_agreement
 from dfkt.sfda.base import AdaptSetup
-from dfkt.sfda.interpolation import agreement_share, interpolate_with_source, reestimate_batchnorm
+from dfkt.sfda.interpolation import SHARE_RULES, interpolate_with_source, reestimate_batchnorm
 from dfkt.supervised import evaluate_model, predict_classes
 
 
@@ -249,8 +249,8 @@ class Adaptation:
             }
             for part, net in (("final", model), ("selected", selected)):
                 shares[part] = (
-                    agreement_share(source_classes, predict_classes(net, self.setup.images, engine))
-                    if setting == "agreement"
+                    SHARE_RULES[setting](source_classes, predict_classes(net, self.setup.images, engine))
+                    if isinstance(setting, str)
                     else setting
                 )
             model, selected = (
