@@ -6,6 +6,7 @@ choice (model_selected.safetensors), the inductive accuracy (held-out half) of
     as_adapted  the weights as adapted;      as_adapted_bn  the same, statistics recomputed
     agreement   interpolated with the source at s = r² (dfkt.sfda.interpolation.agreement_share);
     agreement_bn  the same, statistics recomputed on the adapted half with dropout off
+    agreement_ramp_bn  the same at s = clip((r − 0.3)/0.5, 0, 1) (params.source_share=agreement_ramp)
 
     python benchmarks/source_share_probe.py --work runs/b4-mixval --out benchmarks/results/NAME.json \\
         --targets impulse_noise motion_blur scale
@@ -30,9 +31,16 @@ import torch
 from interpolation_probe import run_halves  # benchmarks/, beside this script
 
 from dfkt.models.files import load_model
-from dfkt.sfda.interpolation import RAMP_FROM, RAMP_TO, agreement_share, interpolate_with_source, reestimate_batchnorm
+from dfkt.sfda.interpolation import (
+    RAMP_FROM,
+    RAMP_TO,
+    agreement_ramp_share,
+    agreement_share,
+    interpolate_with_source,
+    reestimate_batchnorm,
+)
 
-COLUMNS = ("source", "source_bn", "as_adapted", "as_adapted_bn", "agreement", "agreement_bn")
+COLUMNS = ("source", "source_bn", "as_adapted", "as_adapted_bn", "agreement", "agreement_bn", "agreement_ramp_bn")
 
 
 @torch.no_grad()
@@ -49,8 +57,8 @@ def probe(
     source: torch.nn.Module, adapted: torch.nn.Module, adapted_half: torch.Tensor, held_out: tuple, grid=()
 ) -> dict:
     row = {}
-    adapted_classes = classes(adapted, adapted_half)
-    share = agreement_share(classes(source, adapted_half), adapted_classes)
+    source_classes, adapted_classes = classes(source, adapted_half), classes(adapted, adapted_half)
+    share = agreement_share(source_classes, adapted_classes)
     for name, s in (("source", 1.0), ("as_adapted", 0.0), ("agreement", share)):
         net = interpolate_with_source(source, adapted, s)
         row[name] = accuracy(net, held_out)
@@ -58,6 +66,9 @@ def probe(
         row[f"{name}_bn"] = accuracy(net, held_out)
         if name == "source":  # agreement with the source as BatchNorm-refit, a candidate signal for a rule
             row["agreement_rate_source_bn"] = float((classes(net, adapted_half) == adapted_classes).float().mean())
+    net = interpolate_with_source(source, adapted, agreement_ramp_share(source_classes, adapted_classes))
+    reestimate_batchnorm(net, adapted_half)
+    row["agreement_ramp_bn"] = accuracy(net, held_out)
     if grid:
         row["grid"] = {}
         for s in grid:
@@ -146,7 +157,7 @@ def main() -> None:
     print("|---" * (4 + len(COLUMNS)) + "|")
     means = collections.defaultdict(list)
     for (target, method), group in sorted(groups.items()):
-        cells = {c: statistics.mean(r[c] for r in group) for c in (*COLUMNS, "share")}
+        cells = {c: statistics.mean(r.get(c, float("nan")) for r in group) for c in (*COLUMNS, "share")}
         for c in COLUMNS:
             means[c].append(cells[c])
         shown = " | ".join(f"{100 * cells[c]:.1f}" for c in COLUMNS)
