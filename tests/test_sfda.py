@@ -570,7 +570,9 @@ def test_source_share_is_a_number_or_agreement_not_a_switch():
         shot.Config(source_share=True)  # would write the source model itself
 
 
-def test_source_share_by_agreement_is_the_squared_share_of_images_both_models_put_in_one_class(digits_source, tmp_path):
+def test_source_share_by_agreement_is_the_squared_share_of_images_both_models_put_in_one_class(
+    digits_source, tmp_path, capsys
+):
     from dfkt.api.adapt import target_halves, target_images
     from dfkt.api.common import normalized
     from dfkt.config import DataConfig
@@ -596,16 +598,20 @@ def test_source_share_by_agreement_is_the_squared_share_of_images_both_models_pu
             r = (adapted == source).float().mean().item()
             assert 0 < r < 1 and summary["source_share"][part] == pytest.approx(r**2, abs=1e-6)
     assert summary["source_share"]["setting"] == "agreement" and summary["as_adapted"] is not None
-    ramp = dfkt.adapt(
-        "shot",
-        digits_source,
-        "digits-c:contrast:5",
-        overrides=[*settings, "params.source_share=agreement_ramp"],
-        out=tmp_path / "ramp",
-    )
+    # Through the CLI, which names the share the written weights hold and what adapting itself reached.
+    ramp_args = [x for setting in [*settings, "params.source_share=agreement_ramp"] for x in ("--set", setting)]
+    capsys.readouterr()
+    assert main(["adapt", "--method", "shot", "--source", digits_source, "--target", "digits-c:contrast:5",
+                 "--out", str(tmp_path / "ramp"), *ramp_args]) == 0  # fmt: skip
+    ramp = json.loads((tmp_path / "ramp" / "summary.json").read_text())
     adapted = load_model(tmp_path / "plain" / "model.safetensors")[0].eval()(images).argmax(1)
     r = (adapted == source).float().mean().item()
-    assert ramp["source_share"]["final"] == pytest.approx(min(1, max(0, (r - 0.3) / 0.5)), abs=1e-6)
+    shares, before = ramp["source_share"], ramp["as_adapted"]
+    assert shares["final"] == pytest.approx(min(1, max(0, (r - 0.3) / 0.5)), abs=1e-6)
+    assert (
+        f"written weights: source share {shares['final']:.2f} final, {shares['selected']:.2f} selected "
+        f"(source_share=agreement_ramp); as adapted, inductive {before['adapted']['inductive']:.4f} final"
+    ) in capsys.readouterr().out
     # The statistics step alone: the written weights are the adapted ones with BatchNorm recomputed on the images.
     from safetensors.torch import load_file
 

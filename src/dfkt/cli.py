@@ -341,6 +341,14 @@ def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
             f"{fmt(sel['transductive'])}, inductive {fmt(sel['inductive'])}; score {sel['label_free_score']:.3f} "
             f"(final {s['adapted']['label_free_score']:.3f}, source {s['source_only']['label_free_score']:.3f})"
         )
+        if s["as_adapted"]:  # the written weights are not the adapted ones: say how much of the source they hold
+            shares, before = s["source_share"], s["as_adapted"]
+            refit = ", BatchNorm statistics refit on the target" if s["batchnorm_reestimated"] else ""
+            print(
+                f"written weights: source share {shares['final']:.2f} final, {shares['selected']:.2f} selected "
+                f"(source_share={shares['setting']}){refit}; as adapted, inductive "
+                f"{fmt(before['adapted']['inductive'])} final, {fmt(before['selected']['inductive'])} selected"
+            )
         agree = s["agreement_with_source"]
         print(
             "agreement with the source model's classes on the target (label-free): "
