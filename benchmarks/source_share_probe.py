@@ -96,13 +96,19 @@ def on_grid(grid: dict[str, float], s: float) -> float:
     return points[0][1] if s < points[0][0] else points[-1][1]
 
 
+def task(row: dict) -> str:
+    """The run's task folder (B4: CORRUPTION-SEVERITY-SCALE; B5: MODEL-SOURCE-TARGET), so that B5's two source
+    models on one target are not pooled."""
+    return Path(row["run"]).parent.parent.name
+
+
 def print_rules(rows: list[dict]) -> None:
     """Per target and method, the mean inductive accuracy each rule would give, the best fixed share and the
     best share per run (an oracle), from the rows' grids."""
     groups = collections.defaultdict(list)
     for row in rows:
         if "grid" in row:
-            groups[(row["target"], row["method"])].append(row)
+            groups[(task(row), row["method"])].append(row)
     names = list(RULES)
     print("| target | method | r | " + " | ".join(names) + " | best s per run (oracle) | source_bn |")
     print("|---" * (5 + len(names)) + "|")
@@ -152,7 +158,7 @@ def main() -> None:
     groups = collections.defaultdict(list)
     for row in rows:
         if not args.targets or any(t in row["target"] for t in args.targets):
-            groups[(row["target"], row["method"])].append(row)
+            groups[(task(row), row["method"])].append(row)
     print("| target | method | seeds | " + " | ".join(COLUMNS) + " | share |")
     print("|---" * (4 + len(COLUMNS)) + "|")
     means = collections.defaultdict(list)
