@@ -52,10 +52,12 @@ RAMP_FROM, RAMP_TO = 0.3, 0.8
 
 
 def agreement_ramp_share(source_classes: Tensor, adapted_classes: Tensor) -> float:
-    """s = clip((r − 0.3) / 0.5, 0, 1) (``source_share=agreement_ramp``): the source model whole, its
-    BatchNorm statistics refit, where adapting kept its class on 80% of the images or more. On B4's tuning
-    corruptions with a BatchNorm2d source, SHOT and SHOT-IM kept it on 80% under impulse noise and lost 4
-    points doing so; there the source refit was the best model on the line, and r² kept too little of it."""
+    """s = clip((r − 0.3) / 0.5, 0, 1) (``source_share=agreement_ramp``): the source model whole (with
+    ``reestimate_batchnorm``, its statistics refit) where adapting kept its class on 80% of the images or more.
+    On B4's tuning corruptions with a BatchNorm2d source, SHOT and SHOT-IM kept it on 80% under impulse noise and
+    lost 4 points doing so; there the refit source was the best model on the line and r² kept too little of it.
+    On B5 (r 0.44-0.73) it keeps too much of weaker sources: 1 point under r² on the mean, so the ``cpu``
+    presets keep r² (benchmarks/analysis/sfda_compare.md, twentieth session)."""
     r = agreement_rate(source_classes, adapted_classes)
     return min(1.0, max(0.0, (r - RAMP_FROM) / (RAMP_TO - RAMP_FROM)))
 
