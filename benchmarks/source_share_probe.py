@@ -14,7 +14,8 @@ choice (model_selected.safetensors), the inductive accuracy (held-out half) of
 With --grid S [S ...] each row also holds ``grid``: the inductive accuracy at each fixed share s, statistics
 recomputed (as `params.reestimate_batchnorm=true` does), and ``agreement_rate`` r, so that rules s = f(r)
 other than r² can be compared afterwards without adapting again (--rules prints them). --weights picks the
-run's final weights (model.safetensors) instead of its label-free choice.
+run's final weights (model.safetensors) instead of its label-free choice. ``agreement_rate_source_bn`` is r against
+the source with its statistics refit, kept as a candidate second signal for a rule.
 
 Finished rows in OUT are kept. Prints the mean per target and method, and over all rows.
 """
@@ -32,11 +33,9 @@ from interpolation_probe import run_halves  # benchmarks/, beside this script
 
 from dfkt.models.files import load_model
 from dfkt.sfda.interpolation import (
-    RAMP_FROM,
-    RAMP_TO,
-    agreement_ramp_share,
-    agreement_share,
+    agreement_rate,
     interpolate_with_source,
+    ramp,
     reestimate_batchnorm,
 )
 
@@ -57,8 +56,9 @@ def probe(
     source: torch.nn.Module, adapted: torch.nn.Module, adapted_half: torch.Tensor, held_out: tuple, grid=()
 ) -> dict:
     row = {}
-    source_classes, adapted_classes = classes(source, adapted_half), classes(adapted, adapted_half)
-    share = agreement_share(source_classes, adapted_classes)
+    adapted_classes = classes(adapted, adapted_half)
+    rate = agreement_rate(classes(source, adapted_half), adapted_classes)
+    share = rate**2  # the preset's rule, params.source_share=agreement
     for name, s in (("source", 1.0), ("as_adapted", 0.0), ("agreement", share)):
         net = interpolate_with_source(source, adapted, s)
         row[name] = accuracy(net, held_out)
@@ -66,7 +66,7 @@ def probe(
         row[f"{name}_bn"] = accuracy(net, held_out)
         if name == "source":  # agreement with the source as BatchNorm-refit, a candidate signal for a rule
             row["agreement_rate_source_bn"] = float((classes(net, adapted_half) == adapted_classes).float().mean())
-    net = interpolate_with_source(source, adapted, agreement_ramp_share(source_classes, adapted_classes))
+    net = interpolate_with_source(source, adapted, ramp(rate))
     reestimate_batchnorm(net, adapted_half)
     row["agreement_ramp_bn"] = accuracy(net, held_out)
     if grid:
@@ -75,7 +75,7 @@ def probe(
             net = interpolate_with_source(source, adapted, s)
             reestimate_batchnorm(net, adapted_half)
             row["grid"][str(s)] = accuracy(net, held_out)
-    return {**row, "share": share, "agreement_rate": share**0.5}
+    return {**row, "share": share, "agreement_rate": rate}
 
 
 # Candidate rules s = f(r), r the agreement rate, compared with --rules on the grid (linear between its points).
@@ -83,7 +83,7 @@ RULES = {
     "r^2 (agreement)": lambda r: r**2,
     "r": lambda r: r,
     "(r-0.4)/0.4": lambda r: min(1.0, max(0.0, (r - 0.4) / 0.4)),
-    "agreement_ramp": lambda r: min(1.0, max(0.0, (r - RAMP_FROM) / (RAMP_TO - RAMP_FROM))),
+    "agreement_ramp": ramp,
     "1 (source, refit)": lambda r: 1.0,
 }
 
@@ -103,8 +103,8 @@ def task(row: dict) -> str:
 
 
 def print_rules(rows: list[dict]) -> None:
-    """Per target and method, the mean inductive accuracy each rule would give, the best fixed share and the
-    best share per run (an oracle), from the rows' grids."""
+    """Per task and method, the mean inductive accuracy each rule would give and that of each run's best grid
+    share (an oracle: it needs the labels), from the rows' grids."""
     groups = collections.defaultdict(list)
     for row in rows:
         if "grid" in row:

@@ -58,7 +58,11 @@ def agreement_ramp_share(source_classes: Tensor, adapted_classes: Tensor) -> flo
     lost 4 points doing so; there the refit source was the best model on the line and r² kept too little of it.
     On B5 (r 0.44-0.73) it keeps too much of weaker sources: 1 point under r² on the mean, so the ``cpu``
     presets keep r² (benchmarks/analysis/sfda_compare.md, twentieth session)."""
-    r = agreement_rate(source_classes, adapted_classes)
+    return ramp(agreement_rate(source_classes, adapted_classes))
+
+
+def ramp(r: float) -> float:
+    """The ramp's share for an agreement rate r: clip((r − 0.3) / 0.5, 0, 1)."""
     return min(1.0, max(0.0, (r - RAMP_FROM) / (RAMP_TO - RAMP_FROM)))
 
 
