@@ -534,7 +534,8 @@ def test_source_share_writes_the_weights_between_the_adapted_and_the_source_mode
 
     (plain, adapted), (half, halfway), (whole, source_again) = run(0.0), run(0.5), run(1.0)
     source = load_file(digits_source)
-    assert plain["as_adapted"] is None and half["source_share"] == {"setting": 0.5, "final": 0.5, "selected": 0.5}
+    assert plain["as_adapted"] is None
+    assert half["source_share"] == {"setting": 0.5, "rule": None, "final": 0.5, "selected": 0.5}
     for name in ("model", "model_selected"):
         for k, w in source.items():
             if w.is_floating_point():  # counters (num_batches_tracked) are the adapted model's
@@ -559,13 +560,26 @@ def test_agreement_ramp_keeps_no_source_below_30_percent_agreement_and_all_of_it
         assert agreement_share(source, adapted) == pytest.approx((agree / 20) ** 2)
 
 
+def test_auto_source_share_ramps_on_a_batchnorm2d_source_and_squares_on_one_without():
+    from dfkt.models import build_model
+    from dfkt.sfda.interpolation import share_rule
+
+    with_bn2d, bn1d_only = (build_model(name, 10, 1, 32) for name in ("shot_dtn", "shot_lenet"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in bn1d_only.modules())
+    assert share_rule("auto", with_bn2d) == "agreement_ramp" and share_rule("auto", bn1d_only) == "agreement"
+    for setting in ("agreement", "agreement_ramp"):  # an explicit rule is taken as given
+        assert share_rule(setting, with_bn2d) == share_rule(setting, bn1d_only) == setting
+    for method in OFFLINE:
+        assert ADAPT_METHODS.get(method).presets["cpu"]["source_share"] == "auto"
+
+
 def test_source_share_is_a_number_or_agreement_not_a_switch():
     from pydantic import ValidationError
 
     shot = ADAPT_METHODS.get("shot")
     assert shot.Config(source_share="agreement").source_share == "agreement"
     with pytest.raises(
-        ValidationError, match="a number in \\[0, 1\\], 'agreement' or 'agreement_ramp', not true/false"
+        ValidationError, match="a number in \\[0, 1\\], 'agreement', 'agreement_ramp' or 'auto', not true/false"
     ):
         shot.Config(source_share=True)  # would write the source model itself
 
@@ -598,8 +612,9 @@ def test_source_share_by_agreement_is_the_squared_share_of_images_both_models_pu
             r = (adapted == source).float().mean().item()
             assert 0 < r < 1 and summary["source_share"][part] == pytest.approx(r**2, abs=1e-6)
     assert summary["source_share"]["setting"] == "agreement" and summary["as_adapted"] is not None
-    # Through the CLI, which names the share the written weights hold and what adapting itself reached.
-    ramp_args = [x for setting in [*settings, "params.source_share=agreement_ramp"] for x in ("--set", setting)]
+    # Through the CLI, which names the share the written weights hold, the rule 'auto' took for this BatchNorm2d
+    # source, and what adapting itself reached.
+    ramp_args = [x for setting in [*settings, "params.source_share=auto"] for x in ("--set", setting)]
     capsys.readouterr()
     assert main(["adapt", "--method", "shot", "--source", digits_source, "--target", "digits-c:contrast:5",
                  "--out", str(tmp_path / "ramp"), *ramp_args]) == 0  # fmt: skip
@@ -607,10 +622,11 @@ def test_source_share_by_agreement_is_the_squared_share_of_images_both_models_pu
     adapted = load_model(tmp_path / "plain" / "model.safetensors")[0].eval()(images).argmax(1)
     r = (adapted == source).float().mean().item()
     shares, before = ramp["source_share"], ramp["as_adapted"]
+    assert shares["setting"] == "auto" and shares["rule"] == "agreement_ramp"
     assert shares["final"] == pytest.approx(min(1, max(0, (r - 0.3) / 0.5)), abs=1e-6)
     assert (
         f"written weights: source share {shares['final']:.2f} final, {shares['selected']:.2f} selected "
-        f"(source_share=agreement_ramp); as adapted, inductive {before['adapted']['inductive']:.4f} final"
+        f"(source_share=auto: agreement_ramp); as adapted, inductive {before['adapted']['inductive']:.4f} final"
     ) in capsys.readouterr().out
     # The statistics step alone: the written weights are the adapted ones with BatchNorm recomputed on the images.
     from safetensors.torch import load_file

@@ -344,9 +344,10 @@ def _run(args: argparse.Namespace, api, run_demo, format_table) -> int:
         if s["as_adapted"]:  # the written weights are not the adapted ones: say how much of the source they hold
             shares, before = s["source_share"], s["as_adapted"]
             refit = ", BatchNorm statistics refit on the target" if s["batchnorm_reestimated"] else ""
+            rule = "" if shares["rule"] in (None, shares["setting"]) else f": {shares['rule']}"
             print(
                 f"written weights: source share {shares['final']:.2f} final, {shares['selected']:.2f} selected "
-                f"(source_share={shares['setting']}){refit}; as adapted, inductive "
+                f"(source_share={shares['setting']}{rule}){refit}; as adapted, inductive "
                 f"{fmt(before['adapted']['inductive'])} final, {fmt(before['selected']['inductive'])} selected"
             )
         agree = s["agreement_with_source"]

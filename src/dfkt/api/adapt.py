@@ -25,7 +25,7 @@ from dfkt.registry import ADAPT_METHODS
 from dfkt.selection import TARGET_SCORES, TargetScoreSelection
 from dfkt.sfda.agreement import agrees_only_by_chance, chance_corrected_agreement
 from dfkt.sfda.base import AdaptSetup
-from dfkt.sfda.interpolation import SHARE_RULES, interpolate_with_source, reestimate_batchnorm
+from dfkt.sfda.interpolation import SHARE_RULES, interpolate_with_source, reestimate_batchnorm, share_rule
 from dfkt.supervised import evaluate_model, predict_classes
 
 
@@ -232,7 +232,8 @@ class Adaptation:
         selected_score = final_score if chosen is None else selection.best_score
         setting = getattr(self.method_cfg, "source_share", 0.0)  # offline methods only
         reestimate = getattr(self.method_cfg, "reestimate_batchnorm", False)
-        as_adapted, shares = None, {"setting": setting, "final": 0.0, "selected": 0.0}
+        rule = share_rule(setting, self.source_model) if isinstance(setting, str) else None
+        as_adapted, shares = None, {"setting": setting, "rule": rule, "final": 0.0, "selected": 0.0}
         source_classes = predict_classes(self.source_model, self.setup.images, engine)
         if setting or reestimate:
             as_adapted = {
@@ -249,8 +250,8 @@ class Adaptation:
             }
             for part, net in (("final", model), ("selected", selected)):
                 shares[part] = (
-                    SHARE_RULES[setting](source_classes, predict_classes(net, self.setup.images, engine))
-                    if isinstance(setting, str)
+                    SHARE_RULES[rule](source_classes, predict_classes(net, self.setup.images, engine))
+                    if rule
                     else setting
                 )
             model, selected = (

@@ -76,14 +76,15 @@ class OfflineConfig(StrictModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     momentum: float = Field(0.9, ge=0)
     weight_decay: float = Field(1e-3, ge=0)
-    source_share: Annotated[float, Field(ge=0, le=1)] | Literal["agreement", "agreement_ramp"] = Field(
+    source_share: Annotated[float, Field(ge=0, le=1)] | Literal["agreement", "agreement_ramp", "auto"] = Field(
         0.0,
         description="share s of the source model in the models written, weights (1 - s)·adapted + s·source "
         "(WiSE-FT's weight-space ensemble), for the final and the selected model alike: a number, or "
         "'agreement': s = r², r the share of the adapted images on which the adapted model predicts the "
         "source model's class (label-free: near 1 on a mild shift, where adapting can lose accuracy, near "
         "chance on a large one), or 'agreement_ramp': s = clip((r - 0.3) / 0.5, 0, 1), all of the source "
-        "from r = 0.8 up. 0 (the authors') keeps the adapted weights. The summary also gives the "
+        "from r = 0.8 up, or 'auto': agreement_ramp for a source with BatchNorm2d layers, agreement otherwise "
+        "(the cpu presets). 0 (the authors') keeps the adapted weights. The summary also gives the "
         "figures before interpolating",
     )
     reestimate_batchnorm: bool = Field(
@@ -96,7 +97,9 @@ class OfflineConfig(StrictModel):
     @classmethod
     def _share_is_not_a_switch(cls, value: Any) -> Any:
         if isinstance(value, bool):  # true would silently write the source model itself (s = 1)
-            raise ValueError("source_share takes a number in [0, 1], 'agreement' or 'agreement_ramp', not true/false")
+            raise ValueError(
+                "source_share takes a number in [0, 1], 'agreement', 'agreement_ramp' or 'auto', not true/false"
+            )
         return value
 
 

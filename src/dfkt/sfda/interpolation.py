@@ -56,8 +56,9 @@ def agreement_ramp_share(source_classes: Tensor, adapted_classes: Tensor) -> flo
     ``reestimate_batchnorm``, its statistics refit) where adapting kept its class on 80% of the images or more.
     On B4's tuning corruptions with a BatchNorm2d source, SHOT and SHOT-IM kept it on 80% under impulse noise and
     lost 4 points doing so; there the refit source was the best model on the line and r² kept too little of it.
-    On B5 (r 0.44-0.73) it keeps too much of weaker sources: 1 point under r² on the mean, so the ``cpu``
-    presets keep r² (benchmarks/analysis/sfda_compare.md, twentieth session)."""
+    On B5 (r 0.44-0.73) it keeps too much of the sources without BatchNorm2d: 1.8 points under r² on their mean,
+    level (−0.2) on the BatchNorm2d ones (benchmarks/analysis/sfda_compare.md, twentieth session); hence
+    ``source_share=auto``."""
     return ramp(agreement_rate(source_classes, adapted_classes))
 
 
@@ -67,6 +68,18 @@ def ramp(r: float) -> float:
 
 
 SHARE_RULES = {"agreement": agreement_share, "agreement_ramp": agreement_ramp_share}
+
+
+def share_rule(setting: str, source: nn.Module) -> str:
+    """The rule a ``source_share`` setting names for this source: itself, or for ``auto`` the ramp when the
+    source has BatchNorm2d layers and r² otherwise. Why the architecture: with ``reestimate_batchnorm`` the
+    line's source end is the source with its statistics refit on the target (BN-adapt's model), which on a
+    BatchNorm2d source is often the best model on the line under mild shifts and worth keeping whole; a source
+    whose only BatchNorm is a BatchNorm1d bottleneck gains less from the refit, and the ramp kept too much of it."""
+    if setting != "auto":
+        return setting
+    has_bn2d = any(isinstance(m, nn.BatchNorm2d) for m in source.modules())
+    return "agreement_ramp" if has_bn2d else "agreement"
 
 
 @torch.no_grad()

@@ -29,10 +29,10 @@ CHUNK = 1000
 
 # The ``cpu`` presets: the authors' 30 epochs within 400 steps (5 epochs of B4's 5,000 target images,
 # every epoch of B5's 225-500), so a run stays short on two cores without shrinking runs that are
-# already short. They also keep part of the source model, s = r² (``dfkt.sfda.interpolation``), and refit
-# BatchNorm statistics to the written weights, which lifted the label-free choice on B4's tuning
-# corruptions (README, "Keeping part of the source model").
-CPU = {"epochs": 30, "max_steps": 400, "source_share": "agreement", "reestimate_batchnorm": True}
+# already short. They also keep part of the source model (``dfkt.sfda.interpolation``: r², or the ramp on a
+# source with BatchNorm2d) and refit BatchNorm statistics to the written weights, which lifted the label-free
+# choice on B4's tuning corruptions (README, "Keeping part of the source model").
+CPU = {"epochs": 30, "max_steps": 400, "source_share": "auto", "reestimate_batchnorm": True}
 
 
 def _constant(step: int) -> float:
