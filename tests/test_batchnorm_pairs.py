@@ -245,5 +245,10 @@ def test_samples_unlike_the_teachers_data_are_warned_about_and_its_own_data_is_n
     assert "params.w_bn, now 0.1" in rdskd_prior
     (prior,) = bn_statistics_warning(gap, "deepinversion", DeepInversionConfig())
     assert "params.w_bn" in prior
+    # A method without a prior is sent to the two whose cpu presets worked on a BatchNorm pair, not to CMI or Fast.
+    from dfkt.dfkd.dafl import DAFLConfig
+
+    (no_prior,) = bn_statistics_warning(gap, "dafl", DAFLConfig())
+    assert "use deepinversion" in no_prior and "rdskd" in no_prior and "cmi" not in no_prior
     assert not bn_statistics_warning(bn_statistics_gap(net, training_like[256:]), "rdskd", RDSKDConfig())
     assert bn_statistics_gap(build_model("lenet5", 10, 1, 32).eval(), torch.rand(4, 1, 32, 32)) is None

@@ -343,9 +343,15 @@ def test_collapse_warning_on_a_batchnorm_teacher_does_not_send_the_user_to_rdskd
     images = torch.rand(40, 1, 8, 8)
     histogram = [300, 200] + [0] * 8
     (plain,) = collapse_warnings(images, histogram, "fast", FastConfig(), teacher_has_batchnorm=False)
-    assert "use rdskd" in plain and "bn_distance" not in plain
+    assert "use rdskd" in plain and "bn_distance" not in plain and "deepinversion" not in plain
     (with_bn,) = collapse_warnings(images, histogram, "fast", FastConfig(), teacher_has_batchnorm=True)
     assert "use rdskd" not in with_bn and "params.bn_distance=standardised" in with_bn
+    advice = "or use deepinversion, whose cpu preset optimises the images against the teacher's statistics"
+    assert with_bn.endswith(advice)
+    from dfkt.dfkd.deepinversion import DeepInversionConfig
+
+    (itself,) = collapse_warnings(images, histogram, "deepinversion", DeepInversionConfig(), teacher_has_batchnorm=True)
+    assert "use deepinversion" not in itself
     (standardised,) = collapse_warnings(
         images, histogram, "fast", FastConfig(bn_distance="standardised"), teacher_has_batchnorm=True
     )
