@@ -96,6 +96,27 @@ def test_batchnorm_prior_adds_its_weighted_loss_to_the_papers(digits_teacher, di
     assert terms["loss"].item() == pytest.approx(paper["loss"].item() + 0.3 * l_bn.item(), rel=1e-5)
 
 
+def test_total_variation_prior_adds_its_weighted_loss_to_the_papers(digits_teacher):
+    """w_tv > 0: L_G + w_tv · TV(x), TV the sum of the L2 norms of the four neighbour differences."""
+    plain = make_method(digits_teacher)
+    method = make_method(digits_teacher, w_tv=1e-3)
+    images = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    method.buffers["references"] = plain.buffers["references"] = torch.tensor([0.5, -1.0])
+    tv = sum(
+        d.pow(2).sum().sqrt()
+        for d in (
+            images[..., :, 1:] - images[..., :, :-1],
+            images[..., 1:, :] - images[..., :-1, :],
+            images[..., 1:, :-1] - images[..., :-1, 1:],
+            images[..., 1:, 1:] - images[..., :-1, :-1],
+        )
+    )
+    with torch.no_grad():
+        terms, paper = method.objective(images, None), plain.objective(images, None)
+    assert "tv" not in paper and terms["tv"].item() == pytest.approx(tv.item(), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(paper["loss"].item() + 1e-3 * tv.item(), rel=1e-5)
+
+
 def test_batchnorm_prior_is_left_out_on_a_teacher_without_batchnorm(tmp_path):
     """The cpu preset's w_bn must not stop a BatchNorm-free teacher (LeNet-5) from distilling: RDSKD's own loss,
     and the run's log says why."""

@@ -6,6 +6,8 @@ Three stages, not alternating: (1) a teacher trained on real data (``dfkt train-
 (3) a student trained by KD on samples of the frozen generator (in eval mode).
 ``w_bn`` > 0 adds the teacher's BatchNorm-statistics prior (dfkt.synthesis.bn_prior) to L_G, on teachers
 that have BatchNorm layers: not in the paper, whose loss never looks at the images' statistics.
+``w_tv`` > 0 adds DeepInversion's total-variation prior (dfkt.losses.total_variation) on the generated
+images to L_G: also not in the paper; a smoothness prior that any teacher allows, BatchNorm or not.
 The references r_oh, r_ie are detached loss values: in the authors' code they start at 0 and
 are reset once per epoch, at its second step, to that step's losses ("epoch"); "step" uses the
 previous iteration's values instead.
@@ -55,6 +57,12 @@ class RDSKDConfig(StudentTrainingConfig, GeneratorFields, BNPriorFields):
         ge=0,
         description="weight of the teacher's BatchNorm-statistics prior added to the generator's loss (0: the "
         "paper's loss); a teacher without BatchNorm layers runs the paper's loss whatever this is",
+    )
+    w_tv: float = Field(
+        0.0,
+        ge=0,
+        description="weight of DeepInversion's total-variation prior on the generated images, added to the "
+        "generator's loss (0: the paper's loss); the prior sums over the batch, so its scale grows with gen_batch",
     )
     max_exponent: float = Field(30.0, gt=0, description="exp() argument clamp, so it cannot overflow")
     student_data: Literal["fresh", "pool"] = Field(
@@ -220,6 +228,9 @@ class RDSKD(DistillMethod):
         if self.prior is not None:
             terms["loss"] = terms["loss"] + self.cfg.w_bn * l_bn
             terms["bn"] = l_bn
+        if self.cfg.w_tv > 0:
+            terms["tv"] = losses.total_variation(images)
+            terms["loss"] = terms["loss"] + self.cfg.w_tv * terms["tv"]
         return {**terms, "teacher_logits": logits}
 
     def generator_step(self, i: int) -> dict[str, Tensor | float]:
