@@ -10,6 +10,10 @@ and the teacher's accuracy per brightness quartile and with every pixel's intens
 clipped at white), the student's accuracy per class and its largest confusions.
 
     python benchmarks/pool_vs_real.py runs/b2-compare17/rdskd/seed1 runs/b2-compare17/rdskd/seed2 --data fmnist
+
+The student is the run's written one (student.safetensors: with a weight average, the average), the teacher the
+model file the run names (a `module:function` teacher is not read here). Single-channel data is what it was written
+for: "black" is the lowest channel's floor.
 """
 
 from __future__ import annotations
@@ -22,18 +26,21 @@ import torch
 
 from dfkt import losses
 from dfkt.data import load_dataset
-from dfkt.models import build_model
 from dfkt.models.files import load_model
 
 INTENSITIES = (0.6, 0.8, 1.0, 1.25)
 
 
 def pixel_statistics(images: torch.Tensor, black: float) -> dict:
+    if len(images) < 128:
+        raise SystemExit(f"pixel statistics need at least 128 images, got {len(images)}")
     chunks = [images[i : i + 128] for i in range(0, len(images) - 127, 128)]
+    border = torch.zeros(images.shape[-2:], dtype=torch.bool)
+    border[:2, :] = border[-2:, :] = border[:, :2] = border[:, -2:] = True
     return {
         "tv_per_128": torch.stack([losses.total_variation(c) for c in chunks]).mean().item(),
         "share_at_black": (images < black + 0.01).float().mean().item(),
-        "border_mean": torch.cat([images[..., :2, :].flatten(), images[..., -2:, :].flatten()]).mean().item(),
+        "border_mean": images[..., border].mean().item(),
         "sd_of_image_means": images.flatten(1).mean(1).std().item(),
     }
 
@@ -49,8 +56,7 @@ def diagnose(run: Path, data: str, images: int) -> dict:
     if "pool.images" not in state["buffers"]:
         raise SystemExit(f"{run}: no pool in its checkpoint (a method or preset that keeps one: rdskd --preset cpu)")
     teacher, info = load_model(summary["teacher"])
-    student = build_model(summary["student"], info.num_classes, info.in_channels, info.image_size)
-    student.load_state_dict(state["modules"]["student"])
+    student, _ = load_model(run / "student.safetensors")
     teacher.eval(), student.eval()
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)

@@ -62,8 +62,8 @@ class RDSKDConfig(StudentTrainingConfig, GeneratorFields, BNPriorFields):
         0.0,
         ge=0,
         description="weight of DeepInversion's total-variation prior on the generated images, added to the "
-        "generator's loss (0: the paper's loss); the prior sums over the batch, so its scale grows with gen_batch. "
-        "On B2 0.01 outweighed the class-balance term (no coat drawn) and cost 7.8 points",
+        "generator's loss (0: the paper's loss); the prior is an L2 norm over the whole batch, so it grows as "
+        "the square root of gen_batch",
     )
     max_exponent: float = Field(30.0, gt=0, description="exp() argument clamp, so it cannot overflow")
     student_data: Literal["fresh", "pool"] = Field(
