@@ -25,8 +25,11 @@ from pathlib import Path
 import torch
 
 from dfkt import losses
+from dfkt.config import EngineConfig
 from dfkt.data import load_dataset
+from dfkt.engine import Engine
 from dfkt.models.files import load_model
+from dfkt.supervised import predict_classes
 
 INTENSITIES = (0.6, 0.8, 1.0, 1.25)
 
@@ -45,12 +48,9 @@ def pixel_statistics(images: torch.Tensor, black: float) -> dict:
     }
 
 
-@torch.no_grad()
-def predict(net: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([net(images[i : i + 1000]) for i in range(0, len(images), 1000)]).argmax(1)
-
-
 def diagnose(run: Path, data: str, images: int) -> dict:
+    if not all((run / f).is_file() for f in ("summary.json", "checkpoint.pt", "student.safetensors")):
+        raise SystemExit(f"{run}: not a finished distill run (needs summary.json, checkpoint.pt, student.safetensors)")
     summary = json.loads((run / "summary.json").read_text())
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["state"]
     if "pool.images" not in state["buffers"]:
@@ -69,29 +69,24 @@ def diagnose(run: Path, data: str, images: int) -> dict:
         "run": str(run),
         "student_acc": summary["student_acc"],
         "pool": pixel_statistics(pool, black),
-        "real": pixel_statistics(((pixels - mean) / std)[:images], black),
+        "real": pixel_statistics(((pixels[:images] - mean) / std), black),
     }
+    engine = Engine(EngineConfig(precision="32-true", threads=1, progress=False))
     brightness = pixels.flatten(1).mean(1)
     quartile = torch.bucketize(brightness, torch.quantile(brightness, torch.tensor([0.25, 0.5, 0.75])))
+    said = {}  # each net's classes at each intensity, every prediction made once
     for name, net in (("student", student), ("teacher", teacher)):
-        hit = predict(net, (pixels - mean) / std) == labels
+        said[name] = {c: predict_classes(net, ((pixels * c).clamp(0, 1) - mean) / std, engine) for c in INTENSITIES}
+        hit = said[name][1.0] == labels
         out[name] = {
             "by_brightness_quartile": [hit[quartile == q].float().mean().item() for q in range(4)],
-            "by_intensity": {
-                str(c): (predict(net, ((pixels * c).clamp(0, 1) - mean) / std) == labels).float().mean().item()
-                for c in INTENSITIES
-            },
+            "by_intensity": {str(c): (said[name][c] == labels).float().mean().item() for c in INTENSITIES},
         }
-    guess = predict(student, (pixels - mean) / std)
-    confusion = torch.zeros(info.num_classes, info.num_classes, dtype=torch.long)
-    confusion.index_put_((labels, guess), torch.ones_like(labels), accumulate=True)
-    per_class = confusion.diag().float() / confusion.sum(1).clamp_min(1)
-    off = confusion.clone().fill_diagonal_(0)
-    top = off.flatten().topk(5)
-    out["student_per_class"] = per_class.tolist()
-    out["student_confusions"] = [
-        (int(i) // info.num_classes, int(i) % info.num_classes, int(n)) for n, i in zip(top.values, top.indices)
-    ]
+    n = info.num_classes
+    confusion = torch.bincount(labels * n + said["student"][1.0], minlength=n * n).reshape(n, n)
+    out["student_per_class"] = (confusion.diag().float() / confusion.sum(1).clamp_min(1)).tolist()
+    top = confusion.fill_diagonal_(0).flatten().topk(5)
+    out["student_confusions"] = [(int(i) // n, int(i) % n, int(k)) for k, i in zip(top.values, top.indices)]
     return out
 
 
