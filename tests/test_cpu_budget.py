@@ -113,6 +113,35 @@ def test_flip_only_on_mirror_safe_data_and_the_teacher_labels_what_the_student_s
         assert torch.allclose(logits, clothes.teacher(images), atol=1e-5)  # relabelled, not the cached pool logits
 
 
+def test_without_relabelling_the_pools_stored_logits_label_the_augmented_batch(digits_teacher):
+    """augment_relabel=false: no teacher forward in the student's batch, and the logits are the pool's own for
+    the images before their shift; mixing needs the teacher, so it is refused without relabelling."""
+    cfg = RDSKDConfig(
+        gen_batch=16,
+        gen_epochs=1,
+        gen_steps_per_epoch=2,
+        student_batch=16,
+        student_data="pool",
+        pool_size=32,
+        augment=["shift"],
+        augment_relabel=False,
+    )
+    method = RDSKD(cfg, _setup(digits_teacher, mirror=False))
+    method.stages()[0].step(0)
+    method.fill_pool()
+    calls = []
+    hook = method.teacher.register_forward_hook(lambda *_: calls.append(1))
+    state = method.rngs["student"].get_state()
+    images, logits = method.student_trainer.batch()
+    hook.remove()
+    assert not calls
+    method.rngs["student"].set_state(state)  # the same draw from the pool, before augmentation
+    unshifted, stored = method.pool.sample(16, method.rngs["student"])
+    assert torch.equal(logits, stored) and not torch.equal(images, unshifted)
+    with pytest.raises(ValueError, match="augment_relabel=true"):
+        RDSKDConfig(augment=["shift", "cutmix"], augment_relabel=False)
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # mixed: Fabric refuses a bare autograd.grad
 def test_adversarial_samples_raise_the_disagreement_stay_in_range_and_leave_weights_alone(digits_teacher, precision):
     """A share of each student batch is moved to where the student disagrees with the teacher; the

@@ -4,8 +4,9 @@ Joint methods (DAFL, DFAD, ZSKT, ...) call ``synthesize()`` every ``synthesize_e
 steps, so data making and learning interleave in this one stage; the time spent synthesizing is
 timed apart. Methods whose data is made in an earlier stage (RDSKD) pass ``synthesize_every=0``.
 With ``augment`` (a list from dfkt.data.augment.AUGMENTATIONS), each batch is augmented and the
-teacher is asked again on exactly what the student sees; otherwise cached teacher logits are used
-when the source has them. A flip is only applied to data declared mirror-safe (never to digits).
+teacher is asked again on exactly what the student sees (unless ``augment_relabel`` is off); otherwise
+cached teacher logits are used when the source has them. A flip is only applied to data declared
+mirror-safe (never to digits).
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ class StudentTrainingConfig(StrictModel):
         "code zooms into central crops of 0.9 to 0.6 of the "
         "side)",
     )
+    augment_relabel: bool = Field(
+        True,
+        description="the teacher labels every augmented batch again, exactly what the student sees; false: the "
+        "stored logits of the unaugmented images are kept (shift, flip, rotate, scale only), which saves a teacher "
+        "forward pass per student step where the source stores logits (RDSKD's pool)",
+    )
 
     average_decay: float | None = Field(
         None,
@@ -137,6 +144,16 @@ class StudentTrainingConfig(StrictModel):
             raise ValueError(
                 "params.feature_weight matches the teacher's leading channels, which only a student started from "
                 "the teacher computes; set params.student_init=teacher (or auto), or params.feature_weight=0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mixes_need_the_teacher(self):
+        mixes = [kind for kind in self.augment if kind in ("mixup", "cutmix")]
+        if mixes and not self.augment_relabel:
+            raise ValueError(
+                f"params.augment has {', '.join(mixes)}: a mixed image has no stored logits, so the teacher must "
+                "label it; set params.augment_relabel=true or drop the mixing"
             )
         return self
 
@@ -278,12 +295,11 @@ class StudentTrainer:
         rng = self.method.rngs["student"]
         images, logits = self.source.sample(self.cfg.student_batch, rng)
         if self.augmentations:
-            images, logits = (
-                augment_batch(
-                    images, self.augmentations, rng, self.fill, self.cfg.augment_degrees, self.cfg.augment_scale
-                ),
-                None,
+            images = augment_batch(
+                images, self.augmentations, rng, self.fill, self.cfg.augment_degrees, self.cfg.augment_scale
             )
+            if self.cfg.augment_relabel:
+                logits = None
         if self.cfg.adversarial_steps:
             images, logits = self.adversarial(images), None
         if logits is None or self.teacher_layers is not None:  # the hint loss needs the teacher's layers too
