@@ -108,7 +108,8 @@ class StudentTrainingConfig(StrictModel):
         True,
         description="the teacher labels every augmented batch again, exactly what the student sees; false: the "
         "stored logits of the unaugmented images are kept (shift, flip, rotate, scale only), which saves a teacher "
-        "forward pass per student step where the source stores logits (RDSKD's pool)",
+        "forward pass per student step where the source stores logits (RDSKD's pool); no effect with "
+        "adversarial_steps or the hint loss, which run the teacher anyway",
     )
 
     average_decay: float | None = Field(
