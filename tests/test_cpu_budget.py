@@ -490,12 +490,13 @@ def test_pixel_methods_downscale_optimises_images_a_fraction_of_the_teachers_sid
         latent_side(resolution=4, downscale=2)
 
 
-@pytest.mark.parametrize("share, syntheses", [(None, 12), (0.5, 4)])
+@pytest.mark.parametrize("share, budget, syntheses", [(None, 100.0, 12), (0.5, 100.0, 4), (0.5, None, 12)])
 def test_synthesis_share_skips_due_syntheses_once_synthesis_has_had_its_share(
-    digits_teacher, monkeypatch, share, syntheses
+    digits_teacher, monkeypatch, share, budget, syntheses
 ):
-    """A fake clock: a synthesis takes 3 s and a student step 1 s. Every step is due; with a share of one half,
-    step 0 synthesizes (nothing spent yet), then one step in three does (3 s of 6 per three steps)."""
+    """A fake clock: a synthesis takes 3 s and a student step 1 s. Every step is due; with a share of one half
+    and a time budget, step 0 synthesizes (nothing spent yet), then one step in three does (3 s of 6 per three
+    steps). Without a budget (fixed steps) the share is ignored, so timing cannot change what the run trains."""
     from dfkt.dfkd.deepinversion import DeepInversion, DeepInversionConfig
 
     clock = [0.0]
@@ -504,6 +505,7 @@ def test_synthesis_share_skips_due_syntheses_once_synthesis_has_had_its_share(
         synthesis_batch=8, synthesis_iterations=1, student_batch=8, student_steps_per_synthesis=1, pool_size=64
     )
     method = DeepInversion(cfg.model_copy(update={"synthesis_share": share}), _setup(digits_teacher, mirror=False))
+    method.engine.max_seconds = budget  # as Engine.run sets it
     trainer, synthesize, batch = method.student_trainer, method.source.synthesize, method.student_trainer.batch
     calls = []
 

@@ -68,8 +68,9 @@ class DeepInversionConfig(PooledConfig, BNPriorFields, PixelInversionFields):
 # 37-47%; weights 1 and 10 gave 84.3 ± 0.2 and 84.6 ± 0.1 (fp32 on AVX2, 3 seeds, benchmarks/analysis/feature_hints.md).
 # Synthesis capped at 40% of the student stage's time (synthesis_share): on the WRN pair on an EPYC without AMX,
 # where inversions took 290 of the 600 s, 75.8 ± 3.3 against 73.3 ± 3.3 at 10 minutes, every seed higher (+0.9, +1.9,
-# +4.7; benchmarks/results/ablation_wrn_deepinversion_synthesis_share.md); on B2, where synthesis takes ~30%, it leaves
-# the run as it was: 84.3 ± 0.2 against 84.1 ± 0.2, synthesis 179 s against 182 (ablation_b2_deepinversion_share.md).
+# +4.7; benchmarks/results/ablation_wrn_deepinversion_synthesis_share.md); on B2, where synthesis takes ~30%, the cap
+# never binds (a batch every 60 steps throughout, the curves identical at every common step; 84.3 ± 0.2 against
+# 84.1 ± 0.2 from more steps on a less loaded machine; ablation_b2_deepinversion_share.md).
 CPU = {
     "synthesis_batch": 64,
     "synthesis_iterations": 50,

@@ -134,9 +134,10 @@ class StudentTrainingConfig(StrictModel):
         None,
         gt=0,
         le=1,
-        description="the most of the student stage's time that synthesis may take: a due synthesis is skipped "
-        "while synthesis has taken more than this share so far, and the student goes on with what it has "
-        "(a costly teacher then gets fewer new images, not a starved student); none: every due synthesis runs",
+        description="with --max-seconds, the most of the student stage's time that synthesis may take: a due "
+        "synthesis is skipped while synthesis has taken more than this share so far, and the student goes on with "
+        "what it has (a costly teacher then gets fewer new images, not a starved student); a run of fixed steps "
+        "ignores it, so that timing never changes what it trains; none: every due synthesis runs",
     )
 
     @model_validator(mode="after")
@@ -346,15 +347,17 @@ class StudentTrainer:
 
     def synthesis_due(self, i: int) -> bool:
         """Whether step ``i`` synthesizes: every ``synthesize_every`` steps, at most ``max_syntheses`` times, and
-        with ``synthesis_share`` only while synthesis has had at most that share of the stage's time (both parts
-        are timed sections, which a checkpoint carries, so a resumed run decides on the time spent before)."""
+        with ``synthesis_share`` and a time budget only while synthesis has had at most that share of the stage's time
+        (both parts are timed sections, which a checkpoint carries, so a resumed run decides on the time spent
+        before). A run of fixed steps synthesizes whenever due, so its timing never changes what it trains."""
         if not self.synthesize_every or i % self.synthesize_every:
             return False
         if self.max_syntheses is not None and i // self.synthesize_every >= self.max_syntheses:
             return False
-        share, sections = self.cfg.synthesis_share, self.method.engine.sections
-        if share is None:
+        share, engine = self.cfg.synthesis_share, self.method.engine
+        if share is None or engine.max_seconds is None:  # fixed steps: timing must not change what is trained
             return True
+        sections = engine.sections
         spent = sections.get("synthesis", 0.0)
         return spent <= share * (spent + sections.get("distillation", 0.0))
 

@@ -119,6 +119,8 @@ class Engine:
         # Training seconds of the budget left when the running stage's begin() started (None: no budget),
         # so one-off work such as filling a pool can size itself to the time there is.
         self.budget_left: float | None = None
+        # The running run's time budget (None: fixed steps), for settings that apply only under a budget.
+        self.max_seconds: float | None = None
         # Every rank writes into rank 0's folder (its default name carries rank 0's clock).
         self.run_dir = self.fabric.broadcast(run_dir, 0) if several else run_dir
         log_path, self.run_lock, refused = None, None, None
@@ -339,6 +341,7 @@ class Engine:
         ``on_start`` runs once the checkpoint (if any) has been accepted, e.g. to record the config.
         """
         progress = _Progress(self.cfg.progress, self.is_main)
+        self.max_seconds = max_seconds
         position = {
             "stage": 0,
             "step": 0,
