@@ -440,6 +440,17 @@ def test_a_tiny_teachers_student_stage_runs_in_fp32_even_under_bf16(digits_teach
     )
 
 
+def test_student_precision_32_given_on_the_command_line_is_accepted():
+    """`--set params.student_precision=32` reads as the number 32, which the setting takes as its text "32"."""
+    from dfkt.config import apply_overrides, validate
+
+    raw = apply_overrides({}, ["params.student_precision=32"])["params"]
+    assert raw == {"student_precision": 32}
+    assert validate(RDSKDConfig, raw).student_precision == "32"
+    with pytest.raises(ConfigError, match="student_precision"):
+        validate(RDSKDConfig, {"student_precision": 16})
+
+
 def test_a_generator_ensemble_gives_each_member_its_own_chunk_of_the_batch():
     from dfkt.models.generator import GeneratorEnsemble
 

@@ -159,6 +159,11 @@ class StudentTrainingConfig(StrictModel):
             )
         return self
 
+    @field_validator("student_precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value):
+        return str(value) if isinstance(value, int) else value  # --set params.student_precision=32 reads a number
+
     @field_validator("augment", mode="before")
     @classmethod
     def _augment_flag(cls, value):
