@@ -90,24 +90,28 @@ def _setup(digits_teacher, mirror: bool, precision: str = "32-true") -> DistillS
     return DistillSetup(teacher, student, 10, 1, 8, engine, (0.3,), (0.4,), mirror)
 
 
+def _tiny_pool_config(**settings) -> RDSKDConfig:
+    """RDSKD on a pool, small enough for a test: one generator epoch of 2 steps, batches of 16, a pool of 32;
+    ``settings`` override any of these."""
+    base = dict(gen_batch=16, gen_epochs=1, gen_steps_per_epoch=2, student_batch=16, student_data="pool", pool_size=32)
+    return RDSKDConfig(**{**base, **settings})
+
+
+def _pool_drawn(method: RDSKD) -> RDSKD:
+    """``method`` after one generator step and its pool drawn, ready for student batches."""
+    method.stages()[0].step(0)
+    method.fill_pool()
+    return method
+
+
 def test_flip_only_on_mirror_safe_data_and_the_teacher_labels_what_the_student_sees(digits_teacher):
     assert mirror_safe("fmnist") and not mirror_safe("digits") and not mirror_safe("mnist")
-    cfg = RDSKDConfig(
-        gen_batch=16,
-        gen_epochs=1,
-        gen_steps_per_epoch=2,
-        student_batch=16,
-        student_data="pool",
-        pool_size=32,
-        augment=["shift", "flip", "mixup"],
-    )
+    cfg = _tiny_pool_config(augment=["shift", "flip", "mixup"])
     digits = RDSKD(cfg, _setup(digits_teacher, mirror=False))
     assert digits.student_trainer.augmentations == ["shift", "mixup"]
     clothes = RDSKD(cfg, _setup(digits_teacher, mirror=True))
     assert clothes.student_trainer.augmentations == ["shift", "flip", "mixup"]
-    for stage in clothes.stages()[:1]:
-        stage.step(0)
-    clothes.fill_pool()
+    _pool_drawn(clothes)
     images, logits = clothes.student_trainer.batch()
     with torch.no_grad():
         assert torch.allclose(logits, clothes.teacher(images), atol=1e-5)  # relabelled, not the cached pool logits
@@ -116,19 +120,8 @@ def test_flip_only_on_mirror_safe_data_and_the_teacher_labels_what_the_student_s
 def test_without_relabelling_the_pools_stored_logits_label_the_augmented_batch(digits_teacher):
     """augment_relabel=false: no teacher forward in the student's batch, and the logits are the pool's own for
     the images before their shift; mixing needs the teacher, so it is refused without relabelling."""
-    cfg = RDSKDConfig(
-        gen_batch=16,
-        gen_epochs=1,
-        gen_steps_per_epoch=2,
-        student_batch=16,
-        student_data="pool",
-        pool_size=32,
-        augment=["shift"],
-        augment_relabel=False,
-    )
-    method = RDSKD(cfg, _setup(digits_teacher, mirror=False))
-    method.stages()[0].step(0)
-    method.fill_pool()
+    cfg = _tiny_pool_config(augment=["shift"], augment_relabel=False)
+    method = _pool_drawn(RDSKD(cfg, _setup(digits_teacher, mirror=False)))
     calls = []
     hook = method.teacher.register_forward_hook(lambda *_: calls.append(1))
     state = method.rngs["student"].get_state()
@@ -146,21 +139,8 @@ def test_without_relabelling_the_pools_stored_logits_label_the_augmented_batch(d
 def test_adversarial_samples_raise_the_disagreement_stay_in_range_and_leave_weights_alone(digits_teacher, precision):
     """A share of each student batch is moved to where the student disagrees with the teacher; the
     teacher labels the moved images; the student's weights and gradients are untouched by the move."""
-    cfg = RDSKDConfig(
-        gen_batch=16,
-        gen_epochs=1,
-        gen_steps_per_epoch=2,
-        student_batch=16,
-        student_data="pool",
-        pool_size=32,
-        adversarial_steps=3,
-        adversarial_step_size=0.1,
-        adversarial_share=0.5,
-    )
-    method = RDSKD(cfg, _setup(digits_teacher, mirror=False, precision=precision))
-    for stage in method.stages()[:1]:
-        stage.step(0)
-    method.fill_pool()
+    cfg = _tiny_pool_config(adversarial_steps=3, adversarial_step_size=0.1, adversarial_share=0.5)
+    method = _pool_drawn(RDSKD(cfg, _setup(digits_teacher, mirror=False, precision=precision)))
     trainer, student, teacher = method.student_trainer, method.student, method.teacher
     clean, _ = method.pool.sample(16, torch.Generator().manual_seed(0))
     weights = {k: v.clone() for k, v in student.state_dict().items()}
@@ -272,16 +252,7 @@ def test_the_pool_is_drawn_within_its_share_of_the_budget_left(digits_teacher, m
 
 
 def test_a_generator_that_keeps_training_refreshes_the_pool_with_its_own_batches(digits_teacher):
-    cfg = RDSKDConfig(
-        gen_batch=16,
-        gen_epochs=1,
-        gen_steps_per_epoch=2,
-        student_batch=16,
-        student_data="pool",
-        pool_size=64,
-        gen_train_every=2,
-        gen_width=32,
-    )
+    cfg = _tiny_pool_config(pool_size=64, gen_train_every=2, gen_width=32)
     method = RDSKD(cfg, _setup(digits_teacher, mirror=False))
     generator_stage, student_stage = method.stages()
     assert method.generator in student_stage.train and method.generator not in student_stage.frozen
@@ -311,16 +282,7 @@ def test_a_training_generator_needs_a_pool_without_other_refresh(digits_teacher)
 
 
 def test_pool_refresh_replaces_images_and_mining_keeps_the_hardest(digits_teacher):
-    cfg = RDSKDConfig(
-        gen_batch=16,
-        gen_epochs=1,
-        gen_steps_per_epoch=2,
-        student_batch=16,
-        student_data="pool",
-        pool_size=64,
-        pool_refresh=8,
-        pool_mining=4,
-    )
+    cfg = _tiny_pool_config(pool_size=64, pool_refresh=8, pool_mining=4)
     method = RDSKD(cfg, _setup(digits_teacher, mirror=False))
     method.fill_pool()
     pool = method.student_trainer.source
@@ -371,16 +333,7 @@ def test_cosine_student_lr_anneals_over_the_time_left(monkeypatch, tmp_path, dig
     """With a budget the cosine schedule follows the time the student stage can have, not its step count."""
     now = [0.0]
     monkeypatch.setattr(engine_module.time, "perf_counter", lambda: now[0])
-    cfg = RDSKDConfig(
-        gen_batch=16,
-        gen_epochs=1,
-        gen_steps_per_epoch=4,
-        student_batch=16,
-        student_data="pool",
-        pool_size=32,
-        student_epochs=1000,
-        lr_schedule="cosine",
-    )
+    cfg = _tiny_pool_config(gen_steps_per_epoch=4, student_epochs=1000, lr_schedule="cosine")
     method = RDSKD(cfg, _setup(digits_teacher, mirror=False))
     engine = method.engine
     lrs = []
