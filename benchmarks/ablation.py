@@ -71,6 +71,12 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, settings.split()
 
 
+def worst(finals: list[float | None]) -> str:
+    """The lowest final accuracy in percent, or n/a when no run of the variant finished."""
+    present = [f for f in finals if f is not None]
+    return f"{min(present) * 100:.1f}" if present else "n/a"
+
+
 def main() -> None:
     args = parse_args()
     bench = BENCHES[args.bench]
@@ -114,7 +120,7 @@ def main() -> None:
         rows.append(
             f"| {name} | {' '.join(extra) or '(preset)'} | "
             + "".join(f"{a} | " for a in at)
-            + f"{mean_std(finals)} | {min((f for f in finals if f is not None), default=0) * 100:.1f} | "
+            + f"{mean_std(finals)} | {worst(finals)} | "
             f"{mean_std(selected)} | " + " | ".join("—" if v is None else f"{v:.0f}" for v in seconds.values()) + " |"
         )
     head = " | ".join(f"at {b:g} s" for b in shown[:-1])
