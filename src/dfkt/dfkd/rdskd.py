@@ -153,10 +153,13 @@ class RDSKD(DistillMethod):
         # (student_init=auto): 77.3 ± 1.5 on B2 at 10 minutes against 75.8 ± 1.6 (fp32 on AVX2; two seeds of
         # three up, every seed ahead after the student's first 120 s), and the digits demo's student higher on two
         # seeds of three and level on the third (benchmarks/analysis/student_init.md).
-        # Student batches of 128, not 256: where each step is costly (a WRN-16-2 teacher on an EPYC without AMX,
-        # ~460 steps of 256 in 10 minutes) twice the steps on the same images per second gave 56.8 / 65.5 / 52.2
-        # against 52.0 / 54.5 / 51.6; on B2, where the student has steps to spare, 77.9 / 79.2 / 80.0 against
-        # 78.2 / 79.2 / 77.5 (benchmarks/analysis/batchnorm_pairs.md, eighteenth session).
+        # Student batches of 64, not 256: where each step is costly (a WRN-16-2 teacher on an EPYC without AMX)
+        # twice the steps on the same images per second helped twice. 128 against 256 (~460 steps): 56.8 / 65.5 /
+        # 52.2 against 52.0 / 54.5 / 51.6 (eighteenth session); 64 against 128 (~1,950 steps against ~1,000), with
+        # today's prior: 81.7 / 83.1 / 78.6 / 81.3 / 82.8 against 78.3 / 81.0 / 69.5 / 68.1 / 79.4 (twenty-fourth).
+        # On B2, where the student has steps to spare, both stayed level: 77.9 / 79.2 / 80.0 at 128 against 78.2 /
+        # 79.2 / 77.5 at 256, and 79.3 / 77.3 / 79.8 at 64 against 77.0 / 78.7 / 80.0 at 128
+        # (benchmarks/analysis/batchnorm_pairs.md). student_epochs 400 keeps the images of 200 epochs of 128.
         # The teacher's BatchNorm statistics as a prior on the generator, where the teacher has them (w_bn 0.3,
         # standardised): on the WRN pair RDSKD's own loss drew no sneaker and 0-1 ankle boot in 500, whatever its
         # other settings; with the prior every class is drawn and the student reaches 79.7 / 74.8 / 69.1 against
@@ -167,8 +170,8 @@ class RDSKD(DistillMethod):
             "gen_batch": 128,
             "gen_epochs": 2,
             "gen_budget_share": 0.4,
-            "student_batch": 128,
-            "student_epochs": 200,
+            "student_batch": 64,
+            "student_epochs": 400,
             "student_data": "pool",
             "pool_size": 20000,
             "augment": ["shift", "flip"],
