@@ -156,10 +156,10 @@ class RDSKD(DistillMethod):
         # Student batches of 64, not 256: where each step is costly (a WRN-16-2 teacher on an EPYC without AMX)
         # twice the steps on the same images per second helped twice. 128 against 256 (~460 steps): 56.8 / 65.5 /
         # 52.2 against 52.0 / 54.5 / 51.6 (eighteenth session); 64 against 128 (~1,950 steps against ~1,000), with
-        # today's prior: 81.7 / 83.1 / 78.6 / 81.3 / 82.8 against 78.3 / 81.0 / 69.5 / 68.1 / 79.4 (twenty-fourth).
-        # On B2, where the student has steps to spare, both stayed level: 77.9 / 79.2 / 80.0 at 128 against 78.2 /
-        # 79.2 / 77.5 at 256, and 79.3 / 77.3 / 79.8 at 64 against 77.0 / 78.7 / 80.0 at 128
-        # (benchmarks/analysis/batchnorm_pairs.md). student_epochs 400 keeps the images of 200 epochs of 128.
+        # the BatchNorm prior below: 81.7 / 83.1 / 78.6 / 81.3 / 82.8 against 78.3 / 81.0 / 69.5 / 68.1 / 79.4
+        # (twenty-fourth session). On B2, where the student has steps to spare, both stayed level: 77.9 / 79.2 /
+        # 80.0 at 128 against 78.2 / 79.2 / 77.5 at 256, and 79.3 / 77.3 / 79.8 at 64 against 77.0 / 78.7 / 80.0 at
+        # 128 (benchmarks/analysis/batchnorm_pairs.md). student_epochs 400 keeps the images of 200 epochs of 128.
         # The teacher's BatchNorm statistics as a prior on the generator, where the teacher has them (w_bn 0.3,
         # standardised): on the WRN pair RDSKD's own loss drew no sneaker and 0-1 ankle boot in 500, whatever its
         # other settings; with the prior every class is drawn and the student reaches 79.7 / 74.8 / 69.1 against
