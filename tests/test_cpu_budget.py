@@ -12,7 +12,7 @@ import torch
 import dfkt
 from dfkt import losses
 from dfkt.config import EngineConfig
-from dfkt.data.augment import augment_batch, mirror_safe
+from dfkt.data.augment import AUGMENTATIONS, augment_batch, gaussian_blur, mirror_safe
 from dfkt.dfkd.base import DistillSetup
 from dfkt.dfkd.rdskd import RDSKD, RDSKDConfig
 from dfkt.dfkd.student import disagreement_ascent
@@ -68,7 +68,7 @@ def test_augmentations_pad_with_black_and_mix_within_range():
     rng = torch.Generator().manual_seed(0)
     black = torch.tensor([-FMNIST_MEAN[0] / FMNIST_STD[0]])
     blank = black.view(1, 1, 1, 1).expand(16, 1, 32, 32).clone()
-    for kinds in (["shift"], ["rotate", "scale"], ["shift", "flip", "rotate", "scale", "mixup", "cutmix"]):
+    for kinds in (["shift"], ["rotate", "scale"], ["blur", "brightness"], list(AUGMENTATIONS)):
         assert torch.allclose(augment_batch(blank, kinds, rng, fill=black), blank, atol=1e-5), kinds
     images = torch.rand(16, 1, 32, 32)
     mixed = augment_batch(images, ["mixup"], rng)
@@ -81,6 +81,26 @@ def test_augmentations_pad_with_black_and_mix_within_range():
     same = [torch.equal(f, i) for f, i in zip(flipped, images)]
     mirrored = [torch.equal(f, i.flip(-1)) for f, i in zip(flipped, images)]
     assert all(s or m for s, m in zip(same, mirrored)) and any(mirrored) and any(same)
+
+
+def test_blur_smooths_each_image_by_its_own_sigma_and_brightness_stays_between_black_and_white():
+    rng = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 2, 16, 16)
+    assert torch.allclose(gaussian_blur(images, torch.zeros(8)), images)
+    blurred = gaussian_blur(images[:1].expand(5, -1, -1, -1), torch.linspace(0, 1, 5))  # one image, five sigmas
+    roughness = (blurred.diff(dim=-1).abs().mean((1, 2, 3))).tolist()
+    assert all(a > b for a, b in zip(roughness, roughness[1:]))  # a larger sigma, a smoother image
+    assert torch.allclose(blurred.mean((2, 3)), images[:1].mean((2, 3)), atol=0.02)  # the kernel sums to 1
+    black, white = torch.tensor([-1.0, -0.5]), torch.tensor([1.0, 1.5])
+    pixels = black.view(1, 2, 1, 1) + (0.1 + 0.9 * images) * (white - black).view(1, 2, 1, 1)  # none at black
+    bright = augment_batch(pixels, ["brightness"], rng, fill=black, max_brightness=0.4, high=white)
+    assert (bright >= black.view(1, 2, 1, 1) - 1e-6).all() and (bright <= white.view(1, 2, 1, 1) + 1e-6).all()
+    ratio = (bright - black.view(1, 2, 1, 1)) / (pixels - black.view(1, 2, 1, 1))
+    unclipped = bright < white.view(1, 2, 1, 1) - 1e-6
+    factors = torch.where(unclipped, ratio, torch.nan).nanmean((1, 2, 3))
+    assert ((factors > 0.6 - 1e-4) & (factors < 1.4 + 1e-4)).all() and factors.std() > 0.05
+    per_image = torch.where(unclipped, ratio, factors.view(-1, 1, 1, 1)) - factors.view(-1, 1, 1, 1)
+    assert per_image.abs().max() < 1e-4  # one factor for the whole image, both channels
 
 
 def _setup(digits_teacher, mirror: bool, precision: str = "32-true") -> DistillSetup:
@@ -131,8 +151,9 @@ def test_without_relabelling_the_pools_stored_logits_label_the_augmented_batch(d
     method.rngs["student"].set_state(state)  # the same draw from the pool, before augmentation
     unshifted, stored = method.pool.sample(16, method.rngs["student"])
     assert torch.equal(logits, stored) and not torch.equal(images, unshifted)
-    with pytest.raises(ValueError, match="augment_relabel=true"):
-        RDSKDConfig(augment=["shift", "cutmix"], augment_relabel=False)
+    for changed in ("cutmix", "blur", "brightness"):
+        with pytest.raises(ValueError, match="augment_relabel=true"):
+            RDSKDConfig(augment=["shift", changed], augment_relabel=False)
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # mixed: Fabric refuses a bare autograd.grad
@@ -167,8 +188,8 @@ def test_old_augment_switch_still_reads():
     assert RDSKDConfig(augment=True).augment == ["shift", "flip"]
     assert RDSKDConfig(augment=False).augment == []
     assert RDSKDConfig(augment="rotate, cutmix").augment == ["rotate", "cutmix"]
-    with pytest.raises(ValueError, match="augment.0\n.*'shift', 'flip', 'rotate'.*input_value='blur'"):
-        RDSKDConfig(augment=["blur"])
+    with pytest.raises(ValueError, match="augment.0\n.*'shift', 'flip', 'rotate'.*input_value='solarize'"):
+        RDSKDConfig(augment=["solarize"])
 
 
 def test_a_stage_with_a_budget_share_hands_over_to_the_next(monkeypatch, tmp_path):

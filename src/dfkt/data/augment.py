@@ -51,7 +51,7 @@ def crop_and_rotate(
 
 # Datasets whose classes survive a horizontal flip (clothes, objects); digits and letters do not.
 MIRROR_SAFE = frozenset({"fmnist", "cifar10", "cifar100"})
-AUGMENTATIONS = ("shift", "flip", "rotate", "scale", "mixup", "cutmix")
+AUGMENTATIONS = ("shift", "flip", "rotate", "scale", "blur", "brightness", "mixup", "cutmix")
 
 
 def mirror_safe(dataset: str | None) -> bool:
@@ -66,12 +66,16 @@ def augment_batch(
     fill: Tensor | None = None,
     max_degrees: float = 15.0,
     max_scale: float = 0.1,
+    max_blur: float = 1.0,
+    max_brightness: float = 0.4,
+    high: Tensor | None = None,
 ) -> Tensor:
     """``images`` (normalised, N×C×H×W) with each of ``kinds`` applied per sample, in the order of
     AUGMENTATIONS: shift (up to 1/16 of the width), flip (horizontal, half the samples), rotate
-    (±``max_degrees``), scale (×1 ± ``max_scale``), mixup (λ·x + (1−λ)·x', λ ~ U(0, 1) = Beta(1, 1);
-    Zhang et al., 2018) and cutmix (a box of area (1−λ) of x' pasted into x; Yun et al., 2019), x' being
-    the batch in random order.
+    (±``max_degrees``), scale (×1 ± ``max_scale``), blur (a Gaussian of σ uniform in [0, ``max_blur``] pixels),
+    brightness (the distance from black ×1 ± ``max_brightness``, kept under ``high`` per channel), mixup
+    (λ·x + (1−λ)·x', λ ~ U(0, 1) = Beta(1, 1); Zhang et al., 2018) and cutmix (a box of area (1−λ) of x'
+    pasted into x; Yun et al., 2019), x' being the batch in random order.
     Pixels moved in from outside take ``fill`` (per channel; default 0, the mean). The result is new
     images, not label mixtures: the caller asks the teacher what they are."""
     n, c, h, w = images.shape
@@ -102,6 +106,13 @@ def augment_batch(
         )
         grid = torch.nn.functional.affine_grid(theta, (n, c, h, w), align_corners=False)
         out = torch.nn.functional.grid_sample(out.float(), grid, align_corners=False).to(images.dtype)
+    if "blur" in kinds:
+        out = gaussian_blur(out, torch.rand(n, device=device, generator=rng) * max_blur)
+    if "brightness" in kinds:
+        factor = 1 + (torch.rand(n, device=device, generator=rng) * 2 - 1) * max_brightness
+        out = out * factor.view(-1, 1, 1, 1).to(out.dtype)
+        if high is not None:
+            out = torch.minimum(out, high.to(device, out.dtype).view(1, -1, 1, 1) - fill)
     if "mixup" in kinds:
         lam = torch.rand(n, device=device, generator=rng)
         partner = out[torch.randperm(n, device=device, generator=rng)]
@@ -118,6 +129,19 @@ def augment_batch(
         box = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # n × 1 × h × w
         out = torch.where(box, partner, out)
     return out + fill
+
+
+def gaussian_blur(images: Tensor, sigma: Tensor, radius: int = 2) -> Tensor:
+    """Each image blurred by a separable Gaussian of its own ``sigma`` (pixels; 0 leaves it as it is),
+    over a (2·radius + 1)² window, edges padded by reflection."""
+    n, c, h, w = images.shape
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float32)
+    weights = torch.exp(-(offsets[None, :] ** 2) / (2 * sigma.float().clamp_min(1e-3)[:, None] ** 2))
+    weights = (weights / weights.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n·c) × k: one kernel per plane
+    planes = torch.nn.functional.pad(images.float().reshape(1, n * c, h, w), [radius] * 4, mode="reflect")
+    planes = torch.nn.functional.conv2d(planes, weights[:, None, None, :], groups=n * c)  # along rows
+    planes = torch.nn.functional.conv2d(planes, weights[:, None, :, None], groups=n * c)  # along columns
+    return planes.reshape(n, c, h, w).to(images.dtype)
 
 
 def _shift_flip(images: Tensor, rng: torch.Generator, max_shift: int, flip: bool) -> Tensor:

@@ -88,10 +88,10 @@ class StudentTrainingConfig(StrictModel):
         "32 (fp32), or auto: fp32 on a CPU when the teacher costs under "
         f"{TINY_MULTIPLY_ADDS // 10**6}M multiply-adds per image, else the run's",
     )
-    augment: list[Literal["shift", "flip", "rotate", "scale", "mixup", "cutmix"]] = Field(
+    augment: list[Literal["shift", "flip", "rotate", "scale", "blur", "brightness", "mixup", "cutmix"]] = Field(
         [],
         description="augmentations of the student's batches, relabelled by the teacher: shift, flip (mirror-safe "
-        "data only), rotate, scale, mixup, cutmix; true = shift + flip",
+        "data only), rotate, scale, blur, brightness, mixup, cutmix; true = shift + flip",
     )
     augment_degrees: float = Field(
         15.0, ge=0, le=180, description="rotate: the largest angle, either way (ZSKD's authors rotate by up to 90)"
@@ -103,6 +103,10 @@ class StudentTrainingConfig(StrictModel):
         description="scale: zoom by 1 ± this at most (ZSKD's authors' "
         "code zooms into central crops of 0.9 to 0.6 of the "
         "side)",
+    )
+    augment_blur: float = Field(1.0, gt=0, description="blur: the largest σ of the Gaussian, in pixels")
+    augment_brightness: float = Field(
+        0.4, gt=0, lt=1, description="brightness: scale each image's distance from black by 1 ± this at most"
     )
     augment_relabel: bool = Field(
         True,
@@ -150,12 +154,12 @@ class StudentTrainingConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _mixes_need_the_teacher(self):
-        mixes = [kind for kind in self.augment if kind in ("mixup", "cutmix")]
-        if mixes and not self.augment_relabel:
+    def _new_pixels_need_the_teacher(self):
+        changed = [kind for kind in self.augment if kind in ("blur", "brightness", "mixup", "cutmix")]
+        if changed and not self.augment_relabel:
             raise ValueError(
-                f"params.augment has {', '.join(mixes)}: a mixed image has no stored logits, so the teacher must "
-                "label it; set params.augment_relabel=true or drop the mixing"
+                f"params.augment has {', '.join(changed)}: such an image is no longer the stored one, so the teacher "
+                "must label it; set params.augment_relabel=true or drop those augmentations"
             )
         return self
 
@@ -303,7 +307,15 @@ class StudentTrainer:
         images, logits = self.source.sample(self.cfg.student_batch, rng)
         if self.augmentations:
             images = augment_batch(
-                images, self.augmentations, rng, self.fill, self.cfg.augment_degrees, self.cfg.augment_scale
+                images,
+                self.augmentations,
+                rng,
+                self.fill,
+                self.cfg.augment_degrees,
+                self.cfg.augment_scale,
+                self.cfg.augment_blur,
+                self.cfg.augment_brightness,
+                None if self.pixel_range is None else self.pixel_range[1],
             )
             if self.cfg.augment_relabel:
                 logits = None
