@@ -14,7 +14,7 @@ from dfkt import losses
 from dfkt.config import EngineConfig
 from dfkt.data.augment import AUGMENTATIONS, augment_batch, gaussian_blur, mirror_safe
 from dfkt.dfkd.base import DistillSetup
-from dfkt.dfkd.rdskd import RDSKD, RDSKDConfig
+from dfkt.dfkd.rdskd import RDSKD, RDSKDConfig, within_room
 from dfkt.dfkd.student import disagreement_ascent
 from dfkt.engine import Engine, Stage
 from dfkt.engine import engine as engine_module
@@ -270,6 +270,52 @@ def test_the_pool_is_drawn_within_its_share_of_the_budget_left(digits_teacher, m
     unbudgeted.engine.budget_left = None
     unbudgeted.fill_pool()
     assert unbudgeted.pool.full
+
+
+def test_within_room_keeps_each_class_up_to_its_room_in_order():
+    room = torch.tensor([2, 1, 5])
+    keep = within_room(torch.tensor([0, 0, 1, 0, 2, 1]), room)
+    assert keep.tolist() == [True, True, True, False, True, False] and room.tolist() == [0, 0, 4]
+
+
+class CyclingTeacher(torch.nn.Module):
+    """Calls the n-th image it sees class ``pattern[n % len(pattern)]``."""
+
+    def __init__(self, pattern: list[int]):
+        super().__init__()
+        self.pattern, self.seen = torch.tensor(pattern), 0
+
+    def forward(self, images):
+        labels = self.pattern[torch.arange(self.seen, self.seen + len(images)) % len(self.pattern)]
+        self.seen += len(images)
+        return 10 * torch.nn.functional.one_hot(labels, 10).float()
+
+
+@pytest.mark.parametrize(
+    "balance, pattern, draws, per_class, candidates",
+    [
+        (False, [0, 0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9], 4, [8, 4] + [1] * 8, 20),
+        (True, [0, 0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9], 4, [2] * 10, 40),
+        # class 9 never drawn: after 2 candidates per image the last 2 places take the next images as drawn
+        (True, [0, 0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8], 2, [4, 2, 2, 2, 2, 2, 2, 2, 2, 0], 42),
+    ],
+)
+def test_a_balanced_pool_holds_every_class_alike_while_its_candidates_last(
+    digits_teacher, monkeypatch, balance, pattern, draws, per_class, candidates
+):
+    from dfkt.dfkd import rdskd
+
+    monkeypatch.setattr(rdskd, "POOL_CHUNK", 40)
+    monkeypatch.setattr(rdskd, "BALANCE_DRAWS", draws)
+    method = RDSKD(_tiny_pool_config(pool_size=20, pool_balance=balance), _setup(digits_teacher, mirror=False))
+    method.teacher = CyclingTeacher(pattern)
+    events = []
+    monkeypatch.setattr(method.engine.metrics, "write", events.append)
+    method.fill_pool()
+    counts = torch.bincount(method.pool.state.buffers["pool.logits"].argmax(1), minlength=10)
+    (drawn,) = [e for e in events if e.get("event") == "pool drawn"]
+    assert method.pool.full and counts.tolist() == drawn["per_class"] == per_class
+    assert drawn["candidates"] == candidates
 
 
 def test_a_generator_that_keeps_training_refreshes_the_pool_with_its_own_batches(digits_teacher):

@@ -43,6 +43,9 @@ POOL_CHUNK = 1024
 # or teacher (a WRN-16-2 pair overran a 2-minute budget by 50 s here) leaves the student its steps; the
 # pool then holds what was drawn (at least one chunk).
 POOL_FILL_SHARE = 0.25
+# A class-balanced pool stops choosing after this many candidates per pool image and fills the rest as drawn, so a
+# class the generator (almost) never draws cannot hold the student back.
+BALANCE_DRAWS = 4
 
 
 class RDSKDConfig(StudentTrainingConfig, GeneratorFields, BNPriorFields):
@@ -75,6 +78,12 @@ class RDSKDConfig(StudentTrainingConfig, GeneratorFields, BNPriorFields):
         ge=0,
         description="pool only: new frozen-generator images replacing the oldest "
         "before every student step (0: the pool drawn once stays)",
+    )
+    pool_balance: bool = Field(
+        False,
+        description="pool only: draw the pool with as many images of each class (the teacher's top class) as "
+        f"of any other, choosing among up to {BALANCE_DRAWS} candidates per pool image (then filling the rest as "
+        "drawn); false: the classes as the generator draws them",
     )
     pool_mining: int = Field(
         1,
@@ -256,11 +265,28 @@ class RDSKD(DistillMethod):
         rng = self.engine.rng("pool_fill")
         left = self.engine.budget_left
         deadline = None if left is None else time.perf_counter() + POOL_FILL_SHARE * left
+        classes = self.setup.num_classes
+        room = torch.full((classes,), self.cfg.pool_size // classes, device=self.engine.device)
+        room[: self.cfg.pool_size % classes] += 1  # images each class may still add
+        drawn, counts = 0, torch.zeros(classes, dtype=torch.long, device=self.engine.device)
         with self.engine.autocast(), self.engine.eval_mode(self.generator):  # it may train in this stage
             while not self.pool.full and (self.pool.size == 0 or deadline is None or time.perf_counter() < deadline):
-                images, _ = self.source.sample(min(POOL_CHUNK, self.cfg.pool_size - self.pool.size), rng)
-                self.pool.add(images, self.teacher(images))
+                wanted = self.cfg.pool_size - self.pool.size
+                balancing = self.cfg.pool_balance and drawn < BALANCE_DRAWS * self.cfg.pool_size
+                images, _ = self.source.sample(POOL_CHUNK if balancing else min(POOL_CHUNK, wanted), rng)
+                logits = self.teacher(images)
+                drawn += len(images)
+                labels = logits.argmax(1)
+                if balancing:
+                    keep = within_room(labels, room)
+                    images, logits, labels = images[keep], logits[keep], labels[keep]
+                images, logits, labels = images[:wanted], logits[:wanted], labels[:wanted]
+                self.pool.add(images, logits)
+                counts += torch.bincount(labels, minlength=classes)
         self.keep("pool_drawn", torch.tensor(self.pool.size))
+        self.engine.metrics.write(
+            {"event": "pool drawn", "candidates": drawn, "images": self.pool.size, "per_class": counts.tolist()}
+        )
         if not self.pool.full:
             self.engine.metrics.write(
                 {
@@ -287,6 +313,16 @@ class RDSKD(DistillMethod):
             gen_stage,
             self.student_trainer.stage(train=train, frozen=frozen, begin=None if self.pool is None else self.fill_pool),
         ]
+
+
+def within_room(labels: Tensor, room: Tensor) -> Tensor:
+    """Which of ``labels`` to keep, in order, so that class c keeps at most ``room[c]`` more; ``room`` is
+    lowered by what is kept."""
+    one_hot = torch.nn.functional.one_hot(labels, len(room))
+    rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # how many of its class came before it in this batch
+    keep = rank < room[labels]
+    room -= one_hot[keep].sum(0)
+    return keep
 
 
 class TrainedPool:
