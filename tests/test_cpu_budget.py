@@ -103,6 +103,16 @@ def test_blur_smooths_each_image_by_its_own_sigma_and_brightness_stays_between_b
     assert per_image.abs().max() < 1e-4  # one factor for the whole image, both channels
 
 
+def test_the_students_brightened_batches_stay_in_the_teachers_input_range(digits_teacher):
+    method = _pool_drawn(RDSKD(_tiny_pool_config(augment=["brightness"]), _setup(digits_teacher, mirror=False)))
+    images, _ = method.student_trainer.batch()
+    black, white = method.student_trainer.pixel_range
+    assert (images >= black - 1e-6).all() and (images <= white + 1e-6).all()
+    assert images.amax() > black + 0.5 and images.amin() < white - 0.5  # neither all black nor all white
+    with pytest.raises(ConfigError, match="student_data=pool"):
+        RDSKD(RDSKDConfig(pool_balance=True), _setup(digits_teacher, mirror=False))
+
+
 def _setup(digits_teacher, mirror: bool, precision: str = "32-true") -> DistillSetup:
     engine = Engine(EngineConfig(precision=precision, progress=False))
     teacher = engine.prepare(load_model(digits_teacher)[0], trainable=False)
@@ -316,6 +326,29 @@ def test_a_balanced_pool_holds_every_class_alike_while_its_candidates_last(
     (drawn,) = [e for e in events if e.get("event") == "pool drawn"]
     assert method.pool.full and counts.tolist() == drawn["per_class"] == per_class
     assert drawn["candidates"] == candidates
+
+
+def test_a_confident_pool_keeps_what_the_teacher_is_sure_of_while_its_candidates_last(digits_teacher, monkeypatch):
+    """Every other image is a sure 3, the rest a 0.6/0.4 split between 5 and 7: a threshold of 0.9 keeps the
+    sure ones for 2 candidates per image, then the rest as drawn."""
+    from dfkt.dfkd import rdskd
+
+    class HalfSure(torch.nn.Module):
+        def forward(self, images):
+            sure = torch.nn.functional.one_hot(torch.full((len(images),), 3), 10) * 20.0
+            unsure = torch.full((len(images), 10), -30.0)
+            unsure[:, 5], unsure[:, 7] = math.log(0.6), math.log(0.4)
+            return torch.where((torch.arange(len(images)) % 2 == 0)[:, None], sure, unsure)
+
+    monkeypatch.setattr(rdskd, "POOL_CHUNK", 20)
+    monkeypatch.setattr(rdskd, "BALANCE_DRAWS", 2)
+    method = RDSKD(_tiny_pool_config(pool_size=30, pool_min_confidence=0.9), _setup(digits_teacher, mirror=False))
+    method.teacher = HalfSure()
+    method.fill_pool()
+    labels = method.pool.state.buffers["pool.logits"].argmax(1)
+    assert method.pool.full and labels[:30].tolist() == [3] * 30  # 60 candidates, 30 sure
+    with pytest.raises(ConfigError, match="student_data=pool"):
+        RDSKD(RDSKDConfig(pool_min_confidence=0.5), _setup(digits_teacher, mirror=False))
 
 
 def test_a_generator_that_keeps_training_refreshes_the_pool_with_its_own_batches(digits_teacher):

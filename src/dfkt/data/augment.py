@@ -73,7 +73,8 @@ def augment_batch(
     """``images`` (normalised, N×C×H×W) with each of ``kinds`` applied per sample, in the order of
     AUGMENTATIONS: shift (up to 1/16 of the width), flip (horizontal, half the samples), rotate
     (±``max_degrees``), scale (×1 ± ``max_scale``), blur (a Gaussian of σ uniform in [0, ``max_blur``] pixels),
-    brightness (the distance from black ×1 ± ``max_brightness``, kept under ``high`` per channel), mixup
+    brightness (the distance from ``fill`` ×1 ± ``max_brightness``, kept between ``fill`` and ``high`` per channel
+    when ``high`` is given: with ``fill`` black, a brightness change; with the default, a contrast change), mixup
     (λ·x + (1−λ)·x', λ ~ U(0, 1) = Beta(1, 1); Zhang et al., 2018) and cutmix (a box of area (1−λ) of x'
     pasted into x; Yun et al., 2019), x' being the batch in random order.
     Pixels moved in from outside take ``fill`` (per channel; default 0, the mean). The result is new
@@ -111,8 +112,8 @@ def augment_batch(
     if "brightness" in kinds:
         factor = 1 + (torch.rand(n, device=device, generator=rng) * 2 - 1) * max_brightness
         out = out * factor.view(-1, 1, 1, 1).to(out.dtype)
-        if high is not None:
-            out = torch.minimum(out, high.to(device, out.dtype).view(1, -1, 1, 1) - fill)
+        if high is not None:  # pixels stay between black and white
+            out = torch.minimum(out.clamp_min(0), high.to(device, out.dtype).view(1, -1, 1, 1) - fill)
     if "mixup" in kinds:
         lam = torch.rand(n, device=device, generator=rng)
         partner = out[torch.randperm(n, device=device, generator=rng)]
@@ -138,9 +139,10 @@ def gaussian_blur(images: Tensor, sigma: Tensor, radius: int = 2) -> Tensor:
     offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float32)
     weights = torch.exp(-(offsets[None, :] ** 2) / (2 * sigma.float().clamp_min(1e-3)[:, None] ** 2))
     weights = (weights / weights.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n·c) × k: one kernel per plane
-    planes = torch.nn.functional.pad(images.float().reshape(1, n * c, h, w), [radius] * 4, mode="reflect")
-    planes = torch.nn.functional.conv2d(planes, weights[:, None, None, :], groups=n * c)  # along rows
-    planes = torch.nn.functional.conv2d(planes, weights[:, None, :, None], groups=n * c)  # along columns
+    with torch.autocast(images.device.type, enabled=False):  # fp32 kernels: in bf16 σ = 0 would not be the identity
+        planes = torch.nn.functional.pad(images.float().reshape(1, n * c, h, w), [radius] * 4, mode="reflect")
+        planes = torch.nn.functional.conv2d(planes, weights[:, None, None, :], groups=n * c)  # along rows
+        planes = torch.nn.functional.conv2d(planes, weights[:, None, :, None], groups=n * c)  # along columns
     return planes.reshape(n, c, h, w).to(images.dtype)
 
 

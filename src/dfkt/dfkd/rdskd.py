@@ -83,7 +83,16 @@ class RDSKDConfig(StudentTrainingConfig, GeneratorFields, BNPriorFields):
         False,
         description="pool only: draw the pool with as many images of each class (the teacher's top class) as "
         f"of any other, choosing among up to {BALANCE_DRAWS} candidates per pool image (then filling the rest as "
-        "drawn); false: the classes as the generator draws them",
+        "drawn) within the pool's share of the budget; images that pool_refresh or gen_train_every add later are "
+        "as drawn; false: the classes as the generator draws them",
+    )
+    pool_min_confidence: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="pool only: keep only images on which the teacher's top class has at least this probability "
+        f"(at temperature 1), choosing among up to {BALANCE_DRAWS} candidates per pool image like pool_balance "
+        "(then filling the rest as drawn); 0: every image",
     )
     pool_mining: int = Field(
         1,
@@ -214,6 +223,11 @@ class RDSKD(DistillMethod):
         self.keep("references", torch.zeros(2, device=self.engine.device))  # r_oh, r_ie
         self.reset_references = False
         self.pool = ImagePool(self, cfg.pool_size) if cfg.student_data == "pool" else None
+        if (cfg.pool_balance or cfg.pool_min_confidence) and self.pool is None:
+            raise ConfigError(
+                "params.pool_balance and params.pool_min_confidence need params.student_data=pool: fresh batches "
+                "come as the generator draws them"
+            )
         if cfg.gen_train_every and (self.pool is None or cfg.pool_refresh):
             raise ConfigError(
                 "params.gen_train_every needs params.student_data=pool and params.pool_refresh=0: the "
@@ -272,12 +286,16 @@ class RDSKD(DistillMethod):
         with self.engine.autocast(), self.engine.eval_mode(self.generator):  # it may train in this stage
             while not self.pool.full and (self.pool.size == 0 or deadline is None or time.perf_counter() < deadline):
                 wanted = self.cfg.pool_size - self.pool.size
-                balancing = self.cfg.pool_balance and drawn < BALANCE_DRAWS * self.cfg.pool_size
-                images, _ = self.source.sample(POOL_CHUNK if balancing else min(POOL_CHUNK, wanted), rng)
+                candidates_left = BALANCE_DRAWS * self.cfg.pool_size - drawn
+                choosing = (self.cfg.pool_balance or self.cfg.pool_min_confidence > 0) and candidates_left > 0
+                images, _ = self.source.sample(min(POOL_CHUNK, candidates_left if choosing else wanted), rng)
                 logits = self.teacher(images)
                 drawn += len(images)
+                if choosing:
+                    confident = logits.float().softmax(1).amax(1) >= self.cfg.pool_min_confidence
+                    images, logits = images[confident], logits[confident]
                 labels = logits.argmax(1)
-                if balancing:
+                if choosing and self.cfg.pool_balance:
                     keep = within_room(labels, room)
                     images, logits, labels = images[keep], logits[keep], labels[keep]
                 images, logits, labels = images[:wanted], logits[:wanted], labels[:wanted]

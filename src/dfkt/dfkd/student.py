@@ -104,7 +104,9 @@ class StudentTrainingConfig(StrictModel):
         "code zooms into central crops of 0.9 to 0.6 of the "
         "side)",
     )
-    augment_blur: float = Field(1.0, gt=0, description="blur: the largest σ of the Gaussian, in pixels")
+    augment_blur: float = Field(
+        1.0, gt=0, le=1, description="blur: the largest σ of the Gaussian, in pixels (its window is 5×5)"
+    )
     augment_brightness: float = Field(
         0.4, gt=0, lt=1, description="brightness: scale each image's distance from black by 1 ± this at most"
     )
