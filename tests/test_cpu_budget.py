@@ -113,6 +113,18 @@ def test_the_students_brightened_batches_stay_in_the_teachers_input_range(digits
         RDSKD(RDSKDConfig(pool_balance=True), _setup(digits_teacher, mirror=False))
 
 
+def test_the_students_blur_follows_augment_blur(digits_teacher):
+    """A vanishing largest sigma leaves the pool's images as drawn; sigma up to 1 pixel changes them."""
+    for largest, unchanged in ((1e-6, True), (1.0, False)):
+        cfg = _tiny_pool_config(augment=["blur"], augment_blur=largest)
+        method = _pool_drawn(RDSKD(cfg, _setup(digits_teacher, mirror=False)))
+        state = method.rngs["student"].get_state()
+        images, _ = method.student_trainer.batch()
+        method.rngs["student"].set_state(state)  # the same draw from the pool, before the blur
+        drawn, _ = method.pool.sample(16, method.rngs["student"])
+        assert torch.allclose(images, drawn, atol=1e-5) == unchanged, largest
+
+
 def _setup(digits_teacher, mirror: bool, precision: str = "32-true") -> DistillSetup:
     engine = Engine(EngineConfig(precision=precision, progress=False))
     teacher = engine.prepare(load_model(digits_teacher)[0], trainable=False)

@@ -291,7 +291,7 @@ class RDSKD(DistillMethod):
                 images, _ = self.source.sample(min(POOL_CHUNK, candidates_left if choosing else wanted), rng)
                 logits = self.teacher(images)
                 drawn += len(images)
-                if choosing:
+                if choosing and self.cfg.pool_min_confidence > 0:
                     confident = logits.float().softmax(1).amax(1) >= self.cfg.pool_min_confidence
                     images, logits = images[confident], logits[confident]
                 labels = logits.argmax(1)
