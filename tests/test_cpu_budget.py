@@ -58,6 +58,29 @@ def test_in_range_outputs_stay_inside_the_teachers_input_range(output):
         assert torch.equal(x[inside], y[inside]) and inside.float().mean() > 0.5
 
 
+@pytest.mark.parametrize("generator", ["dafl", "deep"])
+def test_a_smoothing_generator_ends_in_the_blur_of_its_images_and_stays_in_range(generator):
+    torch.manual_seed(0)
+    low, high = -FMNIST_MEAN[0] / FMNIST_STD[0], (1 - FMNIST_MEAN[0]) / FMNIST_STD[0]
+    options = {"width": 32, "output": "clamped", "mean": FMNIST_MEAN, "std": FMNIST_STD}
+    sharp = build_generator(generator, 16, 1, 32, **options).eval()
+    smooth = build_generator(generator, 16, 1, 32, smoothing=1.0, **options).eval()
+    smooth.load_state_dict(sharp.state_dict())
+    z = torch.randn(8, 16)
+    x, y = sharp(z), smooth(z)
+    assert torch.allclose(y, gaussian_blur(x, torch.ones(8), radius=2), atol=1e-5)
+    assert y.min() >= low - 1e-5 and y.max() <= high + 1e-5
+    roughness = [float(losses.total_variation(images)) for images in (x, y)]
+    assert roughness[1] < 0.7 * roughness[0], roughness
+    with pytest.raises(ConfigError, match="σ"):
+        build_generator(generator, 16, 1, 32, smoothing=-1.0, **options)
+
+
+def test_rdskd_gen_smoothing_reaches_its_generator(digits_teacher):
+    method = RDSKD(_tiny_pool_config(gen_output="clamped", gen_smoothing=0.5), _setup(digits_teacher, mirror=False))
+    assert [m.smoothing for m in method.generator.modules() if hasattr(m, "smoothing")] == [0.5]
+
+
 @pytest.mark.parametrize("output", ["pixels", "clamped"])
 def test_in_range_outputs_need_the_normalisation(output):
     with pytest.raises(ConfigError, match="mean and std"):

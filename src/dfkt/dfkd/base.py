@@ -80,6 +80,13 @@ class GeneratorFields(StrictModel):
         "range of real inputs; pixels: sigmoid in pixel space, then the teacher's normalisation "
         "(inside that range, starting as flat grey)",
     )
+    gen_smoothing: float = Field(
+        0.0,
+        ge=0,
+        le=3,
+        description="σ in pixels of a fixed Gaussian blur ending the generator, so its loss shapes images smooth at "
+        "that scale rather than fine textures (ours); 0: none, the authors' generator",
+    )
 
 
 class BNPriorFields(StrictModel):
@@ -169,6 +176,7 @@ def build_method_generator(cfg: GeneratorFields, nz: int, setup: DistillSetup) -
             output=cfg.gen_output,
             mean=setup.mean,
             std=setup.std,
+            smoothing=cfg.gen_smoothing,
         )
         for _ in range(cfg.generators)
     ]

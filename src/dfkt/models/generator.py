@@ -13,6 +13,9 @@ normalised with the teacher's mean and std, as CMI's and Fast's generators do: e
 an image the teacher could have been given.
 ``width`` is the channel count of the first stages (DAFL: 128); cost per image grows with its
 square, so it is the knob that sizes synthesis to a CPU budget (``multiply_adds``).
+``smoothing`` > 0 ends either generator in a fixed Gaussian blur of that σ (pixels), so the generator's loss
+shapes images that are smooth at that scale instead of fine textures (ours, not the authors'; a blur of
+in-range images stays in range).
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import math
+
 import torch
 from torch import nn
 
+from dfkt.data.augment import gaussian_blur
 from dfkt.errors import ConfigError
 from dfkt.registry import GENERATORS
 
@@ -37,10 +43,18 @@ class ToImage(nn.Module):
     normalisation ("pixels": inside that range too, but it starts as flat grey)."""
 
     def __init__(
-        self, channels: int, output: GeneratorOutput, mean: Sequence[float] | None, std: Sequence[float] | None
+        self,
+        channels: int,
+        output: GeneratorOutput,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        smoothing: float = 0.0,
     ):
         super().__init__()
+        if smoothing < 0:
+            raise ConfigError(f"generator smoothing is a Gaussian's σ in pixels, at least 0; got {smoothing}")
         self.output = output
+        self.smoothing = smoothing
         if output != "pixels":
             self.squash = nn.Sequential(nn.Tanh(), nn.BatchNorm2d(channels, affine=False))
             if output == "bn":
@@ -62,10 +76,15 @@ class ToImage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.output == "bn":
-            return self.squash(x)
-        if self.output == "clamped":  # pixel values 0 and 1, normalised
-            return torch.maximum(torch.minimum(self.squash(x), (1 - self.mean) / self.std), -self.mean / self.std)
-        return (torch.sigmoid(x) - self.mean) / self.std
+            images = self.squash(x)
+        elif self.output == "clamped":  # pixel values 0 and 1, normalised
+            images = torch.maximum(torch.minimum(self.squash(x), (1 - self.mean) / self.std), -self.mean / self.std)
+        else:
+            images = (torch.sigmoid(x) - self.mean) / self.std
+        if self.smoothing == 0:
+            return images
+        sigma = torch.full((images.shape[0],), self.smoothing, device=images.device)
+        return gaussian_blur(images, sigma, radius=max(1, math.ceil(2 * self.smoothing)))
 
 
 class DAFLGenerator(nn.Module):
@@ -80,6 +99,7 @@ class DAFLGenerator(nn.Module):
         output: GeneratorOutput = "bn",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        smoothing: float = 0.0,
     ):
         super().__init__()
         if image_size < 4 or image_size % 4 != 0:
@@ -112,7 +132,7 @@ class DAFLGenerator(nn.Module):
             nn.BatchNorm2d(width // 2, eps=0.8),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(width // 2, out_channels, 3, padding=1),
-            ToImage(out_channels, output, mean, std),
+            ToImage(out_channels, output, mean, std, smoothing),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -134,6 +154,7 @@ class DeepGenerator(nn.Module):
         output: GeneratorOutput = "bn",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        smoothing: float = 0.0,
     ):
         super().__init__()
         stages, init = 0, image_size
@@ -155,7 +176,7 @@ class DeepGenerator(nn.Module):
                 nn.BatchNorm2d(c_out, eps=0.8),
                 nn.LeakyReLU(0.2, inplace=True),
             ]
-        layers += [nn.Conv2d(widths[-1], out_channels, 3, padding=1), ToImage(out_channels, output, mean, std)]
+        layers += [nn.Conv2d(widths[-1], out_channels, 3, padding=1), ToImage(out_channels, output, mean, std, smoothing)]
         self.body = nn.Sequential(*layers)
         self.first_width = widths[0]
 
