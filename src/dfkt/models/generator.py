@@ -20,10 +20,9 @@ in-range images stays in range).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
-
-import math
 
 import torch
 from torch import nn
@@ -176,7 +175,10 @@ class DeepGenerator(nn.Module):
                 nn.BatchNorm2d(c_out, eps=0.8),
                 nn.LeakyReLU(0.2, inplace=True),
             ]
-        layers += [nn.Conv2d(widths[-1], out_channels, 3, padding=1), ToImage(out_channels, output, mean, std, smoothing)]
+        layers += [
+            nn.Conv2d(widths[-1], out_channels, 3, padding=1),
+            ToImage(out_channels, output, mean, std, smoothing),
+        ]
         self.body = nn.Sequential(*layers)
         self.first_width = widths[0]
 
