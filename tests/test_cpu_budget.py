@@ -643,3 +643,22 @@ def test_deepinversion_target_mix_aims_a_share_of_each_batch_between_two_classes
 
     plain = DeepInversion(cfg.model_copy(update={"target_mix": 0.0}), _setup(digits_teacher, mirror=False))
     assert plain.random_labels(16, torch.Generator().manual_seed(0)).dtype == torch.long
+
+
+def test_rdskd_gen_augment_shows_the_teacher_moved_images(digits_teacher):
+    """With gen_augment the generator's loss is computed on shifted images (flips only where mirror-safe), and
+    the logits of those moved views never label the images as drawn."""
+    seen = []
+    for kinds, mirror in (([], False), (["shift"], False), (["shift", "flip"], False), (["flip"], True)):
+        method = RDSKD(_tiny_pool_config(gen_augment=kinds), _setup(digits_teacher, mirror=mirror))
+        hook = method.teacher.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
+        images = torch.randn(16, 1, 8, 8)
+        terms = method.objective(images, torch.zeros(16, method.cfg.nz))
+        hook.remove()
+        assert ("teacher_logits" in terms) == (not kinds), kinds
+        assert torch.allclose(seen[-1], images, atol=1e-5) == (not kinds), kinds
+        assert method.gen_augment == [kind for kind in kinds if kind != "flip" or mirror]
+        if kinds == ["flip"]:
+            flipped = [torch.allclose(seen[-1][i], images[i].flip(2), atol=1e-5) for i in range(16)]
+            kept = [torch.allclose(seen[-1][i], images[i], atol=1e-5) for i in range(16)]
+            assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped) and any(kept)

@@ -23,6 +23,7 @@ from pydantic import Field
 from torch import Tensor
 
 from dfkt import losses
+from dfkt.data.augment import augment_batch
 from dfkt.dfkd.base import (
     BNPriorFields,
     DistillMethod,
@@ -67,6 +68,13 @@ class RDSKDConfig(StudentTrainingConfig, GeneratorFields, BNPriorFields):
         description="weight of DeepInversion's total-variation prior on the generated images, added to the "
         "generator's loss (0: the paper's loss); the prior is an L2 norm over the whole batch, so it grows as "
         "the square root of gen_batch",
+    )
+    gen_augment: list[Literal["shift", "flip"]] = Field(
+        [],
+        description="the teacher judges the generator's images shifted (up to 1/16 of the side, black coming in) "
+        "and flipped (mirror-safe data only) while the generator trains, so its loss rewards images whose class "
+        "survives the moves rather than textures tied to exact pixels (ours, DeepInversion's jitter applied to a "
+        "generator); []: the images as drawn, the authors'",
     )
     max_exponent: float = Field(30.0, gt=0, description="exp() argument clamp, so it cannot overflow")
     student_data: Literal["fresh", "pool"] = Field(
@@ -221,6 +229,9 @@ class RDSKD(DistillMethod):
                 {"event": f"params.w_bn unused (BatchNorm statistics: {why}); the generator trains on RDSKD's own loss"}
             )
         self.keep("references", torch.zeros(2, device=self.engine.device))  # r_oh, r_ie
+        self.gen_augment = [kind for kind in cfg.gen_augment if kind != "flip" or setup.mirror_safe]
+        if self.gen_augment:
+            self.keep("gen_augment", self.engine.rng("gen_augment"))
         self.reset_references = False
         self.pool = ImagePool(self, cfg.pool_size) if cfg.student_data == "pool" else None
         if (cfg.pool_balance or cfg.pool_min_confidence) and self.pool is None:
@@ -250,15 +261,20 @@ class RDSKD(DistillMethod):
 
     def objective(self, images: Tensor, z: Tensor) -> dict[str, Tensor]:
         references = None if self.reset_references else self.buffers["references"]
-        logits, l_bn = forward_with_prior(self.prior, self.teacher, images)
-        terms = self.generator_losses(images, logits, references)
+        seen = images
+        if self.gen_augment:
+            black = None if (bounds := self.setup.pixel_range()) is None else bounds[0]
+            seen = augment_batch(images, self.gen_augment, self.rngs["gen_augment"], fill=black)
+        logits, l_bn = forward_with_prior(self.prior, self.teacher, seen)
+        terms = self.generator_losses(seen, logits, references)
         if self.prior is not None:
             terms["loss"] = terms["loss"] + self.cfg.w_bn * l_bn
             terms["bn"] = l_bn
         if self.cfg.w_tv > 0:
             terms["tv"] = losses.total_variation(images)
             terms["loss"] = terms["loss"] + self.cfg.w_tv * terms["tv"]
-        return {**terms, "teacher_logits": logits}
+        # The teacher's logits label the images only when it saw them as drawn.
+        return terms if self.gen_augment else {**terms, "teacher_logits": logits}
 
     def generator_step(self, i: int) -> dict[str, Tensor | float]:
         per_epoch = self.cfg.reference == "epoch"
