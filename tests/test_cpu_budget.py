@@ -648,6 +648,7 @@ def test_deepinversion_target_mix_aims_a_share_of_each_batch_between_two_classes
 def test_rdskd_gen_augment_shows_the_teacher_moved_images(digits_teacher):
     """With gen_augment the generator's loss is computed on shifted images (flips only where mirror-safe), and
     the logits of those moved views never label the images as drawn."""
+    assert RDSKDConfig(gen_augment="shift,flip").gen_augment == ["shift", "flip"]  # as --set gives it
     seen = []
     for kinds, mirror in (([], False), (["shift"], False), (["shift", "flip"], False), (["flip"], True)):
         method = RDSKD(_tiny_pool_config(gen_augment=kinds), _setup(digits_teacher, mirror=mirror))

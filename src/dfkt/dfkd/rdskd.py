@@ -19,7 +19,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor
 
 from dfkt import losses
@@ -32,7 +32,7 @@ from dfkt.dfkd.base import (
     GeneratorFields,
     build_method_generator,
 )
-from dfkt.dfkd.student import StudentTrainer, StudentTrainingConfig
+from dfkt.dfkd.student import StudentTrainer, StudentTrainingConfig, augmentation_list
 from dfkt.engine import Stage
 from dfkt.errors import ConfigError
 from dfkt.registry import METHODS
@@ -124,6 +124,8 @@ class RDSKDConfig(StudentTrainingConfig, GeneratorFields, BNPriorFields):
         description="with --max-seconds, the generator stage ends after this share of the budget "
         "(or its steps, if sooner), so the student always gets the rest",
     )
+
+    _gen_augment_list = field_validator("gen_augment", mode="before")(augmentation_list)
 
 
 def generator_losses(

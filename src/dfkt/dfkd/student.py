@@ -173,11 +173,17 @@ class StudentTrainingConfig(StrictModel):
     @field_validator("augment", mode="before")
     @classmethod
     def _augment_flag(cls, value):
-        if isinstance(value, bool):  # the older on/off switch
-            return ["shift", "flip"] if value else []
-        if isinstance(value, str):  # --set params.augment=shift,mixup
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return augmentation_list(value)
+
+
+def augmentation_list(value):
+    """A list of augmentations as a setting may give it: true/false (the older on/off switch: shift + flip or
+    none), text from the command line (``--set params.augment=shift,mixup``), or the list itself."""
+    if isinstance(value, bool):
+        return ["shift", "flip"] if value else []
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 def disagreement_ascent(
