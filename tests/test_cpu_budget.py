@@ -659,7 +659,22 @@ def test_rdskd_gen_augment_shows_the_teacher_moved_images(digits_teacher):
         assert ("teacher_logits" in terms) == (not kinds), kinds
         assert torch.allclose(seen[-1], images, atol=1e-5) == (not kinds), kinds
         assert method.gen_augment == [kind for kind in kinds if kind != "flip" or mirror]
+        assert ("gen_augment" in method.rngs) == bool(method.gen_augment)  # a stream in the checkpoint only if used
         if kinds == ["flip"]:
             flipped = [torch.allclose(seen[-1][i], images[i].flip(2), atol=1e-5) for i in range(16)]
             kept = [torch.allclose(seen[-1][i], images[i], atol=1e-5) for i in range(16)]
             assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped) and any(kept)
+
+
+def test_rdskd_gen_augment_with_a_generator_that_keeps_training_labels_its_images_as_drawn(digits_teacher):
+    """gen_train_every puts each generator batch in the pool: with gen_augment the teacher's logits of the moved
+    views are not those of the images, so the pool gets the teacher's logits on the images as drawn."""
+    method = _pool_drawn(
+        RDSKD(_tiny_pool_config(gen_train_every=1, gen_augment=["shift"]), _setup(digits_teacher, mirror=False))
+    )
+    start = method.pool.added % method.pool.capacity
+    method.student_trainer.source.synthesize()
+    rows = (torch.arange(16) + start) % method.pool.capacity  # where the generator's batch of 16 went
+    images, logits = method.buffers["pool.images"][rows], method.buffers["pool.logits"][rows]
+    with torch.no_grad():
+        assert torch.allclose(logits, method.teacher(images).float(), atol=1e-4)

@@ -71,10 +71,11 @@ class RDSKDConfig(StudentTrainingConfig, GeneratorFields, BNPriorFields):
     )
     gen_augment: list[Literal["shift", "flip"]] = Field(
         [],
-        description="the teacher judges the generator's images shifted (up to 1/16 of the side, black coming in) "
-        "and flipped (mirror-safe data only) while the generator trains, so its loss rewards images whose class "
-        "survives the moves rather than textures tied to exact pixels (ours, DeepInversion's jitter applied to a "
-        "generator); []: the images as drawn, the authors'",
+        description="the teacher judges the generator's images shifted (by up to max(1, side // 16) pixels, black "
+        "coming in) and flipped (mirror-safe data only) while the generator trains, and RDSKD's three terms are "
+        "computed on those moved views, so its loss rewards images whose class survives the moves rather than "
+        "textures tied to exact pixels (ours, DeepInversion's jitter applied to a generator); []: the images as "
+        "drawn, the authors'",
     )
     max_exponent: float = Field(30.0, gt=0, description="exp() argument clamp, so it cannot overflow")
     student_data: Literal["fresh", "pool"] = Field(
@@ -376,6 +377,9 @@ class TrainedPool:
         terms = method.generator_step(int(steps))
         steps += 1
         images, logits = method.source.latest
+        if logits is None:  # with gen_augment the teacher judged moved views: ask it about the images as drawn
+            with torch.no_grad():
+                logits = method.teacher(images)
         self.pool.add(images, logits)
         return terms
 

@@ -19,6 +19,6 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
 
 
 def build_generator(name: str, nz: int, out_channels: int, image_size: int, **options) -> nn.Module:
-    """Build the registered generator ``name`` (options: ``width``, ``output``, ``mean``, ``std``; see
+    """Build the registered generator ``name`` (options: ``width``, ``output``, ``mean``, ``std``, ``smoothing``; see
     dfkt.models.generator); unknown names raise UnknownNameError."""
     return GENERATORS.get(name)(nz, out_channels, image_size, **options)
