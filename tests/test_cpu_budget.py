@@ -74,6 +74,9 @@ def test_a_smoothing_generator_ends_in_the_blur_of_its_images_and_stays_in_range
     assert roughness[1] < 0.7 * roughness[0], roughness
     with pytest.raises(ConfigError, match="σ"):
         build_generator(generator, 16, 1, 32, smoothing=-1.0, **options)
+    side = {"dafl": 4, "deep": 16}[generator]  # each one's smallest image
+    with pytest.raises(ConfigError, match=f"σ below {side // 2}"):  # a window of 2σ either way cannot reflect-pad it
+        build_generator(generator, 16, 1, side, smoothing=side / 2, **options)
 
 
 def test_rdskd_gen_smoothing_reaches_its_generator(digits_teacher):

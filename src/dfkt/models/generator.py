@@ -48,10 +48,17 @@ class ToImage(nn.Module):
         mean: Sequence[float] | None,
         std: Sequence[float] | None,
         smoothing: float = 0.0,
+        image_size: int | None = None,
     ):
         super().__init__()
         if smoothing < 0:
             raise ConfigError(f"generator smoothing is a Gaussian's σ in pixels, at least 0; got {smoothing}")
+        self.radius = max(1, math.ceil(2 * smoothing))  # the blur's window reaches 2σ either way
+        if smoothing and image_size is not None and self.radius >= image_size:
+            raise ConfigError(
+                f"generator smoothing σ={smoothing} needs images wider than {self.radius} pixels, got {image_size}; "
+                f"use a σ below {image_size / 2:g}"
+            )
         self.output = output
         self.smoothing = smoothing
         if output != "pixels":
@@ -83,7 +90,7 @@ class ToImage(nn.Module):
         if self.smoothing == 0:
             return images
         sigma = torch.full((images.shape[0],), self.smoothing, device=images.device)
-        return gaussian_blur(images, sigma, radius=max(1, math.ceil(2 * self.smoothing)))
+        return gaussian_blur(images, sigma, radius=self.radius)
 
 
 class DAFLGenerator(nn.Module):
@@ -131,7 +138,7 @@ class DAFLGenerator(nn.Module):
             nn.BatchNorm2d(width // 2, eps=0.8),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(width // 2, out_channels, 3, padding=1),
-            ToImage(out_channels, output, mean, std, smoothing),
+            ToImage(out_channels, output, mean, std, smoothing, image_size),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -177,7 +184,7 @@ class DeepGenerator(nn.Module):
             ]
         layers += [
             nn.Conv2d(widths[-1], out_channels, 3, padding=1),
-            ToImage(out_channels, output, mean, std, smoothing),
+            ToImage(out_channels, output, mean, std, smoothing, image_size),
         ]
         self.body = nn.Sequential(*layers)
         self.first_width = widths[0]
