@@ -13,11 +13,17 @@ from dfkt.dfkd.base import DistillSetup
 from dfkt.dfkd.rdskd import RDSKD, RDSKDConfig
 from dfkt.engine import Engine
 from dfkt.errors import ConfigError
-from dfkt.losses import leading_channel_loss
+from dfkt.losses import l2_sp, leading_channel_loss
 from dfkt.models import build_model
 from dfkt.models.files import ModelInfo, load_model, read_info
 from dfkt.models.foreign import ForeignClassifier
-from dfkt.models.slicing import LayerOutputs, init_from_teacher, leading_slice_state, narrower_layers
+from dfkt.models.slicing import (
+    LayerOutputs,
+    init_from_teacher,
+    leading_slice_state,
+    narrower_layers,
+    ranked_teacher,
+)
 from tests.conftest import tiny_rdskd
 
 
@@ -221,3 +227,121 @@ def test_with_auto_the_hint_loss_follows_where_the_student_started(digits_teache
     cfg = RDSKDConfig(student_init="auto", feature_weight=1.0, gen_batch=32, student_data="pool", pool_size=64)
     setup = DistillSetup(teacher, student, 10, 1, 8, engine, (0.3,), (0.4,), student_start=start)
     assert RDSKD(cfg, setup).student_trainer.hinted_layers == hinted
+
+
+def first_layer_importance(teacher: torch.nn.Module, ranking: str) -> torch.Tensor:
+    """The importance of each of the first convolution's channels, written out for the two chains tested."""
+    first = teacher.backbone[0].weight
+    if ranking == "filter_norm":
+        return first.abs().flatten(1).sum(1)
+    norm = teacher.backbone[1]  # digits_cnn: BatchNorm, then ReLU and the second convolution
+    if isinstance(norm, torch.nn.BatchNorm2d):
+        return (
+            teacher.backbone[3].weight.abs().sum((0, 2, 3)) * norm.weight.abs() / (norm.running_var + norm.eps).sqrt()
+        )
+    return teacher.backbone[3].weight.abs().sum((0, 2, 3))  # lenet5: ReLU, pooling, the second convolution
+
+
+@pytest.mark.parametrize("ranking", ["filter_norm", "outgoing_norm"])
+@pytest.mark.parametrize(
+    ("teacher_name", "student_name", "image_size"),
+    [("lenet5", "lenet5_half", 32), ("digits_cnn", "digits_cnn_half", 8)],
+)
+def test_a_student_sliced_by_rank_keeps_each_layers_most_important_channels(
+    teacher_name, student_name, image_size, ranking
+):
+    torch.manual_seed(0)
+    teacher = build_model(teacher_name, 10, 1, image_size).eval()
+    for module in teacher.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(-2.0, 2.0)
+    x = torch.randn(8, 1, image_size, image_size)
+    reordered, orders = ranked_teacher(teacher, x, ranking)
+    with torch.no_grad():  # the sorted copy is the teacher, channel for channel moved
+        torch.testing.assert_close(reordered(x), teacher(x), rtol=1e-4, atol=1e-4)
+    student = build_model(student_name, 10, 1, image_size)
+    channels = init_from_teacher(student, teacher, ranking, x)
+    assert list(channels) == [name for name, _ in narrower_layers_by_name(student, teacher)]
+    first = teacher.backbone[0].weight
+    kept = channels["backbone.0"]
+    assert len(kept) == student.backbone[0].weight.shape[0]
+    with torch.no_grad():
+        assert set(kept.tolist()) == set(first_layer_importance(teacher, ranking).topk(len(kept)).indices.tolist())
+    torch.testing.assert_close(student.backbone[0].weight, first[kept])  # one input channel: no fan-in rescale
+    with torch.no_grad():  # the student's first layer computes the teacher's kept channels exactly
+        mine, theirs = student.backbone[0](x), teacher.backbone[0](x)
+    assert leading_channel_loss([mine], [theirs], [kept]).item() < 1e-10
+    assert leading_channel_loss([mine], [theirs]).item() > 0.1
+
+
+def narrower_layers_by_name(student: torch.nn.Module, teacher: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    names = {id(module): name for name, module in student.named_modules()}
+    return [(names[id(mine)], mine) for mine, _ in narrower_layers(student, teacher)]
+
+
+def test_a_residual_teacher_is_not_ranked_and_its_student_keeps_the_leading_channels():
+    torch.manual_seed(0)
+    teacher = build_model("resnet18", 10, 3, 32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert ranked_teacher(teacher, x, "outgoing_norm") is None  # sorting one block's channels breaks its residual sum
+    assert ranked_teacher(torch.nn.Sequential(torch.nn.Flatten()), x, "filter_norm") is None  # no layer to rank
+
+
+def test_distill_with_channels_by_filter_norm_hints_at_the_channels_it_kept(digits_teacher, tmp_path):
+    summary = api.distill(
+        "rdskd",
+        digits_teacher,
+        "digits_cnn_half",
+        overrides=tiny_rdskd(student_init="teacher", student_channels="outgoing_norm", feature_weight=1),
+        out=tmp_path / "run",
+    )
+    assert summary["student_channels"] == "outgoing_norm" and summary["feature_hint_layers"] == 4
+    # The trainer's hint compares each student layer with the teacher channels it was sliced from.
+    teacher, _ = load_model(digits_teacher)
+    ranked = build_model("digits_cnn_half", 10, 1, 8)
+    channels = init_from_teacher(ranked, teacher, "outgoing_norm", torch.randn(4, 1, 8, 8))
+    assert any(not torch.equal(order, torch.arange(len(order))) for order in channels.values())
+    engine = Engine(EngineConfig(precision="32-true", progress=False))
+    prepared = engine.prepare(teacher, trainable=False)
+    setup = DistillSetup(
+        prepared, engine.prepare(ranked, trainable=True), 10, 1, 8, engine, (0.3,), (0.4,),
+        student_start="teacher", teacher_channels=channels,
+    )  # fmt: skip
+    cfg = RDSKDConfig(student_init="teacher", feature_weight=1.0, gen_batch=32, student_data="pool", pool_size=64)
+    trainer = RDSKD(cfg, setup).student_trainer
+    assert [None if c is None else c.tolist() for c in trainer.hint_channels] == [c.tolist() for c in channels.values()]
+
+
+def test_l2_sp_is_the_squared_distance_from_the_start():
+    start = [torch.zeros(2, 3), torch.ones(4)]
+    moved = [torch.full((2, 3), 2.0), torch.ones(4) * 3]
+    assert l2_sp(moved, start).item() == pytest.approx(6 * 4 + 4 * 4)
+    assert l2_sp(start, start).item() == 0.0
+
+
+def test_the_anchor_keeps_a_sliced_student_near_its_start(digits_teacher, tmp_path):
+    teacher, _ = load_model(digits_teacher)
+    start = build_model("digits_cnn_half", 10, 1, 8)
+    init_from_teacher(start, teacher)
+
+    def moved(run: str) -> float:
+        student, _ = load_model(tmp_path / run / "student.safetensors")
+        return l2_sp(list(student.parameters()), list(start.parameters())).item()
+
+    for run, weight in (("free", 0), ("anchored", 10)):
+        api.distill(
+            "rdskd",
+            digits_teacher,
+            "digits_cnn_half",
+            overrides=tiny_rdskd(student_init="teacher", student_anchor=weight, student_lr=0.01),
+            out=tmp_path / run,
+        )
+        assert ('"anchor"' in (tmp_path / run / "metrics.jsonl").read_text()) == (weight > 0)
+    assert moved("anchored") < 0.5 * moved("free")
+
+
+def test_the_anchor_is_refused_for_a_student_started_at_random():
+    with pytest.raises(ValueError, match="params.student_anchor"):
+        RDSKDConfig(student_init="random", student_anchor=0.01)

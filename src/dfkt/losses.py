@@ -30,21 +30,35 @@ def kd_loss(
     return kl * temperature**2
 
 
-def leading_channel_loss(student_features: list[Tensor], teacher_features: list[Tensor]) -> Tensor:
+def leading_channel_loss(
+    student_features: list[Tensor], teacher_features: list[Tensor], channels: list[Tensor | None] | None = None
+) -> Tensor:
     """Relative squared error between each student layer's output and the teacher's leading channels
     of the same layer, averaged over layers:
 
         L_feat = (1/|L|) Σ_l ‖s_l − t_l[:, :c_l]‖² / ‖t_l[:, :c_l]‖²,
 
-    c_l the student's channel count at layer l. A hint loss (FitNets, Romero et al. ICLR 2015) without
+    c_l the student's channel count at layer l; with ``channels``, t_l[:, channels[l]] (the teacher's channels the
+    student's were sliced from; None: leading). A hint loss (FitNets, Romero et al. ICLR 2015) without
     FitNets' regressor: a student sliced from its teacher (dfkt.models.slicing) already computes, channel
     for channel, an approximation of the teacher's leading channels, and this keeps it so while it learns
     the teacher's outputs on synthetic images. Dividing by the teacher's energy weighs every layer alike."""
     terms = []
-    for s, t in zip(student_features, teacher_features, strict=True):
-        target = t[:, : s.shape[1]].float()
+    for s, t, kept in zip(student_features, teacher_features, channels or [None] * len(student_features), strict=True):
+        target = (t[:, : s.shape[1]] if kept is None else t[:, kept]).float()
         terms.append((s.float() - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12))
     return torch.stack(terms).mean()
+
+
+def l2_sp(weights: list[Tensor], start: list[Tensor]) -> Tensor:
+    """L2-SP (Li, Grandvalet & Davis, "Explicit Inductive Bias for Transfer Learning with Convolutional Networks",
+    ICML 2018): the squared distance of the weights from where they started,
+
+        Ω(θ) = Σ_i ‖θ_i − θ⁰_i‖².
+
+    Weight decay pulls towards zero; this pulls towards θ⁰, which for a student sliced from its teacher holds
+    filters learned on real images that a student trained only on synthetic images would otherwise overwrite."""
+    return torch.stack([(w.float() - w0.float()).pow(2).sum() for w, w0 in zip(weights, start, strict=True)]).sum()
 
 
 def kl_per_sample(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
@@ -48,6 +48,8 @@ class DistillSetup:
     std: tuple[float, ...] | None = None
     mirror_safe: bool = False  # a horizontal flip keeps the data's classes (clothes: yes; digits: no)
     student_start: Literal["random", "teacher"] = "random"  # the student's weights: its own, or sliced from the teacher
+    # Sliced by channel ranking: by layer name, the teacher's channel behind each student channel (else leading).
+    teacher_channels: dict[str, Tensor] = field(default_factory=dict)
 
     def pixel_range(self) -> tuple[Tensor, Tensor] | None:
         """Per channel (1×C×1×1), the normalised values of pixels 0 and 1: the teacher's input domain."""

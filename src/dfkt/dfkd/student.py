@@ -74,6 +74,20 @@ class StudentTrainingConfig(StrictModel):
         "lenet5_half); auto: teacher where the student is such a network, else random (summary.json: "
         "student_init)",
     )
+    student_channels: Literal["leading", "filter_norm", "outgoing_norm"] = Field(
+        "leading",
+        description="which of the teacher's channels a student started from the teacher keeps in each narrower "
+        "layer: leading (the first ones), filter_norm (those of largest L1 filter norm, Li et al. 2017) or "
+        "outgoing_norm (those the next layer reads with the largest L1 weight); ranked only where the teacher is a "
+        "chain of convolution and linear layers, else leading (summary.json: student_channels)",
+    )
+    student_anchor: float = Field(
+        0.0,
+        ge=0,
+        description="weight of an L2-SP penalty (dfkt.losses.l2_sp) keeping the student's weights near where they "
+        "started from the teacher; like feature_weight it is on where the student starts from the teacher and off "
+        "elsewhere; 0: off",
+    )
     feature_weight: float = Field(
         0.0,
         ge=0,
@@ -152,6 +166,11 @@ class StudentTrainingConfig(StrictModel):
             raise ValueError(
                 "params.feature_weight matches the teacher's leading channels, which only a student started from "
                 "the teacher computes; set params.student_init=teacher (or auto), or params.feature_weight=0"
+            )
+        if self.student_anchor and self.student_init == "random":
+            raise ValueError(
+                "params.student_anchor keeps the student near the weights it was sliced from the teacher; a random "
+                "start holds nothing to keep: set params.student_init=teacher (or auto), or params.student_anchor=0"
             )
         return self
 
@@ -269,6 +288,17 @@ class StudentTrainer:
         if pairs:
             self.student_layers = LayerOutputs([mine for mine, _ in pairs])
             self.teacher_layers = LayerOutputs([theirs for _, theirs in pairs])
+            names = {id(module): name for name, module in self.trained.named_modules()}
+            sliced = method.setup.teacher_channels
+            self.hint_channels = [
+                sliced[names[id(mine)]].to(engine.device) if names[id(mine)] in sliced else None for mine, _ in pairs
+            ]
+        # The weights the student starts from, for the L2-SP anchor; kept in the checkpoint so a resumed run
+        # pulls towards the same point.
+        self.start: nn.Module | None = None
+        if cfg.student_anchor and method.setup.student_start == "teacher":
+            self.start = copy.deepcopy(self.trained).requires_grad_(False)
+            method.keep("student_start", self.start)
         self.last_synthesis: dict[str, Tensor | float] = {}
         # Of the first batch this process trains on: ranks must each see their own data.
         self.first_batch_sha256: str | None = None
@@ -399,8 +429,13 @@ class StudentTrainer:
                 student_logits = self.method.student(images)
             terms = self.loss(student_logits, teacher_logits, images)
             if self.student_layers is not None:
-                terms["feature"] = losses.leading_channel_loss(self.student_layers.outputs, self.teacher_layers.outputs)
+                terms["feature"] = losses.leading_channel_loss(
+                    self.student_layers.outputs, self.teacher_layers.outputs, self.hint_channels
+                )
                 terms["loss"] = terms["loss"] + self.cfg.feature_weight * terms["feature"]
+            if self.start is not None:
+                terms["anchor"] = losses.l2_sp(list(self.trained.parameters()), list(self.start.parameters()))
+                terms["loss"] = terms["loss"] + self.cfg.student_anchor * terms["anchor"]
             engine.optimize(terms["loss"], self.optimizer, "student loss", self.cfg.student_clip_norm)
             self.scheduler.step()
             if self.average is not None:
