@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfkt import api
+from dfkt import api, losses
 from dfkt.api.distill import Distillation, resolve_distill_config, student_start
 from dfkt.config import EngineConfig
 from dfkt.dfkd.base import DistillSetup
@@ -281,15 +281,45 @@ def narrower_layers_by_name(student: torch.nn.Module, teacher: torch.nn.Module) 
     return [(names[id(mine)], mine) for mine, _ in narrower_layers(student, teacher)]
 
 
-def test_a_residual_teacher_is_not_ranked_and_its_student_keeps_the_leading_channels():
+class ResidualBlock(torch.nn.Module):
+    """Two convolutions of one width whose outputs are summed: registered in order, each parametrised layer reading
+    the one before, so only the reordered copy's outputs can tell that the two must move their channels together."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, width, 3, padding=1)
+        self.body = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.head = torch.nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = x + torch.relu(self.body(x))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("ranking", ["filter_norm", "outgoing_norm"])
+def test_a_residual_teacher_is_not_ranked_and_its_student_keeps_the_leading_channels(ranking):
     torch.manual_seed(0)
-    teacher = build_model("resnet18", 10, 3, 32).eval()
-    x = torch.randn(2, 3, 32, 32)
-    assert ranked_teacher(teacher, x, "outgoing_norm") is None  # sorting one block's channels breaks its residual sum
-    assert ranked_teacher(torch.nn.Sequential(torch.nn.Flatten()), x, "filter_norm") is None  # no layer to rank
+    teacher, student = ResidualBlock(8).eval(), ResidualBlock(4)
+    x = torch.randn(4, 1, 8, 8)
+    assert ranked_teacher(teacher, x, ranking) is None  # sorting one layer's channels breaks the residual sum
+    assert init_from_teacher(student, teacher, ranking, x) is None
+    for name, tensor in leading_slice_state(student, teacher).items():
+        torch.testing.assert_close(student.state_dict()[name], tensor)
+    assert ranked_teacher(build_model("resnet18", 10, 3, 32), torch.randn(2, 3, 32, 32), ranking) is None
+    assert ranked_teacher(torch.nn.Sequential(torch.nn.Flatten()), x, ranking) is None  # no layer to rank
+    with pytest.raises(ValueError, match="channels must be one of"):
+        init_from_teacher(student, teacher, "largest", x)
 
 
-def test_distill_with_channels_by_filter_norm_hints_at_the_channels_it_kept(digits_teacher, tmp_path):
+def test_distill_with_ranked_channels_hints_at_the_channels_it_kept(digits_teacher, tmp_path, monkeypatch):
+    hinted = []
+
+    def spy(student_features, teacher_features, channels=None):
+        hinted.append(channels)
+        return leading_channel_loss(student_features, teacher_features, channels)
+
+    monkeypatch.setattr(losses, "leading_channel_loss", spy)
     summary = api.distill(
         "rdskd",
         digits_teacher,
@@ -298,20 +328,18 @@ def test_distill_with_channels_by_filter_norm_hints_at_the_channels_it_kept(digi
         out=tmp_path / "run",
     )
     assert summary["student_channels"] == "outgoing_norm" and summary["feature_hint_layers"] == 4
-    # The trainer's hint compares each student layer with the teacher channels it was sliced from.
+    # Every step's hint compares each student layer with the teacher channels it was sliced from.
     teacher, _ = load_model(digits_teacher)
-    ranked = build_model("digits_cnn_half", 10, 1, 8)
-    channels = init_from_teacher(ranked, teacher, "outgoing_norm", torch.randn(4, 1, 8, 8))
-    assert any(not torch.equal(order, torch.arange(len(order))) for order in channels.values())
-    engine = Engine(EngineConfig(precision="32-true", progress=False))
-    prepared = engine.prepare(teacher, trainable=False)
-    setup = DistillSetup(
-        prepared, engine.prepare(ranked, trainable=True), 10, 1, 8, engine, (0.3,), (0.4,),
-        student_start="teacher", teacher_channels=channels,
-    )  # fmt: skip
-    cfg = RDSKDConfig(student_init="teacher", feature_weight=1.0, gen_batch=32, student_data="pool", pool_size=64)
-    trainer = RDSKD(cfg, setup).student_trainer
-    assert [None if c is None else c.tolist() for c in trainer.hint_channels] == [c.tolist() for c in channels.values()]
+    expected = init_from_teacher(
+        build_model("digits_cnn_half", 10, 1, 8), teacher, "outgoing_norm", torch.randn(8, 1, 8, 8)
+    )
+    assert any(not torch.equal(order, torch.arange(len(order))) for order in expected.values())
+    assert hinted and all([c.tolist() for c in step] == [c.tolist() for c in expected.values()] for step in hinted)
+
+
+def test_ranked_channels_are_refused_for_a_student_started_at_random():
+    with pytest.raises(ValueError, match="params.student_channels"):
+        RDSKDConfig(student_init="random", student_channels="filter_norm")
 
 
 def test_l2_sp_is_the_squared_distance_from_the_start():
@@ -335,7 +363,9 @@ def test_the_anchor_keeps_a_sliced_student_near_its_start(digits_teacher, tmp_pa
             "rdskd",
             digits_teacher,
             "digits_cnn_half",
-            overrides=tiny_rdskd(student_init="teacher", student_anchor=weight, student_lr=0.01),
+            overrides=tiny_rdskd(
+                student_init="teacher", student_channels="leading", student_anchor=weight, student_lr=0.01
+            ),
             out=tmp_path / run,
         )
         assert ('"anchor"' in (tmp_path / run / "metrics.jsonl").read_text()) == (weight > 0)

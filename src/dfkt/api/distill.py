@@ -131,22 +131,22 @@ class Distillation:
         cfg, loaded, info = self.cfg, self.loaded, self.loaded.info
         self.teacher = engine.prepare(loaded.net, trainable=False)
         self.student = build_model(self.student_info.arch, info.num_classes, info.in_channels, info.image_size)
-        teacher_channels, wanted = {}, self.method_cfg.student_channels
+        teacher_channels, wanted = None, self.method_cfg.student_channels
         if self.student_start == "teacher":
             # A fixed input on which the ranked teacher must compute what the teacher does (not the run's stream).
             example = torch.randn(
                 8, info.in_channels, info.image_size, info.image_size, generator=torch.Generator().manual_seed(0)
             )
             teacher_channels = init_from_teacher(self.student, own_network(loaded.net), wanted, example)
-            if wanted != "leading" and not teacher_channels:
+            if wanted != "leading" and teacher_channels is None:
                 engine.metrics.write(
                     {
-                        "event": f"params.student_channels={wanted} needs a teacher whose layers form a chain; "
-                        "this one's do not (a residual sum ties channels across layers), so the student keeps the "
-                        "leading channels"
+                        "event": f"params.student_channels={wanted} ranks the channels of a teacher whose convolution "
+                        "and linear layers form a chain, each feeding only the next; this teacher's do not (or its "
+                        "reordered copy did not compute the same outputs), so the student keeps the leading channels"
                     }
                 )
-        self.student_channels = wanted if teacher_channels else "leading"
+        self.student_channels = "leading" if teacher_channels is None else wanted
         self.setup = DistillSetup(
             self.teacher,
             engine.prepare(self.student, trainable=True),
@@ -158,7 +158,7 @@ class Distillation:
             tuple(info.std),
             mirror_safe(info.dataset),
             self.student_start,
-            teacher_channels,
+            teacher_channels or {},
         )
         self.runner = METHODS.get(cfg.method)(self.method_cfg, self.setup)
         self.evaluated = self.runner.evaluated_student()  # the student, or the average of its weights

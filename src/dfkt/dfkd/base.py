@@ -48,7 +48,8 @@ class DistillSetup:
     std: tuple[float, ...] | None = None
     mirror_safe: bool = False  # a horizontal flip keeps the data's classes (clothes: yes; digits: no)
     student_start: Literal["random", "teacher"] = "random"  # the student's weights: its own, or sliced from the teacher
-    # Sliced by channel ranking: by layer name, the teacher's channel behind each student channel (else leading).
+    # A student sliced from ranked channels: by name of each narrower layer, the teacher's channel behind each of its
+    # output channels (empty: the leading slice).
     teacher_channels: dict[str, Tensor] = field(default_factory=dict)
 
     def pixel_range(self) -> tuple[Tensor, Tensor] | None:

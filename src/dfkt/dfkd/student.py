@@ -78,8 +78,9 @@ class StudentTrainingConfig(StrictModel):
         "leading",
         description="which of the teacher's channels a student started from the teacher keeps in each narrower "
         "layer: leading (the first ones), filter_norm (those of largest L1 filter norm, Li et al. 2017) or "
-        "outgoing_norm (those the next layer reads with the largest L1 weight); ranked only where the teacher is a "
-        "chain of convolution and linear layers, else leading (summary.json: student_channels)",
+        "outgoing_norm (those the next layer reads with the largest L1 weight, times a BatchNorm's |γ|/σ between "
+        "them); ranked only where the teacher's convolution and linear layers form a chain, else leading "
+        "(summary.json: student_channels)",
     )
     student_anchor: float = Field(
         0.0,
@@ -92,7 +93,8 @@ class StudentTrainingConfig(StrictModel):
         0.0,
         ge=0,
         description="weight of a hint loss keeping the outputs of each student layer narrower than the teacher's "
-        "at the teacher's leading channels of that layer (dfkt.losses.leading_channel_loss). Only a student "
+        "at the teacher's channels it was sliced from (leading, or ranked by student_channels; "
+        "dfkt.losses.leading_channel_loss). Only a student "
         "started from the teacher computes those channels: with student_init=auto the loss is on where the "
         "student starts from the teacher and off elsewhere (summary.json: feature_hint_layers); 0: off",
     )
@@ -164,8 +166,14 @@ class StudentTrainingConfig(StrictModel):
     def _hints_need_a_sliced_student(self):
         if self.feature_weight and self.student_init == "random":
             raise ValueError(
-                "params.feature_weight matches the teacher's leading channels, which only a student started from "
-                "the teacher computes; set params.student_init=teacher (or auto), or params.feature_weight=0"
+                "params.feature_weight matches the teacher's channels the student was sliced from, which only a "
+                "student started from the teacher computes; set params.student_init=teacher (or auto), or "
+                "params.feature_weight=0"
+            )
+        if self.student_channels != "leading" and self.student_init == "random":
+            raise ValueError(
+                "params.student_channels chooses the teacher's channels a student sliced from the teacher keeps; a "
+                "random start keeps none: set params.student_init=teacher (or auto), or params.student_channels=leading"
             )
         if self.student_anchor and self.student_init == "random":
             raise ValueError(
@@ -278,6 +286,12 @@ class StudentTrainer:
         if cfg.average_decay is not None:
             self.average = copy.deepcopy(self.trained).requires_grad_(False).eval()
             method.keep("student_average", self.average)
+        # The weights the student starts from, for the L2-SP anchor; kept in the checkpoint so a resumed run
+        # pulls towards the same point. Copied before the hint's hooks are set.
+        self.start: nn.Module | None = None
+        if cfg.student_anchor and method.setup.student_start == "teacher":
+            self.start = copy.deepcopy(self.trained).requires_grad_(False)
+            method.keep("student_start", self.start)
         # The hint loss, where the student started from the teacher and has layers narrower than the teacher's
         # (one as wide as the teacher is its copy: nothing to hint).
         self.student_layers = self.teacher_layers = None
@@ -293,12 +307,6 @@ class StudentTrainer:
             self.hint_channels = [
                 sliced[names[id(mine)]].to(engine.device) if names[id(mine)] in sliced else None for mine, _ in pairs
             ]
-        # The weights the student starts from, for the L2-SP anchor; kept in the checkpoint so a resumed run
-        # pulls towards the same point.
-        self.start: nn.Module | None = None
-        if cfg.student_anchor and method.setup.student_start == "teacher":
-            self.start = copy.deepcopy(self.trained).requires_grad_(False)
-            method.keep("student_start", self.start)
         self.last_synthesis: dict[str, Tensor | float] = {}
         # Of the first batch this process trains on: ranks must each see their own data.
         self.first_batch_sha256: str | None = None

@@ -1,4 +1,5 @@
-"""A narrower student started from its teacher's weights: every tensor's leading slice.
+"""A narrower student started from its teacher's weights: every tensor's leading slice, optionally of a copy of
+the teacher whose channels were first sorted by importance (:func:`ranked_teacher`).
 
 A half-width student (``lenet5_half`` for ``lenet5``, ``digits_cnn_half`` for ``digits_cnn``) has the
 teacher's tensor names with fewer channels. Taking the first k channels of every tensor
@@ -73,15 +74,20 @@ CHANNEL_RANKINGS = ("leading", "filter_norm", "outgoing_norm")
 
 def init_from_teacher(
     student: nn.Module, teacher: nn.Module, channels: str = "leading", example: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor] | None:
     """Load the teacher's slice into ``student`` in place. ``channels`` says which of the teacher's channels each
     narrower layer keeps: ``leading`` (the first k), or the k ranked first by :func:`ranked_teacher` (which needs
-    ``example``, an input batch, and falls back to leading where the teacher is not a chain). Returns, by layer name,
-    the teacher's channel behind each of the student's output channels (empty: leading)."""
+    ``example``, an input batch). Returns None where the slice is the leading one (asked for, or the teacher is not
+    a chain that can be ranked); else, by name of each narrower layer, the teacher's channel behind each of the
+    student's output channels."""
+    if channels not in CHANNEL_RANKINGS:
+        raise ValueError(f"channels must be one of {', '.join(CHANNEL_RANKINGS)}, got {channels!r}")
+    if channels != "leading" and example is None:
+        raise ValueError(f"channels={channels} needs an example input batch, on which the ranked teacher is checked")
     ranked = None if channels == "leading" else ranked_teacher(teacher, example, channels)
     if ranked is None:
         student.load_state_dict(leading_slice_state(student, teacher))
-        return {}
+        return None
     reordered, orders = ranked
     student.load_state_dict(leading_slice_state(student, reordered))
     kept = {name: student.get_submodule(name).weight.shape[0] for name in orders}
@@ -97,19 +103,24 @@ def ranked_teacher(
     ``filter_norm`` ranks a channel by the L1 norm of its filter, as Li et al. ("Pruning Filters for Efficient
     ConvNets", ICLR 2017) prune; ``outgoing_norm`` by the L1 norm of the weights the next layer reads it with, times
     the scale |γ|/√(σ² + ε) of a BatchNorm between them: how much of it reaches the next layer. The leading slice
-    of the sorted copy keeps the most important channels instead of the first ones: on B2's LeNet-5 the sliced
-    half-width student scores 44% (filter_norm) and 61% (outgoing_norm) on the test set at its start instead of 22%
-    (benchmarks/analysis/student_init.md). A chain: convolution and linear layers, registered in the order they run,
-    each feeding only the next one (through BatchNorm, activations, pooling and a channel-major flatten). The sort is
-    checked, not assumed: the copy must give the teacher's outputs on ``example``, else None (a residual sum ties
-    channels across layers, so sorting one layer alone changes the function)."""
+    of the sorted copy keeps the most important channels instead of the first ones: with the B2 LeNet-5 teacher of
+    benchmarks/analysis/student_init.md (twenty-seventh session) the sliced half-width student scores 44%
+    (filter_norm) and 61% (outgoing_norm) on the test set at its start, against 22% for the leading slice. A chain:
+    convolution and linear layers, registered in the order they run, each feeding only the next one (through
+    BatchNorm, activations, pooling and a channel-major flatten). The sort is checked, not assumed: the copy must
+    give the teacher's outputs on ``example``, else None (a residual sum ties channels across layers, so sorting one
+    layer alone changes the function)."""
     state = {name: tensor.detach().cpu().clone() for name, tensor in teacher.state_dict().items()}
-    leaves = [(name, module) for name, module in teacher.named_modules() if not list(module.children())]
-    chain = [(name, module) for name, module in leaves if any(True for _ in module.parameters(recurse=False))]
+    norms = nn.BatchNorm1d | nn.BatchNorm2d
+    chain = [
+        (name, module)
+        for name, module in teacher.named_modules()
+        if not list(module.children()) and (isinstance(module, norms) or any(True for _ in module.parameters(False)))
+    ]
     layers = [name for name, module in chain if isinstance(module, nn.Conv2d | nn.Linear)]
     if not layers or any(f"{name}.weight" not in state for name in layers):  # none, or a reparametrised weight
         return None
-    scores = channel_scores(chain, ranking)
+    scores = channel_scores(chain, state, ranking)
     if scores is None:
         return None
     orders: dict[str, torch.Tensor] = {}
@@ -131,9 +142,7 @@ def ranked_teacher(
             if module.bias is not None:
                 state[f"{name}.bias"] = state[f"{name}.bias"][order]
             orders[name], previous = order, order
-        elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d) and previous is not None:
-            if module.num_features != len(previous):
-                return None
+        elif isinstance(module, norms) and previous is not None and module.num_features == len(previous):
             for key in ("weight", "bias", "running_mean", "running_var"):
                 if f"{name}.{key}" in state:
                     state[f"{name}.{key}"] = state[f"{name}.{key}"][previous]
@@ -141,49 +150,64 @@ def ranked_teacher(
             return None
     reordered = copy.deepcopy(teacher)
     reordered.load_state_dict(state)
-    was_training = teacher.training
-    example = example.to(next(teacher.parameters()).device)
-    with torch.no_grad():
-        expected, got = teacher.eval()(example), reordered.eval()(example)
-    teacher.train(was_training)
-    if not torch.allclose(expected, got, rtol=1e-4, atol=1e-4 * expected.abs().max().item()):
+    if not computes_the_same(teacher, reordered, example):
         return None
     return reordered, orders
 
 
-@torch.no_grad()
-def channel_scores(chain: list[tuple[str, nn.Module]], ranking: str) -> dict[str, torch.Tensor] | None:
+def computes_the_same(teacher: nn.Module, reordered: nn.Module, example: torch.Tensor) -> bool:
+    """Whether ``reordered`` gives ``teacher``'s outputs on ``example`` (both in eval mode; the teacher's mode is
+    restored)."""
+    was_training = teacher.training
+    parameter = next(teacher.parameters())
+    example = example.to(parameter.device, parameter.dtype)
+    try:
+        with torch.no_grad():
+            expected, got = teacher.eval()(example), reordered.eval()(example)
+    finally:
+        teacher.train(was_training)
+    return torch.allclose(expected, got, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def channel_scores(
+    chain: list[tuple[str, nn.Module]], state: dict[str, torch.Tensor], ranking: str
+) -> dict[str, torch.Tensor] | None:
     """By layer name, the importance of each output channel of the chain's convolution and linear layers (see
-    :func:`ranked_teacher`); None when a layer is not followed as a chain would be."""
+    :func:`ranked_teacher`), from the teacher's ``state``; None when a layer is not followed as a chain would be."""
     scores = {}
     for i, (name, module) in enumerate(chain):
         if not isinstance(module, nn.Conv2d | nn.Linear):
             continue
+        weight = state[f"{name}.weight"]
         if ranking == "filter_norm":
-            scores[name] = module.weight.abs().flatten(1).sum(1).cpu()
+            scores[name] = weight.abs().flatten(1).sum(1)
             continue
-        following, scale = chain[i + 1 :], torch.ones(module.weight.shape[0], device=module.weight.device)
+        following, scale = chain[i + 1 :], torch.ones(weight.shape[0])
         if following and isinstance(following[0][1], nn.BatchNorm1d | nn.BatchNorm2d):
-            norm = following.pop(0)[1]
-            if norm.running_var is not None:
-                scale = scale / (norm.running_var + norm.eps).sqrt()
-            if norm.weight is not None:
-                scale = scale * norm.weight.abs()
+            norm_name, norm = following.pop(0)
+            if norm.num_features != weight.shape[0]:
+                return None
+            if f"{norm_name}.running_var" in state:
+                scale = scale / (state[f"{norm_name}.running_var"] + norm.eps).sqrt()
+            if f"{norm_name}.weight" in state:
+                scale = scale * state[f"{norm_name}.weight"].abs()
         if not following:  # the classifier: not ranked
             continue
-        reader = following[0][1]
-        if not isinstance(reader, nn.Conv2d | nn.Linear) or reader.weight.shape[1] % len(scale):
+        reader_name, reader = following[0]
+        if not isinstance(reader, nn.Conv2d | nn.Linear) or f"{reader_name}.weight" not in state:
             return None
-        read = reader.weight.abs().transpose(0, 1).reshape(len(scale), -1).sum(1)  # a flatten: blocks of a channel
-        scores[name] = (read * scale).cpu()
+        read = state[f"{reader_name}.weight"]
+        if read.shape[1] % len(scale):
+            return None
+        scores[name] = read.abs().transpose(0, 1).reshape(len(scale), -1).sum(1) * scale  # flatten: blocks of a channel
     return scores
 
 
 def narrower_layers(student: nn.Module, teacher: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """(student layer, teacher layer) for every convolution and linear layer the two networks name alike
     where the student has fewer output channels: after :func:`init_from_teacher`, the student's output
-    channel i of such a layer approximates the teacher's channel i. The classifier (as many outputs in
-    both) is left out."""
+    channel i of such a layer approximates the teacher's channel i (with ranked channels, the i-th of those
+    init_from_teacher returns). The classifier (as many outputs in both) is left out."""
     teacher_layers = dict(teacher.named_modules())
     pairs = []
     for name, mine in student.named_modules():
