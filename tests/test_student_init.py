@@ -337,11 +337,6 @@ def test_distill_with_ranked_channels_hints_at_the_channels_it_kept(digits_teach
     assert hinted and all([c.tolist() for c in step] == [c.tolist() for c in expected.values()] for step in hinted)
 
 
-def test_ranked_channels_are_refused_for_a_student_started_at_random():
-    with pytest.raises(ValueError, match="params.student_channels"):
-        RDSKDConfig(student_init="random", student_channels="filter_norm")
-
-
 def test_l2_sp_is_the_squared_distance_from_the_start():
     start = [torch.zeros(2, 3), torch.ones(4)]
     moved = [torch.full((2, 3), 2.0), torch.ones(4) * 3]
@@ -372,6 +367,14 @@ def test_the_anchor_keeps_a_sliced_student_near_its_start(digits_teacher, tmp_pa
     assert moved("anchored") < 0.5 * moved("free")
 
 
-def test_the_anchor_is_refused_for_a_student_started_at_random():
-    with pytest.raises(ValueError, match="params.student_anchor"):
-        RDSKDConfig(student_init="random", student_anchor=0.01)
+def test_a_random_start_runs_without_ranking_or_anchor_the_preset_sets(digits_teacher, tmp_path):
+    # RDSKD's cpu preset ranks and anchors; a user who asks for a random start must not have to undo both.
+    summary = api.distill(
+        "rdskd",
+        digits_teacher,
+        "digits_cnn_half",
+        overrides=tiny_rdskd(student_init="random", student_channels="outgoing_norm", student_anchor=0.01),
+        out=tmp_path,
+    )
+    assert summary["student_init"] == "random" and summary["student_channels"] is None
+    assert '"anchor"' not in (tmp_path / "metrics.jsonl").read_text()

@@ -79,15 +79,15 @@ class StudentTrainingConfig(StrictModel):
         description="which of the teacher's channels a student started from the teacher keeps in each narrower "
         "layer: leading (the first ones), filter_norm (those of largest L1 filter norm, Li et al. 2017) or "
         "outgoing_norm (those the next layer reads with the largest L1 weight, times a BatchNorm's |γ|/σ between "
-        "them); ranked only where the teacher's convolution and linear layers form a chain, else leading "
-        "(summary.json: student_channels)",
+        "them); ranked only where the teacher's convolution and linear layers form a chain, else leading; unused "
+        "where the student starts at random (summary.json: student_channels)",
     )
     student_anchor: float = Field(
         0.0,
         ge=0,
         description="weight of an L2-SP penalty (dfkt.losses.l2_sp) keeping the student's weights near where they "
-        "started from the teacher; like feature_weight it is on where the student starts from the teacher and off "
-        "elsewhere; 0: off",
+        "started from the teacher; on only where the student starts from the teacher (a random start, e.g. "
+        "student_init=random with a preset that sets this, holds nothing to keep); 0: off",
     )
     feature_weight: float = Field(
         0.0,
@@ -169,16 +169,6 @@ class StudentTrainingConfig(StrictModel):
                 "params.feature_weight matches the teacher's channels the student was sliced from, which only a "
                 "student started from the teacher computes; set params.student_init=teacher (or auto), or "
                 "params.feature_weight=0"
-            )
-        if self.student_channels != "leading" and self.student_init == "random":
-            raise ValueError(
-                "params.student_channels chooses the teacher's channels a student sliced from the teacher keeps; a "
-                "random start keeps none: set params.student_init=teacher (or auto), or params.student_channels=leading"
-            )
-        if self.student_anchor and self.student_init == "random":
-            raise ValueError(
-                "params.student_anchor keeps the student near the weights it was sliced from the teacher; a random "
-                "start holds nothing to keep: set params.student_init=teacher (or auto), or params.student_anchor=0"
             )
         return self
 
