@@ -29,33 +29,8 @@ from dfkt.models import build_model
 from dfkt.models.files import load_model
 from dfkt.models.slicing import init_from_teacher
 
-
-def chain_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-
-
-@torch.no_grad()
-def init_by_norm(student: nn.Module, teacher: nn.Module, outgoing: bool = False) -> None:
-    """Each layer keeps the teacher's output channels of largest L1 filter norm (Li et al., "Pruning Filters for
-    Efficient ConvNets", 2017), or with ``outgoing`` of largest L1 norm of the weights the next layer gives them;
-    the next layer's input channels follow. Only for a plain chain whose flattening keeps one value per channel
-    (LeNet-5: the third convolution's map is 1×1)."""
-    kept_inputs = None
-    mine, theirs = chain_layers(student), chain_layers(teacher)
-    for i, (s, t) in enumerate(zip(mine, theirs, strict=True)):
-        w = t.weight
-        if kept_inputs is not None:
-            w = w[:, kept_inputs] * (t.weight.shape[1] / len(kept_inputs))
-        out = s.weight.shape[0]
-        if out == t.weight.shape[0]:
-            keep = torch.arange(out)
-        else:
-            score = theirs[i + 1].weight.abs().transpose(0, 1).flatten(1) if outgoing else t.weight.abs().flatten(1)
-            keep = score.sum(1).topk(out).indices
-        keep = keep.sort().values
-        s.weight.copy_(w[keep])
-        s.bias.copy_(t.bias[keep])
-        kept_inputs = keep
+# The screen's names for the library's rankings (dfkt.models.slicing.ranked_teacher), as its recorded commands use them.
+RANKINGS = {"l1": "filter_norm", "l1-out": "outgoing_norm"}
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[float]]:
@@ -87,14 +62,15 @@ def main() -> None:
     torch.manual_seed(args.seed)
     summary = json.loads((args.run / "summary.json").read_text())
     state = torch.load(args.run / "checkpoint.pt", map_location="cpu", weights_only=False)["state"]
-    pool, pool_logits = state["buffers"]["pool.images"].float(), state["buffers"]["pool.logits"].float()
+    pool = state["buffers"]["pool.images"].float()  # the teacher labels every augmented batch, as the preset does
     teacher, info = load_model(summary["teacher"])
     teacher.eval().requires_grad_(False)
     student = build_model(summary["student"], info.num_classes, info.in_channels, info.image_size)
     if args.init == "leading":
         init_from_teacher(student, teacher)
-    elif args.init in ("l1", "l1-out"):
-        init_by_norm(student, teacher, outgoing=args.init == "l1-out")
+    elif args.init in RANKINGS:
+        example = torch.randn(8, info.in_channels, info.image_size, info.image_size)
+        init_from_teacher(student, teacher, RANKINGS[args.init], example)
     start = [p.detach().clone() for p in student.parameters()]
     for layer in [m for m in student.modules() if isinstance(m, nn.Conv2d)][: args.freeze]:
         layer.requires_grad_(False)
@@ -124,7 +100,6 @@ def main() -> None:
         optimizer.step()
         if step % args.eval_every == 0:
             curve.append((step, *evaluate(student, test_images, test_labels)))
-    del pool_logits  # the teacher relabels every augmented batch, as the preset does
     name = args.name or f"init={args.init} anchor={args.anchor} freeze={args.freeze} T={args.temperature} lr={args.lr}"
     last = [acc for _, acc, _ in curve[-5:]]
     result = {
