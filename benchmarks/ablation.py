@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dfkd_compare import BENCHES, budgets, describe, distill_run
 from flags import add_pool_arguments, add_report_arguments
-from report import accuracy_at, command_line, machine, machine_line, mean_std, precisions, write
+from report import accuracy_at, command_line, machine, machine_line, mean_std, precisions, today, write
 from runner import run_pool
 
 from dfkt import api
@@ -101,6 +101,7 @@ def main() -> None:
         {
             "command": command_line(),
             "machine": machine(),
+            "date": today(),
             "bench": args.bench,
             "method": args.method,
             "budget": args.budget,
@@ -130,7 +131,8 @@ def main() -> None:
             "",
             f"`{data['command']}`",
             "",
-            f"Machine: {machine_line(data['machine'], data['precision'])}; {args.parallel} run(s) side by side"
+            f"Machine: {machine_line(data['machine'], data['precision'])}; {data['date']}; "
+            f"{args.parallel} run(s) side by side"
             + (f", {args.threads_per_run} thread(s) each" if args.threads_per_run else "")
             + ".",
             f"Every run: `--preset cpu --max-seconds {args.budget:g}`"
