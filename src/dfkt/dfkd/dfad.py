@@ -72,7 +72,9 @@ class DFAD(JointMethod):
             "gen_lr_follows_student": True,
         },
         # 2 cores: half the batch, 30 generator steps per epoch, 20 epochs, constant lrs; the student uses Adam 2e-3
-        # as in the other cpu presets (SGD 0.1 left a LeNet-5-half student at chance on Fashion-MNIST).
+        # as in the other cpu presets (SGD 0.1 left a LeNet-5-half student at chance on Fashion-MNIST). The output
+        # stays tanh + BatchNorm: clamped into the input range it gave 47.6 ± 1.1 against 58.2 ± 11.5 on B2 (3 seeds,
+        # 10 min, benchmarks/results/ablation_b2_dfad_clamped.md).
         "cpu": {
             "gen_batch": 128,
             "student_batch": 128,
