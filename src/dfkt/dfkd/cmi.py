@@ -69,8 +69,9 @@ class CMI(GeneratorPoolMethod):
         # this preset always ran: Adam 2e-3 without weight decay at a constant lr for the student (SGD 0.1 on a
         # τ²=400-scaled loss killed a BatchNorm-free student), and no crop/flip of the generated images before
         # the teacher: on B2 (3 seeds, 10 min) theirs gave 42.9 ± 5.7 against 45.9 ± 1.3
-        # (benchmarks/results/ablation_b2_cmi_synthesis_augment.md). Clamped generator output: 43.0 ± 7.0
-        # (ablation_b2_cmi_clamped.md).
+        # (benchmarks/results/ablation_b2_cmi_synthesis_augment.md). The output stays tanh + BatchNorm: clamped
+        # 43.0 ± 7.0 against 45.9 ± 1.3 (ablation_b2_cmi_clamped.md), the authors' sigmoid collapsed to 12.9 and
+        # 14.0% (2 seeds, ablation_b2_cmi_output.md).
         "cpu": {
             "synthesis_batch": 128,
             "synthesis_iterations": 30,

@@ -80,11 +80,11 @@ class DAFL(JointMethod):
         "paper-cifar10": PAPER_CIFAR10,
         # 224x224 ImageNet-style teachers (not a published setting): CIFAR-10's with the deep generator.
         "paper-imagenet": {**PAPER_CIFAR10, "gen_batch": 256, "student_batch": 256, "generator": "deep"},
-        # 2 cores: batch 128 and 600 iterations (a 32x32 generator step costs ~1 s here), so lr_G scaled with the
-        # batch to 0.05, and samples clamped into the range of real inputs. On B2 (3 seeds, 10 min): the authors'
-        # 0.2 35.0 ± 22.7 (seed 2 collapsed to 10%), 0.05 47.6 ± 5.4, 0.05 clamped 62.9 ± 3.4; for MSKD, which
-        # shares these presets, 57.3 ± 6.0, 57.6 ± 7.1 and 60.3 ± 1.8 (benchmarks/results/ablation_b2_dafl_clamped.md,
-        # ablation_b2_mskd_lrG_clamped.md).
+        # 2 cores: batch 128 and 600 iterations (0.5-1 s each for a 32x32 generator here); lr_G scaled down with
+        # the batch to 0.05, and samples clamped into the range of real inputs. On B2 (3 seeds, runs end at ~340 s):
+        # the authors' 0.2 35.0 ± 22.7 (seed 2 collapsed to 10%), 0.05 47.6 ± 5.4, 0.05 clamped 62.9 ± 3.4; for MSKD,
+        # which shares these presets, 57.3 ± 6.0, 57.6 ± 7.1 and 60.3 ± 1.8
+        # (benchmarks/results/ablation_b2_dafl_clamped.md, ablation_b2_mskd_lrG_clamped.md).
         "cpu": {"gen_batch": 128, "student_batch": 128, "student_epochs": 5, "gen_lr": 0.05, "gen_output": "clamped"},
     }
 

@@ -11,10 +11,10 @@ crop (padded by 1/8 of the width, 4 pixels at 32×32) and horizontal flip of the
 themselves. Their students learn by SGD (momentum 0.9, weight decay 1e-4) with a cosine lr.
 
 The authors' generators end in a sigmoid in pixel space, normalised after: the ``paper`` presets set
-``gen_output: pixels``. The ``cpu`` presets keep tanh + BatchNorm: with their few generator steps
-per batch the sigmoid output starts flat grey and Fast collapsed on B2 (90% of samples in two
-classes, 31.7% student against 72.9% for RDSKD in the same run, 2026-12-02), and tanh + BatchNorm clamped into
-the input range lowered both on B2 (CMI 43.0 ± 7.0 against 45.9 ± 1.3, Fast 50.3 ± 10.0 against 58.4 ± 7.3, 3 seeds,
+``gen_output: pixels``. The ``cpu`` presets keep tanh + BatchNorm: with 5 (Fast) or 30 (CMI) generator steps per
+batch from a flat grey start, the sigmoid collapsed both on B2 (Fast 31.7% against 72.9% for RDSKD in the same
+run, 2026-12-02; CMI 12.9 and 14.0%, every sample in two classes, 2026-12-06); tanh + BatchNorm clamped into the
+input range lowered their means (CMI 43.0 ± 7.0 against 45.9 ± 1.3, Fast 50.3 ± 10.0 against 58.4 ± 7.3, 3 seeds,
 2026-12-06).
 """
 

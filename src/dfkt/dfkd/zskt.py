@@ -114,9 +114,9 @@ class ZSKT(JointMethod):
         # 2 cores: 2,000 student steps (200 generator steps), otherwise the authors' choices. Until 2026-12-06
         # this preset departed from them (KL per sample, fresh samples every student step, no clipping, constant
         # rates); on B2 (3 seeds, 10 min) that gave 65.0 ± 5.0 against 65.9 ± 4.0 with theirs, which take 190 s
-        # instead of 540 (benchmarks/results/ablation_b2_zskt_authors.md). 5,500 steps with theirs were no better
-        # (57.0 and 68.4, seeds 1-2). Clamping the output into the input range lowered it to 61.9 ± 1.2
-        # (ablation_b2_zskt_clamped.md).
+        # instead of 540 (benchmarks/results/ablation_b2_zskt_authors.md). 5,500 steps with theirs were no better:
+        # 57.0 and 68.4 against 69.7 and 61.7, seeds 1-2 (ablation_b2_zskt_authors_long.md). Clamping the output into
+        # the input range lowered it to 61.9 ± 1.2 (ablation_b2_zskt_clamped.md).
         "cpu": {"student_epochs": 20, "student_steps_per_epoch": 100},
     }
 
