@@ -59,10 +59,12 @@ class Fast(GeneratorPoolMethod):
         # batch (batch 256, SGD 0.2), 220 epochs of 400 steps.
         "paper": PAPER,
         "paper-fast10": {**PAPER, "synthesis_iterations": 10, "gen_lr": 2e-3, "z_lr": 0.01},
-        # 2 cores: 5 generator steps per batch of 128. Unlike the authors, and as this preset always ran (budget on
-        # a 2-core CPU; not yet ablated): 50 student steps per batch where they take 400, so the pool grows 8x
-        # faster per student step; Adam 2e-3 without weight decay at a constant lr (SGD 0.2 on a τ²=400-scaled
-        # loss killed a BatchNorm-free student); no crop/flip of the generated images before the teacher.
+        # 2 cores: 5 generator steps per batch of 128. Unlike the authors, and as this preset always ran: 50 student
+        # steps per batch where they take 400 (on B2, 3 seeds: their 400 level, 58.0 ± 7.2 against 58.4 ± 7.3, ending
+        # at ~270 s; benchmarks/results/ablation_b2_fast_steps400.md); Adam 2e-3 without weight decay at a constant lr
+        # (SGD 0.2 on a τ²=400-scaled loss killed a BatchNorm-free student; not yet ablated); no crop/flip of the
+        # generated images before the teacher, although theirs measured 65.4 ± 5.2 against 58.4 ± 7.3
+        # (ablation_b2_fast_synthesis_augment.md): to be adopted once its test margin is re-measured.
         "cpu": {
             "synthesis_batch": 128,
             "synthesis_iterations": 5,
