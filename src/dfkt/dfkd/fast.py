@@ -61,8 +61,10 @@ class Fast(GeneratorPoolMethod):
         "paper-fast10": {**PAPER, "synthesis_iterations": 10, "gen_lr": 2e-3, "z_lr": 0.01},
         # 2 cores: 5 generator steps per batch of 128. Unlike the authors, and as this preset always ran: 50 student
         # steps per batch where they take 400 (on B2, 3 seeds: their 400 level, 58.0 ± 7.2 against 58.4 ± 7.3, ending
-        # at ~270 s; benchmarks/results/ablation_b2_fast_steps400.md); Adam 2e-3 without weight decay at a constant lr
-        # (SGD 0.2 on a τ²=400-scaled loss killed a BatchNorm-free student). Like the authors, the teacher and the
+        # at ~270 s; benchmarks/results/ablation_b2_fast_steps400.md); Adam 2e-3 without weight decay at a constant lr,
+        # where their SGD (momentum 0.9, weight decay 1e-4, cosine) left the student at chance at their lr 0.2 on the
+        # τ²=400-scaled loss and lower at 0.02: 10.0 ± 0.0 and 30.7 ± 13.2 against 65.4 ± 5.2
+        # (ablation_b2_fast_sgd.md, with the crop/flip below in every arm). Like the authors, the teacher and the
         # student judge a crop/flip of the generated images: 65.4 ± 5.2 against 58.4 ± 7.3 without, every seed
         # higher (ablation_b2_fast_synthesis_augment.md); with their 400 steps as well it fell to 52.0 ± 7.9.
         "cpu": {
