@@ -74,7 +74,7 @@ class DFAD(JointMethod):
         # 2 cores: half the batch, 30 generator steps per epoch, 20 epochs, constant lrs; the student uses Adam 2e-3
         # as in the other cpu presets. On B2 (3 seeds, 10 min, benchmarks/results/ablation_b2_dfad_sgd.md) the
         # authors' CIFAR student (SGD 0.1, weight decay 5e-4) stayed at chance, 10.0 ± 0.0, and their MNIST one (SGD
-        # 0.01, weight decay 1e-4) gave 55.2 ± 0.6 against 58.2 ± 11.5: steadier, lower on two seeds of three.
+        # 0.01, weight decay 1e-4) gave 55.2 ± 0.6 against 58.2 ± 11.5, lower on two seeds of three.
         # The output stays tanh + BatchNorm: clamped into the input range it gave 47.6 ± 1.1 against 58.2 ± 11.5
         # on B2 (3 seeds, 10 min, benchmarks/results/ablation_b2_dfad_clamped.md).
         "cpu": {
