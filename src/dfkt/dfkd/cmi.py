@@ -67,7 +67,7 @@ class CMI(GeneratorPoolMethod):
         },
         # 2 cores: 30 generator steps per batch of 128, 100 student steps per batch. Unlike the authors: Adam 2e-3
         # without weight decay at a constant lr for the student, where their SGD (momentum 0.9, weight decay 1e-4,
-        # cosine) left it at chance at their lr 0.1 on the τ²=400-scaled loss and lower at 0.01: on B2 (3 seeds,
+        # cosine) left it at or near chance at their lr 0.1 on the τ²=400-scaled loss and lower at 0.01: on B2 (3 seeds,
         # 10 min) 10.4 ± 0.7 and 37.7 ± 3.6 against 45.9 ± 1.3 (benchmarks/results/ablation_b2_cmi_sgd.md); and no
         # crop/flip of the generated images before the teacher: theirs gave 42.9 ± 5.7 against 45.9 ± 1.3
         # (benchmarks/results/ablation_b2_cmi_synthesis_augment.md). The output stays tanh + BatchNorm: clamped
