@@ -61,16 +61,16 @@ def test_all_nine_methods_are_listed():
 
 # What each method's student must reach over a student taught on Gaussian noise in the same student steps
 # (tests/noise_control.py), on digits at the budgets above: the measured gap less 0.06-0.07 for other machines'
-# numerics. Measured with the named random streams (method, noise): cmi 0.933, 0.822; deepinversion 0.953,
-# 0.847 (its cpu preset of 2026-12-03, T 4); zskd 0.798, 0.822; rdskd 0.660, 0.751; dfad 0.640, 0.851; with the
-# cpu presets of 2026-12-06: mskd 0.676, 0.840; zskt 0.598, 0.747; dafl 0.667, 0.840; fast 0.758, 0.820
+# numerics. Measured with the named random streams (method, noise): cmi 0.933, 0.822; zskd 0.798, 0.822; rdskd
+# 0.660, 0.751; dfad 0.640, 0.851; with the cpu presets of 2026-12-06: mskd 0.676, 0.840; zskt 0.598, 0.747; dafl
+# 0.667, 0.840; fast 0.758, 0.820; deepinversion 0.960, 0.827 (ranked channels and anchor)
 # (the integer-offset streams before gave gaps up to 0.07 apart, e.g. zskt 0.678, 0.838). On 8x8 digits noise
 # teaches well (the teacher's logits at T=10 on N(0, 1) images), and at these budgets only CMI and DeepInversion
 # beat it; the negative margins state how far below noise the others may stay, so a method that falls further
 # (a collapse, a broken loss) fails.
 MARGIN_OVER_NOISE = {
     "cmi": 0.05,
-    "deepinversion": 0.05,
+    "deepinversion": 0.06,
     "zskd": -0.09,
     "fast": -0.12,
     "mskd": -0.22,

@@ -71,6 +71,10 @@ class DeepInversionConfig(PooledConfig, BNPriorFields, PixelInversionFields):
 # +4.7; benchmarks/results/ablation_wrn_deepinversion_synthesis_share.md); on B2, where synthesis takes ~30%, the cap
 # never binds (a batch every 60 steps throughout, the curves identical at every common step; 84.3 ± 0.2 against
 # 84.1 ± 0.2 from more steps on a less loaded machine; ablation_b2_deepinversion_share.md).
+# The student sliced from the teacher's channels the next layer reads most (student_channels=outgoing_norm) and held
+# near that start by L2-SP (student_anchor 0.01), as RDSKD's cpu preset: 85.0 ± 0.1 on B2 at 10 minutes against
+# 84.3 ± 0.2, every seed higher, and 84.9 ± 0.1 against 81.7 ± 0.2 at 2 minutes (bf16 on AVX512-BF16, 3 seeds,
+# benchmarks/results/ablation_b2_deepinversion_ranked_anchor.md); not measured on the WRN pair.
 CPU = {
     "synthesis_batch": 64,
     "synthesis_iterations": 50,
@@ -88,6 +92,8 @@ CPU = {
     "pool_size": 40000,
     "average_decay": 0.999,
     "student_init": "auto",
+    "student_channels": "outgoing_norm",
+    "student_anchor": 0.01,
     "feature_weight": 3.0,
     "synthesis_share": 0.4,
 }
