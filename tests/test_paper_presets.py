@@ -215,9 +215,12 @@ def test_paper_presets_take_the_authors_settings():
 def test_cpu_presets_keep_the_output_range_and_views_their_ablations_chose():
     """Clamped output raised DAFL and MSKD on B2 and lowered the adversarial methods
     (benchmarks/analysis/inside_the_domain.md); RDSKD's clamp is its own ablation (row 3.1). The authors'
-    crop/flip before the teacher raised Fast and lowered CMI (rows 4.5 and 4.7)."""
+    crop/flip before the teacher raised Fast and lowered CMI (rows 4.5 and 4.7). The ranked teacher channels with
+    the L2-SP anchor raised RDSKD and DeepInversion (rows 5.5 and 5.32)."""
     methods = {name: METHODS.get(name) for name in METHODS.names()}
     chosen = {name: validate(cls.Config, cls.presets["cpu"]) for name, cls in methods.items()}
     assert {n for n, c in chosen.items() if getattr(c, "gen_output", None) == "clamped"} == {"dafl", "mskd", "rdskd"}
     assert chosen["dafl"].gen_lr == chosen["mskd"].gen_lr == 0.05
     assert {n for n, c in chosen.items() if getattr(c, "synthesis_augment", False)} == {"fast"}
+    ranked = {n for n, c in chosen.items() if c.student_channels == "outgoing_norm" and c.student_anchor == 0.01}
+    assert ranked == {"rdskd", "deepinversion"}
