@@ -74,7 +74,8 @@ class DeepInversionConfig(PooledConfig, BNPriorFields, PixelInversionFields):
 # The student sliced from the teacher's channels the next layer reads most (student_channels=outgoing_norm) and held
 # near that start by L2-SP (student_anchor 0.01), as RDSKD's cpu preset: 85.0 ± 0.1 on B2 at 10 minutes against
 # 84.3 ± 0.2, every seed higher, and 84.9 ± 0.1 against 81.7 ± 0.2 at 2 minutes (bf16 on AVX512-BF16, 3 seeds,
-# benchmarks/results/ablation_b2_deepinversion_ranked_anchor.md); not measured on the WRN pair.
+# benchmarks/results/ablation_b2_deepinversion_ranked_anchor.md). The WRN pair's student starts at random, where
+# neither applies.
 CPU = {
     "synthesis_batch": 64,
     "synthesis_iterations": 50,
